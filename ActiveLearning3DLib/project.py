@@ -1,0 +1,470 @@
+"""The project store: an nnU-Net raw dataset plus the active-learning state, on disk.
+
+Layout of a project folder::
+
+    project.json          patch size, classes, seed, split, budget, case geometry
+    dataset.json          nnU-Net v2 dataset description (``ignore`` = highest label)
+    imagesTr/<case>_0000.nii.gz   pool images (copies; sources are never touched)
+    labelsTr/<case>.nii.gz        partial label maps of the pool cases
+    imagesTs/<case>_0000.nii.gz   held-out test images (only with ground truth)
+    groundtruth/<case>.nii.gz     dense ground truth, read-only, for simulation and evaluation
+    loops/loop_XXX.json           boxes of each loop, nnActive format plus our fields
+
+Every file is written atomically; a new project is built in a temporary folder
+and renamed into place, so a crash never leaves a half-made project.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .boxes import Box, Shape3
+from .dataset import CaseInfo, GeometryTolerance, read_channel_names, validate_dataset
+from .fileio import (
+    atomic_copy,
+    atomic_write_image,
+    atomic_write_json,
+    read_image,
+    read_json,
+    remove_stale_temporaries,
+    split_image_suffix,
+)
+from .partial_labels import MergeResult, empty_partial_map, label_dtype, merge_box_annotation
+
+PROJECT_FORMAT = "ActiveLearning3D project"
+PROJECT_VERSION = 1
+FILE_ENDING = ".nii.gz"
+LOOP_FILE = re.compile(r"^loop_(\d{3,})\.json$")
+
+BOX_STATES = ("pending", "annotated", "skipped")
+
+
+class ProjectError(RuntimeError):
+    """A project that cannot be created or opened, or an action it does not allow."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_patch_size(shapes: Sequence[Sequence[int]], spacings_zyx: Sequence[Sequence[float]]) -> Shape3:
+    """Default query patch: 20 voxels along the finest axis, the same physical length along the others.
+
+    Each axis gets at least 4 voxels and at most the median image size. This gives
+    nnActive's 20 x 20 x 20 for Hippocampus (1 mm isotropic) and a thin box for
+    strongly anisotropic data such as ACDC (4 x 20 x 20 at 10 x 1.56 x 1.56 mm).
+    """
+    median_shape = np.median(np.asarray(shapes, dtype=float), axis=0)
+    median_spacing = np.median(np.asarray(spacings_zyx, dtype=float), axis=0)
+    length_mm = 20 * median_spacing.min()
+    size = np.maximum(4, np.round(length_mm / median_spacing))
+    size = np.minimum(size, np.maximum(1, np.floor(median_shape)))
+    return tuple(int(s) for s in size)  # type: ignore[return-value]
+
+
+@dataclass
+class BudgetSettings:
+    """How many boxes each loop asks for and how many loops a run has (None = decided per query)."""
+
+    query_size: int | None = None
+    total: int | None = None
+    loops: int = 5
+
+
+@dataclass
+class ProjectSettings:
+    """The settings fixed when a project is created."""
+
+    patch_size: Shape3
+    seed: int = 0
+    test_fraction: float = 0.25
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    patch_size_rule: str = "given"
+
+
+@dataclass
+class BoxRecord:
+    """One box of a loop file with its bookkeeping (score, method, state, who annotated it, when)."""
+
+    box: Box
+    loop: int
+    index: int
+    method: str
+    score: float | None = None
+    priority: float | None = None
+    stratum: str | None = None
+    state: str = "pending"
+    annotator: str | None = None
+    annotated_at: str | None = None
+    seconds: float | None = None
+    source: str = "query"  # "query" or "annotator" (a box the annotator placed by hand)
+
+    @property
+    def id(self) -> str:
+        return f"{self.loop:03d}-{self.index:04d}"
+
+    @property
+    def case(self) -> str:
+        return self.box.case
+
+    def to_json(self) -> dict:
+        d = self.box.to_patch()
+        d.update(
+            loop=self.loop, index=self.index, method=self.method, score=self.score, priority=self.priority,
+            stratum=self.stratum, state=self.state, annotator=self.annotator, annotated_at=self.annotated_at,
+            seconds=self.seconds, source=self.source,
+        )
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping, loop: int, index: int) -> "BoxRecord":
+        case = str(d["file"])
+        parsed = split_image_suffix(case)
+        case = parsed[0] if parsed else case
+        return cls(
+            box=Box(case, tuple(d["coords"]), tuple(d["size"])),  # type: ignore[arg-type]
+            loop=int(d.get("loop", loop)), index=int(d.get("index", index)), method=str(d.get("method", "unknown")),
+            score=d.get("score"), priority=d.get("priority"), stratum=d.get("stratum"),
+            state=str(d.get("state", "annotated")), annotator=d.get("annotator"), annotated_at=d.get("annotated_at"),
+            seconds=d.get("seconds"), source=str(d.get("source", "query")),
+        )
+
+    def __repr__(self) -> str:
+        score = "" if self.score is None else f" score={self.score:.4g}"
+        return f"<Box {self.id} {self.case} at {list(self.box.coords)} size {list(self.box.size)} {self.state}{score}>"
+
+
+@dataclass
+class LoopFile:
+    """The boxes added in one loop (the nnActive ``patches`` list plus our fields)."""
+
+    loop: int
+    method: str
+    seed: int | None
+    created: str
+    boxes: list[BoxRecord]
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "loop": self.loop, "method": self.method, "seed": self.seed, "created": self.created,
+            "info": self.info, "patches": [b.to_json() for b in self.boxes],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping, loop: int) -> "LoopFile":
+        patches = d.get("patches")
+        if not isinstance(patches, list):
+            raise ValueError("no 'patches' list")
+        boxes = [BoxRecord.from_json(p, loop, i) for i, p in enumerate(patches)]
+        return cls(loop, str(d.get("method", "unknown")), d.get("seed"), str(d.get("created", "")), boxes, dict(d.get("info", {})))
+
+    def count(self, state: str) -> int:
+        return sum(1 for b in self.boxes if b.state == state)
+
+
+@dataclass
+class CaseRecord:
+    case: str
+    split: str  # "pool" or "test"
+    shape: Shape3
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    label_counts: dict[int, int]
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return tuple(reversed(self.spacing))  # type: ignore[return-value]
+
+
+class Project:
+    """An active-learning project folder. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self._meta = meta
+        self.classes: dict[int, str] = {int(k): v for k, v in meta["classes"].items()}
+        self.ignore_value: int = int(meta["ignore_value"])
+        self.channels: dict[int, str] = {int(k): v for k, v in meta["channels"].items()}
+        budget = BudgetSettings(**meta.get("budget", {}))
+        self.settings = ProjectSettings(
+            tuple(meta["patch_size"]), int(meta["seed"]), float(meta["test_fraction"]), budget,
+            meta.get("patch_size_rule", "given"),
+        )
+        self.cases: dict[str, CaseRecord] = {
+            c: CaseRecord(c, v["split"], tuple(v["shape"]), tuple(v["spacing"]), tuple(v["origin"]),
+                          tuple(v["direction"]), {int(k): int(n) for k, n in v.get("label_counts", {}).items()})
+            for c, v in meta["cases"].items()
+        }
+        self.has_ground_truth: bool = bool(meta["has_ground_truth"])
+
+    # ----------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        path: Path | str,
+        images: Path | str,
+        labels: Path | str | None = None,
+        patch_size: Sequence[int] | None = None,
+        test_fraction: float = 0.25,
+        seed: int = 0,
+        classes: Mapping[int, str] | None = None,
+        budget: BudgetSettings | None = None,
+        max_cases: int | None = None,
+        tolerance: GeometryTolerance = GeometryTolerance(),
+        progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+    ) -> "Project":
+        """Validate the data, then build the project in a temporary folder and move it into place."""
+        path = Path(path).absolute()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ProjectError(f"{path}: exists and is not an empty folder; open it instead or choose another path")
+        if not 0 <= test_fraction < 1:
+            raise ProjectError(f"test fraction must be in [0, 1), got {test_fraction}")
+        if patch_size is not None and (len(patch_size) != 3 or min(patch_size) < 1):
+            raise ProjectError(f"patch size must be three positive integers (Z Y X), got {list(patch_size)}")
+        infos, class_names = validate_dataset(
+            images, labels, classes, tolerance, max_cases, progress=lambda it: progress(it, "checking data")
+        )
+        split = _split_cases([i.case for i in infos], test_fraction if labels is not None else 0.0, seed)
+        if not any(s == "pool" for s in split.values()):
+            raise ProjectError(f"{images}: the pool is empty after holding out {test_fraction:.0%} for testing")
+        pool_infos = [i for i in infos if split[i.case] == "pool"]
+        rule = "given"
+        if patch_size is None:
+            patch_size = default_patch_size([i.shape for i in pool_infos], [tuple(reversed(i.spacing)) for i in pool_infos])
+            rule = "default: 20 voxels along the finest axis, same physical length along the others, 4 .. median size"
+        n_channels = len(infos[0].channels)
+        channel_names = read_channel_names(images, labels) or {}
+        channels = {c: channel_names.get(c, f"channel_{c}") for c in range(n_channels)}
+        ignore_value = max(class_names) + 1
+        meta = {
+            "format": PROJECT_FORMAT, "version": PROJECT_VERSION, "name": path.name, "created": now_iso(),
+            "patch_size": [int(p) for p in patch_size], "patch_size_rule": rule, "seed": int(seed),
+            "test_fraction": float(test_fraction) if labels is not None else 0.0,
+            "classes": {str(k): v for k, v in class_names.items()}, "ignore_value": ignore_value,
+            "channels": {str(k): v for k, v in channels.items()}, "file_ending": FILE_ENDING,
+            "has_ground_truth": labels is not None,
+            "budget": asdict(budget or BudgetSettings()),
+            "source": {"images": str(Path(images).absolute()), "labels": str(Path(labels).absolute()) if labels else None},
+            "cases": {i.case: {"split": split[i.case], **i.to_json()} for i in infos},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+        try:
+            _write_project_files(staging, meta, infos, split, class_names, ignore_value, progress)
+            if path.exists():
+                path.rmdir()
+            os.rename(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: Path | str) -> "Project":
+        """Open a project; temporary files of an interrupted write are removed first."""
+        path = Path(path).absolute()
+        meta_path = path / "project.json"
+        if not meta_path.is_file():
+            raise ProjectError(f"{path}: not an ActiveLearning3D project (no project.json)")
+        meta = read_json(meta_path)
+        if meta.get("format") != PROJECT_FORMAT:
+            raise ProjectError(f"{meta_path}: not an ActiveLearning3D project file")
+        if int(meta.get("version", 0)) > PROJECT_VERSION:
+            raise ProjectError(f"{meta_path}: written by a newer ActiveLearning3D (format {meta['version']})")
+        remove_stale_temporaries(path)
+        return cls(path, meta)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def name(self) -> str:
+        return self._meta["name"]
+
+    @property
+    def patch_size(self) -> Shape3:
+        return self.settings.patch_size
+
+    @property
+    def foreground_classes(self) -> list[int]:
+        return [c for c in self.classes if c != 0]
+
+    @property
+    def pool_cases(self) -> list[str]:
+        return [c for c, r in self.cases.items() if r.split == "pool"]
+
+    @property
+    def test_cases(self) -> list[str]:
+        return [c for c, r in self.cases.items() if r.split == "test"]
+
+    def image_paths(self, case: str) -> list[Path]:
+        folder = "imagesTr" if self._case(case).split == "pool" else "imagesTs"
+        return [self.path / folder / f"{case}_{c:04d}{FILE_ENDING}" for c in self.channels]
+
+    def partial_label_path(self, case: str) -> Path:
+        return self.path / "labelsTr" / f"{case}{FILE_ENDING}"
+
+    def ground_truth_path(self, case: str) -> Path:
+        return self.path / "groundtruth" / f"{case}{FILE_ENDING}"
+
+    @property
+    def loops_dir(self) -> Path:
+        return self.path / "loops"
+
+    def _case(self, case: str) -> CaseRecord:
+        try:
+            return self.cases[case]
+        except KeyError:
+            raise ProjectError(f"{self.path}: no case {case!r} in this project") from None
+
+    # ------------------------------------------------------------------ arrays
+    def read_image(self, case: str, channel: int = 0) -> sitk.Image:
+        return read_image(self.image_paths(case)[channel])
+
+    def read_ground_truth(self, case: str) -> np.ndarray:
+        if not self.has_ground_truth:
+            raise ProjectError(f"{self.path}: this project has no ground truth (created without --labels)")
+        return sitk.GetArrayFromImage(read_image(self.ground_truth_path(case)))
+
+    def read_partial_labels(self, case: str) -> np.ndarray:
+        if self._case(case).split != "pool":
+            raise ProjectError(f"case {case!r} is a test case; only pool cases are annotated")
+        return sitk.GetArrayFromImage(read_image(self.partial_label_path(case)))
+
+    def merge_annotation(self, box: Box, annotation: np.ndarray) -> MergeResult:
+        """Merge an annotation of a box into the case's partial map and save it at once (atomically)."""
+        path = self.partial_label_path(box.case)
+        image = read_image(path)
+        partial = sitk.GetArrayFromImage(image)
+        result = merge_box_annotation(partial, box, annotation, len(self.classes))
+        out = sitk.GetImageFromArray(partial)
+        out.CopyInformation(image)
+        atomic_write_image(out, path)
+        return result
+
+    # ------------------------------------------------------------------- loops
+    def loop_indices(self) -> list[int]:
+        if not self.loops_dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.loops_dir.iterdir() if (m := LOOP_FILE.match(p.name)))
+
+    def loop_path(self, loop: int) -> Path:
+        return self.loops_dir / f"loop_{loop:03d}.json"
+
+    def read_loop(self, loop: int) -> LoopFile:
+        path = self.loop_path(loop)
+        try:
+            loop_file = LoopFile.from_json(read_json(path), loop)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProjectError(f"{path}: damaged loop file ({e})") from e
+        for record in loop_file.boxes:
+            if record.case not in self.cases or self.cases[record.case].split != "pool":
+                raise ProjectError(f"{path}: box {record.id} names {record.case!r}, which is not a pool case")
+            if record.state not in BOX_STATES:
+                raise ProjectError(f"{path}: box {record.id} has unknown state {record.state!r}")
+        return loop_file
+
+    def write_loop(self, loop_file: LoopFile) -> None:
+        self.loops_dir.mkdir(exist_ok=True)
+        atomic_write_json(self.loop_path(loop_file.loop), loop_file.to_json())
+
+    def loops(self) -> list[LoopFile]:
+        return [self.read_loop(t) for t in self.loop_indices()]
+
+    def all_boxes(self) -> list[BoxRecord]:
+        return [b for loop in self.loops() for b in loop.boxes]
+
+    def update_box(self, record: BoxRecord) -> None:
+        """Replace one box's record in its loop file (atomically)."""
+        loop_file = self.read_loop(record.loop)
+        loop_file.boxes[record.index] = record
+        self.write_loop(loop_file)
+
+    def __repr__(self) -> str:
+        return (f"<Project {self.name!r} at {self.path}: {len(self.pool_cases)} pool / {len(self.test_cases)} test cases, "
+                f"patch {list(self.patch_size)}, {len(self.loop_indices())} loops>")
+
+
+def _split_cases(cases: Sequence[str], test_fraction: float, seed: int) -> dict[str, str]:
+    """Seeded fixed split; the same cases, fraction and seed always give the same test set."""
+    n_test = int(round(len(cases) * test_fraction))
+    if test_fraction > 0 and len(cases) >= 2:
+        n_test = max(n_test, 1)
+    rng = np.random.default_rng(seed)
+    test = set(rng.choice(sorted(cases), size=n_test, replace=False).tolist()) if n_test else set()
+    return {c: ("test" if c in test else "pool") for c in cases}
+
+
+def _make_read_only(path: Path) -> None:
+    path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _write_project_files(
+    root: Path,
+    meta: dict,
+    infos: Sequence[CaseInfo],
+    split: Mapping[str, str],
+    class_names: Mapping[int, str],
+    ignore_value: int,
+    progress: Callable[[Iterable, str], Iterable],
+) -> None:
+    for sub in ("imagesTr", "labelsTr", "loops"):
+        (root / sub).mkdir()
+    has_test = any(s == "test" for s in split.values())
+    if has_test:
+        (root / "imagesTs").mkdir()
+    if meta["has_ground_truth"]:
+        (root / "groundtruth").mkdir()
+    dtype = label_dtype(ignore_value)
+    for info in progress(infos, "creating project"):
+        folder = root / ("imagesTr" if split[info.case] == "pool" else "imagesTs")
+        ref = None
+        for channel, source in enumerate(info.channels):
+            target = folder / f"{info.case}_{channel:04d}{FILE_ENDING}"
+            if source.name.lower().endswith(FILE_ENDING):
+                atomic_copy(source, target)
+            else:
+                atomic_write_image(read_image(source), target)
+        ref = read_image(info.channels[0]) if info.label is not None or split[info.case] == "pool" else None
+        if split[info.case] == "pool":
+            partial = sitk.GetImageFromArray(empty_partial_map(info.shape, ignore_value))
+            partial.CopyInformation(ref)
+            atomic_write_image(partial, root / "labelsTr" / f"{info.case}{FILE_ENDING}")
+        if info.label is not None:
+            gt = read_image(info.label)
+            arr = np.round(sitk.GetArrayViewFromImage(gt)).astype(dtype)
+            out = sitk.GetImageFromArray(arr)
+            out.CopyInformation(ref)  # the label's geometry equals the image's within tolerance
+            gt_path = root / "groundtruth" / f"{info.case}{FILE_ENDING}"
+            atomic_write_image(out, gt_path)
+            _make_read_only(gt_path)
+    labels = {_unique_name(name, class_names, value): value for value, name in class_names.items()}
+    labels["ignore"] = ignore_value
+    dataset = {
+        "name": meta["name"],
+        "channel_names": meta["channels"],
+        "labels": labels,
+        "numTraining": sum(1 for s in split.values() if s == "pool"),
+        "file_ending": FILE_ENDING,
+        "description": "ActiveLearning3D project: partial label maps, 'ignore' outside annotated boxes",
+    }
+    atomic_write_json(root / "dataset.json", dataset)
+    atomic_write_json(root / "project.json", meta)  # last: its presence marks a complete project
+
+
+def _unique_name(name: str, names: Mapping[int, str], value: int) -> str:
+    """nnU-Net needs unique label names; make duplicates (and the reserved 'ignore') unique."""
+    if name == "ignore" or list(names.values()).count(name) > 1:
+        return f"{name}_{value}"
+    return name

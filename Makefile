@@ -1,0 +1,32 @@
+# Two entry points that work on a fresh clone: `make demo` and `make test`.
+# Both create .venv when missing and install the pinned stack from requirements.lock.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo-output
+
+.PHONY: all demo test install clean benchmark
+
+all: test
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/al3d demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q Testing
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/bench_query.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)
