@@ -52,7 +52,7 @@ def _round_robin(
     image is left before ``count`` boxes are found, the query fails clearly.
     """
     picks = [] if picks is None else picks
-    active = list(rng.permutation(sorted(ctx.cases)))
+    active = [str(c) for c in rng.permutation(sorted(ctx.cases))]
     while len(picks) < count:
         if not active:
             raise NotEnoughCandidates(

@@ -1,0 +1,146 @@
+"""``al3d``: the command line of ActiveLearning3D (the same logic the Slicer module uses)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tqdm import tqdm
+
+from . import __version__
+from .aggregation import NotEnoughCandidates
+from .dataset import DatasetError
+from .logic import ActiveLearningLogic
+from .project import BudgetSettings, ProjectError
+from .query_methods import DEFAULT_METHOD, METHODS
+from .simulation import DemoSettings, run_demo
+
+
+def progress(items: Iterable, desc: str) -> Iterable:
+    """A progress bar on a terminal, nothing in logs."""
+    return tqdm(items, desc=desc, disable=None, leave=False, dynamic_ncols=True)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    logic = ActiveLearningLogic.create(
+        args.project, args.images, args.labels, patch_size=args.patch_size, test_fraction=args.test_fraction,
+        seed=args.seed, max_cases=args.max_cases,
+        budget=BudgetSettings(query_size=args.query_size, loops=args.loops), progress=progress,
+    )
+    print(logic.status())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = ActiveLearningLogic.open(args.project).status()
+    print(json.dumps(status.to_json(), indent=2) if args.json else status)
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    logic = ActiveLearningLogic.open(args.project)
+    loop = logic.query(args.method, args.count, args.seed, args.probabilities, args.stride, args.per_image, progress)
+    print(f"loop {loop.loop}: {len(loop.boxes)} boxes by {loop.method} -> {logic.project.loop_path(loop.loop)}")
+    for record in loop.boxes[: args.show]:
+        print(f"  {record!r}")
+    if len(loop.boxes) > args.show:
+        print(f"  ... {len(loop.boxes) - args.show} more")
+    return 0
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    if not args.oracle:
+        print("al3d annotate: only --oracle is available on the command line; annotate by hand in Slicer", file=sys.stderr)
+        return 2
+    logic = ActiveLearningLogic.open(args.project)
+    results = logic.annotate_with_oracle(progress=progress)
+    voxels = sum(r.voxels for r in results)
+    fg = sum(r.foreground_voxels for r in results)
+    print(f"oracle annotated {len(results)} boxes ({voxels} voxels, {fg} foreground)")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    for m in METHODS.values():
+        needs = [n for n, flag in (("model", m.needs_model), ("ground truth", m.needs_ground_truth)) if flag]
+        print(f"{m.name:15s} {m.description}" + (f" [needs {', '.join(needs)}]" if needs else ""))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    settings = DemoSettings(loops=args.loops, query_size=args.query_size, seed=args.seed, max_cases=args.max_cases,
+                            method=args.method)
+    summary = run_demo(Path(args.out), settings, os.environ, Path.cwd(), progress=progress, echo=print)
+    print(f"\nreport: {summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="al3d", description="Active learning for 3D segmentation with partial labels.")
+    parser.add_argument("--version", action="version", version=f"ActiveLearning3D {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a project from a folder of images (and ground truth for simulation)")
+    p.add_argument("project", type=Path)
+    p.add_argument("--images", type=Path, required=True, help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+    p.add_argument("--labels", type=Path, help="folder of dense ground truth with the same case ids (simulation)")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="query box size in voxels")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="held-out test share when labels are given")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query-size", type=int, help="boxes per loop (default: ask per query)")
+    p.add_argument("--loops", type=int, default=5, help="planned loops (ClaSP PE's noise schedule)")
+    p.add_argument("--max-cases", type=int, help="use only the first N cases (sorted by id)")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("status", help="show a project's cases, loops and annotation progress")
+    p.add_argument("project", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("query", help="choose the boxes of the next loop")
+    p.add_argument("project", type=Path)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
+    p.add_argument("--count", type=int, help="number of boxes (default: the project's query size)")
+    p.add_argument("--seed", type=int, help="default: the project seed")
+    p.add_argument("--probabilities", type=Path, help="DIR/<member>/<case>.npz|.npy ensemble probabilities (C, Z, Y, X)")
+    p.add_argument("--stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help="candidate corner stride")
+    p.add_argument("--per-image", type=int, help="boxes considered per image (default: the count)")
+    p.add_argument("--show", type=int, default=10, help="boxes to list")
+    p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("annotate", help="annotate pending boxes (--oracle copies the ground truth)")
+    p.add_argument("project", type=Path)
+    p.add_argument("--oracle", action="store_true")
+    p.set_defaults(func=_cmd_annotate)
+
+    p = sub.add_parser("methods", help="list the query methods")
+    p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser("demo", help="a model-free simulation on the default data, with a short report")
+    p.add_argument("--out", type=Path, default=Path("demo-output"))
+    p.add_argument("--loops", type=int, default=DemoSettings.loops)
+    p.add_argument("--query-size", type=int, default=DemoSettings.query_size)
+    p.add_argument("--method", default=DemoSettings.method, choices=[m for m, q in METHODS.items() if not q.needs_model])
+    p.add_argument("--seed", type=int, default=DemoSettings.seed)
+    p.add_argument("--max-cases", type=int, default=DemoSettings.max_cases)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ProjectError, DatasetError, NotEnoughCandidates, ValueError, OSError) as e:
+        print(f"al3d {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"al3d {args.command}: interrupted; everything saved so far is kept, run it again to go on", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

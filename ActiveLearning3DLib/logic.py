@@ -1,0 +1,263 @@
+"""The headless logic: one class that the Slicer module, the Python console, the CLI and simulations share.
+
+Example (Slicer's Python console or any script)::
+
+    from ActiveLearning3DLib import ActiveLearningLogic
+    logic = ActiveLearningLogic.create("~/al/hippo", images="imagesTr", labels="labelsTr")
+    logic.query("nnactive_start", count=20)     # loop 0: the starting budget
+    box = logic.pending_boxes()[0]
+    logic.submit(box, labels_of_the_box)       # merged into the partial map and saved at once
+    logic.status()
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .aggregation import Pick
+from .boxes import Box, Shape3
+from .partial_labels import MergeResult
+from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
+from .query_methods import DEFAULT_METHOD, QueryContext, get_method
+from .query_methods.base import no_progress
+from .query_methods.clasp import clasp_beta
+from .uncertainty import FolderProbabilities, ProbabilitySource
+
+ORACLE = "oracle"
+
+
+@dataclass
+class ProjectStatus:
+    """A snapshot of a project: data, loops and annotation progress."""
+
+    name: str
+    path: str
+    pool_cases: int
+    test_cases: int
+    classes: dict[int, str]
+    patch_size: Shape3
+    has_ground_truth: bool
+    loops: int
+    boxes: int
+    pending: int
+    annotated: int
+    skipped: int
+    annotated_voxels: int
+    next_step: str
+    per_loop: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["classes"] = {str(k): v for k, v in self.classes.items()}
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    def __str__(self) -> str:
+        classes = ", ".join(f"{k}={v}" for k, v in self.classes.items())
+        lines = [
+            f"project {self.name} ({self.path})",
+            f"  cases: {self.pool_cases} pool, {self.test_cases} test; classes: {classes}",
+            f"  patch size: {' x '.join(map(str, self.patch_size))}; ground truth: {'yes' if self.has_ground_truth else 'no'}",
+            f"  loops: {self.loops}; boxes: {self.boxes} ({self.annotated} annotated, {self.pending} pending, "
+            f"{self.skipped} skipped); annotated voxels: {self.annotated_voxels}",
+        ]
+        for loop in self.per_loop:
+            lines.append(f"    loop {loop['loop']}: {loop['method']}, {loop['boxes']} boxes, {loop['pending']} pending")
+        lines.append(f"  next: {self.next_step}")
+        return "\n".join(lines)
+
+
+class ActiveLearningLogic:
+    """Create or open a project, query boxes, take annotations, and report status.
+
+    Every change is saved at once and atomically: an annotation is in the partial
+    label map on disk before :meth:`submit` returns, so nothing is lost on a crash.
+    """
+
+    def __init__(self, project: Project):
+        self.project = project
+
+    # ------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(cls, path: Path | str, images: Path | str, labels: Path | str | None = None, **options) -> "ActiveLearningLogic":
+        """Create a project (see :meth:`Project.create` for the options) and return its logic."""
+        return cls(Project.create(path, images, labels, **options))
+
+    @classmethod
+    def open(cls, path: Path | str) -> "ActiveLearningLogic":
+        return cls(Project.open(path))
+
+    # ---------------------------------------------------------------- reading
+    def loop_files(self) -> list[LoopFile]:
+        return self.project.loops()
+
+    def boxes(self, loop: int | None = None) -> list[BoxRecord]:
+        """All boxes, or those of one loop, in query order."""
+        if loop is None:
+            return self.project.all_boxes()
+        return list(self.project.read_loop(loop).boxes)
+
+    def pending_boxes(self) -> list[BoxRecord]:
+        return [b for b in self.project.all_boxes() if b.state == "pending"]
+
+    def find_box(self, box: BoxRecord | str) -> BoxRecord:
+        """The current record of a box, by record or by id ``"LLL-IIII"``."""
+        box_id = box if isinstance(box, str) else box.id
+        try:
+            loop, index = (int(x) for x in box_id.split("-"))
+            return self.project.read_loop(loop).boxes[index]
+        except (ValueError, IndexError, FileNotFoundError):
+            raise ProjectError(f"{self.project.path}: no box {box_id!r}") from None
+
+    def status(self) -> ProjectStatus:
+        p = self.project
+        loops = p.loops()
+        records = [b for loop in loops for b in loop.boxes]
+        count = {s: sum(1 for b in records if b.state == s) for s in ("pending", "annotated", "skipped")}
+        if not loops:
+            next_step = "query the starting budget (loop 0)"
+        elif count["pending"]:
+            next_step = f"annotate or skip {count['pending']} pending boxes"
+        else:
+            next_step = f"query loop {loops[-1].loop + 1}"
+        return ProjectStatus(
+            name=p.name, path=str(p.path), pool_cases=len(p.pool_cases), test_cases=len(p.test_cases),
+            classes=dict(p.classes), patch_size=p.patch_size, has_ground_truth=p.has_ground_truth, loops=len(loops),
+            boxes=len(records), pending=count["pending"], annotated=count["annotated"], skipped=count["skipped"],
+            annotated_voxels=sum(b.box.voxels for b in records if b.state == "annotated"), next_step=next_step,
+            per_loop=[{"loop": l.loop, "method": l.method, "boxes": len(l.boxes), "pending": l.count("pending"),
+                       "annotated": l.count("annotated")} for l in loops],
+        )
+
+    def annotated_foreground_fraction(self) -> float:
+        """Fraction of all ground-truth foreground voxels of the pool that lie inside annotated boxes (FG-Eff's x)."""
+        p = self.project
+        total = sum(n for c in p.pool_cases for k, n in p.cases[c].label_counts.items() if k != 0)
+        if not p.has_ground_truth or total == 0:
+            raise ProjectError(f"{p.path}: the foreground fraction needs ground truth with foreground")
+        inside = 0
+        by_case: dict[str, list[Box]] = {}
+        for b in p.all_boxes():
+            if b.state == "annotated":
+                by_case.setdefault(b.case, []).append(b.box)
+        for case, boxes in by_case.items():
+            gt = p.read_ground_truth(case)
+            inside += sum(int(np.count_nonzero(gt[b.slices])) for b in boxes)
+        return inside / total
+
+    # ---------------------------------------------------------------- querying
+    def query(
+        self,
+        method: str = DEFAULT_METHOD,
+        count: int | None = None,
+        seed: int | None = None,
+        probabilities: ProbabilitySource | Path | str | None = None,
+        stride: Sequence[int] | None = None,
+        n_per_image: int | None = None,
+        progress: Callable[[Iterable, str], Iterable] = no_progress,
+    ) -> LoopFile:
+        """Choose the boxes of the next loop with ``method`` and save them as its loop file.
+
+        Refuses while boxes of an earlier loop are pending, so that every query sees
+        all annotations. ``seed`` defaults to the project seed; together with the
+        loop index it fixes the query.
+        """
+        p = self.project
+        pending = self.pending_boxes()
+        if pending:
+            raise ProjectError(
+                f"{p.path}: {len(pending)} boxes of loop {pending[0].loop} are still pending; annotate or skip them first"
+            )
+        query_method = get_method(method)
+        count = count or p.settings.budget.query_size
+        if not count:
+            raise ProjectError(f"{p.path}: give the number of boxes (no query size in the project's budget)")
+        if isinstance(probabilities, (str, Path)):
+            probabilities = FolderProbabilities(probabilities)
+        loop = (p.loop_indices() or [-1])[-1] + 1
+        seed = p.settings.seed if seed is None else int(seed)
+        total_loops = max(p.settings.budget.loops, loop + 1)
+        context = QueryContext(
+            cases={c: p.cases[c].shape for c in p.pool_cases},
+            patch_size=p.patch_size,
+            foreground_classes=p.foreground_classes,
+            seed=seed,
+            loop=loop,
+            total_loops=total_loops,
+            blocked=[b.box for b in p.all_boxes()],
+            probabilities=probabilities,
+            ground_truth=p.read_ground_truth if p.has_ground_truth else None,
+            label_counts={c: p.cases[c].label_counts for c in p.pool_cases} if p.has_ground_truth else None,
+            stride=tuple(stride) if stride else None,  # type: ignore[arg-type]
+            n_per_image=n_per_image,
+            progress=progress,
+        )
+        started = time.perf_counter()
+        picks = query_method(context, count)
+        info: dict = {"count": count, "seconds": round(time.perf_counter() - started, 3), "total_loops": total_loops}
+        if query_method.needs_model:
+            info["probabilities"] = getattr(probabilities, "root", None) and str(probabilities.root)  # type: ignore[union-attr]
+            info["members"] = len(probabilities.members())  # type: ignore[union-attr]
+        if method == "clasp_pe":
+            info["beta"] = clasp_beta(loop - 1, total_loops)
+        loop_file = LoopFile(loop, method, seed, now_iso(), [_record(pick, loop, i, method) for i, pick in enumerate(picks)], info)
+        p.write_loop(loop_file)
+        return loop_file
+
+    # -------------------------------------------------------------- annotating
+    def submit(
+        self, box: BoxRecord | str, labels: np.ndarray, annotator: str = "user", seconds: float | None = None
+    ) -> MergeResult:
+        """Merge an annotation of a box into the partial map, save it, and mark the box annotated.
+
+        ``labels`` is the box's label array (its size) or a label array of the whole
+        image (only the box is taken; painted voxels outside are counted in
+        ``dropped_outside``). Submitting an annotated box again replaces its labels.
+        """
+        record = self.find_box(box)
+        result = self.project.merge_annotation(record.box, labels)  # on disk before the record changes
+        record.state, record.annotator, record.annotated_at = "annotated", annotator, now_iso()
+        record.seconds = seconds
+        self.project.update_box(record)
+        return result
+
+    def skip(self, box: BoxRecord | str) -> BoxRecord:
+        """Mark a pending box skipped (it stays out of the partial labels, and no later box overlaps it)."""
+        record = self.find_box(box)
+        if record.state == "annotated":
+            raise ProjectError(f"box {record.id} is already annotated; submit it again to change its labels")
+        record.state = "skipped"
+        self.project.update_box(record)
+        return record
+
+    def annotate_with_oracle(
+        self, boxes: Sequence[BoxRecord] | None = None, progress: Callable[[Iterable, str], Iterable] = no_progress
+    ) -> list[MergeResult]:
+        """Simulation: copy the ground truth into every pending box (or the given ones), saving each at once.
+
+        Resumable: after a crash the boxes already done are annotated and the rest are still pending.
+        """
+        if not self.project.has_ground_truth:
+            raise ProjectError(f"{self.project.path}: the oracle needs ground truth; this project was created without labels")
+        todo = list(boxes) if boxes is not None else self.pending_boxes()
+        results = []
+        cache: dict[str, np.ndarray] = {}
+        for record in progress(todo, "oracle annotation"):
+            if record.case not in cache:
+                cache.clear()  # boxes come grouped by query order; keep one case in memory
+                cache[record.case] = self.project.read_ground_truth(record.case)
+            results.append(self.submit(record, cache[record.case][record.box.slices], ORACLE))
+        return results
+
+    def __repr__(self) -> str:
+        s = self.status()
+        return (f"<ActiveLearningLogic {s.name!r}: {s.pool_cases} pool cases, {s.loops} loops, "
+                f"{s.annotated}/{s.boxes} boxes annotated, next: {s.next_step}>")
+
+
+def _record(pick: Pick, loop: int, index: int, method: str) -> BoxRecord:
+    return BoxRecord(pick.box, loop, index, method, score=pick.score, priority=pick.priority, stratum=pick.stratum)
