@@ -30,10 +30,13 @@ def default_stride(patch_size: Sequence[int], shape: Sequence[int]) -> Shape3:
 
 
 def corner_axes(shape: Sequence[int], size: Sequence[int], stride: Sequence[int]) -> list[np.ndarray]:
-    """Corner positions along each axis: 0, s, 2s, ... and always the last valid corner D - p."""
+    """Corner positions along each axis: 0, s, 2s, ... and always the last valid corner D - p.
+
+    A box larger than the image along an axis covers that axis (its only corner is 0).
+    """
     axes = []
     for d, p, s in zip(shape, size, stride):
-        last = int(d) - int(p)
+        last = int(d) - min(int(p), int(d))
         a = np.arange(0, last + 1, max(1, int(s)), dtype=np.int64)
         if a[-1] != last:
             a = np.append(a, last)
@@ -117,12 +120,19 @@ def iter_greedy(scores: BoxScores, priority: np.ndarray, blocker: CornerBlocker)
     a non-overlapping sequence and may stop whenever it has enough.
     """
     flat_order = np.argsort(-priority.ravel(), kind="stable")
-    for flat in flat_order:
-        index = np.unravel_index(int(flat), priority.shape)
-        if blocker.is_blocked(index):
+    blocked = blocker.blocked.reshape(-1)  # a view: blocking a box shows up here at once
+    pos, chunk = 0, 1024
+    while pos < len(flat_order):
+        # Skip blocked candidates a chunk at a time; in small images most are blocked after a few picks.
+        free = np.flatnonzero(~blocked[flat_order[pos : pos + chunk]])
+        if not len(free):
+            pos += chunk
             continue
+        pos += int(free[0])
+        index = tuple(int(i) for i in np.unravel_index(int(flat_order[pos]), priority.shape))
         blocker.block(scores.box(index))
-        yield tuple(int(i) for i in index)
+        pos += 1
+        yield index
 
 
 def greedy_per_image(
