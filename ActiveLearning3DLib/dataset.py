@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import read_image, read_json, split_image_suffix
+from .fileio import nifti_has_non_finite, read_image, read_json, split_image_suffix
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -176,7 +176,7 @@ def label_array(image: sitk.Image, path: Path, classes: Iterable[int] | None) ->
     """The label map as an integer array, or a problem: non-integer values, undeclared classes."""
     arr = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)):
+        if not np.all(np.isfinite(arr)) or nifti_has_non_finite(path):
             return None, "label map holds NaN or infinite values"
         if not np.array_equal(arr, np.round(arr)):
             bad = arr[arr != np.round(arr)]
@@ -255,7 +255,8 @@ def validate_dataset(
                     ok = False
                     continue
             arr = sitk.GetArrayViewFromImage(img)
-            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            # ITK reads NaN and infinity in NIfTI files as 0; nifti_has_non_finite looks at the raw voxels.
+            if np.issubdtype(arr.dtype, np.floating) and (not np.all(np.isfinite(arr)) or nifti_has_non_finite(path)):
                 problems.append(f"{path}: image holds NaN or infinite intensities")
                 ok = False
         counts: dict[int, int] = {}

@@ -6,9 +6,12 @@ either the old file or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +132,58 @@ def read_image_information(path: Path | str) -> sitk.ImageFileReader:
     except RuntimeError as e:
         raise ValueError(f"{path}: unreadable image ({_first_line(e)})") from e
     return reader
+
+
+# NIfTI datatype codes of real floating-point voxels (float32, float64) and their NumPy codes.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def nifti_has_non_finite(path: Path | str, chunk_voxels: int = 1 << 20) -> bool:
+    """True when a float NIfTI file (.nii/.nii.gz, NIfTI-1 or -2) stores NaN or infinite voxels.
+
+    ITK's NIfTI reader silently replaces NaN and infinity with 0, so a check on
+    the array SimpleITK returns never sees them; this one reads the raw voxels.
+    Files that are no NIfTI or hold no floats give False (the reader reports those).
+    """
+    path = Path(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            if len(head) < 348:
+                return False
+            for endian in "<>":
+                header_size = struct.unpack(endian + "i", head[:4])[0]
+                if header_size in (348, 540):
+                    break
+            else:
+                return False
+            if header_size == 348:
+                datatype = struct.unpack(endian + "h", head[70:72])[0]
+                dims = struct.unpack(endian + "8h", head[40:56])
+                offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            else:
+                if len(head) < 540:
+                    return False
+                datatype = struct.unpack(endian + "h", head[12:14])[0]
+                dims = struct.unpack(endian + "8q", head[16:80])
+                offset = struct.unpack(endian + "q", head[168:176])[0]
+            if datatype not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+                return False
+            dtype = np.dtype(endian + _NIFTI_FLOATS[datatype])
+            remaining = int(np.prod([max(d, 1) for d in dims[1: dims[0] + 1]]))
+            f.seek(max(offset, header_size))
+            while remaining > 0:
+                data = f.read(min(remaining, chunk_voxels) * dtype.itemsize)
+                if not data:
+                    break
+                values = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype)
+                if not np.all(np.isfinite(values)):
+                    return True
+                remaining -= values.size
+    except (OSError, EOFError, struct.error, zlib.error):
+        return False
+    return False
 
 
 def _first_line(error: Exception) -> str:

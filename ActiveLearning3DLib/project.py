@@ -164,6 +164,8 @@ class LoopFile:
 
     @classmethod
     def from_json(cls, d: Mapping, loop: int) -> "LoopFile":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"expected a JSON object, found {type(d).__name__}")
         patches = d.get("patches")
         if not isinstance(patches, list):
             raise ValueError("no 'patches' list")
@@ -279,13 +281,19 @@ class Project:
         meta_path = path / "project.json"
         if not meta_path.is_file():
             raise ProjectError(f"{path}: not an ActiveLearning3D project (no project.json)")
-        meta = read_json(meta_path)
-        if meta.get("format") != PROJECT_FORMAT:
+        try:
+            meta = read_json(meta_path)
+        except ValueError as e:  # written atomically, so only damage from outside gets here
+            raise ProjectError(f"{meta_path}: damaged project file ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != PROJECT_FORMAT:
             raise ProjectError(f"{meta_path}: not an ActiveLearning3D project file")
         if int(meta.get("version", 0)) > PROJECT_VERSION:
             raise ProjectError(f"{meta_path}: written by a newer ActiveLearning3D (format {meta['version']})")
         remove_stale_temporaries(path)
-        return cls(path, meta)
+        try:
+            return cls(path, meta)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ProjectError(f"{meta_path}: damaged project file ({type(e).__name__}: {e})") from e
 
     # ------------------------------------------------------------------ layout
     @property
@@ -344,6 +352,8 @@ class Project:
 
     def merge_annotation(self, box: Box, annotation: np.ndarray) -> MergeResult:
         """Merge an annotation of a box into the case's partial map and save it at once (atomically)."""
+        if self._case(box.case).split != "pool":
+            raise ProjectError(f"case {box.case!r} is a test case; only pool cases are annotated")
         path = self.partial_label_path(box.case)
         image = read_image(path)
         partial = sitk.GetArrayFromImage(image)
@@ -371,6 +381,11 @@ class Project:
         for record in loop_file.boxes:
             if record.case not in self.cases or self.cases[record.case].split != "pool":
                 raise ProjectError(f"{path}: box {record.id} names {record.case!r}, which is not a pool case")
+            if not record.box.fits(self.cases[record.case].shape):
+                raise ProjectError(
+                    f"{path}: box {record.id} at {list(record.box.coords)} size {list(record.box.size)} lies outside "
+                    f"{record.case!r} of shape {list(self.cases[record.case].shape)}"
+                )
             if record.state not in BOX_STATES:
                 raise ProjectError(f"{path}: box {record.id} has unknown state {record.state!r}")
         return loop_file
