@@ -6,8 +6,8 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..aggregation import NotEnoughCandidates, Pick
-from ..boxes import Box, any_overlap, centred_corner
+from ..aggregation import NotEnoughCandidates, Pick, corner_axes
+from ..boxes import Box, CornerBlocker, any_overlap, centred_corner
 from .base import QueryContext
 
 # Tries per image visit before moving on to the next image of the round robin.
@@ -37,6 +37,20 @@ def _uniform_box(ctx: QueryContext, case: str, rng: np.random.Generator) -> Box:
     return Box(case, corner, size)  # type: ignore[arg-type]
 
 
+def _free_uniform_box(ctx: QueryContext, case: str, rng: np.random.Generator, taken: _Taken) -> Box | None:
+    """A uniform box among the candidates of ``case`` (corner grid of its stride) that overlap no taken box."""
+    size = ctx.box_size(case)
+    axes = corner_axes(ctx.cases[case], size, ctx.stride_for(case))
+    blocker = CornerBlocker(axes, size)
+    for b in taken.by_case.get(case, ()):
+        blocker.block(b)
+    free = np.flatnonzero(~blocker.blocked)
+    if not free.size:
+        return None
+    index = np.unravel_index(int(free[int(rng.integers(free.size))]), blocker.blocked.shape)
+    return Box(case, tuple(int(a[i]) for a, i in zip(axes, index)), size)  # type: ignore[arg-type]
+
+
 def _round_robin(
     ctx: QueryContext,
     count: int,
@@ -48,8 +62,10 @@ def _round_robin(
 ) -> list[Pick]:
     """Visit images in shuffled round robin; each visit tries a few proposals and keeps the first free one.
 
-    An image that yields nothing in a visit is dropped from the rotation; when no
-    image is left before ``count`` boxes are found, the query fails clearly.
+    When every proposal of a visit overlaps, the visit takes a uniform box among the
+    image's free candidates instead (a nearly covered image is not given up early);
+    an image without any free candidate is dropped from the rotation. When no image
+    is left before ``count`` boxes are found, the query fails clearly.
     """
     picks = [] if picks is None else picks
     active = [str(c) for c in rng.permutation(sorted(ctx.cases))]
@@ -64,13 +80,19 @@ def _round_robin(
             if len(picks) >= count:
                 still.append(case)
                 continue
+            found: tuple[Box, str] | None = None
             for _ in range(TRIES_PER_VISIT):
                 box, area = propose(case)
                 if taken.free(box):
-                    taken.add(box)
-                    picks.append(Pick(box, None, float(-len(picks)), area))
-                    still.append(case)
+                    found = box, area
                     break
+            else:
+                box = _free_uniform_box(ctx, case, rng, taken)
+                found = None if box is None else (box, "all")
+            if found is not None:
+                taken.add(found[0])
+                picks.append(Pick(found[0], None, float(-len(picks)), found[1]))
+                still.append(case)
         active = still
     return picks
 
@@ -139,15 +161,21 @@ select_random_fg66 = _select_fg(AREAS_FG66, "random_fg66")
 def select_nnactive_start(ctx: QueryContext, count: int) -> list[Pick]:
     """nnActive's simulated starting budget (ALGORITHMS.md section 5).
 
-    For every label including background, rarest first (by voxels in the pool),
-    two boxes centred on random voxels of that label, each in an image not used
-    before; the rest of the budget is filled with ``random_fg33``.
+    For every label including background, rarest first (by voxels in the pool:
+    ``label_counts``, or counted in the ground truth when not given), two boxes
+    centred on random voxels of that label, each in an image not used before;
+    the rest of the budget is filled with ``random_fg33``.
     """
     rng = ctx.rng("nnactive_start")
     sampler = _ForegroundSampler(ctx, rng)
     taken = _Taken(ctx.blocked)
-    counts = ctx.label_counts or {}
     labels = [0, *ctx.foreground_classes]
+    counts = ctx.label_counts
+    if counts is None:
+        counts = {}
+        for case in sorted(ctx.cases):
+            values, sizes = np.unique(np.asarray(ctx.ground_truth(case)), return_counts=True)  # type: ignore[misc]
+            counts[case] = {int(v): int(n) for v, n in zip(values, sizes)}
     totals = {c: sum(int(counts.get(case, {}).get(c, 0)) for case in ctx.cases) for c in labels}
     used: set[str] = set()
     picks: list[Pick] = []
