@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -115,36 +115,38 @@ def discover_labels(folder: Path | str) -> tuple[dict[str, Path], list[str]]:
     return labels, problems
 
 
-def read_class_names(*folders: Path | str | None) -> dict[int, str] | None:
-    """Class names from an nnU-Net or MSD ``dataset.json`` beside the data, if there is one."""
+def _dataset_jsons(folders: Sequence[Path | str | None]) -> Iterator[dict]:
+    """The ``dataset.json`` files in or beside the data folders, nearest first."""
     for folder in folders:
         if folder is None:
             continue
         for candidate in (Path(folder) / "dataset.json", Path(folder).parent / "dataset.json"):
             if candidate.is_file():
                 data = read_json(candidate)
-                labels = data.get("labels")
-                if not isinstance(labels, dict):
-                    continue
-                if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background"}
-                    return {int(k): str(v) for k, v in labels.items()}
-                # nnU-Net v2: {"background": 0}; region-based entries (lists) are not supported here
-                names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int) and k != "ignore"}
-                if names:
-                    return names
+                if isinstance(data, dict):
+                    yield data
+
+
+def read_class_names(*folders: Path | str | None) -> dict[int, str] | None:
+    """Class names from an nnU-Net or MSD ``dataset.json`` beside the data, if there is one."""
+    for data in _dataset_jsons(folders):
+        labels = data.get("labels")
+        if not isinstance(labels, dict):
+            continue
+        if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background"}
+            return {int(k): str(v) for k, v in labels.items()}
+        # nnU-Net v2: {"background": 0}; region-based entries (lists) are not supported here
+        names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int) and k != "ignore"}
+        if names:
+            return names
     return None
 
 
 def read_channel_names(*folders: Path | str | None) -> dict[int, str] | None:
-    for folder in folders:
-        if folder is None:
-            continue
-        for candidate in (Path(folder) / "dataset.json", Path(folder).parent / "dataset.json"):
-            if candidate.is_file():
-                data = read_json(candidate)
-                names = data.get("channel_names") or data.get("modality")
-                if isinstance(names, dict):
-                    return {int(k): str(v) for k, v in names.items()}
+    for data in _dataset_jsons(folders):
+        names = data.get("channel_names") or data.get("modality")
+        if isinstance(names, dict):
+            return {int(k): str(v) for k, v in names.items()}
     return None
 
 

@@ -12,8 +12,9 @@ import os
 import struct
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,18 +42,24 @@ def _temporary_path(path: Path) -> Path:
     return Path(name)
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
+@contextmanager
+def _replacing(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``, on failure it is removed."""
     path = Path(path)
     tmp = _temporary_path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with _replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: Path | str, data: Any) -> None:
@@ -79,30 +86,17 @@ def read_json(path: Path | str) -> Any:
 
 
 def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = True) -> None:
-    path = Path(path)
-    tmp = _temporary_path(path)
-    try:
+    with _replacing(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_copy(source: Path | str, target: Path | str) -> None:
     """Copy bytes to ``target`` atomically; the source is only read."""
-    target = Path(target)
-    tmp = _temporary_path(target)
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _replacing(target) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
 
 
 def remove_stale_temporaries(folder: Path | str) -> int:
