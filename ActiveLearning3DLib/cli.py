@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -63,6 +64,27 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = ActiveLearningLogic.open(args.project).jobs()
+    if args.json:
+        print(json.dumps([{"name": j.name, "kind": j.spec().kind, **asdict(j.status())} for j in jobs], indent=2))
+        return 0
+    if not jobs:
+        print("no jobs")
+    for job in jobs:
+        s = job.status()
+        where = " ".join(f"{k} {v}" for k, v in (("epoch", s.epoch), ("iteration", s.iteration), ("case", s.case)) if v is not None)
+        message = s.message.splitlines()[0] if s.message else ""
+        print(f"{job.name:28s} {job.spec().kind:10s} {s.state:9s} {100 * s.progress:5.1f}%  {s.stage} {where}  {message}".rstrip())
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    cancelled = ActiveLearningLogic.open(args.project).cancel_jobs()
+    print(f"cancelled {len(cancelled)} jobs" + (": " + ", ".join(j.name for j in cancelled) if cancelled else ""))
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     for m in METHODS.values():
         needs = [n for n, flag in (("model", m.needs_model), ("ground truth", m.needs_ground_truth)) if flag]
@@ -115,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", type=Path)
     p.add_argument("--oracle", action="store_true")
     p.set_defaults(func=_cmd_annotate)
+
+    p = sub.add_parser("jobs", help="list a project's background jobs with their progress")
+    p.add_argument("project", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_jobs)
+
+    p = sub.add_parser("cancel", help="cancel a project's queued and running jobs (and every process they started)")
+    p.add_argument("project", type=Path)
+    p.set_defaults(func=_cmd_cancel)
 
     p = sub.add_parser("methods", help="list the query methods")
     p.set_defaults(func=_cmd_methods)

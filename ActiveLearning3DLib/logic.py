@@ -20,6 +20,7 @@ import numpy as np
 
 from .aggregation import Pick
 from .boxes import Box, Shape3
+from .jobs import Job
 from .partial_labels import MergeResult
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
@@ -207,6 +208,29 @@ class ActiveLearningLogic:
         loop_file = LoopFile(loop, method, seed, now_iso(), [_record(pick, loop, i, method) for i, pick in enumerate(picks)], info)
         p.write_loop(loop_file)
         return loop_file
+
+    # -------------------------------------------------------------------- jobs
+    @property
+    def jobs_dir(self) -> Path:
+        return self.project.path / "jobs"
+
+    def jobs(self) -> list[Job]:
+        """The project's background jobs, oldest first, each checked for a worker that died silently."""
+        if not self.jobs_dir.is_dir():
+            return []
+        jobs = [Job(p) for p in sorted(self.jobs_dir.iterdir()) if (p / "job.json").is_file()]
+        for job in jobs:
+            job.refresh()
+        return sorted(jobs, key=lambda j: j.spec().created)
+
+    def cancel_jobs(self) -> list[Job]:
+        """Cancel every queued or running job of the project (whole process trees); returns those cancelled."""
+        cancelled = []
+        for job in self.jobs():
+            if not job.status().final:
+                job.cancel()
+                cancelled.append(job)
+        return cancelled
 
     # -------------------------------------------------------------- annotating
     def submit(

@@ -1,0 +1,143 @@
+"""Runners start jobs and watch them through their files; ``LocalRunner`` runs them as local processes.
+
+Nothing outside a runner may assume local processes: callers submit jobs,
+poll, cancel and read job status, which a cluster backend can do the same way.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
+
+from ..project import now_iso
+from .store import Job, JobStatus, kill_process_group
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds ActiveLearning3DLib
+
+
+class JobRunner(Protocol):
+    """What the logic and the GUI need of a runner."""
+
+    def submit(self, job: Job) -> None: ...
+
+    def poll(self) -> list[Job]: ...
+
+    def cancel(self, job: Job) -> JobStatus: ...
+
+    def active(self) -> list[Job]: ...
+
+
+def default_parallel() -> int:
+    """One job per GPU where there are GPUs is the caller's choice; on CPUs, one job per two cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+@dataclass
+class LocalRunnerSettings:
+    """How local workers start: the interpreter (``PythonSlicer`` in Slicer), parallelism and the child environment."""
+
+    python: str = sys.executable
+    max_parallel: int = field(default_factory=default_parallel)
+    env: Mapping[str, str] = field(default_factory=dict)  # added to the child's environment only
+    poll_seconds: float = 0.5
+
+
+class LocalRunner:
+    """Runs jobs as local worker processes, at most ``max_parallel`` at a time, each in its own process group."""
+
+    def __init__(self, settings: LocalRunnerSettings | None = None):
+        self.settings = settings or LocalRunnerSettings()
+        self._queue: list[Job] = []
+        self._running: dict[Path, tuple[Job, subprocess.Popen]] = {}
+
+    def child_environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.settings.env)
+        paths = [str(PACKAGE_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; a job already done is not run again (so a re-run after a crash resumes)."""
+        status = job.refresh()
+        if status.state == "done" or job.path in self._running or any(q.path == job.path for q in self._queue):
+            return
+        if status.state != "queued":
+            job.update(state="queued", progress=0.0, message="", pid=None, started=None, ended=None, exit_code=None)
+        self._queue.append(job)
+
+    def active(self) -> list[Job]:
+        return [j for j, _ in self._running.values()] + list(self._queue)
+
+    def poll(self) -> list[Job]:
+        """Reap finished workers, fail the ones that died silently, start queued jobs; returns jobs that ended."""
+        ended = []
+        for path, (job, proc) in list(self._running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self._running[path]
+            status = job.status()
+            if not status.final:  # killed before it could say so (SIGKILL, out of memory)
+                tail = job.log_tail(10)
+                job.update(state="failed", ended=now_iso(), exit_code=code,
+                           message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""))
+            ended.append(job)
+        while self._queue and len(self._running) < self.settings.max_parallel:
+            job = self._queue.pop(0)
+            if job.status().state == "cancelled":
+                continue
+            self._start(job)
+        return ended
+
+    def _start(self, job: Job) -> None:
+        with open(job.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [self.settings.python, "-m", "ActiveLearning3DLib.worker", str(job.path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.child_environment(),
+                cwd=str(job.path), start_new_session=True,  # its own process group: cancel kills the whole tree
+            )
+        self._running[job.path] = (job, proc)  # the worker itself marks the job running, with its pid
+
+    def cancel(self, job: Job) -> JobStatus:
+        """Cancel a queued or running job (and every process it started)."""
+        self._queue = [q for q in self._queue if q.path != job.path]
+        entry = self._running.pop(job.path, None)
+        if entry is None:
+            return job.cancel()
+        proc = entry[1]
+        kill_process_group(proc.pid, reap=proc.poll)  # by our handle: the worker may not have written its pid yet
+        proc.wait()
+        return job.update(state="cancelled", ended=now_iso(), message="cancelled", exit_code=proc.returncode)
+
+    def cancel_all(self) -> None:
+        for job in self.active():
+            self.cancel(job)
+
+    def wait(self, jobs: Sequence[Job] | None = None, timeout: float | None = None,
+             on_poll: Callable[[list[Job]], None] | None = None) -> bool:
+        """Poll until the given jobs (default: all submitted) end; False on timeout."""
+        watched = {j.path for j in (jobs if jobs is not None else self.active())}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll()
+            if on_poll is not None:
+                on_poll([Job(p) for p in watched])
+            if all(Job(p).status().final for p in watched):
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(self.settings.poll_seconds)
+
+    def run(self, jobs: Iterable[Job], timeout: float | None = None) -> list[JobStatus]:
+        """Submit jobs, wait for them, and return their final status (the simple blocking use)."""
+        jobs = list(jobs)
+        for job in jobs:
+            self.submit(job)
+        self.wait(jobs, timeout)
+        return [job.status() for job in jobs]

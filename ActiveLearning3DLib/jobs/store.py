@@ -1,0 +1,218 @@
+"""Jobs on disk: a folder per job with ``job.json`` (inputs), ``status.json`` (replaced atomically) and ``log.txt``.
+
+Everything a caller knows about a job comes from these files, so the Slicer
+panel, the command line and a cluster backend can all watch the same job, and
+a job survives the process that started it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from ..fileio import atomic_write_json, read_json
+from ..project import now_iso
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL_STATES = ("done", "failed", "cancelled")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class JobError(RuntimeError):
+    """A job that cannot be created, read or controlled."""
+
+
+@dataclass
+class JobStatus:
+    """What a job is doing now; written by the worker (progress) and the runner (start, death, cancel)."""
+
+    state: str = "queued"
+    progress: float = 0.0  # 0 .. 1
+    stage: str = ""
+    epoch: int | None = None
+    iteration: int | None = None
+    case: str | None = None
+    message: str = ""
+    pid: int | None = None
+    started: str | None = None
+    ended: str | None = None
+    updated: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_json(cls, d: dict) -> "JobStatus":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class JobSpec:
+    """What to run: a task kind and its inputs (JSON)."""
+
+    kind: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=now_iso)
+
+
+class Job:
+    """One job folder."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path).absolute()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def spec_path(self) -> Path:
+        return self.path / "job.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.txt"
+
+    @classmethod
+    def create(cls, root: Path | str, name: str, kind: str, inputs: dict[str, Any] | None = None) -> "Job":
+        """Create a job, or return the existing one with the same inputs (so a re-run resumes).
+
+        An existing job with other inputs that has not finished is replaced; a
+        finished one with other inputs is an error, since its results describe
+        something else.
+        """
+        if not _NAME.match(name):
+            raise JobError(f"job name {name!r} may hold only letters, digits, '.', '_' and '-'")
+        job = cls(Path(root) / name)
+        spec = JobSpec(kind, dict(inputs or {}))
+        if job.spec_path.is_file():
+            old = job.spec()
+            if (old.kind, old.inputs) == (spec.kind, spec.inputs):
+                return job
+            if job.status().state == "done":
+                raise JobError(f"{job.path}: a finished job with other inputs exists; remove it to run new ones")
+            if job.status().state == "running":
+                raise JobError(f"{job.path}: a running job with other inputs exists; cancel it first")
+        job.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(job.spec_path, asdict(spec))
+        atomic_write_json(job.status_path, asdict(JobStatus(updated=now_iso())))
+        return job
+
+    def spec(self) -> JobSpec:
+        try:
+            d = read_json(self.spec_path)
+            return JobSpec(str(d["kind"]), dict(d.get("inputs", {})), str(d.get("created", "")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise JobError(f"{self.spec_path}: unreadable job file ({e})") from e
+
+    def status(self) -> JobStatus:
+        if not self.status_path.is_file():
+            return JobStatus()
+        try:
+            return JobStatus.from_json(read_json(self.status_path))
+        except (OSError, ValueError, TypeError) as e:
+            raise JobError(f"{self.status_path}: unreadable status ({e})") from e
+
+    def update(self, **changes: Any) -> JobStatus:
+        """Change some status fields and replace status.json atomically."""
+        status = self.status()
+        for key, value in changes.items():
+            if not hasattr(status, key):
+                raise JobError(f"unknown status field {key!r}")
+            setattr(status, key, value)
+        if status.state not in JOB_STATES:
+            raise JobError(f"unknown job state {status.state!r}")
+        status.updated = now_iso()
+        atomic_write_json(self.status_path, asdict(status))
+        return status
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path.is_file():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def refresh(self) -> JobStatus:
+        """Detect a worker that died without saying so: a 'running' job whose process is gone becomes failed."""
+        status = self.status()
+        if status.state == "running" and (status.pid is None or not process_alive(status.pid, self.path)):
+            tail = self.log_tail(10)
+            status = self.update(state="failed", ended=now_iso(),
+                                 message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
+        return status
+
+    def cancel(self, grace_seconds: float = 5.0, reap: Callable[[], object] | None = None) -> JobStatus:
+        """Kill the job's whole process tree (its process group) and mark it cancelled.
+
+        ``reap`` is called while waiting, so a parent holding the worker's handle can
+        collect it (a zombie leader keeps its process group alive).
+        """
+        status = self.status()
+        if status.final:
+            return status
+        if status.state == "running" and status.pid and process_alive(status.pid, self.path):
+            kill_process_group(status.pid, grace_seconds, reap)
+        return self.update(state="cancelled", ended=now_iso(), message="cancelled")
+
+    def __repr__(self) -> str:
+        s = self.status()
+        return f"<Job {self.name} {s.state} {100 * s.progress:.0f}% {s.stage}>"
+
+
+def process_alive(pid: int, job_dir: Path | None = None) -> bool:
+    """True when ``pid`` runs (not a zombie) and, where /proc tells, is the worker of ``job_dir``.
+
+    Checking the command line guards against a recycled pid after a reboot or a long pause.
+    """
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():
+        try:
+            if (proc / "stat").read_text().split(")")[-1].split()[0] == "Z":
+                return False
+            if job_dir is not None:
+                return str(job_dir) in (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+            return True
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_process_group(pid: int, grace_seconds: float = 5.0, reap: Callable[[], object] | None = None) -> None:
+    """SIGTERM the process group led by ``pid`` (worker and its data loaders), SIGKILL what is left after a grace."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        if reap is not None:
+            reap()
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,76 @@
+"""The kinds of work a job can do, by name, and the reporter a task uses to tell how far it is.
+
+Tasks are named as ``module:function`` and imported only in the worker that
+runs them, so starting a job never imports torch in the parent (Slicer's GUI).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from .store import Job, JobError
+
+# kind -> "module:function"; the function takes (inputs: dict, report: Reporter) and returns a JSON-able result.
+TASKS: dict[str, str] = {
+    "selftest": "ActiveLearning3DLib.jobs.tasks:selftest",
+}
+
+
+class Reporter:
+    """Writes progress into the job's status.json, at most every ``min_interval`` seconds unless forced.
+
+    Changes held back by the interval are kept and written by the next call or
+    by :meth:`flush`, so the last word of a task is never lost.
+    """
+
+    def __init__(self, job: Job, min_interval: float = 0.5):
+        self.job = job
+        self.min_interval = min_interval
+        self._last = 0.0
+        self._pending: dict[str, Any] = {}
+
+    def __call__(self, force: bool = False, **status: Any) -> None:
+        self._pending.update(status)
+        if force or time.monotonic() - self._last >= self.min_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.job.update(**self._pending)
+            self._pending = {}
+        self._last = time.monotonic()
+
+
+def resolve_task(kind: str) -> Callable[[dict, Reporter], Any]:
+    try:
+        target = TASKS[kind]
+    except KeyError:
+        raise JobError(f"unknown job kind {kind!r}; known: {', '.join(TASKS)}") from None
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def selftest(inputs: dict, report: Reporter) -> dict:
+    """Checks that a worker interpreter runs our code (``al3d jobs --selftest``) and exercises the runner.
+
+    Counts ``steps`` steps of ``seconds`` each with progress; optionally starts a
+    child process (to test that cancel kills the whole tree), prints an
+    environment variable (to check the child environment) or fails on purpose.
+    """
+    steps = int(inputs.get("steps", 3))
+    if inputs.get("print_env"):
+        print(f"{inputs['print_env']}={os.environ.get(inputs['print_env'], '')}", flush=True)
+    if inputs.get("spawn_child"):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(f"child pid {child.pid}", flush=True)
+    for step in range(steps):
+        if inputs.get("fail_at") == step:
+            raise RuntimeError(f"selftest failed on purpose at step {step}")
+        print(f"step {step + 1}/{steps}", flush=True)
+        time.sleep(float(inputs.get("seconds", 0.1)))
+        report(progress=(step + 1) / steps, stage="selftest", iteration=step + 1)
+    return {"steps": steps, "python": sys.executable, "version": sys.version.split()[0]}

@@ -1,0 +1,177 @@
+"""Background jobs: real worker processes started by the local runner, watched through their files."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ActiveLearning3DLib.jobs import Job, JobError, LocalRunner, LocalRunnerSettings
+from ActiveLearning3DLib.jobs.store import process_alive
+from ActiveLearning3DLib.worker import run_job
+
+
+def _runner(**kw) -> LocalRunner:
+    return LocalRunner(LocalRunnerSettings(poll_seconds=0.05, **kw))
+
+
+def _wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_job_runs_to_done_with_progress_log_and_result(tmp_path):
+    job = Job.create(tmp_path, "one", "selftest", {"steps": 3, "seconds": 0.05})
+    assert job.status().state == "queued"
+    [status] = _runner().run([job], timeout=60)
+    assert (status.state, status.progress, status.iteration, status.exit_code) == ("done", 1.0, 3, 0)
+    assert status.started and status.ended and status.pid
+    assert "step 3/3" in job.log_path.read_text()
+    assert json.loads((job.path / "result.json").read_text())["steps"] == 3
+
+
+def test_environment_is_set_for_the_child_only(tmp_path):
+    job = Job.create(tmp_path, "env", "selftest", {"steps": 1, "seconds": 0, "print_env": "AL3D_TEST_VALUE"})
+    _runner(env={"AL3D_TEST_VALUE": "child-only"}).run([job], timeout=60)
+    assert "AL3D_TEST_VALUE=child-only" in job.log_path.read_text()
+    assert "AL3D_TEST_VALUE" not in os.environ
+
+
+def test_parallel_limit_is_respected(tmp_path):
+    jobs = [Job.create(tmp_path, f"j{i}", "selftest", {"steps": 4, "seconds": 0.1}) for i in range(3)]
+    runner = _runner(max_parallel=2)
+    for job in jobs:
+        runner.submit(job)
+    most = 0
+    while not all(j.status().final for j in jobs):
+        runner.poll()
+        most = max(most, len([j for j in jobs if j.status().state == "running"]))
+        time.sleep(0.02)
+    assert most == 2
+    assert [j.status().state for j in jobs] == ["done"] * 3
+    # the third started only after one of the first two ended
+    ends = sorted(j.status().ended for j in jobs[:2])
+    assert jobs[2].status().started >= ends[0]
+
+
+def test_failing_task_ends_failed_with_the_error(tmp_path):
+    job = Job.create(tmp_path, "bad", "selftest", {"steps": 3, "seconds": 0, "fail_at": 1})
+    [status] = _runner().run([job], timeout=60)
+    assert status.state == "failed" and status.exit_code == 1
+    assert "selftest failed on purpose at step 1" in status.message
+    assert "Traceback" in job.log_path.read_text()
+
+
+def test_cancel_kills_the_whole_process_tree(tmp_path):
+    job = Job.create(tmp_path, "long", "selftest", {"steps": 1000, "seconds": 0.1, "spawn_child": True})
+    runner = _runner()
+    runner.submit(job)
+    runner.poll()
+    assert _wait_for(lambda: "child pid" in job.log_path.read_text() if job.log_path.exists() else False)
+    child = int(re.search(r"child pid (\d+)", job.log_path.read_text()).group(1))
+    worker = job.status().pid
+    assert process_alive(child) and process_alive(worker)
+    status = runner.cancel(job)
+    assert status.state == "cancelled"
+    assert _wait_for(lambda: not process_alive(child) and not process_alive(worker), timeout=10)
+    assert runner.active() == []
+
+
+def test_killed_worker_is_detected_as_failed_with_log_tail(tmp_path):
+    job = Job.create(tmp_path, "killed", "selftest", {"steps": 1000, "seconds": 0.1})
+    runner = _runner()
+    runner.submit(job)
+    runner.poll()
+    assert _wait_for(lambda: job.status().state == "running" and job.status().iteration)
+    os.kill(job.status().pid, signal.SIGKILL)  # as the out-of-memory killer would
+    assert runner.wait([job], timeout=20)
+    status = job.status()
+    assert status.state == "failed" and status.exit_code == -signal.SIGKILL
+    assert "step 1/1000" in status.message  # the log tail says how far it got
+
+
+def test_dead_worker_is_detected_by_a_new_runner_without_the_process_handle(tmp_path):
+    """The GUI restarted while a job ran, and the worker died meanwhile: the job must not stay 'running'."""
+    job = Job.create(tmp_path, "orphan", "selftest", {"steps": 1000, "seconds": 0.1})
+    first = _runner()
+    first.submit(job)
+    first.poll()
+    assert _wait_for(lambda: job.status().state == "running")
+    pid = job.status().pid
+    os.kill(pid, signal.SIGKILL)
+    first._running[job.path][1].wait()  # reap it, as the old process's exit would
+    status = Job(job.path).refresh()
+    assert status.state == "failed" and "died" in status.message
+
+
+def test_finished_jobs_are_not_rerun(tmp_path):
+    job = Job.create(tmp_path, "once", "selftest", {"steps": 1, "seconds": 0})
+    _runner().run([job], timeout=60)
+    started = job.status().started
+    again = Job.create(tmp_path, "once", "selftest", {"steps": 1, "seconds": 0})  # same inputs: the same job
+    runner = _runner()
+    runner.submit(again)
+    assert runner.active() == []
+    assert again.status().started == started
+    with pytest.raises(JobError, match="finished job with other inputs"):
+        Job.create(tmp_path, "once", "selftest", {"steps": 2})
+
+
+def test_failed_job_is_rerun_on_submit(tmp_path):
+    job = Job.create(tmp_path, "retry", "selftest", {"steps": 2, "seconds": 0, "fail_at": 0})
+    _runner().run([job], timeout=60)
+    assert job.status().state == "failed"
+    # a new attempt with fixed inputs replaces the failed job
+    job = Job.create(tmp_path, "retry", "selftest", {"steps": 2, "seconds": 0})
+    [status] = _runner().run([job], timeout=60)
+    assert status.state == "done"
+
+
+def test_worker_in_process_marks_unknown_kind_failed(tmp_path):
+    job = Job.create(tmp_path, "unknown", "no_such_kind", {})
+    assert run_job(job.path) == 1
+    status = job.status()
+    assert status.state == "failed" and "unknown job kind 'no_such_kind'" in status.message
+
+
+def test_bad_job_names_and_damaged_files_are_clear_errors(tmp_path):
+    with pytest.raises(JobError, match="may hold only"):
+        Job.create(tmp_path, "../escape", "selftest")
+    job = Job.create(tmp_path, "ok", "selftest")
+    job.status_path.write_text("{not json")
+    with pytest.raises(JobError, match="status.json"):
+        job.status()
+
+
+def test_cli_lists_and_cancels_a_projects_jobs(tmp_path, capsys):
+    from ActiveLearning3DLib.cli import main
+    from ActiveLearning3DLib.default_data import PhantomSettings, make_phantom_dataset
+
+    data = make_phantom_dataset(tmp_path / "data", PhantomSettings(cases=4))
+    project = tmp_path / "project"
+    assert main(["init", str(project), "--images", str(data.images)]) == 0
+    done = Job.create(project / "jobs", "a_done", "selftest", {"steps": 1, "seconds": 0})
+    _runner().run([done], timeout=60)
+    long = Job.create(project / "jobs", "b_long", "selftest", {"steps": 1000, "seconds": 0.1})
+    runner = _runner()
+    runner.submit(long)
+    runner.poll()
+    assert _wait_for(lambda: long.status().state == "running")
+    capsys.readouterr()
+    assert main(["jobs", str(project), "--json"]) == 0
+    listed = {j["name"]: j for j in json.loads(capsys.readouterr().out)}
+    assert (listed["a_done"]["state"], listed["b_long"]["state"]) == ("done", "running")
+    pid = long.status().pid
+    assert main(["cancel", str(project)]) == 0  # another process than the runner: it works from status.json
+    assert "cancelled 1 jobs: b_long" in capsys.readouterr().out
+    runner.poll()
+    assert _wait_for(lambda: not process_alive(pid), timeout=10)
+    assert long.status().state == "cancelled" and done.status().state == "done"
