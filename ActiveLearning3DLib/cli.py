@@ -100,6 +100,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _project_command(sub, name: str, help: str, func, json: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that works on one project folder."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("project", type=Path)
+    if json:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="al3d", description="Active learning for 3D segmentation with partial labels.")
     parser.add_argument("--version", action="version", version=f"ActiveLearning3D {__version__}")
@@ -117,13 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int, help="use only the first N cases (sorted by id)")
     p.set_defaults(func=_cmd_init)
 
-    p = sub.add_parser("status", help="show a project's cases, loops and annotation progress")
-    p.add_argument("project", type=Path)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_status)
+    _project_command(sub, "status", "show a project's cases, loops and annotation progress", _cmd_status, json=True)
 
-    p = sub.add_parser("query", help="choose the boxes of the next loop")
-    p.add_argument("project", type=Path)
+    p = _project_command(sub, "query", "choose the boxes of the next loop", _cmd_query)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     p.add_argument("--count", type=int, help="number of boxes (default: the project's query size)")
     p.add_argument("--seed", type=int, help="default: the project seed")
@@ -131,21 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help="candidate corner stride")
     p.add_argument("--per-image", type=int, help="boxes considered per image (default: the count)")
     p.add_argument("--show", type=int, default=10, help="boxes to list")
-    p.set_defaults(func=_cmd_query)
 
-    p = sub.add_parser("annotate", help="annotate pending boxes (--oracle copies the ground truth)")
-    p.add_argument("project", type=Path)
+    p = _project_command(sub, "annotate", "annotate pending boxes (--oracle copies the ground truth)", _cmd_annotate)
     p.add_argument("--oracle", action="store_true")
-    p.set_defaults(func=_cmd_annotate)
-
-    p = sub.add_parser("jobs", help="list a project's background jobs with their progress")
-    p.add_argument("project", type=Path)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_jobs)
-
-    p = sub.add_parser("cancel", help="cancel a project's queued and running jobs (and every process they started)")
-    p.add_argument("project", type=Path)
-    p.set_defaults(func=_cmd_cancel)
+    _project_command(sub, "jobs", "list a project's background jobs with their progress", _cmd_jobs, json=True)
+    _project_command(sub, "cancel", "cancel a project's queued and running jobs (and every process they started)",
+                     _cmd_cancel)
 
     p = sub.add_parser("methods", help="list the query methods")
     p.set_defaults(func=_cmd_methods)

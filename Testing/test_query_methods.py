@@ -123,24 +123,19 @@ def test_registry_and_unknown_method_lists_choices():
         assert name in str(e.value)
 
 
-@pytest.mark.parametrize("name", GT_METHODS)
-def test_ground_truth_methods_refuse_without_ground_truth(name):
+@pytest.mark.parametrize(
+    "name, missing, needed",
+    [(n, "ground_truth", "ground truth") for n in GT_METHODS] + [(n, "probabilities", "probabilities") for n in MODEL_METHODS],
+)
+def test_methods_refuse_without_what_they_need(name, missing, needed):
     ctx = _random_context(1)
-    ctx.ground_truth = None
+    setattr(ctx, missing, None)
     with pytest.raises(ValueError, match=name) as e:
         get_method(name)(ctx, 2)
-    assert "ground truth" in str(e.value)
-
-
-@pytest.mark.parametrize("name", MODEL_METHODS)
-def test_model_methods_refuse_without_probabilities(name):
-    ctx = _random_context(1)
-    ctx.probabilities = None
-    with pytest.raises(ValueError, match=name) as e:
-        get_method(name)(ctx, 2)
-    assert "probabilities" in str(e.value)
-    with pytest.raises(ValueError, match="probabilities"):
-        METHODS[name].select(ctx, 2)  # the method itself refuses too, not only the registry
+    assert needed in str(e.value)
+    if missing == "probabilities":
+        with pytest.raises(ValueError, match="probabilities"):
+            METHODS[name].select(ctx, 2)  # the method itself refuses too, not only the registry
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
