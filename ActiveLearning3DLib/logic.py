@@ -26,6 +26,7 @@ from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError,
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
 from .query_methods.base import no_progress
 from .query_methods.clasp import clasp_beta
+from .scores import ScoreStore
 from .uncertainty import FolderProbabilities, ProbabilitySource
 
 ORACLE = "oracle"
@@ -157,6 +158,7 @@ class ActiveLearningLogic:
         count: int | None = None,
         seed: int | None = None,
         probabilities: ProbabilitySource | Path | str | None = None,
+        scores: ScoreStore | Path | str | None = None,
         stride: Sequence[int] | None = None,
         n_per_image: int | None = None,
         progress: Callable[[Iterable, str], Iterable] = no_progress,
@@ -179,6 +181,8 @@ class ActiveLearningLogic:
             raise ProjectError(f"{p.path}: give the number of boxes (no query size in the project's budget)")
         if isinstance(probabilities, (str, Path)):
             probabilities = FolderProbabilities(probabilities)
+        if isinstance(scores, (str, Path)):
+            scores = ScoreStore(scores)
         loop = (p.loop_indices() or [-1])[-1] + 1
         seed = p.settings.seed if seed is None else int(seed)
         total_loops = max(p.settings.budget.loops, loop + 1)
@@ -191,6 +195,7 @@ class ActiveLearningLogic:
             total_loops=total_loops,
             blocked=[b.box for b in p.all_boxes()],
             probabilities=probabilities,
+            scores=scores,
             ground_truth=p.read_ground_truth if p.has_ground_truth else None,
             label_counts={c: p.cases[c].label_counts for c in p.pool_cases} if p.has_ground_truth else None,
             stride=tuple(stride) if stride else None,  # type: ignore[arg-type]
@@ -200,9 +205,11 @@ class ActiveLearningLogic:
         started = time.perf_counter()
         picks = query_method(context, count)
         info: dict = {"count": count, "seconds": round(time.perf_counter() - started, 3), "total_loops": total_loops}
-        if query_method.needs_model:
-            info["probabilities"] = getattr(probabilities, "root", None) and str(probabilities.root)  # type: ignore[union-attr]
-            info["members"] = len(probabilities.members())  # type: ignore[union-attr]
+        if query_method.needs_model and probabilities is not None:
+            info["probabilities"] = str(getattr(probabilities, "root", "in memory"))
+            info["members"] = len(probabilities.members())
+        if query_method.needs_model and scores is not None:
+            info["scores"] = str(scores.root)
         if method == "clasp_pe":
             info["beta"] = clasp_beta(loop - 1, total_loops)
         loop_file = LoopFile(loop, method, seed, now_iso(), [_record(pick, loop, i, method) for i, pick in enumerate(picks)], info)

@@ -6,8 +6,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..aggregation import BoxScores, Pick, default_stride, score_boxes
+from ..aggregation import BoxScores, Pick, default_stride
 from ..boxes import Box, Shape3, effective_patch_size
+from ..scores import ScoreStore, score_maps
 from ..uncertainty import ProbabilitySource, ensemble_maps
 
 
@@ -32,6 +33,7 @@ class QueryContext:
     total_loops: int = 5
     blocked: Sequence[Box] = ()
     probabilities: ProbabilitySource | None = None
+    scores: ScoreStore | None = None  # box scores saved by a scoring job; used instead of probabilities
     ground_truth: Callable[[str], np.ndarray] | None = None
     label_counts: Mapping[str, Mapping[int, int]] | None = None  # per case, voxels per class (ground truth)
     stride: Shape3 | None = None
@@ -57,13 +59,19 @@ class QueryContext:
         return len(self.foreground_classes) + 1
 
     def case_scores(self, map_names: Sequence[str]) -> Iterable[dict[str, BoxScores]]:
-        """For each pool case in order, the candidate box scores of each named map (members streamed)."""
-        if self.probabilities is None:
+        """For each pool case in order, the candidate box scores of each named map.
+
+        Read from the score store when it has them, else computed from the
+        probabilities (ensemble members streamed one at a time).
+        """
+        if self.probabilities is None and self.scores is None:
             raise ValueError("this query method needs ensemble probabilities (--probabilities DIR, or a trained model)")
         for case in self.progress(sorted(self.cases), "scoring boxes"):
-            maps = ensemble_maps(self.probabilities, case, self.cases[case], self.n_classes, map_names)
-            stride = self.stride_for(case)
-            yield {name: score_boxes(case, maps.map(name), self.patch_size, stride) for name in map_names}
+            if self.scores is not None and (self.probabilities is None or self.scores.has(case, map_names)):
+                yield self.scores.read(case, map_names)
+                continue
+            maps = ensemble_maps(self.probabilities, case, self.cases[case], self.n_classes, map_names)  # type: ignore[arg-type]
+            yield score_maps(case, maps, map_names, self.patch_size, self.stride_for(case))
             del maps
 
 
@@ -76,6 +84,14 @@ class QueryMethod:
     select: Callable[[QueryContext, int], list[Pick]] = field(repr=False)
     needs_model: bool = False
     needs_ground_truth: bool = False
+    maps: tuple[str, ...] = ()  # uncertainty maps it reads; "class_*" stands for one per foreground class
+
+    def map_names(self, foreground_classes: Sequence[int]) -> list[str]:
+        """The maps a scoring job must aggregate for this method."""
+        names: list[str] = []
+        for m in self.maps:
+            names += [f"class_{c}" for c in foreground_classes] if m == "class_*" else [m]
+        return names
 
     @property
     def simulation_only(self) -> bool:
@@ -90,7 +106,7 @@ class QueryMethod:
                 f"query method {self.name!r} reads the ground truth (simulation only), and this project has none; "
                 "use a method that does not, such as 'random' or a model-based method"
             )
-        if self.needs_model and context.probabilities is None:
+        if self.needs_model and context.probabilities is None and context.scores is None:
             raise ValueError(
                 f"query method {self.name!r} needs ensemble probabilities of the pool: give --probabilities DIR "
                 "or train a model first"
