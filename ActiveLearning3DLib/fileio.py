@@ -43,7 +43,7 @@ def _temporary_path(path: Path) -> Path:
 
 
 @contextmanager
-def _replacing(path: Path | str) -> Iterator[Path]:
+def replacing_file(path: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``, on failure it is removed."""
     path = Path(path)
     tmp = _temporary_path(path)
@@ -56,7 +56,7 @@ def _replacing(path: Path | str) -> Iterator[Path]:
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
-    with _replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with replacing_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -86,13 +86,13 @@ def read_json(path: Path | str) -> Any:
 
 
 def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = True) -> None:
-    with _replacing(path) as tmp:
+    with replacing_file(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
 
 
 def atomic_copy(source: Path | str, target: Path | str) -> None:
     """Copy bytes to ``target`` atomically; the source is only read."""
-    with _replacing(target) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst:
+    with replacing_file(target) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
         dst.flush()

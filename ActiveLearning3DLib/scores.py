@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .aggregation import BoxScores, default_stride, score_boxes
-from .fileio import _replacing
+from .fileio import replacing_file
 from .uncertainty import EnsembleMaps, ProbabilitySource, ensemble_maps
 
 
@@ -44,7 +44,7 @@ class ScoreStore:
         self.root.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        with _replacing(self.path(case)) as tmp:
+        with replacing_file(self.path(case)) as tmp:
             tmp.write_bytes(buffer.getvalue())
 
     def _load(self, case: str) -> dict[str, np.ndarray]:
