@@ -148,3 +148,17 @@ def dataset(tmp_path: Path) -> SyntheticDataset:
 def unlabelled_dataset(tmp_path: Path) -> SyntheticDataset:
     """Three single-channel NIfTI cases without labels."""
     return make_dataset(tmp_path / "source", n_cases=3, labels=False, class_names=None)
+
+
+def default_data_dir(tmp_path_factory, phantom_cases: int) -> Path:
+    """The real Hippocampus data when present (AL3D_DATA or ../shared), else phantoms made for the test session."""
+    import os
+
+    from ActiveLearning3DLib.default_data import PhantomSettings, find_shared_dataset, make_phantom_dataset
+
+    if os.environ.get("AL3D_DATA"):
+        return Path(os.environ["AL3D_DATA"])
+    shared = find_shared_dataset(Path(__file__).resolve().parents[1])
+    if shared is not None:
+        return shared
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantoms"), PhantomSettings(cases=phantom_cases)).images.parent

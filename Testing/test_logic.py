@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +10,16 @@ import SimpleITK as sitk
 
 from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main
-from ActiveLearning3DLib.default_data import PhantomSettings, find_shared_dataset, make_phantom_dataset
+from ActiveLearning3DLib.default_data import PhantomSettings, make_phantom_dataset
 from ActiveLearning3DLib.project import ProjectError
 from ActiveLearning3DLib.simulation import DemoSettings, run_demo
 from ActiveLearning3DLib.uncertainty import MemoryProbabilities
+from conftest import default_data_dir
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_dir(tmp_path_factory) -> Path:
-    """The real Hippocampus data when present (AL3D_DATA or ../shared), else phantoms."""
-    if os.environ.get("AL3D_DATA"):
-        return Path(os.environ["AL3D_DATA"])
-    shared = find_shared_dataset(REPO)
-    if shared is not None:
-        return shared
-    return make_phantom_dataset(tmp_path_factory.mktemp("phantoms"), PhantomSettings(cases=20)).images.parent
+    return default_data_dir(tmp_path_factory, phantom_cases=20)
 
 
 @pytest.fixture(scope="module")

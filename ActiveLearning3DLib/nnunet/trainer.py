@@ -1,0 +1,377 @@
+"""``nnUNetTrainerPartial``: nnU-Net's trainer for partial label maps, and :func:`train_fold` to run one fold.
+
+What it changes against ``nnUNetTrainer`` (2.8.1), and what it keeps:
+
+- Sampling: :class:`~.sampling.RegionSamplingDataLoader` (region sampling of
+  ALGORITHMS.md section 2; a third of each batch forced onto a random
+  annotated foreground class) for training and validation batches.
+- Loss: nnU-Net's own ``DC_and_CE_loss`` as its ``_build_loss`` makes it when
+  dataset.json has an ``ignore`` label: cross-entropy with
+  ``ignore_index = ignore``, soft Dice with a loss mask that drops ignore voxels,
+  background out of Dice (``do_bg=False``), deep supervision. Changed: Dice
+  smoothing 0 instead of 1e-5 (nnActive). Nothing else to add: nnU-Net 2.8.1
+  already excludes ignore voxels from both terms.
+- Budget and network from a :class:`~.profiles.TrainingProfile` (epochs,
+  iterations, validation iterations, learning rate, checkpoint interval; patch
+  size, batch size, width and depth applied to the plans before the network is
+  built, so the ``plans.json`` saved with the model describes the network).
+- Folders: ``nnUNetTrainer.__init__`` derives its input and output folders from
+  the ``nnUNet_preprocessed`` / ``nnUNet_results`` environment variables and
+  creates the output folder at once. This subclass pins explicit folders
+  instead (class-level descriptors that take precedence over what the base
+  ``__init__`` assigns), so training needs no environment variables at all.
+  The folders, the profile and the progress hook travel in the ``plans`` dict
+  under ``"al3d_run"``, removed before nnU-Net sees the plans (nnU-Net saves the
+  constructor's arguments in every checkpoint, and its signature may not change).
+- Progress: ``progress(dict)`` is called after every training iteration and at
+  the end of every epoch with ``stage, fold, epoch, epochs, iteration,
+  iterations, progress`` (fraction of all iterations) and losses.
+- ``progress.png`` (a large matplotlib figure, about 1 s per drawing) is drawn
+  when a checkpoint is written and after the last epoch, not after every epoch.
+- No final validation on the validation split by default (it predicts whole
+  images with a process pool of 8 and compares with partial labels); the
+  per-epoch pseudo Dice on annotated voxels of validation patches is logged as usual.
+
+Everything else (augmentation, optimiser, poly learning rate, checkpoints,
+logging, network construction) is nnU-Net's.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from ..fileio import atomic_write_json, read_json
+from .paths import NnunetPaths
+from .profiles import TrainingProfile, resolve_device, resolve_profile
+from .sampling import RegionSamplingDataLoader
+
+RUN_KEY = "al3d_run"
+Progress = Callable[[dict], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start (no plans, stale preprocessing, no split for this fold)."""
+
+
+class _PinnedFolder:
+    """A trainer attribute that reads an explicitly given folder, whatever ``nnUNetTrainer.__init__`` assigns."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        pinned = obj.__dict__.get("_al3d_folders") or {}
+        return pinned[self.name] if self.name in pinned else obj.__dict__.get(self.name)
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.name] = value
+
+
+def plans_for_profile(plans: Mapping, configuration: str, profile: TrainingProfile) -> dict:
+    """A copy of ``plans`` whose ``configuration`` has the profile's patch size, batch size and network overrides.
+
+    A new patch size gets a new topology from nnU-Net's ``get_pool_and_conv_props``
+    (the same function the planner uses), so pooling fits the patch. The
+    configuration keeps its name and data identifier: preprocessing does not
+    depend on these settings.
+    """
+    plans = copy.deepcopy(dict(plans))
+    if configuration not in plans["configurations"]:
+        raise TrainingError(f"configuration {configuration!r} is not planned; planned: {', '.join(plans['configurations'])}")
+    config = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration)
+    config.pop("inherits_from", None)
+    arch = config["architecture"]["arch_kwargs"]
+    if profile.batch_size is not None:
+        config["batch_size"] = int(profile.batch_size)
+    if profile.patch_size is not None:
+        from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+        if len(profile.patch_size) != len(config["patch_size"]):
+            raise TrainingError(f"profile patch size {list(profile.patch_size)} does not fit the {len(config['patch_size'])}D "
+                                f"configuration {configuration!r}")
+        _, strides, kernels, patch, _ = get_pool_and_conv_props(config["spacing"], list(profile.patch_size), 4, 999999)
+        config["patch_size"] = [int(p) for p in patch]
+        arch["strides"] = [[int(s) for s in st] for st in strides]
+        arch["kernel_sizes"] = [[int(k) for k in ks] for ks in kernels]
+        arch["n_stages"] = len(strides)
+    n = int(arch["n_stages"])
+    features = list(arch["features_per_stage"])
+    base = int(profile.base_features or features[0])
+    cap = int(profile.max_features or max(features))
+    if profile.base_features or profile.max_features or len(features) != n:
+        arch["features_per_stage"] = [min(cap, base * 2 ** i) for i in range(n)]
+    conv = int(profile.conv_per_stage or list(arch["n_conv_per_stage"])[0])
+    if profile.conv_per_stage or len(arch["n_conv_per_stage"]) != n:
+        arch["n_conv_per_stage"] = [conv] * n
+        arch["n_conv_per_stage_decoder"] = [conv] * (n - 1)
+    plans["configurations"][configuration] = config
+    return plans
+
+
+class nnUNetTrainerPartial(nnUNetTrainer):
+    """nnU-Net's trainer for partial labels with region sampling; see the module docstring."""
+
+    preprocessed_dataset_folder_base = _PinnedFolder()
+    preprocessed_dataset_folder = _PinnedFolder()
+    output_folder_base = _PinnedFolder()
+    output_folder = _PinnedFolder()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        run = plans.pop(RUN_KEY, None) or {}
+        self.profile: TrainingProfile | None = TrainingProfile.from_json(run["profile"]) if run.get("profile") else None
+        self.progress_callback: Progress | None = run.get("progress")
+        if self.profile is not None and (self.profile.changes_network or self.profile.batch_size is not None):
+            plans.update(plans_for_profile(plans, configuration, self.profile))
+        if run.get("preprocessed") and run.get("output"):
+            config = PlansManager(plans).get_configuration(configuration)
+            base = str(run["preprocessed"])
+            output = str(run["output"])
+            self._al3d_folders = {
+                "preprocessed_dataset_folder_base": base,
+                "preprocessed_dataset_folder": str(Path(base) / config.data_identifier),
+                "output_folder_base": output,
+                "output_folder": str(Path(output) / f"fold_{fold}"),
+            }
+        self._al3d_iteration = 0
+        self._al3d_epoch_started = time.perf_counter()
+        self.train_seconds = 0.0
+        self.train_iterations = 0
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.profile is not None:
+            p = self.profile
+            self.num_epochs = p.epochs
+            self.num_iterations_per_epoch = p.iterations_per_epoch
+            self.num_val_iterations_per_epoch = p.val_iterations
+            self.initial_lr = p.initial_lr
+            self.save_every = p.save_every
+            self.enable_deep_supervision = p.deep_supervision
+        self.run_final_validation = False
+        # nnU-Net redraws progress.png (a 30 x 54 inch figure, about a second) after every epoch; with short CPU
+        # epochs that is a large share of the time. Draw it when a checkpoint is written and after the last epoch.
+        draw = self.logger.plot_progress_png
+
+        def plot_progress_png(output_folder):
+            finished = self.current_epoch + 1
+            if finished % self.save_every == 0 or finished >= self.num_epochs:
+                draw(output_folder)
+
+        self.logger.plot_progress_png = plot_progress_png
+
+    # ------------------------------------------------------------- nnU-Net hooks
+    def _do_i_compile(self) -> bool:
+        if self.profile is not None and self.profile.compile is not None:
+            return bool(self.profile.compile) and self.device.type == "cuda"
+        return super()._do_i_compile()
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        inner = loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss
+        if self.label_manager.has_ignore_label:
+            assert getattr(inner, "ignore_label", None) == self.label_manager.ignore_label, "nnU-Net's loss lost the ignore label"
+        dice = getattr(inner.dc, "_orig_mod", inner.dc)  # torch.compile wraps it
+        dice.smooth = 0.0
+        return loss
+
+    def get_dataloaders(self):
+        """nnU-Net's ``get_dataloaders`` with our loader class and the profile's number of augmentation processes."""
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        lm = self.label_manager
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
+            ignore_label=lm.ignore_label)
+        val_transforms = self.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels,
+            regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        dl_tr = RegionSamplingDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, lm,
+                                         oversample_foreground_percent=self.oversample_foreground_percent,
+                                         sampling_probabilities=None, pad_sides=None, transforms=tr_transforms,
+                                         probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_val = RegionSamplingDataLoader(dataset_val, self.batch_size, patch_size, patch_size, lm,
+                                          oversample_foreground_percent=self.oversample_foreground_percent,
+                                          sampling_probabilities=None, pad_sides=None, transforms=val_transforms,
+                                          probabilistic_oversampling=self.probabilistic_oversampling)
+        processes = self.profile.data_loader_processes() if self.profile is not None else None
+        if processes is None:
+            from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+            processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            mt_gen_train = SingleThreadedAugmenter(dl_tr, None)
+            mt_gen_val = SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            mt_gen_train = NonDetMultiThreadedAugmenter(dl_tr, None, processes, max(6, processes // 2), None, pin, 0.002)
+            mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4), None,
+                                                      pin, 0.002)
+        _ = next(mt_gen_train)
+        _ = next(mt_gen_val)
+        return mt_gen_train, mt_gen_val
+
+    def do_split(self):
+        if self.fold != "all":
+            splits_file = Path(self.preprocessed_dataset_folder_base) / "splits_final.json"
+            if not splits_file.is_file():
+                raise TrainingError(f"{splits_file}: no splits; prepare the project before training")
+            n = len(read_json(splits_file))
+            if not 0 <= int(self.fold) < n:
+                # nnU-Net would silently train on a random 80:20 split instead
+                raise TrainingError(f"fold {self.fold} does not exist: the splits have {n} folds (0..{n - 1})")
+        return super().do_split()
+
+    def plot_network_architecture(self):
+        pass  # nnU-Net tries the 'hiddenlayer' package, which is not installed, and logs the failure
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._al3d_iteration = 0
+        self._al3d_epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self, train_outputs):
+        # time of the training iterations alone (data loading, forward, backward), without validation and checkpoints
+        self.train_seconds += time.perf_counter() - self._al3d_epoch_started
+        self.train_iterations += len(train_outputs)
+        super().on_train_epoch_end(train_outputs)
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        self._al3d_iteration += 1
+        self._report(loss=float(result["loss"]))
+        return result
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        get = self.logger.get_value
+        self._report(epoch=epoch, iteration=self.num_iterations_per_epoch, event="epoch_end",
+                     train_loss=float(get("train_losses", step=-1)), val_loss=float(get("val_losses", step=-1)),
+                     pseudo_dice=[float(d) for d in get("dice_per_class_or_region", step=-1)],
+                     epoch_seconds=float(get("epoch_end_timestamps", step=-1) - get("epoch_start_timestamps", step=-1)))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.run_final_validation:
+            super().perform_actual_validation(save_probabilities)
+
+    # ---------------------------------------------------------------- progress
+    def _report(self, **extra: Any) -> None:
+        if self.progress_callback is None:
+            return
+        epoch = extra.pop("epoch", self.current_epoch)
+        iteration = extra.pop("iteration", self._al3d_iteration)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        done = epoch * self.num_iterations_per_epoch + iteration
+        status = {"stage": "training", "fold": self.fold, "epoch": int(epoch), "epochs": int(self.num_epochs),
+                  "iteration": int(iteration), "iterations": int(self.num_iterations_per_epoch),
+                  "progress": min(1.0, done / total) if total else 1.0, **extra}
+        self.progress_callback(status)
+
+
+def train_fold(
+    project_path: Path | str,
+    fold: int,
+    profile: TrainingProfile | str = "paper",
+    output_dir: Path | str | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    configuration: str | None = None,
+    resume: bool = True,
+) -> dict:
+    """Train one fold of the project's ensemble with :class:`nnUNetTrainerPartial`, in this process.
+
+    ``output_dir`` is the model folder (nnU-Net's layout: ``plans.json``,
+    ``dataset.json``, ``fold_<k>/checkpoint_final.pth``), so nnU-Net's predictor
+    loads it as it is. It belongs to one state of the labels: the default is
+    ``<project>/nnunet/results/loop_<t>_<profile>`` for the last loop ``t``. Needs
+    the project prepared (plans, current preprocessing, splits;
+    :func:`~.prepare.prepare`). No environment variables are needed.
+
+    ``resume``: a fold with ``checkpoint_final.pth`` is not trained again; one
+    with ``checkpoint_latest.pth`` continues from it. Either only when the fold
+    was trained on the same data (labels, plans, splits: ``al3d_data_key.txt`` in
+    the fold folder); a folder holding a model of other data is an error, never
+    silently reused. Returns a summary with the checkpoint path, final losses and
+    seconds per iteration (training iterations alone, and overall).
+    """
+    from ..project import Project
+    from .planning import load_plans, project_dataset_json
+    from .preprocessing import preprocessing_is_current, training_data_key
+
+    project = Project.open(project_path)
+    profile = resolve_profile(profile) if isinstance(profile, str) else profile
+    if device is not None:
+        profile = resolve_profile(profile, device=device)
+    configuration = configuration or profile.configuration
+    paths = NnunetPaths.for_project(project)
+    current, why = preprocessing_is_current(project, configuration)
+    if not current:
+        raise TrainingError(f"{project.path}: preprocessing is not current ({why}); prepare the project first")
+    data_key = training_data_key(project, configuration)
+    if output_dir is None:
+        loop = (project.loop_indices() or [0])[-1]
+        output_dir = paths.results_root / f"loop_{loop:03d}_{profile.name}"
+    output = Path(output_dir)
+    fold_dir = output / f"fold_{fold}"
+    final = fold_dir / "checkpoint_final.pth"
+    key_file = fold_dir / "al3d_data_key.txt"
+    if key_file.is_file() and key_file.read_text().strip() != data_key:
+        raise TrainingError(f"{fold_dir}: holds a model trained on other data (labels, plans or splits changed); "
+                            f"train into a new output folder")
+    if resume and final.is_file():
+        summary_file = fold_dir / "al3d_summary.json"
+        summary = read_json(summary_file) if summary_file.is_file() else {}
+        return {**summary, "checkpoint": str(final), "resumed": "already done"}
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(data_key + "\n")
+    plans = load_plans(project)
+    plans["continue_training"] = False
+    latest = fold_dir / "checkpoint_latest.pth"
+    resume_from = latest if resume and latest.is_file() else None
+    if resume_from is not None:
+        plans["continue_training"] = True
+    plans[RUN_KEY] = {"profile": profile.to_json(), "progress": progress,
+                      "preprocessed": str(paths.preprocessed_dataset), "output": str(output)}
+    torch_device = torch.device(resolve_device(profile.device))
+    trainer = nnUNetTrainerPartial(plans, configuration, fold, project_dataset_json(project), torch_device)
+    if resume_from is not None:
+        trainer.load_checkpoint(str(resume_from))
+    started = time.perf_counter()
+    start_epoch = trainer.current_epoch
+    trainer.run_training()
+    seconds = time.perf_counter() - started
+    iterations = (trainer.num_epochs - start_epoch) * trainer.num_iterations_per_epoch
+    get = trainer.logger.get_value
+    summary = {
+        "fold": fold, "profile": profile.name, "configuration": configuration, "device": str(trainer.device),
+        "checkpoint": str(final), "model_folder": str(output), "epochs": trainer.num_epochs,
+        "iterations_per_epoch": trainer.num_iterations_per_epoch, "resumed_from_epoch": start_epoch,
+        "seconds": round(seconds, 2), "seconds_per_iteration": round(trainer.train_seconds / max(1, trainer.train_iterations), 4),
+        "seconds_per_iteration_overall": round(seconds / max(1, iterations), 4),
+        "final_train_loss": float(get("train_losses", step=-1)), "final_val_loss": float(get("val_losses", step=-1)),
+        "final_pseudo_dice": [float(d) for d in get("dice_per_class_or_region", step=-1)],
+        "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
+        "batch_size": int(trainer.batch_size), "data_key": data_key,
+    }
+    for key in ("final_train_loss", "final_val_loss"):
+        if not math.isfinite(summary[key]):
+            raise TrainingError(f"fold {fold}: {key} is {summary[key]} (training diverged)")
+    atomic_write_json(fold_dir / "al3d_summary.json", summary)
+    return summary
+
