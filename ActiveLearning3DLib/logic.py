@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from .aggregation import Pick
 from .boxes import Box, Shape3
 from .jobs import Job
 from .partial_labels import MergeResult
-from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
+from .project import BoxRecord, LoopFile, Project, ProjectError, now_iso
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
 from .query_methods.base import no_progress
 from .query_methods.clasp import clasp_beta
@@ -138,7 +138,7 @@ class ActiveLearningLogic:
     def annotated_foreground_fraction(self) -> float:
         """Fraction of all ground-truth foreground voxels of the pool that lie inside annotated boxes (FG-Eff's x)."""
         p = self.project
-        total = sum(n for c in p.pool_cases for k, n in p.cases[c].label_counts.items() if k != 0)
+        total = p.pool_foreground_voxels
         if not p.has_ground_truth or total == 0:
             raise ProjectError(f"{p.path}: the foreground fraction needs ground truth with foreground")
         inside = 0

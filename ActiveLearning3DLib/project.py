@@ -20,11 +20,10 @@ import re
 import shutil
 import stat
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -307,6 +306,11 @@ class Project:
     @property
     def foreground_classes(self) -> list[int]:
         return [c for c in self.classes if c != 0]
+
+    @property
+    def pool_foreground_voxels(self) -> int:
+        """Ground-truth foreground voxels of the whole pool (FG-Eff's denominator); 0 without ground truth."""
+        return sum(n for c in self.pool_cases for k, n in self.cases[c].label_counts.items() if k != 0)
 
     @property
     def pool_cases(self) -> list[str]:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
+
 from . import __version__
 from .default_data import resolve_default_data
 from .fileio import atomic_write_json, atomic_write_text
@@ -79,21 +81,24 @@ def summarise(logic: ActiveLearningLogic) -> list[dict]:
     """Per loop: boxes, cumulative annotated voxels, and the share of pool foreground inside annotated boxes."""
     rows = []
     p = logic.project
-    total_fg = sum(n for c in p.pool_cases for k, n in p.cases[c].label_counts.items() if k != 0)
+    total_fg = p.pool_foreground_voxels
     fg_inside = 0
     voxels = 0
-    gt_cache: dict[str, object] = {}
+    gt_cache: dict[str, np.ndarray] = {}
     for loop in p.loops():
-        annotated = [b for b in loop.boxes if b.state == "annotated"]
-        for b in annotated:
+        boxes_with_fg = 0
+        for b in loop.boxes:
+            if b.state != "annotated":
+                continue
             if b.case not in gt_cache:
                 gt_cache[b.case] = p.read_ground_truth(b.case)
-            fg_inside += int((gt_cache[b.case][b.box.slices] != 0).sum())  # type: ignore[index]
+            fg = int(np.count_nonzero(gt_cache[b.case][b.box.slices]))
+            fg_inside += fg
+            boxes_with_fg += fg > 0
             voxels += b.box.voxels
         rows.append({
             "loop": loop.loop, "method": loop.method, "boxes": len(loop.boxes), "annotated_voxels": voxels,
-            "foreground_fraction": fg_inside / total_fg if total_fg else None,
-            "boxes_with_foreground": sum(1 for b in annotated if (gt_cache[b.case][b.box.slices] != 0).any()),  # type: ignore[index]
+            "foreground_fraction": fg_inside / total_fg if total_fg else None, "boxes_with_foreground": boxes_with_fg,
         })
     return rows
 

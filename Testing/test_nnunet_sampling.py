@@ -7,7 +7,6 @@ ignore label.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor  # noqa: E402
 from nnunetv2.utilities.label_handling.label_handling import LabelManager  # noqa: E402

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import SimpleITK as sitk
 from ActiveLearning3DLib import fileio
 from ActiveLearning3DLib import project as project_module
 from ActiveLearning3DLib.boxes import Box, effective_patch_size
-from ActiveLearning3DLib.dataset import DatasetError
 from ActiveLearning3DLib.fileio import TMP_PREFIX, atomic_write_image, atomic_write_json, read_json
 from ActiveLearning3DLib.project import (
     BoxRecord,

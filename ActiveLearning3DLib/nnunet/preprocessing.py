@@ -29,10 +29,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..fileio import atomic_write_json, read_json
 from ..project import Project
@@ -113,7 +112,7 @@ def label_states(project: Project, manifest: dict | None = None) -> dict[str, La
         if case in known and known[case].get("hash") == digest:
             states[case] = LabelState.from_json(known[case])
             continue
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # a copy: a view would outlive its image
+        labels = project.read_partial_labels(case)
         values, counts = np.unique(labels, return_counts=True)
         class_voxels = {int(v): int(n) for v, n in zip(values, counts) if v != ignore}
         states[case] = LabelState(digest, int(sum(class_voxels.values())), class_voxels)
@@ -266,6 +265,3 @@ def annotated_classes(project: Project, manifest: dict | None = None) -> dict[st
     states = label_states(project, manifest if manifest is not None else read_manifest(NnunetPaths.for_project(project)))
     return {c: s.classes for c, s in states.items() if s.annotated_voxels > 0}
 
-
-def case_files(folder: Path, cases: Sequence[str]) -> list[Path]:
-    return [f for c in cases for f in _case_files(folder, c)]
