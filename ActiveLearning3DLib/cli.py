@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +15,10 @@ from tqdm import tqdm
 from . import __version__
 from .aggregation import NotEnoughCandidates
 from .dataset import DatasetError
+from .jobs import JobError
 from .logic import ActiveLearningLogic
+from .nnunet.profiles import ProfileError, profile_names
+from .pipeline import STAGES, LoopSettings, PipelineState
 from .project import BudgetSettings, ProjectError
 from .query_methods import DEFAULT_METHOD, METHODS
 from .simulation import DemoSettings, run_demo
@@ -85,6 +89,95 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+class LiveProgress:
+    """Prints a loop's progress: one line rewritten in place on a terminal, a line per change in a log."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self._last = ""
+        self._stage = ""
+        self._progress = 0.0
+
+    def __call__(self, state: PipelineState) -> None:
+        if state.stage != self._stage:
+            if self.tty and self._last:
+                self.stream.write("\n")
+            self._stage = state.stage
+        line = state.describe()
+        if self.tty:
+            self.stream.write("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(self._last)))
+        elif line.split(" | ")[1:] != self._last.split(" | ")[1:] or int(state.progress * 20) != int(
+                self._progress * 20):
+            self.stream.write(line + "\n")
+        self._last, self._progress = line, state.progress
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _loop_settings(args: argparse.Namespace, stages: tuple[str, ...], **extra) -> LoopSettings:
+    return LoopSettings(profile=args.profile, folds=getattr(args, "folds", None), device=args.device,
+                        parallel=getattr(args, "parallel", None), python=getattr(args, "python", None), stages=stages,
+                        **extra)
+
+
+def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
+    logic = ActiveLearningLogic.open(args.project)
+    pipeline = logic.loop_pipeline(settings)
+    print(f"{logic.project.name}: model {pipeline.model_name} ({pipeline.profile.name} profile, "
+          f"{pipeline.profile.folds} folds, device {pipeline.profile.device}, {pipeline.parallel} at a time)")
+    live = LiveProgress()
+    try:
+        state = pipeline.run(live)
+    except KeyboardInterrupt:
+        live.close()
+        running = [j.name for j in pipeline.all_jobs() if j.refresh().state == "running"]
+        print(f"interrupted: {len(running)} job(s) go on in the background ({', '.join(running)}); "
+              f"`al3d cancel {args.project}` stops them, running this command again resumes", file=sys.stderr)
+        return 130
+    live.close()
+    if state.state == "failed":
+        print(f"al3d {args.command}: failed: {state.message}", file=sys.stderr)
+        return 1
+    if settings.evaluate and pipeline.evaluates and pipeline.evaluation_summary.is_file() and "predict" in settings.stages:
+        summary = json.loads(pipeline.evaluation_summary.read_text())
+        per_class = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in summary["per_class"].items())
+        mean = summary["mean_dice"]
+        print(f"test split ({summary['test_cases']} cases): Mean Dice {mean if mean is None else round(mean, 4)} ({per_class}) "
+              f"-> {pipeline.evaluation_summary}")
+    if settings.score and pipeline.scores and "predict" in settings.stages:
+        print(f"pool scores ({', '.join(pipeline.method.map_names(logic.project.foreground_classes))}) -> {pipeline.scores_dir}")
+    print(state.message)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    return _run_pipeline(args, _loop_settings(args, ("prepare", "train")))
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    return _run_pipeline(args, _loop_settings(args, ("predict",), method=args.method, evaluate=False,
+                                              uncertainty_maps=not args.no_uncertainty_maps))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    return _run_pipeline(args, _loop_settings(args, ("predict",), score=False))
+
+
+def _cmd_loop(args: argparse.Namespace) -> int:
+    pending = ActiveLearningLogic.open(args.project).pending_boxes()
+    if pending:
+        print(f"al3d loop: {len(pending)} boxes of loop {pending[0].loop} are still pending; annotate or skip them first",
+              file=sys.stderr)
+        return 1
+    return _run_pipeline(args, _loop_settings(args, STAGES, method=args.method, count=args.count, seed=args.seed,
+                                              evaluate=not args.no_evaluate))
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     for m in METHODS.values():
         needs = [n for n, flag in (("model", m.needs_model), ("ground truth", m.needs_ground_truth)) if flag]
@@ -144,6 +237,31 @@ def build_parser() -> argparse.ArgumentParser:
     _project_command(sub, "cancel", "cancel a project's queued and running jobs (and every process they started)",
                      _cmd_cancel)
 
+    def training_options(p: argparse.ArgumentParser, train: bool = True) -> None:
+        p.add_argument("--profile", default="auto", choices=["auto", *profile_names()],
+                       help="training profile (auto: paper with a CUDA GPU, else cpu-small)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--python", help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)")
+        if train:
+            p.add_argument("--folds", type=int, help="ensemble size (default: the profile's)")
+            p.add_argument("--parallel", type=int, help="folds trained at a time (default: 1 on a GPU, CPU cores / 2)")
+
+    p = _project_command(sub, "train", "train the nnU-Net ensemble on the annotated boxes (background jobs)", _cmd_train)
+    training_options(p)
+    p = _project_command(sub, "score", "score the pool's candidate boxes with the trained ensemble", _cmd_score)
+    training_options(p, train=False)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=[m for m, q in METHODS.items() if q.needs_model],
+                   help="the query method the scores are for (decides which uncertainty maps are computed)")
+    p.add_argument("--no-uncertainty-maps", action="store_true", help="do not write uncertainty images for the viewer")
+    p = _project_command(sub, "evaluate", "Dice of the trained ensemble on the test split", _cmd_evaluate)
+    training_options(p, train=False)
+    p = _project_command(sub, "loop", "one loop: train, evaluate, score, query the next boxes", _cmd_loop)
+    training_options(p)
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
+    p.add_argument("--count", type=int, help="number of boxes (default: the project's query size)")
+    p.add_argument("--seed", type=int, help="default: the project seed")
+    p.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
+
     p = sub.add_parser("methods", help="list the query methods")
     p.set_defaults(func=_cmd_methods)
 
@@ -162,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ProjectError, DatasetError, NotEnoughCandidates, ValueError, OSError) as e:
+    except (ProjectError, DatasetError, NotEnoughCandidates, ProfileError, JobError, ValueError, OSError) as e:
         print(f"al3d {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

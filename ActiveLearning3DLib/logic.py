@@ -14,13 +14,17 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
 from .aggregation import Pick
 from .boxes import Box, Shape3
 from .jobs import Job
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .jobs import JobRunner
+    from .pipeline import LoopPipeline, LoopSettings
 from .partial_labels import MergeResult
 from .project import BoxRecord, LoopFile, Project, ProjectError, now_iso
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
@@ -162,12 +166,13 @@ class ActiveLearningLogic:
         stride: Sequence[int] | None = None,
         n_per_image: int | None = None,
         progress: Callable[[Iterable, str], Iterable] = no_progress,
+        info: dict | None = None,
     ) -> LoopFile:
         """Choose the boxes of the next loop with ``method`` and save them as its loop file.
 
         Refuses while boxes of an earlier loop are pending, so that every query sees
         all annotations. ``seed`` defaults to the project seed; together with the
-        loop index it fixes the query.
+        loop index it fixes the query. ``info`` goes into the loop file (e.g. the model that scored the pool).
         """
         p = self.project
         pending = self.pending_boxes()
@@ -202,6 +207,7 @@ class ActiveLearningLogic:
             n_per_image=n_per_image,
             progress=progress,
         )
+        extra_info = dict(info or {})
         started = time.perf_counter()
         picks = query_method(context, count)
         info: dict = {"count": count, "seconds": round(time.perf_counter() - started, 3), "total_loops": total_loops}
@@ -212,6 +218,7 @@ class ActiveLearningLogic:
             info["scores"] = str(scores.root)
         if method == "clasp_pe":
             info["beta"] = clasp_beta(loop - 1, total_loops)
+        info.update(extra_info)
         loop_file = LoopFile(loop, method, seed, now_iso(), [_record(pick, loop, i, method) for i, pick in enumerate(picks)], info)
         p.write_loop(loop_file)
         return loop_file
@@ -229,6 +236,15 @@ class ActiveLearningLogic:
         for job in jobs:
             job.refresh()
         return sorted(jobs, key=lambda j: j.spec().created)
+
+    def loop_pipeline(self, settings: "LoopSettings | None" = None, runner: "JobRunner | None" = None) -> "LoopPipeline":
+        """The background stages of the next loop (train, evaluate, score, query) for these annotations.
+
+        Call ``.run()`` to block until done (scripts) or ``.advance()`` from a timer (the GUI).
+        """
+        from .pipeline import LoopPipeline
+
+        return LoopPipeline(self, settings, runner)
 
     def cancel_jobs(self) -> list[Job]:
         """Cancel every queued or running job of the project (whole process trees); returns those cancelled."""

@@ -15,6 +15,8 @@ and renamed into place, so a crash never leaves a half-made project.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -403,6 +405,15 @@ class Project:
 
     def all_boxes(self) -> list[BoxRecord]:
         return [b for loop in self.loops() for b in loop.boxes]
+
+    def annotation_key(self) -> str:
+        """A short fingerprint of what is annotated (box, state, time): a model belongs to one key.
+
+        Submitting a box again changes its time and so the key: a model trained
+        before is not mistaken for one of the new labels.
+        """
+        rows = [(b.id, b.state, b.annotated_at) for b in self.all_boxes() if b.state == "annotated"]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:8]
 
     def update_box(self, record: BoxRecord) -> None:
         """Replace one box's record in its loop file (atomically)."""

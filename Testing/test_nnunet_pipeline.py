@@ -235,7 +235,7 @@ def test_worker_environment_points_into_the_project(prepared):
     env = nnunet_environment(project, resolve_profile("cpu-small"))
     root = project.path / "nnunet"
     assert env["nnUNet_raw"] == str(root / "raw") and env["nnUNet_preprocessed"] == str(root / "preprocessed")
-    assert env["nnUNet_results"] == str(root / "results") and env["nnUNet_n_proc_DA"] == "0"
+    assert env["nnUNet_results"] == str(root / "results") and env["nnUNet_n_proc_DA"] == "1"  # 0 breaks the planner; our trainer reads 0 from the profile
     assert Path(env["nnUNet_extTrainer"], "al3d_partial_trainer.py").is_file()
     assert all(isinstance(v, str) for v in env.values())
 

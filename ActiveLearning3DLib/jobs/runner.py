@@ -54,18 +54,27 @@ class LocalRunner:
         self._queue: list[Job] = []
         self._running: dict[Path, tuple[Job, subprocess.Popen]] = {}
 
-    def child_environment(self) -> dict[str, str]:
+    def child_environment(self, job: Job | None = None) -> dict[str, str]:
+        """This process's environment plus the runner's and the job's variables (the parent's stays unchanged)."""
         env = dict(os.environ)
         env.update(self.settings.env)
+        if job is not None:
+            env.update(job.spec().env)
         paths = [str(PACKAGE_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
     def submit(self, job: Job) -> None:
-        """Queue a job; a job already done is not run again (so a re-run after a crash resumes)."""
+        """Queue a job; a job already done is not run again (so a re-run after a crash resumes).
+
+        A job whose worker is alive (started by another runner, e.g. an earlier
+        Slicer session or another terminal) is left to it and watched through its files.
+        """
         status = job.refresh()
         if status.state == "done" or job.path in self._running or any(q.path == job.path for q in self._queue):
+            return
+        if status.state == "running":
             return
         if status.state != "queued":
             job.update(state="queued", progress=0.0, message="", pid=None, started=None, ended=None, exit_code=None)
@@ -99,7 +108,7 @@ class LocalRunner:
         with open(job.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [self.settings.python, "-m", "ActiveLearning3DLib.worker", str(job.path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.child_environment(),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.child_environment(job),
                 cwd=str(job.path), start_new_session=True,  # its own process group: cancel kills the whole tree
             )
         self._running[job.path] = (job, proc)  # the worker itself marks the job running, with its pid
@@ -128,7 +137,7 @@ class LocalRunner:
             self.poll()
             if on_poll is not None:
                 on_poll([Job(p) for p in watched])
-            if all(Job(p).status().final for p in watched):
+            if all(Job(p).refresh().final for p in watched):
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False

@@ -6,6 +6,7 @@ a job survives the process that started it.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -55,11 +56,12 @@ class JobStatus:
 
 @dataclass
 class JobSpec:
-    """What to run: a task kind and its inputs (JSON)."""
+    """What to run: a task kind, its inputs (JSON), and variables the runner adds to the worker's environment."""
 
     kind: str
     inputs: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=now_iso)
+    env: dict[str, str] = field(default_factory=dict)  # for the worker process only (e.g. nnU-Net's folders)
 
 
 class Job:
@@ -85,7 +87,8 @@ class Job:
         return self.path / "log.txt"
 
     @classmethod
-    def create(cls, root: Path | str, name: str, kind: str, inputs: dict[str, Any] | None = None) -> "Job":
+    def create(cls, root: Path | str, name: str, kind: str, inputs: dict[str, Any] | None = None,
+               env: dict[str, str] | None = None) -> "Job":
         """Create a job, or return the existing one with the same inputs (so a re-run resumes).
 
         An existing job with other inputs that has not finished is replaced; a
@@ -95,10 +98,12 @@ class Job:
         if not _NAME.match(name):
             raise JobError(f"job name {name!r} may hold only letters, digits, '.', '_' and '-'")
         job = cls(Path(root) / name)
-        spec = JobSpec(kind, dict(inputs or {}))
+        spec = JobSpec(kind, dict(inputs or {}), env={str(k): str(v) for k, v in (env or {}).items()})
         if job.spec_path.is_file():
             old = job.spec()
-            if (old.kind, old.inputs) == (spec.kind, spec.inputs):
+            if (old.kind, old.inputs) == (spec.kind, json.loads(json.dumps(spec.inputs))):
+                if old.env != spec.env and job.status().state not in ("running", "done"):  # a rerun gets the new env
+                    atomic_write_json(job.spec_path, {**asdict(spec), "created": old.created})
                 return job
             if job.status().state == "done":
                 raise JobError(f"{job.path}: a finished job with other inputs exists; remove it to run new ones")
@@ -112,7 +117,8 @@ class Job:
     def spec(self) -> JobSpec:
         try:
             d = read_json(self.spec_path)
-            return JobSpec(str(d["kind"]), dict(d.get("inputs", {})), str(d.get("created", "")))
+            return JobSpec(str(d["kind"]), dict(d.get("inputs", {})), str(d.get("created", "")),
+                           {str(k): str(v) for k, v in d.get("env", {}).items()})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise JobError(f"{self.spec_path}: unreadable job file ({e})") from e
 

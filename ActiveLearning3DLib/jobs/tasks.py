@@ -17,6 +17,10 @@ from .store import Job, JobError
 # kind -> "module:function"; the function takes (inputs: dict, report: Reporter) and returns a JSON-able result.
 TASKS: dict[str, str] = {
     "selftest": "ActiveLearning3DLib.jobs.tasks:selftest",
+    "nnunet_prepare": "ActiveLearning3DLib.nnunet.tasks:prepare_task",
+    "nnunet_train": "ActiveLearning3DLib.nnunet.tasks:train_task",
+    "nnunet_score": "ActiveLearning3DLib.nnunet.tasks:score_task",
+    "nnunet_evaluate": "ActiveLearning3DLib.nnunet.tasks:evaluate_task",
 }
 
 

@@ -125,7 +125,9 @@ def nnunet_environment(project: "Project | Path | str", profile: "TrainingProfil
 
     With a profile it also fixes the number of augmentation processes
     (``nnUNet_n_proc_DA``) and torch.compile (``nnUNet_compile``) for nnU-Net
-    code paths we do not override. ``nnUNet_def_n_proc`` bounds the process
+    code paths we do not override. ``nnUNet_n_proc_DA`` is at least 1: nnU-Net's
+    planner passes it to ``torch.set_num_threads``, which refuses 0 (our trainer
+    takes a profile's 0, augmentation in the training process, from the profile). ``nnUNet_def_n_proc`` bounds the process
     pools nnU-Net creates on its own (8 by default, too many for a laptop).
     ``nnUNet_extTrainer`` lets nnU-Net's own tools (``nnUNetv2_predict``) find
     our trainer class by name.
@@ -134,7 +136,7 @@ def nnunet_environment(project: "Project | Path | str", profile: "TrainingProfil
     env["nnUNet_def_n_proc"] = str(max(1, min(8, os.cpu_count() or 1)))
     env["nnUNet_extTrainer"] = str(Path(__file__).resolve().parent / "ext_trainer")
     if profile is not None:
-        env["nnUNet_n_proc_DA"] = str(profile.data_loader_processes())
+        env["nnUNet_n_proc_DA"] = str(max(1, profile.data_loader_processes()))
         if profile.compile is not None:
             env["nnUNet_compile"] = "true" if profile.compile else "false"
     return env

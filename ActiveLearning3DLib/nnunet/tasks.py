@@ -1,0 +1,100 @@
+"""The nnU-Net stages as job tasks: what a worker process runs for ``prepare``, ``train``, ``score`` and ``evaluate``.
+
+Each task takes the job's JSON inputs and a reporter, runs one stage in the
+worker process (torch and nnU-Net are imported here, never in the process
+that starts the job), reports progress through the job's ``status.json`` and
+returns a JSON summary (the job's ``result.json``). The environment nnU-Net's
+planner reads is set by the runner for the worker only (``JobSpec.env``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from ..project import Project
+from .profiles import TrainingProfile, resolve_device
+
+Reporter = Callable[..., None]
+
+
+def _threads(inputs: dict) -> int | None:
+    threads = inputs.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return threads
+
+
+def _relay(report: Reporter, stage: str) -> Callable[[dict], None]:
+    """Turn a stage's progress dicts into job status fields."""
+
+    def relay(event: dict) -> None:
+        fields: dict[str, Any] = {"stage": event.get("stage", stage)}
+        if "progress" in event:
+            fields["progress"] = float(event["progress"])
+        for key in ("epoch", "iteration", "case"):
+            if key in event:
+                fields[key] = event[key]
+        if "message" in event:
+            fields["message"] = str(event["message"])
+        elif "epoch" in event and "epochs" in event:
+            loss = f", loss {event['loss']:.3f}" if isinstance(event.get("loss"), float) else ""
+            fields["message"] = (f"fold {event.get('fold')}: epoch {int(event['epoch']) + 1}/{event['epochs']}, "
+                                 f"iteration {event.get('iteration')}/{event.get('iterations')}{loss}")
+        report(**fields)
+
+    return relay
+
+
+def prepare_task(inputs: dict, report: Reporter) -> dict:
+    """Plan (once), preprocess the cases whose labels changed, write the splits."""
+    from .prepare import prepare
+
+    _threads(inputs)
+    report(stage="prepare", message="planning and preprocessing", force=True)
+    return prepare(Project.open(inputs["project"]), inputs.get("configuration", "3d_fullres"), int(inputs.get("folds", 5)),
+                   seed=inputs.get("seed"), num_processes=int(inputs.get("processes", 1)),
+                   progress=_relay(report, "prepare"))
+
+
+def train_task(inputs: dict, report: Reporter) -> dict:
+    """Train one fold with ``nnUNetTrainerPartial`` (resumes from its latest checkpoint)."""
+    from .trainer import train_fold
+
+    _threads(inputs)
+    fold = int(inputs["fold"])
+    report(stage=f"train fold {fold}", message="starting", force=True)
+    return train_fold(inputs["project"], fold, TrainingProfile.from_json(inputs["profile"]), inputs["output"],
+                      inputs.get("device"), _relay(report, f"train fold {fold}"))
+
+
+def score_task(inputs: dict, report: Reporter) -> dict:
+    """Score the pool with every member of the model (resumes: scored cases are skipped)."""
+    from .scoring import ScoringSettings, load_scoring_ensemble, score_pool_with_ensemble
+
+    threads = _threads(inputs)
+    report(stage="scoring", message="loading the ensemble", force=True)
+    ensemble = load_scoring_ensemble(inputs["model"], resolve_device(inputs.get("device")), threads)
+    stride = inputs.get("stride")
+    settings = ScoringSettings(tuple(inputs["maps"]), Path(inputs["scores_dir"]),
+                               Path(inputs["uncertainty_dir"]) if inputs.get("uncertainty_dir") else None,
+                               tuple(stride) if stride else None)
+    return score_pool_with_ensemble(Project.open(inputs["project"]), ensemble, settings,
+                                    progress=_relay(report, "scoring"))
+
+
+def evaluate_task(inputs: dict, report: Reporter) -> dict:
+    """Mean Dice and per-class Dice of the ensemble on the test split (resumes per case)."""
+    from ..fileio import atomic_copy
+    from .evaluation import evaluate_test_split, load_evaluation_ensemble
+
+    threads = _threads(inputs)
+    report(stage="evaluation", message="loading the ensemble", force=True)
+    ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")), threads)
+    summary = evaluate_test_split(Project.open(inputs["project"]), ensemble, inputs["output"],
+                                  progress=_relay(report, "evaluation"), extra=inputs.get("extra"))
+    if inputs.get("summary_copy"):
+        Path(inputs["summary_copy"]).parent.mkdir(parents=True, exist_ok=True)
+        atomic_copy(Path(inputs["output"]) / "summary.json", inputs["summary_copy"])
+    return summary

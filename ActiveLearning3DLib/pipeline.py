@@ -1,0 +1,289 @@
+"""One active-learning loop as background jobs: prepare, train the folds, evaluate and score, then query.
+
+:class:`LoopPipeline` is a small state machine over job folders. Each call of
+:meth:`LoopPipeline.advance` looks at the jobs of the current stage, submits
+what has not run, and moves on when every job of the stage is done; it never
+blocks, so the Slicer panel calls it from a timer and the command line from
+:meth:`LoopPipeline.run`. Because everything it knows comes from the job files,
+a pipeline made again after a crash (or in another process) resumes: done jobs
+are not rerun, a job whose worker still runs is watched, failed and cancelled
+ones are started again once.
+
+Stages and their jobs (``<model>`` = ``loop_<t>_<profile>_<annotation key>``,
+``t`` the last loop whose annotations the model learns from)::
+
+    prepare    <model>-prepare           plan once, preprocess changed cases, splits
+    train      <model>-fold_<k>          one job per fold, up to ``parallel`` at a time
+    predict    <model>-evaluate          test split Dice (when there is ground truth)
+               <model>-score             pool box scores for the query method
+    query      (in this process)         the next loop file from the stored scores
+
+Everything a model produces lives in its folder ``<project>/nnunet/results/<model>/``
+(``fold_<k>/``, ``scores/``, ``uncertainty/``, ``evaluation/``); the test summary
+is also copied to ``<project>/evaluation/loop_<t>.json``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .fileio import read_json
+from .jobs import Job, JobRunner, JobStatus, LocalRunner, LocalRunnerSettings
+from .nnunet.paths import NnunetPaths, nnunet_environment
+from .nnunet.profiles import TrainingProfile, resolve_device, resolve_profile
+from .project import LoopFile, ProjectError
+from .query_methods import DEFAULT_METHOD, get_method
+
+STAGES = ("prepare", "train", "predict", "query")
+_WEIGHTS = {"prepare": 0.05, "train": 0.75, "predict": 0.2, "query": 0.0}
+
+
+def auto_profile(device: str | None = "auto") -> str:
+    """``paper`` where a CUDA GPU is there, else ``cpu-small`` (``paper`` takes about a day per fold on a CPU)."""
+    return "paper" if resolve_device(device) == "cuda" else "cpu-small"
+
+
+@dataclass
+class LoopSettings:
+    """How a loop trains, predicts and queries; every field can be set per run (CLI options, panel settings)."""
+
+    profile: str | TrainingProfile = "auto"  # "auto": paper with a GPU, cpu-small without
+    folds: int | None = None  # default: the profile's
+    device: str = "auto"
+    parallel: int | None = None  # folds at a time; default: 1 on a GPU, else one per two CPU cores
+    threads: int | None = None  # torch threads per job; default: CPU cores / parallel
+    method: str = DEFAULT_METHOD  # query method: decides which maps scoring computes
+    count: int | None = None  # boxes to query; default: the project's query size
+    seed: int | None = None
+    stages: tuple[str, ...] = STAGES
+    evaluate: bool = True  # the test split, when the project has ground truth and test cases
+    score: bool = True  # pool scores, when the query method needs a model
+    uncertainty_maps: bool = True  # write the predictive entropy of each pool image for the heat map
+    stride: tuple[int, int, int] | None = None
+    python: str | None = None  # worker interpreter (PythonSlicer in Slicer); default: this one
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown pipeline stages {unknown}; known: {', '.join(STAGES)}")
+
+
+@dataclass
+class PipelineState:
+    """Where a loop stands: the stage, its jobs, and the overall fraction done."""
+
+    stage: str
+    state: str  # running, done, failed
+    progress: float
+    message: str = ""
+    jobs: list[tuple[str, JobStatus]] = field(default_factory=list)
+    loop_file: LoopFile | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed")
+
+    def describe(self) -> str:
+        parts = [f"{self.stage}: {100 * self.progress:5.1f}%"]
+        for name, status in self.jobs:
+            if status.state == "running":
+                parts.append(f"{name.rsplit('-', 1)[-1]} {100 * status.progress:.0f}% {status.message.splitlines()[0] if status.message else ''}".rstrip())
+            elif status.state != "done":
+                parts.append(f"{name.rsplit('-', 1)[-1]} {status.state}")
+        return " | ".join(parts)
+
+
+class LoopPipeline:
+    """Runs one loop's stages as jobs through a runner; see the module docstring."""
+
+    def __init__(self, logic, settings: LoopSettings | None = None, runner: JobRunner | None = None):
+        self.logic = logic
+        self.project = logic.project
+        self.settings = settings or LoopSettings()
+        s = self.settings
+        device = s.device or "auto"
+        name = s.profile if isinstance(s.profile, TrainingProfile) else (auto_profile(device) if s.profile == "auto" else s.profile)
+        self.profile = resolve_profile(name, folds=s.folds, device=device)
+        self.parallel = s.parallel or (1 if self.profile.device == "cuda" else LocalRunnerSettings().max_parallel)
+        self.threads = s.threads or max(1, (os.cpu_count() or 1) // self.parallel)
+        self.runner = runner or LocalRunner(LocalRunnerSettings(**({"python": s.python} if s.python else {}),
+                                                                max_parallel=self.parallel))
+        annotated = [b for b in self.project.all_boxes() if b.state == "annotated"]
+        if not annotated:
+            raise ProjectError(f"{self.project.path}: no annotated boxes yet; query the starting budget (loop 0) "
+                               "and annotate it before training")
+        self.loop = max(b.loop for b in annotated)
+        self.model_name = f"loop_{self.loop:03d}_{self.profile.name}_{self.project.annotation_key()}"
+        self.paths = NnunetPaths.for_project(self.project)
+        self.env = nnunet_environment(self.project, self.profile)
+        self._submitted: set[str] = set()
+        self._loop_file: LoopFile | None = None
+
+    # ------------------------------------------------------------------ folders
+    @property
+    def model_folder(self) -> Path:
+        return self.paths.results_root / self.model_name
+
+    @property
+    def scores_dir(self) -> Path:
+        return self.model_folder / "scores"
+
+    @property
+    def uncertainty_dir(self) -> Path:
+        return self.model_folder / "uncertainty"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.model_folder / "evaluation"
+
+    @property
+    def evaluation_summary(self) -> Path:
+        return self.project.path / "evaluation" / f"loop_{self.loop:03d}.json"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.logic.jobs_dir
+
+    @property
+    def evaluates(self) -> bool:
+        return self.settings.evaluate and self.project.has_ground_truth and bool(self.project.test_cases)
+
+    @property
+    def scores(self) -> bool:
+        return self.settings.score and self.method.needs_model
+
+    @property
+    def method(self):
+        return get_method(self.settings.method)
+
+    # --------------------------------------------------------------------- jobs
+    def _job(self, suffix: str, kind: str, inputs: dict) -> Job:
+        return Job.create(self.jobs_dir, f"{self.model_name}-{suffix}", kind, {"project": str(self.project.path), **inputs},
+                          env=self.env)
+
+    def jobs(self, stage: str) -> list[Job]:
+        """The jobs of a stage (created on first use; the folds once ``prepare`` is done)."""
+        common = {"device": self.profile.device, "threads": self.threads}
+        if stage == "prepare":
+            return [self._job("prepare", "nnunet_prepare", {"configuration": self.profile.configuration,
+                                                             "folds": self.profile.folds, "seed": self.project.settings.seed,
+                                                             "threads": self.threads})]
+        if stage == "train":
+            prepared = self.jobs("prepare")[0]
+            folds = int(read_json(prepared.path / "result.json")["folds"])
+            return [self._job(f"fold_{k}", "nnunet_train", {"fold": k, "profile": self.profile.to_json(),
+                                                             "output": str(self.model_folder), **common})
+                    for k in range(folds)]
+        if stage == "predict":
+            jobs = []
+            if self.evaluates:
+                jobs.append(self._job("evaluate", "nnunet_evaluate", {
+                    "model": str(self.model_folder), "output": str(self.evaluation_dir),
+                    "summary_copy": str(self.evaluation_summary),
+                    "extra": {"loop": self.loop, "profile": self.profile.name, "annotation_key": self.project.annotation_key()},
+                    **common}))
+            if self.scores:
+                jobs.append(self._job("score", "nnunet_score", {
+                    "model": str(self.model_folder), "maps": self.method.map_names(self.project.foreground_classes),
+                    "scores_dir": str(self.scores_dir),
+                    "uncertainty_dir": str(self.uncertainty_dir) if self.settings.uncertainty_maps else None,
+                    "stride": list(self.settings.stride) if self.settings.stride else None, **common}))
+            return jobs
+        raise ValueError(f"stage {stage!r} has no jobs")
+
+    def all_jobs(self) -> list[Job]:
+        found = []
+        for stage in ("prepare", "train", "predict"):
+            try:
+                found += self.jobs(stage)
+            except (FileNotFoundError, KeyError):
+                break
+        return found
+
+    # ------------------------------------------------------------------ driving
+    def advance(self) -> PipelineState:
+        """Submit what the current stage still needs and report; never blocks."""
+        self.runner.poll()
+        done_weight = 0.0
+        for stage in STAGES:
+            if stage not in self.settings.stages:
+                if stage in ("prepare", "train") and not self._stage_done(stage):
+                    return self._state(stage, "failed", done_weight, f"{stage} has not been done for the current "
+                                       f"annotations ({self.model_name}); run `al3d train` first")
+                done_weight += _WEIGHTS[stage]
+                continue
+            if stage == "query":
+                return self._query()
+            jobs = self.jobs(stage)
+            statuses = [job.refresh() for job in jobs]
+            if all(s.state == "done" for s in statuses):
+                done_weight += _WEIGHTS[stage]
+                continue
+            for job, status in zip(jobs, statuses):
+                if status.state in ("failed", "cancelled") and job.name not in self._submitted:
+                    self._submitted.add(job.name)  # started again once per pipeline run
+                    self.runner.submit(job)
+                elif status.state == "queued" and job.name not in self._submitted:
+                    self._submitted.add(job.name)
+                    self.runner.submit(job)
+            self.runner.poll()
+            statuses = [job.refresh() for job in jobs]
+            listed = [(job.name, s) for job, s in zip(jobs, statuses)]
+            fraction = done_weight + _WEIGHTS[stage] * sum(1.0 if s.state == "done" else s.progress for s in statuses) / len(jobs)
+            bad = [(job, s) for job, s in zip(jobs, statuses) if s.state in ("failed", "cancelled")]
+            if bad and all(s.final for s in statuses):
+                job, status = bad[0]
+                return PipelineState(stage, "failed", fraction, f"{job.name} {status.state}: {status.message}", listed)
+            return PipelineState(stage, "running", fraction, "", listed)
+        return self._state("done", "done", 1.0, f"model {self.model_folder}")
+
+    def _stage_done(self, stage: str) -> bool:
+        try:
+            return all(job.refresh().state == "done" for job in self.jobs(stage))
+        except (FileNotFoundError, KeyError):
+            return False
+
+    def _state(self, stage: str, state: str, progress: float, message: str) -> PipelineState:
+        return PipelineState(stage, state, progress, message, [(j.name, j.status()) for j in self.all_jobs()],
+                             self._loop_file)
+
+    def _query(self) -> PipelineState:
+        if self._loop_file is None:
+            info = {"model": str(self.model_folder), "profile": self.profile.name, "trained_on_loop": self.loop}
+            if self.evaluates and self.evaluation_summary.is_file():
+                info["test_mean_dice"] = read_json(self.evaluation_summary).get("mean_dice")
+            s = self.settings
+            self._loop_file = self.logic.query(s.method, s.count, s.seed, scores=self.scores_dir if self.method.needs_model else None,
+                                               info=info)
+        return self._state("done", "done", 1.0, f"loop {self._loop_file.loop}: {len(self._loop_file.boxes)} boxes by "
+                           f"{self._loop_file.method} -> {self.project.loop_path(self._loop_file.loop)}")
+
+    def run(self, on_update: Callable[[PipelineState], None] | None = None, poll_seconds: float = 0.5,
+            timeout: float | None = None) -> PipelineState:
+        """Advance until done or failed (the blocking use: command line, scripts, simulations)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.advance()
+            if on_update is not None:
+                on_update(state)
+            if state.finished:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.model_name}: not finished after {timeout} s ({state.describe()})")
+            time.sleep(poll_seconds)
+
+    def cancel(self) -> list[Job]:
+        """Cancel every job of this loop that has not ended (whole process trees)."""
+        cancelled = []
+        for job in self.all_jobs():
+            if not job.refresh().final:
+                self.runner.cancel(job)
+                cancelled.append(job)
+        return cancelled
+
+
+def stage_names(stages: Sequence[str]) -> tuple[str, ...]:
+    return tuple(s for s in STAGES if s in stages)
