@@ -130,7 +130,7 @@ def _group_gone(pid: int) -> bool:
 def test_cancel_kill_and_resume(tmp_path_factory):
     """Cancel ends a job as cancelled with its processes gone; SIGKILL ends one as failed; a rerun resumes."""
     logic = _project(tmp_path_factory, "crash")
-    settings = LoopSettings(profile=resolve_profile("test", epochs=40), device="cpu", parallel=1,
+    settings = LoopSettings(profile=resolve_profile("test", epochs=16, save_every=4), device="cpu", parallel=1,
                             stages=("prepare", "train", "predict"), evaluate=False, method="pe", uncertainty_maps=False)
     pipeline = logic.loop_pipeline(settings)
 
@@ -170,3 +170,85 @@ def test_cancel_kill_and_resume(tmp_path_factory):
     result = read_json(fold0.path / "result.json")
     assert result["resumed_from_epoch"] > 0
     assert sorted(p.stem for p in pipeline.scores_dir.glob("*.npz")) == sorted(logic.project.pool_cases)
+
+
+def test_one_pass_scoring_equals_scoring_from_each_members_saved_probabilities(looped, tmp_path):
+    """The streamed one-pass scores are those of the nnActive way (every member's probabilities, then aggregation)."""
+    from ActiveLearning3DLib.nnunet.scoring import ScoringSettings, load_scoring_ensemble, score_pool_with_ensemble
+    from ActiveLearning3DLib.scores import score_pool
+    from ActiveLearning3DLib.uncertainty import MemoryProbabilities
+
+    logic, pipeline = looped
+    project = logic.project
+    cases = sorted(project.pool_cases)[:2]
+    names = ["pe", "bald", *[f"class_{c}" for c in project.foreground_classes]]
+    ensemble = load_scoring_ensemble(pipeline.model_folder, "cpu")
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    for case in cases:
+        for member, probabilities in ensemble.member_probabilities(project.image_paths(case)):
+            assert probabilities.shape == (len(project.classes), *project.cases[case].shape)
+            assert np.allclose(probabilities.sum(axis=0), 1, atol=1e-4)
+            arrays.setdefault(member, {})[case] = probabilities
+    assert len(arrays) == 2 and not np.allclose(arrays["fold_0"][cases[0]], arrays["fold_1"][cases[0]])
+    reference = ScoreStore(tmp_path / "reference")
+    score_pool(MemoryProbabilities(arrays), {c: project.cases[c].shape for c in cases}, len(project.classes), names,
+               project.patch_size, reference)
+    summary = score_pool_with_ensemble(project, ensemble, ScoringSettings(tuple(names), tmp_path / "one-pass"), cases)
+    assert summary["scored"] == 2 and summary["members"] == ["fold_0", "fold_1"]
+    one_pass = ScoreStore(tmp_path / "one-pass")
+    for case in cases:
+        for name in names:
+            np.testing.assert_allclose(one_pass.read(case, [name])[name].scores, reference.read(case, [name])[name].scores,
+                                       rtol=1e-5, atol=1e-6)
+    again = score_pool_with_ensemble(project, ensemble, ScoringSettings(tuple(names), tmp_path / "one-pass"), cases)
+    assert again["scored"] == 0 and again["already_scored"] == 2  # resumable
+
+
+def test_evaluation_dice_matches_the_ensemble_segmentation_and_resumes(looped, tmp_path):
+    from ActiveLearning3DLib.metrics import dice_per_class
+    from ActiveLearning3DLib.nnunet.evaluation import evaluate_test_split, load_evaluation_ensemble
+
+    logic, pipeline = looped
+    project = logic.project
+    case = sorted(project.test_cases)[0]
+    ensemble = load_evaluation_ensemble(pipeline.model_folder, "cpu")
+    segmentation = ensemble.segment(project.image_paths(case))
+    gt = project.read_ground_truth(case)
+    assert segmentation.shape == gt.shape and set(np.unique(segmentation)) <= set(project.classes)
+    expected = dice_per_class(segmentation, gt, project.foreground_classes)
+    summary = evaluate_test_split(project, ensemble, tmp_path / "eval", [case])
+    got = [math.nan if d is None else d for d in summary["per_case"][case]]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    saved = tmp_path / "eval" / "cases" / f"{case}.json"
+    stamp = saved.stat().st_mtime_ns
+    assert evaluate_test_split(project, ensemble, tmp_path / "eval", [case])["mean_dice"] == summary["mean_dice"]
+    assert saved.stat().st_mtime_ns == stamp  # not predicted again
+
+
+def test_model_folder_problems_are_clear_errors(looped, tmp_path):
+    from ActiveLearning3DLib.nnunet.prediction import Ensemble, ModelError
+
+    _, pipeline = looped
+    with pytest.raises(ModelError, match="not an nnU-Net model folder"):
+        Ensemble.load(tmp_path)
+    with pytest.raises(ModelError, match=r"fold\(s\) \[7\]"):
+        Ensemble.load(pipeline.model_folder, folds=[7])
+    broken = tmp_path / "broken"
+    (broken / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        (broken / name).write_bytes((pipeline.model_folder / name).read_bytes())
+    (broken / "fold_0" / "checkpoint_final.pth").write_bytes(b"truncated")
+    with pytest.raises(ModelError, match="unreadable checkpoint"):
+        Ensemble.load(broken)
+
+
+def test_training_without_annotations_or_with_an_unknown_stage_is_refused(tmp_path_factory):
+    from ActiveLearning3DLib.project import ProjectError
+
+    data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
+    logic = ActiveLearningLogic.create(tmp_path_factory.mktemp("empty") / "p", data / "imagesTr", data / "labelsTr",
+                                       max_cases=8, seed=1)
+    with pytest.raises(ProjectError, match="no annotated boxes"):
+        logic.loop_pipeline(LoopSettings(profile="test"))
+    with pytest.raises(ValueError, match="unknown pipeline stages"):
+        LoopSettings(stages=("train", "fly"))
