@@ -21,7 +21,9 @@ from .nnunet.profiles import ProfileError, profile_names
 from .pipeline import STAGES, LoopSettings, PipelineState
 from .project import BudgetSettings, ProjectError
 from .query_methods import DEFAULT_METHOD, METHODS
-from .simulation import DemoSettings, run_demo
+from .default_data import resolve_default_data
+from .report import write_report
+from .simulation import Simulation, SimulationSettings, demo_settings
 
 
 def progress(items: Iterable, desc: str) -> Iterable:
@@ -79,7 +81,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         s = job.status()
         where = " ".join(f"{k} {v}" for k, v in (("epoch", s.epoch), ("iteration", s.iteration), ("case", s.case)) if v is not None)
         message = s.message.splitlines()[0] if s.message else ""
-        print(f"{job.name:28s} {job.spec().kind:10s} {s.state:9s} {100 * s.progress:5.1f}%  {s.stage} {where}  {message}".rstrip())
+        print(f"{job.name:28s} {job.spec().kind:15s} {s.state:9s} {100 * s.progress:5.1f}%  {s.stage} {where}  {message}".rstrip())
     return 0
 
 
@@ -185,12 +187,59 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    settings = DemoSettings(loops=args.loops, query_size=args.query_size, seed=args.seed, max_cases=args.max_cases,
-                            method=args.method)
-    summary = run_demo(Path(args.out), settings, os.environ, Path.cwd(), progress=progress, echo=print)
-    print(f"\nreport: {summary}")
+def _run_simulation(settings: SimulationSettings, report_dir: Path | None) -> int:
+    simulation = Simulation(settings, echo=print, progress=progress)
+    print(f"simulation in {settings.out}: {len(simulation.runs)} runs ({', '.join(settings.methods)} x seeds "
+          f"{', '.join(map(str, settings.seeds))}), budget {simulation.budget} boxes ({simulation.budget_rule}), "
+          f"query size {simulation.query_size}, {settings.loops} loops, profile {simulation.profile_name}, "
+          f"{simulation.parallel} job(s) at a time")
+    last = [""]
+
+    def show(sim: Simulation) -> None:
+        text = sim.describe()
+        if text and text != last[0]:
+            print(text, flush=True)
+            last[0] = text
+
+    try:
+        results = simulation.run(on_step=show)
+    except KeyboardInterrupt:
+        simulation.cancel()
+        print("interrupted: running jobs cancelled; run the same command again to resume", file=sys.stderr)
+        return 130
+    for what, message in results["failed"].items():
+        print(f"failed: {what}: {message}", file=sys.stderr)
+    print(f"{len(results['records'])} loop records in {settings.out / 'results'}")
+    if report_dir is not None:
+        print(f"report: {write_report([settings.out], report_dir)}")
+    return 1 if results["failed"] else 0
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    settings = SimulationSettings(
+        images=args.images, labels=args.labels, methods=tuple(_csv(args.method)), out=args.out, budget=args.budget,
+        loops=args.loops, seeds=tuple(int(s) for s in _csv(args.seeds)),
+        patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
+        folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
+        reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python)
+    return _run_simulation(settings, args.out / "report" if args.report else None)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    print(f"report: {write_report(args.run_dirs, args.out)}")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    data = resolve_default_data(os.environ, Path.cwd(), args.out.absolute() / "phantoms", 0)
+    settings = demo_settings(data, args.out, args.max_cases)
+    print(f"data: {data.name} ({data.origin}) {data.images}")
+    code = _run_simulation(settings, args.out / "report")
+    return code
 
 
 def _project_command(sub, name: str, help: str, func, json: bool = False) -> argparse.ArgumentParser:
@@ -265,13 +314,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the query methods")
     p.set_defaults(func=_cmd_methods)
 
-    p = sub.add_parser("demo", help="a model-free simulation on the default data, with a short report")
+    p = sub.add_parser("simulate", help="benchmark query methods with an oracle (nnActive protocol)")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--method", required=True, help="query method(s), comma separated: " + ",".join(METHODS))
+    p.add_argument("--budget", default="low", help="low, medium, high (nnActive table, else a rule) or a number of boxes")
+    p.add_argument("--loops", type=int, default=5)
+    p.add_argument("--seeds", default="0", help="comma separated, e.g. 0,1,2")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    p.add_argument("--profile", default="auto", choices=["auto", *profile_names()])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--folds", type=int, help="ensemble size (default: the profile's)")
+    p.add_argument("--parallel", type=int, help="jobs at a time over the whole grid")
+    p.add_argument("--start", default="nnactive_start", choices=list(METHODS), help="starting budget method (loop 0)")
+    p.add_argument("--max-cases", type=int, help="use only the first N cases")
+    p.add_argument("--no-reference", action="store_true", help="skip the full-data run (no FG-Eff)")
+    p.add_argument("--reference-cache", type=Path, help="folder to share full-data runs between simulations")
+    p.add_argument("--python", help="interpreter of the worker processes")
+    p.add_argument("--report", action="store_true", help="write OUT/report when done")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("report", help="HTML and Markdown report of one or more simulation folders")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("demo", help="the main job: a small simulation on the default data, then its report")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
-    p.add_argument("--loops", type=int, default=DemoSettings.loops)
-    p.add_argument("--query-size", type=int, default=DemoSettings.query_size)
-    p.add_argument("--method", default=DemoSettings.method, choices=[m for m, q in METHODS.items() if not q.needs_model])
-    p.add_argument("--seed", type=int, default=DemoSettings.seed)
-    p.add_argument("--max-cases", type=int, default=DemoSettings.max_cases)
+    p.add_argument("--max-cases", type=int, help="default: the demo's own reduction")
     p.set_defaults(func=_cmd_demo)
     return parser
 

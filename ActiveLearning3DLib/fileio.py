@@ -11,10 +11,11 @@ import json
 import os
 import struct
 import tempfile
+import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -99,13 +100,24 @@ def atomic_copy(source: Path | str, target: Path | str) -> None:
         os.fsync(dst.fileno())
 
 
-def remove_stale_temporaries(folder: Path | str) -> int:
-    """Delete temporary files a crashed write left behind; returns how many."""
+def remove_stale_temporaries(folder: Path | str, subfolders: Sequence[str] = (), older_than: float = 600.0) -> int:
+    """Delete temporary files a crashed write left behind in ``folder`` and the named subfolders; returns how many.
+
+    Only files older than ``older_than`` seconds: another process (a worker, a
+    second session) may be writing one right now, and its rename must not fail.
+    """
     count = 0
-    for p in Path(folder).rglob(TMP_PREFIX + "*"):
-        if p.is_file():
-            p.unlink()
-            count += 1
+    now = time.time()
+    for where in [Path(folder), *(Path(folder) / s for s in subfolders)]:
+        if not where.is_dir():
+            continue
+        for p in where.glob(TMP_PREFIX + "*"):
+            try:
+                if p.is_file() and now - p.stat().st_mtime > older_than:
+                    p.unlink()
+                    count += 1
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
     return count
 
 

@@ -24,21 +24,41 @@ is also copied to ``<project>/evaluation/loop_<t>.json``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .fileio import read_json
 from .jobs import Job, JobRunner, JobStatus, LocalRunner, LocalRunnerSettings
 from .nnunet.paths import NnunetPaths, nnunet_environment
-from .nnunet.profiles import TrainingProfile, resolve_device, resolve_profile
+from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
 from .project import LoopFile, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
 
 STAGES = ("prepare", "train", "predict", "query")
 _WEIGHTS = {"prepare": 0.05, "train": 0.75, "predict": 0.2, "query": 0.0}
+
+
+def profile_tag(profile: TrainingProfile) -> str:
+    """The profile's name, plus a short hash when settings that change the model differ from the named profile's.
+
+    Device, data-loader processes and the description do not change the model,
+    so they are left out; a ``test`` profile with more epochs is ``test-1a2b3c``.
+    """
+    def model_settings(p: TrainingProfile) -> dict:
+        d = p.to_json()
+        for key in ("device", "num_workers", "description", "compile"):
+            d.pop(key, None)
+        return d
+
+    mine = model_settings(profile)
+    if profile.name in PROFILES and model_settings(PROFILES[profile.name]) == mine:
+        return profile.name
+    return f"{profile.name}-{hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:6]}"
 
 
 def auto_profile(device: str | None = "auto") -> str:
@@ -116,7 +136,7 @@ class LoopPipeline:
             raise ProjectError(f"{self.project.path}: no annotated boxes yet; query the starting budget (loop 0) "
                                "and annotate it before training")
         self.loop = max(b.loop for b in annotated)
-        self.model_name = f"loop_{self.loop:03d}_{self.profile.name}_{self.project.annotation_key()}"
+        self.model_name = f"loop_{self.loop:03d}_{profile_tag(self.profile)}_{self.project.annotation_key()}"
         self.paths = NnunetPaths.for_project(self.project)
         self.env = nnunet_environment(self.project, self.profile)
         self._submitted: set[str] = set()
@@ -161,8 +181,17 @@ class LoopPipeline:
 
     # --------------------------------------------------------------------- jobs
     def _job(self, suffix: str, kind: str, inputs: dict) -> Job:
-        return Job.create(self.jobs_dir, f"{self.model_name}-{suffix}", kind, {"project": str(self.project.path), **inputs},
-                          env=self.env)
+        """The stage's job; one that is done or running is taken as it is.
+
+        Its name already says what it computes (loop, profile, annotated boxes,
+        fold); inputs that only say how to run (threads, device) may differ
+        between runs (``al3d train --parallel 2``, then ``al3d score``).
+        """
+        name = f"{self.model_name}-{suffix}"
+        existing = Job(self.jobs_dir / name)
+        if existing.spec_path.is_file() and existing.refresh().state in ("done", "running"):
+            return existing
+        return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs}, env=self.env)
 
     def jobs(self, stage: str) -> list[Job]:
         """The jobs of a stage (created on first use; the folds once ``prepare`` is done)."""
@@ -182,6 +211,7 @@ class LoopPipeline:
             if self.evaluates:
                 jobs.append(self._job("evaluate", "nnunet_evaluate", {
                     "model": str(self.model_folder), "output": str(self.evaluation_dir),
+                    "mirroring": self.profile.evaluation_mirroring,
                     "summary_copy": str(self.evaluation_summary),
                     "extra": {"loop": self.loop, "profile": self.profile.name, "annotation_key": self.project.annotation_key()},
                     **common}))
@@ -195,8 +225,11 @@ class LoopPipeline:
         raise ValueError(f"stage {stage!r} has no jobs")
 
     def all_jobs(self) -> list[Job]:
+        """The jobs of this run's stages that exist so far (listing never creates a job of a stage not run)."""
         found = []
         for stage in ("prepare", "train", "predict"):
+            if stage not in self.settings.stages:
+                continue
             try:
                 found += self.jobs(stage)
             except (FileNotFoundError, KeyError):
@@ -241,10 +274,15 @@ class LoopPipeline:
         return self._state("done", "done", 1.0, f"model {self.model_folder}")
 
     def _stage_done(self, stage: str) -> bool:
-        try:
-            return all(job.refresh().state == "done" for job in self.jobs(stage))
-        except (FileNotFoundError, KeyError):
-            return False
+        """Whether the jobs of a stage this run does not do are done (looked up, never created)."""
+        prepare = Job(self.jobs_dir / f"{self.model_name}-prepare")
+        names = ["prepare"]
+        if stage == "train":
+            if not (prepare.path / "result.json").is_file():
+                return False
+            names = [f"fold_{k}" for k in range(int(read_json(prepare.path / "result.json")["folds"]))]
+        jobs = [Job(self.jobs_dir / f"{self.model_name}-{n}") for n in names]
+        return all(j.spec_path.is_file() and j.refresh().state == "done" for j in jobs)
 
     def _state(self, stage: str, state: str, progress: float, message: str) -> PipelineState:
         return PipelineState(stage, state, progress, message, [(j.name, j.status()) for j in self.all_jobs()],
@@ -284,6 +322,3 @@ class LoopPipeline:
                 cancelled.append(job)
         return cancelled
 
-
-def stage_names(stages: Sequence[str]) -> tuple[str, ...]:
-    return tuple(s for s in STAGES if s in stages)

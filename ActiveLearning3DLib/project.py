@@ -290,7 +290,7 @@ class Project:
             raise ProjectError(f"{meta_path}: not an ActiveLearning3D project file")
         if int(meta.get("version", 0)) > PROJECT_VERSION:
             raise ProjectError(f"{meta_path}: written by a newer ActiveLearning3D (format {meta['version']})")
-        remove_stale_temporaries(path)
+        remove_stale_temporaries(path, ("loops", "labelsTr", "evaluation"))  # never jobs/ or nnunet/: live writers
         try:
             return cls(path, meta)
         except (KeyError, ValueError, TypeError) as e:

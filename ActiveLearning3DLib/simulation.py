@@ -1,123 +1,485 @@
-"""Model-free simulation: starting budget, foreground-aware random queries and the oracle, with a summary.
+"""Benchmark simulations with the nnActive protocol: the loop a radiologist runs, with an oracle as the annotator.
 
-This is what ``make demo`` runs until nnU-Net training lands; it drives the same
-:class:`ActiveLearningLogic` as the GUI, with the oracle standing in for the
-annotator. It resumes: run again with the same output folder and finished loops
-are kept, pending boxes are annotated, and the missing loops are queried.
+A simulation runs every query method with every seed for ``loops`` loops on one
+dataset, through the same :class:`~.logic.ActiveLearningLogic` and
+:class:`~.pipeline.LoopPipeline` the GUI uses; the oracle copies the ground
+truth into each queried box. The protocol (ALGORITHMS.md sections 5 to 7):
+
+- one 75 / 25 pool / test split for every method and seed (split seed fixed);
+- the starting budget (loop 0, ``nnactive_start`` by default) is made once per
+  seed and shared by all methods of that seed, together with its trained
+  model (so loop 0's Dice is the same for all methods of a seed);
+- query size = starting budget = 20 % of the budget; ``loops`` loops;
+- each loop records boxes, annotated voxels, the fraction of all pool
+  foreground inside annotated boxes, Mean Dice and per-class Dice on the test
+  split, and the wall time of each stage;
+- a full-data reference (the same profile trained on every pool label) is
+  made once per dataset, split and profile and cached, for FG-Eff.
+
+The grid runs through one job runner (``parallel`` jobs at a time, from any
+runs), and everything is on disk: a killed simulation, run again with the same
+output folder, resumes where it stopped. Layout of ``OUT``::
+
+    simulation.json                    settings, budget, versions (written first)
+    base/                              the project every run copies (split fixed)
+    seed_<s>/start/                    loop 0 of seed s, annotated, and its model
+    seed_<s>/<method>/                 the project of one run (a copy of start)
+    results/<method>/seed_<s>/loop_<t>.json   one record per finished loop
+    reference/<key>/                   full-data project and model (or --reference-cache)
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
+from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import numpy as np
 
 from . import __version__
-from .default_data import resolve_default_data
-from .fileio import atomic_write_json, atomic_write_text
+from .boxes import Box
+from .fileio import atomic_write_json, read_json
+from .jobs import LocalRunner, LocalRunnerSettings
+from .jobs.runner import default_parallel
+from .nnunet.profiles import resolve_device
 from .logic import ActiveLearningLogic
-from .project import BudgetSettings
+from .pipeline import LoopPipeline, LoopSettings, auto_profile, profile_tag
+from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
 from .query_methods import get_method
 from .query_methods.base import no_progress
 
+# nnActive's budgets (ALGORITHMS.md section 7): query patch -> low / medium / high, in boxes
+NNACTIVE_BUDGETS: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (20, 20, 20): (100, 200, 300),  # Hippocampus
+    (4, 40, 40): (150, 300, 450),  # ACDC
+    (64, 64, 64): (200, 1000, 2500),  # KiTS
+    (32, 74, 74): (200, 1000, 2500),  # AMOS
+}
+# For other patch sizes: the low budget's boxes cover this share of all pool voxels; medium twice, high three
+# times as much. 6.5 % is what nnActive's low Hippocampus budget covers (100 boxes of 20^3 in a 195-image pool
+# of 12.3 million voxels), the one dataset of the table with small images; at least 5 boxes.
+LOW_BUDGET_VOXEL_SHARE = 0.065
+BUDGET_LEVELS = ("low", "medium", "high")
+SPLIT_SEED = 0
+
+
+def resolve_budget(budget: str | int, patch_size: tuple[int, int, int], pool_voxels: int) -> tuple[int, str]:
+    """Boxes in the whole budget, and how the number was found."""
+    if isinstance(budget, int) or str(budget).isdigit():
+        n = int(budget)
+        if n < 5:
+            raise ValueError(f"a budget must be at least 5 boxes (20 % of it per loop), got {n}")
+        return n, "given"
+    if budget not in BUDGET_LEVELS:
+        raise ValueError(f"budget must be low, medium, high or a number of boxes, got {budget!r}")
+    level = BUDGET_LEVELS.index(budget)
+    if tuple(patch_size) in NNACTIVE_BUDGETS:
+        return NNACTIVE_BUDGETS[tuple(patch_size)][level], f"nnActive table for patch {list(patch_size)}"
+    box = int(np.prod(patch_size))
+    n = max(5, int(round((level + 1) * LOW_BUDGET_VOXEL_SHARE * pool_voxels / box / 5)) * 5)
+    return n, (f"rule: {budget} = {level + 1} x {100 * LOW_BUDGET_VOXEL_SHARE:.1f} % of the pool's voxels "
+               f"in boxes, rounded to 5")
+
 
 @dataclass
-class DemoSettings:
-    """A small simulation: the starting budget (loop 0) and ``loops - 1`` model-free queries."""
+class SimulationSettings:
+    """One simulation grid: methods x seeds on one dataset."""
 
-    loops: int = 3
-    query_size: int = 20
-    seed: int = 0
-    max_cases: int | None = None
-    method: str = "random_fg66"
+    images: Path
+    labels: Path
+    methods: tuple[str, ...]
+    out: Path
+    budget: str | int = "low"
+    loops: int = 5
+    seeds: tuple[int, ...] = (0,)
+    patch_size: tuple[int, int, int] | None = None
+    profile: str = "auto"
+    device: str = "auto"
+    folds: int | None = None
+    parallel: int | None = None
     start: str = "nnactive_start"
+    test_fraction: float = 0.25
+    max_cases: int | None = None
+    reference: bool = True  # the full-data run for FG-Eff
+    reference_cache: Path | None = None  # share reference runs between simulations (default OUT/reference)
+    python: str | None = None
+    reductions: tuple[str, ...] = ()  # what a reduced run (the demo) changed against the protocol, for the report
+
+    def __post_init__(self) -> None:
+        self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out).absolute()
+        self.methods = tuple(self.methods)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.methods:
+            raise ValueError("give at least one query method")
+        for m in (*self.methods, self.start):
+            get_method(m)  # unknown names fail here, with the list of known ones
+        if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("methods and seeds must not repeat")
+        if self.loops < 1:
+            raise ValueError(f"loops must be at least 1, got {self.loops}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for key in ("images", "labels", "out", "reference_cache"):
+            d[key] = None if d[key] is None else str(d[key])
+        return d
 
 
-def run_demo(
-    out: Path,
-    settings: DemoSettings,
-    env: Mapping[str, str],
-    start_dir: Path,
-    progress: Callable[[Iterable, str], Iterable] = no_progress,
-    echo: Callable[[str], None] = lambda s: None,
-) -> Path:
-    """Run (or resume) the demo simulation into ``out`` and return the path of its Markdown summary."""
-    if get_method(settings.method).needs_model:
-        raise ValueError(f"the demo runs model-free methods only; {settings.method!r} needs a model")
-    out = Path(out).absolute()
-    project_dir = out / "project"
-    data = resolve_default_data(env, start_dir, out / "phantoms", settings.seed)
-    echo(f"data: {data.name} ({data.origin}) images {data.images}")
-    if (project_dir / "project.json").is_file():
-        logic = ActiveLearningLogic.open(project_dir)
-        echo(f"resuming {project_dir}")
-    else:
-        started = time.perf_counter()
-        logic = ActiveLearningLogic.create(
-            project_dir, data.images, data.labels, seed=settings.seed, max_cases=settings.max_cases,
-            budget=BudgetSettings(query_size=settings.query_size, loops=settings.loops), progress=progress,
-        )
-        echo(f"created {project_dir} in {time.perf_counter() - started:.1f} s")
-    echo(str(logic.status()))
-    for loop in range(settings.loops):
-        if loop not in logic.project.loop_indices():
-            method = settings.start if loop == 0 else settings.method
-            loop_file = logic.query(method, settings.query_size, settings.seed, progress=progress)
-            echo(f"loop {loop}: {len(loop_file.boxes)} boxes by {method} in {loop_file.info['seconds']:.2f} s")
-        logic.annotate_with_oracle(progress=progress)
-    rows = summarise(logic)
-    summary = {"version": __version__, "data": {"name": data.name, "origin": data.origin, "images": str(data.images)},
-               "settings": asdict(settings), "status": logic.status().to_json(), "loops": rows}
-    atomic_write_json(out / "summary.json", summary)
-    markdown = summary_markdown(summary)
-    atomic_write_text(out / "summary.md", markdown)
-    echo(markdown)
-    return out / "summary.md"
+def versions() -> dict:
+    found = {"activelearning3d": __version__}
+    for package in ("nnunetv2", "torch", "numpy", "SimpleITK"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
-def summarise(logic: ActiveLearningLogic) -> list[dict]:
-    """Per loop: boxes, cumulative annotated voxels, and the share of pool foreground inside annotated boxes."""
-    rows = []
-    p = logic.project
-    total_fg = p.pool_foreground_voxels
-    fg_inside = 0
-    voxels = 0
-    gt_cache: dict[str, np.ndarray] = {}
-    for loop in p.loops():
-        boxes_with_fg = 0
+def annotated_foreground(project: Project) -> list[tuple[int, int, int]]:
+    """Per loop: (boxes annotated so far, annotated voxels so far, pool foreground voxels inside them)."""
+    rows, voxels, inside, boxes = [], 0, 0, 0
+    cache: dict[str, np.ndarray] = {}
+    for loop in project.loops():
         for b in loop.boxes:
             if b.state != "annotated":
                 continue
-            if b.case not in gt_cache:
-                gt_cache[b.case] = p.read_ground_truth(b.case)
-            fg = int(np.count_nonzero(gt_cache[b.case][b.box.slices]))
-            fg_inside += fg
-            boxes_with_fg += fg > 0
+            if b.case not in cache:
+                cache.clear()
+                cache[b.case] = project.read_ground_truth(b.case)
+            inside += int(np.count_nonzero(cache[b.case][b.box.slices]))
             voxels += b.box.voxels
-        rows.append({
-            "loop": loop.loop, "method": loop.method, "boxes": len(loop.boxes), "annotated_voxels": voxels,
-            "foreground_fraction": fg_inside / total_fg if total_fg else None, "boxes_with_foreground": boxes_with_fg,
-        })
+            boxes += 1
+        rows.append((boxes, voxels, inside))
     return rows
 
 
-def summary_markdown(summary: dict) -> str:
-    s = summary["status"]
-    lines = [
-        f"# ActiveLearning3D demo ({summary['version']})",
-        "",
-        f"Data: {summary['data']['name']} ({summary['data']['origin']}), {s['pool_cases']} pool / {s['test_cases']} test "
-        f"cases, patch {' x '.join(map(str, s['patch_size']))}.",
-        "Model-free simulation: the oracle copies the ground truth into each queried box. "
-        "No model is trained yet, so there is no Dice here.",
-        "",
-        "| loop | method | boxes | boxes with foreground | annotated voxels (cumulative) | pool foreground annotated |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in summary["loops"]:
-        frac = "n/a" if r["foreground_fraction"] is None else f"{100 * r['foreground_fraction']:.2f} %"
-        lines.append(f"| {r['loop']} | {r['method']} | {r['boxes']} | {r['boxes_with_foreground']} | "
-                     f"{r['annotated_voxels']} | {frac} |")
-    return "\n".join(lines) + "\n"
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
+    """Wall time of each stage of a loop from its jobs' start and end (parallel folds: first start to last end)."""
+    out: dict[str, float | None] = {}
+    groups = {"prepare": ["prepare"], "train": [], "evaluate": ["evaluate"], "score": ["score"]}
+    jobs = {j.name.rsplit("-", 1)[-1]: j.status() for j in pipeline.all_jobs()}
+    groups["train"] = [n for n in jobs if n.startswith("fold_")]
+    for stage, names in groups.items():
+        statuses = [jobs[n] for n in names if n in jobs and jobs[n].state == "done"]
+        if statuses:
+            out[stage] = _seconds(min(s.started for s in statuses), max(s.ended for s in statuses))
+    return out
+
+
+def _copy_project(source: Path, target: Path) -> None:
+    """Copy a project folder (with its nnU-Net state and jobs) atomically: a temporary folder renamed at the end."""
+    if target.exists():
+        return
+    staging = target.parent / f".{target.name}.copying"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("log.txt", ".al3d-tmp-*"))
+    staging.rename(target)
+
+
+class Simulation:
+    """Runs (or resumes) a simulation grid; :meth:`run` blocks, :meth:`step` advances everything once."""
+
+    def __init__(self, settings: SimulationSettings, echo: Callable[[str], None] = lambda s: None,
+                 progress: Callable[[Iterable, str], Iterable] = no_progress):
+        self.settings = settings
+        self.echo = echo
+        self.progress = progress
+        s = settings
+        self.out = s.out
+        self.profile_name = auto_profile(s.device) if s.profile == "auto" else s.profile
+        self.parallel = s.parallel or (1 if resolve_device(s.device) == "cuda" else default_parallel())
+        self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
+                                          parallel=self.parallel, python=s.python)
+        self.runner = LocalRunner(LocalRunnerSettings(**({"python": s.python} if s.python else {}),
+                                                      max_parallel=self.parallel))
+        self.base = self._base_project()
+        if not self.base.test_cases or not self.base.has_ground_truth:
+            raise ProjectError(f"{s.images}: a simulation needs ground truth and a test split (test fraction > 0)")
+        pool_voxels = sum(int(np.prod(self.base.cases[c].shape)) for c in self.base.pool_cases)
+        self.budget, self.budget_rule = resolve_budget(s.budget, self.base.patch_size, pool_voxels)
+        self.query_size = max(1, int(round(0.2 * self.budget)))
+        self._write_header()
+        self.runs = [(m, seed) for seed in s.seeds for m in s.methods]
+        self._pipelines: dict[object, LoopPipeline] = {}
+        self.failed: dict[str, str] = {}
+
+    # ----------------------------------------------------------------- set-up
+    def _base_project(self) -> Project:
+        s = self.settings
+        path = self.out / "base"
+        if (path / "project.json").is_file():
+            return Project.open(path)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.echo(f"creating the base project from {s.images}")
+        return Project.create(path, s.images, s.labels, patch_size=s.patch_size, test_fraction=s.test_fraction,
+                              seed=SPLIT_SEED, max_cases=s.max_cases,
+                              budget=BudgetSettings(loops=s.loops), progress=self.progress)
+
+    def _write_header(self) -> None:
+        path = self.out / "simulation.json"
+        profile = self.loop_settings_profile()
+        header = {
+            "settings": self.settings.to_json(), "profile": profile.to_json(), "profile_tag": profile_tag(profile),
+            "budget": self.budget, "budget_rule": self.budget_rule, "query_size": self.query_size,
+            "patch_size": list(self.base.patch_size), "pool_cases": len(self.base.pool_cases),
+            "test_cases": len(self.base.test_cases), "classes": {str(k): v for k, v in self.base.classes.items()},
+            "pool_foreground_voxels": self.base.pool_foreground_voxels, "split_seed": SPLIT_SEED,
+            "reference_dir": str(self.reference_dir()) if self.settings.reference else None,
+            "versions": versions(),
+        }
+        if path.is_file():
+            old = read_json(path)
+            if old.get("settings", {}).get("methods") is not None:
+                header["created"] = old.get("created")
+                for key in ("budget", "query_size", "patch_size", "pool_cases"):
+                    if old.get(key) != json.loads(json.dumps(header[key])):
+                        raise ProjectError(f"{path}: this folder holds a simulation with {key} {old.get(key)}; "
+                                           f"the new settings give {header[key]}. Use another --out")
+                header["settings"]["methods"] = list(dict.fromkeys([*old["settings"]["methods"], *header["settings"]["methods"]]))
+                header["settings"]["seeds"] = sorted(set(old["settings"]["seeds"]) | set(header["settings"]["seeds"]))
+        header.setdefault("created", now_iso())
+        header["updated"] = now_iso()
+        atomic_write_json(path, header)
+
+    def loop_settings_profile(self):
+        from .nnunet.profiles import resolve_profile
+
+        return resolve_profile(self.profile_name, folds=self.settings.folds, device=self.settings.device)
+
+    # ------------------------------------------------------------------ paths
+    def start_dir(self, seed: int) -> Path:
+        return self.out / f"seed_{seed}" / "start"
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return self.out / f"seed_{seed}" / method
+
+    def record_path(self, method: str, seed: int, loop: int) -> Path:
+        return self.out / "results" / method / f"seed_{seed}" / f"loop_{loop:03d}.json"
+
+    def reference_dir(self) -> Path:
+        base = self.base
+        key_source = {"cases": sorted(base.cases), "split": {c: base.cases[c].split for c in sorted(base.cases)},
+                      "shapes": {c: list(base.cases[c].shape) for c in sorted(base.cases)},
+                      "profile": self.loop_settings_profile().to_json()}
+        key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:10]
+        root = self.settings.reference_cache or (self.out / "reference")
+        return Path(root) / f"{profile_tag(self.loop_settings_profile())}_{key}"
+
+    # -------------------------------------------------------------- the steps
+    def _pipeline(self, key, logic: ActiveLearningLogic, **changes) -> LoopPipeline:
+        """One pipeline per (run, loop), made once and kept (it remembers which failed jobs it retried)."""
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            settings = LoopSettings(**{**asdict(self.loop_settings), **changes})
+            pipeline = logic.loop_pipeline(settings, self.runner)
+            self._pipelines[key] = pipeline
+        return pipeline
+
+    def _start_step(self, seed: int) -> bool:
+        """Loop 0 of a seed: starting budget, oracle, loop-0 model and its evaluation. True when done."""
+        path = self.start_dir(seed)
+        if not (path / "project.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _copy_project(self.out / "base", path)
+        logic = ActiveLearningLogic.open(path)
+        if not logic.project.loop_indices():
+            loop = logic.query(self.settings.start, self.query_size, seed)
+            self.echo(f"seed {seed}: starting budget of {len(loop.boxes)} boxes by {self.settings.start}")
+        if logic.pending_boxes():
+            logic.annotate_with_oracle()
+        state = self._pipeline(("start", seed), logic, stages=("prepare", "train", "predict"), score=False,
+                               seed=seed).advance()
+        return self._check(state, f"seed {seed} start")
+
+    def _check(self, state, what: str) -> bool:
+        if state.state == "failed":
+            self.failed[what] = state.message
+            return False
+        return state.state == "done"
+
+    def _run_step(self, method: str, seed: int) -> bool:
+        """Advance one run by what can be done now; True when all its loops are recorded (or it failed).
+
+        Per loop: train, evaluate and score (one pipeline), write the loop's
+        record, then query the next loop (a second pipeline, stage ``query``) and
+        let the oracle annotate it. The record is written before the query, so a
+        run killed anywhere resumes without losing a loop's figures.
+        """
+        key = f"{method} seed {seed}"
+        if key in self.failed:
+            return True
+        last = self.settings.loops - 1
+        if self.record_path(method, seed, last).is_file():
+            return True
+        path = self.run_dir(method, seed)
+        if not (path / "project.json").is_file():
+            if not self._start_step(seed):
+                return f"seed {seed} start" in self.failed
+            _copy_project(self.start_dir(seed), path)
+        logic = ActiveLearningLogic.open(path)
+        if logic.pending_boxes():
+            t = time.perf_counter()
+            logic.annotate_with_oracle()
+            self._add_seconds(method, seed, logic.project.loop_indices()[-1] - 1, oracle=time.perf_counter() - t)
+        loop = logic.project.loop_indices()[-1]
+        common = {"method": method, "seed": seed, "count": self.query_size}
+        if not self.record_path(method, seed, loop).is_file():
+            pipeline = self._pipeline((method, seed, loop), logic, stages=("prepare", "train", "predict"),
+                                      score=loop < last, **common)  # the last loop's scores would not be used
+            state = pipeline.advance()
+            if state.state == "failed":
+                return self._fail(key, loop, state.message)
+            if state.state != "done":
+                return False
+            self._record(method, seed, loop, logic, pipeline)
+        if loop >= last:
+            return True
+        state = self._pipeline((method, seed, loop, "query"), logic, stages=("query",), **common).advance()
+        if state.state == "failed":
+            return self._fail(key, loop, state.message)
+        if state.loop_file is not None:
+            self._add_seconds(method, seed, loop, query=state.loop_file.info.get("seconds"))
+        return False  # the oracle annotates the new loop at the next step
+
+    def _fail(self, key: str, loop: int, message: str) -> bool:
+        self.failed[key] = f"loop {loop}: {message}"
+        self.echo(f"{key}: failed in loop {loop}: {message.splitlines()[0] if message else ''}")
+        return True
+
+    def _record(self, method: str, seed: int, loop: int, logic: ActiveLearningLogic, pipeline: LoopPipeline) -> None:
+        path = self.record_path(method, seed, loop)
+        if path.is_file():
+            return
+        project = logic.project
+        boxes, voxels, inside = annotated_foreground(project)[loop]
+        summary = read_json(pipeline.evaluation_summary)
+        seconds = stage_seconds(pipeline)
+        record = {
+            "method": method, "seed": seed, "loop": loop, "boxes": boxes, "annotated_voxels": voxels,
+            "foreground_voxels": inside, "foreground_fraction": inside / project.pool_foreground_voxels,
+            "mean_dice": summary["mean_dice"], "per_class": summary["per_class"], "model": pipeline.model_name,
+            "seconds": seconds, "loop_method": project.read_loop(loop).method, "written": now_iso(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, record)
+        dice = "n/a" if record["mean_dice"] is None else f"{record['mean_dice']:.4f}"
+        self.echo(f"{method} seed {seed} loop {loop}: {boxes} boxes, {100 * record['foreground_fraction']:.2f} % of "
+                  f"pool foreground, test Mean Dice {dice}")
+
+    def _add_seconds(self, method: str, seed: int, loop: int, **seconds: float | None) -> None:
+        """Add the query or oracle time of the step after a loop to that loop's record."""
+        path = self.record_path(method, seed, loop)
+        if loop < 0 or not path.is_file():
+            return
+        record = read_json(path)
+        record["seconds"].update({k: None if v is None else round(float(v), 3) for k, v in seconds.items()})
+        atomic_write_json(path, record)
+
+    def _reference_step(self) -> bool:
+        """The full-data run: every pool image annotated whole, the same profile; its Mean Dice is y_full."""
+        root = self.reference_dir()
+        result = root / "reference.json"
+        if result.is_file():
+            return True
+        path = root / "project"
+        if not (path / "project.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            _copy_project(self.out / "base", path)
+        logic = ActiveLearningLogic.open(path)
+        project = logic.project
+        if not project.loop_indices():
+            boxes = [BoxRecord(Box(c, (0, 0, 0), tuple(project.cases[c].shape)), 0, i, "full_data")
+                     for i, c in enumerate(sorted(project.pool_cases))]
+            project.write_loop(LoopFile(0, "full_data", None, now_iso(), boxes, {"reference": True}))
+        if logic.pending_boxes():
+            logic.annotate_with_oracle()
+        pipeline = self._pipeline("reference", logic, stages=("prepare", "train", "predict"), score=False)
+        state = pipeline.advance()
+        if state.state == "failed":
+            self.failed["reference"] = state.message
+            return True
+        if state.state != "done":
+            return False
+        summary = read_json(pipeline.evaluation_summary)
+        atomic_write_json(result, {"mean_dice": summary["mean_dice"], "per_class": summary["per_class"],
+                                   "model": pipeline.model_name, "profile": self.loop_settings_profile().to_json(),
+                                   "seconds": stage_seconds(pipeline), "written": now_iso()})
+        self.echo(f"full-data reference: test Mean Dice {summary['mean_dice']}")
+        return True
+
+    def step(self) -> bool:
+        """Advance every run (and the reference) once; True when everything has finished or failed."""
+        finished = [self._run_step(m, seed) for m, seed in self.runs]
+        if self.settings.reference:
+            finished.append(self._reference_step())
+        self.runner.poll()
+        return all(finished)
+
+    def run(self, poll_seconds: float = 1.0, on_step: Callable[["Simulation"], None] | None = None) -> dict:
+        """Run until every run and the reference are done; returns the collected results."""
+        started = time.perf_counter()
+        while not self.step():
+            if on_step is not None:
+                on_step(self)
+            time.sleep(poll_seconds)
+        results = collect_results(self.out)
+        results["seconds_this_session"] = round(time.perf_counter() - started, 1)
+        results["failed"] = dict(self.failed)
+        return results
+
+    def cancel(self) -> None:
+        self.runner.cancel_all()
+
+    def describe(self) -> str:
+        """One line per active job: what the grid is doing now."""
+        lines = []
+        for job in self.runner.active():
+            s = job.status()
+            lines.append(f"{job.path.parents[1].parent.name}/{job.path.parents[1].name} {job.name.rsplit('-', 1)[-1]}: "
+                         f"{s.state} {100 * s.progress:.0f}% {s.message.splitlines()[0] if s.message else ''}".rstrip())
+        return "\n".join(lines)
+
+
+def collect_results(out: Path | str) -> dict:
+    """Everything a report needs from one simulation folder: header, per-loop records, reference."""
+    out = Path(out)
+    header_path = out / "simulation.json"
+    if not header_path.is_file():
+        raise ProjectError(f"{out}: not a simulation folder (no simulation.json)")
+    header = read_json(header_path)
+    records = [read_json(p) for p in sorted((out / "results").glob("*/seed_*/loop_*.json"))]
+    reference = None
+    if header.get("reference_dir") and (Path(header["reference_dir"]) / "reference.json").is_file():
+        reference = read_json(Path(header["reference_dir"]) / "reference.json")
+    return {"run_dir": str(out), "header": header, "records": records, "reference": reference}
+
+
+
+DEMO_METHODS = ("random", "random_fg66", "clasp_pe")
+DEMO_MAX_CASES = 64
+
+
+def demo_settings(data, out: Path | str, max_cases: int | None = None) -> SimulationSettings:
+    """The main job: ``random``, ``random_fg66`` and ``clasp_pe``, one seed, 3 loops, reduced to fit 20 minutes."""
+    from .nnunet.profiles import PROFILES
+
+    cases = max_cases or DEMO_MAX_CASES
+    return SimulationSettings(
+        images=data.images, labels=data.labels, methods=DEMO_METHODS, out=Path(out), budget="low", loops=3, seeds=(0,),
+        profile="demo", device="cpu", max_cases=cases,
+        reductions=(f"the first {cases} cases of {data.name} instead of all (75 / 25 split of those)",
+                    "3 loops instead of 5 (query size stays 20 % of the low budget)", "one seed instead of 4",
+                    f"training profile 'demo': {PROFILES['demo'].description} (the study: 3d_fullres, 5 folds x "
+                    "200 epochs x 250 iterations)"),
+    )

@@ -12,7 +12,6 @@ from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main
 from ActiveLearning3DLib.default_data import PhantomSettings, make_phantom_dataset
 from ActiveLearning3DLib.project import ProjectError
-from ActiveLearning3DLib.simulation import DemoSettings, run_demo
 from ActiveLearning3DLib.uncertainty import MemoryProbabilities
 from conftest import default_data_dir
 
@@ -173,22 +172,3 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "probabilities" in capsys.readouterr().err
     assert main(["status", str(tmp_path / "nowhere")]) == 1
     assert "not an ActiveLearning3D project" in capsys.readouterr().err
-
-
-def test_demo_on_phantoms_resumes_without_redoing_loops(tmp_path):
-    data = make_phantom_dataset(tmp_path / "data", PhantomSettings(cases=8))
-    out = tmp_path / "demo"
-    env = {"AL3D_DATA": str(data.images.parent)}
-    settings = DemoSettings(loops=2, query_size=6)
-    summary = run_demo(out, settings, env, tmp_path)
-    first = json.loads((out / "summary.json").read_text())
-    assert [r["boxes"] for r in first["loops"]] == [6, 6]
-    loop0 = (out / "project" / "loops" / "loop_000.json").read_text()
-    # run on with one more loop: loops 0 and 1 stay as they were, loop 2 is added
-    run_demo(out, DemoSettings(loops=3, query_size=6), env, tmp_path)
-    second = json.loads((out / "summary.json").read_text())
-    assert (out / "project" / "loops" / "loop_000.json").read_text() == loop0
-    assert [r["loop"] for r in second["loops"]] == [0, 1, 2]
-    fractions = [r["foreground_fraction"] for r in second["loops"]]
-    assert fractions == sorted(fractions) and fractions[-1] > 0
-    assert "| 2 | random_fg66 | 6 |" in summary.read_text()

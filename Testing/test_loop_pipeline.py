@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +91,7 @@ def test_test_split_summary_has_finite_dice(looped):
     assert 0 <= summary["mean_dice"] <= 1
     assert set(summary["per_class"]) == {logic.project.classes[c] for c in logic.project.foreground_classes}
     assert all(v is None or 0 <= v <= 1 for v in summary["per_class"].values())
-    assert summary["mirroring"] is True and summary["members"] == ["fold_0", "fold_1"]
+    assert summary["mirroring"] == pipeline.profile.evaluation_mirroring and summary["members"] == ["fold_0", "fold_1"]
     assert summary["loop"] == 0 and summary["profile"] == "test"
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 import stat
 from pathlib import Path
 
@@ -348,13 +350,25 @@ def test_stale_temporaries_are_removed_on_open(project):
         project.path / "labelsTr" / f"{TMP_PREFIX}x1y2.nii.gz",
         project.path / "loops" / f"{TMP_PREFIX}q.json",
     ]
+    hour_ago = time.time() - 3600
     for p in stale:
         p.write_bytes(b"half written")
+        os.utime(p, (hour_ago, hour_ago))
+    # being written right now, by a worker or another session: left alone
+    fresh = [project.path / "labelsTr" / f"{TMP_PREFIX}now.nii.gz", project.path / "jobs" / "j" / f"{TMP_PREFIX}s.json"]
+    for p in fresh:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"being written")
+    old_in_jobs = project.path / "jobs" / "j" / f"{TMP_PREFIX}old.json"
+    old_in_jobs.write_bytes(b"a worker's")
+    os.utime(old_in_jobs, (hour_ago, hour_ago))
     keep = checksums(project.path / "labelsTr", project.path / "imagesTr")
     keep = {k: v for k, v in keep.items() if TMP_PREFIX not in k}
     Project.open(project.path)
     assert not any(p.exists() for p in stale)
-    assert checksums(project.path / "labelsTr", project.path / "imagesTr") == keep
+    assert all(p.exists() for p in fresh) and old_in_jobs.exists()  # jobs/ belongs to the workers
+    after = checksums(project.path / "labelsTr", project.path / "imagesTr")
+    assert {k: v for k, v in after.items() if TMP_PREFIX not in k} == keep
 
 
 class Interrupted(Exception):

@@ -84,7 +84,8 @@ def evaluate_test_split(
     return summary
 
 
-def load_evaluation_ensemble(model_folder: Path | str, device: str = "cpu", threads: int | None = None) -> Ensemble:
+def load_evaluation_ensemble(model_folder: Path | str, device: str = "cpu", threads: int | None = None,
+                             mirroring: bool = True) -> Ensemble:
     """All finished members of a model folder, set up as nnU-Net predicts (tile step 0.5, mirroring)."""
-    return Ensemble.load(model_folder, settings=PredictionSettings(tile_step=0.5, mirroring=True, device=device,
+    return Ensemble.load(model_folder, settings=PredictionSettings(tile_step=0.5, mirroring=mirroring, device=device,
                                                                    threads=threads))

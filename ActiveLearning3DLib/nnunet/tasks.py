@@ -91,7 +91,8 @@ def evaluate_task(inputs: dict, report: Reporter) -> dict:
 
     threads = _threads(inputs)
     report(stage="evaluation", message="loading the ensemble", force=True)
-    ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")), threads)
+    ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")), threads,
+                                        mirroring=bool(inputs.get("mirroring", True)))
     summary = evaluate_test_split(Project.open(inputs["project"]), ensemble, inputs["output"],
                                   progress=_relay(report, "evaluation"), extra=inputs.get("extra"))
     if inputs.get("summary_copy"):

@@ -1,0 +1,380 @@
+"""Simulation reports: one self-contained HTML page and the same tables as Markdown, with matplotlib plots.
+
+For each simulation folder (a setting: dataset, budget, profile):
+
+- per method, mean and standard deviation over seeds of AUBC, Final Dice and
+  FG-Eff (the FG-Eff curve is fitted per method over all seeds and loops; it
+  needs the full-data reference Dice);
+- the pairwise penalty matrix (needs two or more seeds), as a table and a heat
+  map, summed over all given settings when there are several;
+- Dice against the number of annotated boxes (mean over seeds with a band of
+  one standard deviation), Dice against the annotated foreground fraction
+  with the fitted FG-Eff curves;
+- for a few cases, the boxes each method queried drawn over one slice of the
+  image (like nnActive's figures 10 and 12).
+
+The PNGs are written beside ``report.md`` and embedded in ``report.html``.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .fileio import atomic_write_text, replacing_file
+from .metrics import aubc, fg_efficiency, final_dice, pairwise_penalty_matrix, sum_penalty_matrices
+from .project import Project
+from .simulation import collect_results
+
+METHOD_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("| " + " | ".join("---" for _ in self.header) + " |")
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        note = f"<p>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3>{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass
+class Figure:
+    title: str
+    path: Path
+    caption: str
+
+
+def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± sd`` (sd over seeds; a single value has none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "n/a"
+    mean = scale * float(np.mean(finite))
+    if len(finite) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * float(np.std(finite, ddof=1)):.{digits}f}"
+
+
+class SettingResults:
+    """The records of one simulation folder, arranged per method and seed."""
+
+    def __init__(self, run_dir: Path | str):
+        data = collect_results(run_dir)
+        self.run_dir = Path(run_dir)
+        self.header = data["header"]
+        self.reference = data["reference"]
+        self.records = data["records"]
+        self.methods = [m for m in self.header["settings"]["methods"] if any(r["method"] == m for r in self.records)]
+        self.seeds = sorted({r["seed"] for r in self.records})
+        self.loops = int(self.header["settings"]["loops"])
+
+    @property
+    def name(self) -> str:
+        h = self.header
+        return (f"{Path(h['settings']['images']).parent.name or h['settings']['images']}, budget {h['budget']} boxes "
+                f"({h['settings']['budget']}), {h['settings']['loops']} loops, profile {h['profile_tag']}")
+
+    def curve(self, method: str, seed: int, key: str = "mean_dice") -> list[float] | None:
+        """A run's values per loop, or None while it has not finished every loop."""
+        rows = sorted((r for r in self.records if r["method"] == method and r["seed"] == seed), key=lambda r: r["loop"])
+        if len(rows) < self.loops:
+            return None
+        return [math.nan if r[key] is None else float(r[key]) for r in rows[: self.loops]]
+
+    def complete_seeds(self, method: str) -> list[int]:
+        return [s for s in self.seeds if self.curve(method, s) is not None]
+
+    def y_full(self) -> float | None:
+        value = (self.reference or {}).get("mean_dice")
+        return None if value is None else float(value)
+
+    def fg_fit(self, method: str):
+        y_full = self.y_full()
+        rows = [r for r in self.records if r["method"] == method and r["mean_dice"] is not None]
+        if y_full is None or len(rows) < 2:
+            return None
+        try:
+            return fg_efficiency([r["foreground_fraction"] for r in rows], [r["mean_dice"] for r in rows], y_full)
+        except (ValueError, RuntimeError):
+            return None
+
+    def penalty_matrix(self):
+        """The PPM over the seeds every method finished (None with fewer than two)."""
+        seeds = [s for s in self.seeds if all(self.curve(m, s) is not None for m in self.methods)]
+        if len(seeds) < 2 or len(self.methods) < 2:
+            return None
+        dice = {m: np.asarray([self.curve(m, s) for s in seeds]) for m in self.methods}
+        if not all(np.isfinite(a).all() for a in dice.values()):
+            return None
+        return pairwise_penalty_matrix(dice)
+
+    def summary_table(self) -> Table:
+        rows = []
+        for m in self.methods:
+            seeds = self.complete_seeds(m)
+            curves = [self.curve(m, s) for s in seeds]
+            fit = self.fg_fit(m)
+            rows.append([m, str(len(seeds)), _pm([aubc(c) for c in curves if np.isfinite(c).all()]),
+                         _pm([final_dice(c) for c in curves]),
+                         "n/a" if fit is None else f"{fit.gamma:.2f}",
+                         _pm([self.curve(m, s, "foreground_fraction")[-1] for s in seeds])])
+        y_full = self.y_full()
+        note = (f"Mean Dice x 100 on {self.header['test_cases']} test cases, mean ± sd over seeds. Full-data reference "
+                f"(same profile, every pool label): {'not available' if y_full is None else f'{100 * y_full:.1f}'}. "
+                "FG-Eff = gamma of the saturation fit over all seeds and loops (higher is better).")
+        return Table(f"Summary: {self.name}", ["method", "seeds", "AUBC", "Final Dice", "FG-Eff",
+                                               "pool foreground annotated (%)"], rows, note)
+
+    def loop_table(self) -> Table:
+        rows = []
+        for m in self.methods:
+            for t in range(self.loops):
+                rs = [r for r in self.records if r["method"] == m and r["loop"] == t]
+                if not rs:
+                    continue
+                seconds = {}
+                for r in rs:
+                    for k, v in r.get("seconds", {}).items():
+                        if v is not None:
+                            seconds.setdefault(k, []).append(v)
+                rows.append([m, str(t), str(rs[0]["boxes"]), _pm([r["mean_dice"] for r in rs]),
+                             _pm([r["foreground_fraction"] for r in rs], digits=2),
+                             ", ".join(f"{k} {np.mean(v):.0f}" for k, v in seconds.items())])
+        return Table("Per loop", ["method", "loop", "boxes", "Mean Dice", "pool foreground annotated (%)",
+                                  "stage wall time (s, mean over seeds)"], rows)
+
+
+def penalty_table(ppm, title: str) -> Table:
+    rows = [[m] + [f"{ppm.matrix[i, j]:.2f}" for j in range(len(ppm.methods))] + [f"{ppm.matrix[:, i].sum():.2f}"]
+            for i, m in enumerate(ppm.methods)]
+    return Table(title, ["i beats j"] + ppm.methods + ["beaten (column sum)"], rows,
+                 "Entry (i, j): fraction of budget steps where i beats j (paired t-test over seeds, p < 0.05).")
+
+
+# ------------------------------------------------------------------------ plots
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with replacing_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _colours(methods: Sequence[str]) -> dict[str, str]:
+    return {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(methods)}
+
+
+def plot_dice_vs_boxes(setting: SettingResults, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = _colours(setting.methods)
+    for m in setting.methods:
+        curves = [setting.curve(m, s) for s in setting.complete_seeds(m)]
+        boxes = [setting.curve(m, s, "boxes") for s in setting.complete_seeds(m)]
+        if not curves:
+            continue
+        y = 100 * np.asarray(curves)
+        x = np.asarray(boxes[0])
+        mean = np.nanmean(y, axis=0)
+        ax.plot(x, mean, marker="o", color=colours[m], label=f"{m} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            sd = np.nanstd(y, axis=0, ddof=1)
+            ax.fill_between(x, mean - sd, mean + sd, color=colours[m], alpha=0.2)
+    if setting.y_full() is not None:
+        ax.axhline(100 * setting.y_full(), color="k", linestyle="--", linewidth=1, label="full data")
+    ax.set_xlabel("annotated boxes")
+    ax.set_ylabel("test Mean Dice (x 100)")
+    ax.set_title("Dice against budget (band: ± 1 sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = _colours(setting.methods)
+    for m in setting.methods:
+        rows = [r for r in setting.records if r["method"] == m and r["mean_dice"] is not None]
+        if not rows:
+            continue
+        x = 100 * np.asarray([r["foreground_fraction"] for r in rows])
+        ax.scatter(x, 100 * np.asarray([r["mean_dice"] for r in rows]), color=colours[m], s=18, label=m)
+        fit = setting.fg_fit(m)
+        if fit is not None:
+            xs = np.linspace(fit.x0, max(r["foreground_fraction"] for r in rows) * 1.05, 100)
+            ax.plot(100 * xs, 100 * fit.predict(xs), color=colours[m], label=f"{m} fit, FG-Eff {fit.gamma:.2f}")
+    if setting.y_full() is not None:
+        ax.axhline(100 * setting.y_full(), color="k", linestyle="--", linewidth=1, label="full data")
+    ax.set_xlabel("pool foreground inside annotated boxes (%)")
+    ax.set_ylabel("test Mean Dice (x 100)")
+    ax.set_title("Dice against annotated foreground, with FG-Eff fits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_penalty_matrix(ppm, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    n = len(ppm.methods)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.8))
+    image = ax.imshow(ppm.matrix, cmap="Reds", vmin=0, vmax=max(1.0, float(ppm.matrix.max())))
+    ax.set_xticks(range(n), ppm.methods, rotation=40, ha="right")
+    ax.set_yticks(range(n), ppm.methods)
+    ax.set_xlabel("j (beaten)")
+    ax.set_ylabel("i (wins)")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{ppm.matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_queried_boxes(setting: SettingResults, path: Path, seed: int | None = None, cases: int = 3) -> bool:
+    """Boxes of each method drawn over one slice of a few cases (the slice that most boxes cross)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    seed = setting.seeds[0] if seed is None else seed
+    projects = {}
+    for m in setting.methods:
+        folder = setting.run_dir / f"seed_{seed}" / m
+        if (folder / "project.json").is_file():
+            projects[m] = Project.open(folder)
+    if not projects:
+        return False
+    boxes = {m: [b for b in p.all_boxes() if b.loop > 0 or len(projects) == 1] for m, p in projects.items()}
+    counts: dict[str, int] = {}
+    for bs in boxes.values():
+        for b in bs:
+            counts[b.case] = counts.get(b.case, 0) + 1
+    chosen = sorted(counts, key=lambda c: (-counts[c], c))[:cases]
+    if not chosen:
+        return False
+    colours = _colours(setting.methods)
+    any_project = next(iter(projects.values()))
+    fig, axes = plt.subplots(len(chosen), len(projects), figsize=(3.0 * len(projects), 3.0 * len(chosen)), squeeze=False)
+    for row, case in enumerate(chosen):
+        image = sitk.GetArrayFromImage(any_project.read_image(case))
+        crossing = np.zeros(image.shape[0])
+        for bs in boxes.values():
+            for b in bs:
+                if b.case == case:
+                    crossing[b.box.coords[0]: b.box.coords[0] + b.box.size[0]] += 1
+        k = int(np.argmax(crossing))
+        gt = any_project.read_ground_truth(case)[k]
+        for col, (m, bs) in enumerate(boxes.items()):
+            ax = axes[row][col]
+            ax.imshow(image[k], cmap="gray")
+            if gt.any():
+                ax.contour(gt > 0, levels=[0.5], colors="yellow", linewidths=0.6)
+            for b in bs:
+                z, y, x = b.box.coords
+                dz, dy, dx = b.box.size
+                if b.case == case and z <= k < z + dz:
+                    ax.add_patch(Rectangle((x - 0.5, y - 0.5), dx, dy, fill=False, edgecolor=colours[m], linewidth=1.5))
+                    ax.text(x, y - 1, str(b.loop), color=colours[m], fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(m, color=colours[m], fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{case}\nslice {k}", fontsize=8)
+    fig.suptitle(f"queried boxes after the starting budget (seed {seed}; number = loop; yellow = ground truth)",
+                 fontsize=9)
+    _save(fig, path)
+    return True
+
+
+# ------------------------------------------------------------------------ pages
+def write_report(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
+    """Write ``report.html`` and ``report.md`` (and the PNGs) into ``out``; returns the HTML path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = [SettingResults(d) for d in run_dirs]
+    sections: list[tuple[str, list[Table], list[Figure], list[str]]] = []
+    ppms = []
+    for index, setting in enumerate(settings):
+        tables = [setting.summary_table(), setting.loop_table()]
+        figures = []
+        prefix = f"setting{index + 1}"
+        p = out / f"{prefix}_dice_vs_boxes.png"
+        plot_dice_vs_boxes(setting, p)
+        figures.append(Figure("Dice against the number of boxes", p, "Mean over seeds, band ± 1 sd."))
+        p = out / f"{prefix}_dice_vs_foreground.png"
+        plot_dice_vs_foreground(setting, p)
+        figures.append(Figure("Dice against annotated foreground", p,
+                              "Every seed and loop; lines: FG-Eff fits (need the full-data reference)."))
+        ppm = setting.penalty_matrix()
+        notes = []
+        if ppm is not None:
+            ppms.append(ppm)
+            tables.append(penalty_table(ppm, "Pairwise penalty matrix"))
+            p = out / f"{prefix}_penalty_matrix.png"
+            plot_penalty_matrix(ppm, p, "pairwise penalty matrix")
+            figures.append(Figure("Pairwise penalty matrix", p, "Row i, column j: share of budget steps where i beats j."))
+        else:
+            notes.append("Pairwise penalty matrix: needs at least two methods with two or more finished seeds each.")
+        p = out / f"{prefix}_queried_boxes.png"
+        if plot_queried_boxes(setting, p):
+            figures.append(Figure("Queried boxes", p, "One slice per case; each column a method."))
+        h = setting.header
+        notes.append(f"Data: {h['settings']['images']} ({h['pool_cases']} pool / {h['test_cases']} test cases), "
+                     f"patch {' x '.join(map(str, h['patch_size']))}, budget {h['budget']} boxes ({h['budget_rule']}), "
+                     f"query size {h['query_size']}, starting budget {h['settings']['start']}, seeds "
+                     f"{', '.join(map(str, setting.seeds))}.")
+        notes.append("Versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()) + f"; profile: "
+                     + ", ".join(f"{k}={v}" for k, v in h["profile"].items() if k != "description" and v is not None))
+        if h["settings"].get("reductions"):
+            notes.append("Reduced against the nnActive protocol: " + "; ".join(h["settings"]["reductions"]) + ".")
+        sections.append((setting.name, tables, figures, notes))
+    if len(ppms) > 1:
+        total = sum_penalty_matrices(ppms)
+        table = penalty_table(total, "Pairwise penalty matrix summed over settings")
+        p = out / "penalty_matrix_summed.png"
+        plot_penalty_matrix(total, p, "summed over settings")
+        sections.append(("All settings", [table], [Figure("Summed penalty matrix", p, "")], []))
+    md = ["# ActiveLearning3D simulation report", ""]
+    body = []
+    for title, tables, figures, notes in sections:
+        md += [f"## {title}", ""] + [f"- {n}" for n in notes] + [""]
+        md += [t.markdown() for t in tables]
+        md += [f"![{f.title}]({f.path.name})\n\n{f.caption}\n" for f in figures]
+        body.append(f"<h2>{html.escape(title)}</h2>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+                    + "".join(t.html() for t in tables)
+                    + "".join(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,"
+                              f"{base64.b64encode(f.path.read_bytes()).decode()}'><figcaption>{html.escape(f.caption)}"
+                              f"</figcaption></figure>" for f in figures))
+    atomic_write_text(out / "report.md", "\n".join(md))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}"
+             "th{background:#eee}img{max-width:100%}figcaption{font-size:12px;color:#555}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ActiveLearning3D simulation report</title>"
+            f"<style>{style}</style></head><body><h1>ActiveLearning3D simulation report</h1>{''.join(body)}</body></html>")
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"

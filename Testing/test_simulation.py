@@ -1,0 +1,150 @@
+"""``al3d simulate`` and ``al3d report`` on 16 cases (real Hippocampus when shared, else phantoms), ``test`` profile.
+
+Two methods, two seeds, two loops and the full-data reference. The simulation
+is started as a command, killed with SIGKILL once the first loop record is
+written, and run again: it must finish without redoing finished work. Then the
+report must hold every table and plot.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ActiveLearning3DLib import ActiveLearningLogic
+from ActiveLearning3DLib.cli import main as al3d
+from ActiveLearning3DLib.fileio import read_json
+from ActiveLearning3DLib.simulation import (NNACTIVE_BUDGETS, Simulation, SimulationSettings, collect_results,
+                                            resolve_budget)
+from conftest import default_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("random", "clasp_pe")
+SEEDS = (0, 1)
+
+
+def _settings(data: Path, out: Path) -> SimulationSettings:
+    return SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=METHODS, out=out, budget=20,
+                              loops=2, seeds=SEEDS, profile="test", device="cpu", max_cases=16, parallel=1)
+
+
+def _command(settings: SimulationSettings) -> list[str]:
+    return [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(settings.images), "--labels",
+            str(settings.labels), "--method", ",".join(settings.methods), "--budget", str(settings.budget), "--loops",
+            str(settings.loops), "--seeds", ",".join(map(str, settings.seeds)), "--profile", "test", "--device", "cpu",
+            "--max-cases", "16", "--parallel", "1", "--out", str(settings.out)]
+
+
+def _job_endings(out: Path) -> dict[str, str]:
+    return {str(p.parent.relative_to(out)): read_json(p)["ended"] for p in out.rglob("jobs/*/status.json")
+            if read_json(p)["state"] == "done"}
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    data = default_data_dir(tmp_path_factory, phantom_cases=16)
+    out = tmp_path_factory.mktemp("sim") / "run"
+    settings = _settings(data, out)
+    driver = subprocess.Popen(_command(settings), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not list(out.glob("results/*/seed_*/loop_000.json")):
+        assert driver.poll() is None, "the simulation ended before writing a record"
+        assert time.monotonic() < deadline, "no loop record after 10 minutes"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)  # the driver dies; its workers (own sessions) may still run
+    driver.wait()
+    records_before = {p: p.read_text() for p in out.glob("results/*/seed_*/loop_*.json")}
+    done_before = _job_endings(out)
+    results = Simulation(settings).run(poll_seconds=0.3)
+    return settings, results, records_before, done_before
+
+
+def test_budget_from_the_nnactive_table_or_the_documented_rule():
+    assert resolve_budget("low", (20, 20, 20), 10**7) == (100, "nnActive table for patch [20, 20, 20]")
+    assert resolve_budget("high", (32, 74, 74), 1)[0] == NNACTIVE_BUDGETS[(32, 74, 74)][2]
+    low, rule = resolve_budget("low", (10, 10, 10), 2_000_000)
+    assert "rule" in rule and low == 130  # 6.5 % of 2e6 voxels in boxes of 1000 voxels, rounded to 5
+    assert resolve_budget("medium", (10, 10, 10), 2_000_000)[0] == 260
+    assert resolve_budget(40, (10, 10, 10), 1) == (40, "given")
+    with pytest.raises(ValueError, match="low, medium, high"):
+        resolve_budget("huge", (20, 20, 20), 1)
+    with pytest.raises(ValueError, match="unknown query method"):
+        SimulationSettings(images=Path("i"), labels=Path("l"), methods=("nope",), out=Path("o"))
+
+
+def test_killed_simulation_resumes_without_redoing_finished_work(simulated):
+    settings, results, records_before, done_before = simulated
+    assert results["failed"] == {}
+    for path, text in records_before.items():
+        assert path.read_text() == text  # records are never rewritten
+    after = _job_endings(settings.out)
+    assert {k: after.get(k) for k in done_before} == done_before  # no finished job ran again
+
+
+def test_every_run_records_every_loop_with_the_shared_protocol(simulated):
+    settings, results, _, _ = simulated
+    header = read_json(settings.out / "simulation.json")
+    assert header["budget"] == 20 and header["query_size"] == 4 and header["versions"]["nnunetv2"]
+    assert header["profile"]["name"] == "test" and header["versions"]["torch"]
+    records = {(r["method"], r["seed"], r["loop"]): r for r in results["records"]}
+    assert set(records) == {(m, s, t) for m in METHODS for s in SEEDS for t in range(2)}
+    for (m, s, t), r in records.items():
+        assert r["boxes"] == 4 * (t + 1) and r["annotated_voxels"] == r["boxes"] * 8000
+        assert 0 < r["foreground_fraction"] < 1 and 0 <= r["mean_dice"] <= 1
+        assert r["seconds"]["train"] > 0 and r["seconds"]["evaluate"] > 0
+    for s in SEEDS:  # loop 0 (starting budget and its model) is shared by the methods of a seed
+        assert records[("random", s, 0)]["mean_dice"] == records[("clasp_pe", s, 0)]["mean_dice"]
+        assert records[("random", s, 0)]["model"] == records[("clasp_pe", s, 0)]["model"]
+    tests = {tuple(sorted(ActiveLearningLogic.open(settings.out / f"seed_{s}" / m).project.test_cases))
+             for m in METHODS for s in SEEDS}
+    assert len(tests) == 1  # the same test split everywhere
+    assert 0 <= results["reference"]["mean_dice"] <= 1
+    annotated_later = [records[("clasp_pe", s, 1)]["foreground_fraction"] > records[("clasp_pe", s, 0)]["foreground_fraction"]
+                       for s in SEEDS]
+    assert all(annotated_later)
+
+
+def test_model_free_queries_depend_on_the_seed_only(simulated, tmp_path):
+    settings, _, _, _ = simulated
+    for seed in SEEDS:
+        copy = tmp_path / f"start_{seed}"
+        shutil.copytree(settings.out / f"seed_{seed}" / "start", copy)
+        again = ActiveLearningLogic.open(copy).query("random", 4, seed)
+        ran = ActiveLearningLogic.open(settings.out / f"seed_{seed}" / "random").project.read_loop(1)
+        assert [b.box for b in again.boxes] == [b.box for b in ran.boxes]
+    first = ActiveLearningLogic.open(settings.out / "seed_0" / "random").project.read_loop(1).boxes
+    second = ActiveLearningLogic.open(settings.out / "seed_1" / "random").project.read_loop(1).boxes
+    assert [b.box for b in first] != [b.box for b in second]
+
+
+def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
+    settings, _, _, _ = simulated
+    assert al3d(["report", str(settings.out), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    for title in ("### Summary", "### Per loop", "### Pairwise penalty matrix"):
+        assert title in md
+    for method in METHODS:
+        row = re.search(rf"^\| {method} \| 2 \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ± [\d.]+ \| ([\d.]+|n/a) \|", md, re.M)
+        assert row, f"no summary row for {method}"
+        assert 0 <= float(row.group(1)) <= 100 and 0 <= float(row.group(2)) <= 100
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == ["setting1_dice_vs_boxes.png", "setting1_dice_vs_foreground.png", "setting1_penalty_matrix.png",
+                    "setting1_queried_boxes.png"]
+    for png in pngs:
+        assert f"({png})" in md and (tmp_path / "report" / png).stat().st_size > 5000
+    assert page.count("data:image/png;base64,") == 4 and "src='http" not in page  # self-contained
+    assert "<table>" in page and "Versions:" in page and "nnunetv2 2.8.1" in page
+
+
+def test_collect_results_refuses_a_folder_that_is_not_a_simulation(tmp_path):
+    from ActiveLearning3DLib.project import ProjectError
+
+    with pytest.raises(ProjectError, match="not a simulation folder"):
+        collect_results(tmp_path)
