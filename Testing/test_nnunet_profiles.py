@@ -15,15 +15,18 @@ from ActiveLearning3DLib.nnunet.profiles import (
 
 
 def test_named_profiles_have_the_documented_budgets():
-    assert profile_names() == ["paper", "cpu-small", "test"]
+    assert profile_names() == ["paper", "cpu-small", "demo", "test"]
     paper = resolve_profile("paper")
     assert (paper.configuration, paper.epochs, paper.iterations_per_epoch, paper.folds) == ("3d_fullres", 200, 250, 5)
     assert not paper.changes_network and paper.batch_size is None  # nnU-Net's plans unchanged
     small = resolve_profile("cpu-small")
     assert small.changes_network and small.total_iterations < paper.total_iterations / 20
     assert small.num_workers == 0 and small.device == "auto"
+    demo = resolve_profile("demo")  # the cpu-small network, a shorter budget, 2 folds
+    assert (demo.patch_size, demo.base_features, demo.folds) == (small.patch_size, small.base_features, 2)
+    assert demo.total_iterations < small.total_iterations / 5 and demo.evaluation_mirroring
     test = resolve_profile("test")
-    assert test.total_iterations <= 10 and test.patch_size == (16, 16, 16)
+    assert test.total_iterations <= 10 and test.patch_size == (16, 16, 16) and not test.evaluation_mirroring
 
 
 def test_overrides_replace_fields_and_none_means_not_given():
