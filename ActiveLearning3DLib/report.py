@@ -348,7 +348,7 @@ def write_report(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
                      f"patch {' x '.join(map(str, h['patch_size']))}, budget {h['budget']} boxes ({h['budget_rule']}), "
                      f"query size {h['query_size']}, starting budget {h['settings']['start']}, seeds "
                      f"{', '.join(map(str, setting.seeds))}.")
-        notes.append("Versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()) + f"; profile: "
+        notes.append("Versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()) + "; profile: "
                      + ", ".join(f"{k}={v}" for k, v in h["profile"].items() if k != "description" and v is not None))
         if h["settings"].get("reductions"):
             notes.append("Reduced against the nnActive protocol: " + "; ".join(h["settings"]["reductions"]) + ".")

@@ -460,8 +460,12 @@ def collect_results(out: Path | str) -> dict:
     header = read_json(header_path)
     records = [read_json(p) for p in sorted((out / "results").glob("*/seed_*/loop_*.json"))]
     reference = None
-    if header.get("reference_dir") and (Path(header["reference_dir"]) / "reference.json").is_file():
-        reference = read_json(Path(header["reference_dir"]) / "reference.json")
+    candidates = [Path(header["reference_dir"]) / "reference.json"] if header.get("reference_dir") else []
+    candidates.append(out / "reference.json")  # a copy beside the records (benchmarks/results/...)
+    for path in candidates:
+        if path.is_file():
+            reference = read_json(path)
+            break
     return {"run_dir": str(out), "header": header, "records": records, "reference": reference}
 
 

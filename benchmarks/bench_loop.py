@@ -182,8 +182,10 @@ def report(results: dict) -> None:
               f"{r.get('per_class')}")
     print(f"selection (clasp_pe, {loop['selection_info'].get('count')} boxes from stored scores): "
           f"{loop['selection_seconds']:.2f} s")
-    total = loop["pipeline_seconds"] + loop["selection_seconds"]
-    print(f"loop total: {total:.0f} s ({loop['pipeline_seconds']:.0f} s for the jobs)")
+    job_walls = sum(j["wall_seconds"] or 0.0 for j in jobs.values())
+    total = job_walls + loop["selection_seconds"]
+    print(f"loop total: {total:.0f} s = sum of the job wall times (run one at a time) + selection; this call's own "
+          f"wall time {loop['pipeline_seconds']:.0f} s (less when it resumed finished jobs)")
     if score:
         steps = score["result"]["seconds_by_step"]
         nnunet_network = train_network + steps.get("network", 0.0)

@@ -1,0 +1,76 @@
+"""Benchmark: does the simulation reproduce nnActive's Hippocampus study? (a long, resumable run)
+
+Runs ``al3d simulate`` on the full Hippocampus data (195 pool / 65 test cases),
+low budget (100 boxes of 20 x 20 x 20, 5 loops, 20 boxes per loop), with a
+training profile (``cpu-small`` by default), first ``random_fg66`` and
+``clasp_pe`` with 3 seeds. The run folder lives outside the repository; run
+this again (any session) and it resumes. After every call, the small per-loop
+records and the simulation header are copied into
+``benchmarks/results/<name>/`` so that finished figures can be committed, and
+the report is written there.
+
+    .venv/bin/python benchmarks/bench_simulation.py [--run-dir /work/al3d-runs/hippocampus-low-cpu-small]
+        [--methods random_fg66,clasp_pe] [--seeds 0,1,2] [--profile cpu-small] [--sync-only]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ActiveLearning3DLib.default_data import find_shared_dataset  # noqa: E402
+
+
+def sync(run_dir: Path, target: Path) -> int:
+    """Copy simulation.json, the per-loop records and the reference summary; returns the number of records."""
+    target.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "simulation.json").is_file():
+        shutil.copy2(run_dir / "simulation.json", target / "simulation.json")
+    records = sorted((run_dir / "results").glob("*/seed_*/loop_*.json"))
+    for path in records:
+        dest = target / "results" / path.relative_to(run_dir / "results")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+    for reference in (run_dir / "reference").glob("*/reference.json"):
+        shutil.copy2(reference, target / "reference.json")
+    return len(records)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=REPO.parent / "al3d-runs" / "hippocampus-low-cpu-small")
+    parser.add_argument("--methods", default="random_fg66,clasp_pe")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--profile", default="cpu-small")
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--sync-only", action="store_true", help="only copy finished records and write the report")
+    args = parser.parse_args()
+    name = args.run_dir.name
+    target = REPO / "benchmarks" / "results" / name
+    if not args.sync_only:
+        data = find_shared_dataset(REPO)
+        if data is None:
+            sys.exit("bench_simulation: needs ../shared/datasets/Task04_Hippocampus")
+        command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data / "imagesTr"),
+                   "--labels", str(data / "labelsTr"), "--method", args.methods, "--budget", "low", "--loops", "5",
+                   "--seeds", args.seeds, "--profile", args.profile, "--device", "cpu", "--parallel",
+                   str(args.parallel), "--out", str(args.run_dir)]
+        print(" ".join(command), flush=True)
+        code = subprocess.call(command, cwd=REPO)
+        print(f"simulate exited with {code}")
+    n = sync(args.run_dir, target)
+    print(f"{n} loop records copied to {target}")
+    if n:
+        from ActiveLearning3DLib.report import write_report
+
+        print(f"report: {write_report([target], target / 'report')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
