@@ -481,9 +481,10 @@ def demo_settings(data, out: Path | str, max_cases: int | None = None) -> Simula
     cases = max_cases or DEMO_MAX_CASES
     return SimulationSettings(
         images=data.images, labels=data.labels, methods=DEMO_METHODS, out=Path(out), budget="low", loops=3, seeds=(0,),
-        profile="demo", device="cpu", max_cases=cases,
+        profile="demo", device="cpu", max_cases=cases, parallel=max(2, default_parallel()),
         reductions=(f"the first {cases} cases of {data.name} instead of all (75 / 25 split of those)",
                     "3 loops instead of 5 (query size stays 20 % of the low budget)", "one seed instead of 4",
+                    "two jobs at a time with one torch thread each",
                     f"training profile 'demo': {PROFILES['demo'].description} (the study: 3d_fullres, 5 folds x "
                     "200 epochs x 250 iterations)"),
     )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 
 from ActiveLearning3DLib.nnunet.profiles import (
@@ -22,9 +23,10 @@ def test_named_profiles_have_the_documented_budgets():
     small = resolve_profile("cpu-small")
     assert small.changes_network and small.total_iterations < paper.total_iterations / 20
     assert small.num_workers == 0 and small.device == "auto"
-    demo = resolve_profile("demo")  # the cpu-small network, a shorter budget, 2 folds
-    assert (demo.patch_size, demo.base_features, demo.folds) == (small.patch_size, small.base_features, 2)
-    assert demo.total_iterations < small.total_iterations / 5 and not demo.evaluation_mirroring
+    demo = resolve_profile("demo")  # the cpu-small network on a smaller patch, a shorter budget, 2 folds
+    assert (demo.base_features, demo.max_features, demo.folds) == (small.base_features, small.max_features, 2)
+    assert np.prod(demo.patch_size) < np.prod(small.patch_size) and demo.initial_lr > small.initial_lr
+    assert demo.total_iterations < small.total_iterations / 2 and not demo.evaluation_mirroring
     test = resolve_profile("test")
     assert test.total_iterations <= 10 and test.patch_size == (16, 16, 16) and not test.evaluation_mirroring
 
