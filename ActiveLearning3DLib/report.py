@@ -76,6 +76,10 @@ def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {scale * float(np.std(finite, ddof=1)):.{digits}f}"
 
 
+def _short(seconds: float) -> str:
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
+
+
 class SettingResults:
     """The records of one simulation folder, arranged per method and seed."""
 
@@ -143,6 +147,10 @@ class SettingResults:
         note = (f"Mean Dice x 100 on {self.header['test_cases']} test cases, mean ± sd over seeds. Full-data reference "
                 f"(same profile, every pool label): {'not available' if y_full is None else f'{100 * y_full:.1f}'}. "
                 "FG-Eff = gamma of the saturation fit over all seeds and loops (higher is better).")
+        best = max((r["mean_dice"] for r in self.records if r["mean_dice"] is not None), default=None)
+        if y_full is not None and best is not None and best > y_full:
+            note += (f" Caution: the full-data reference is below the best active-learning Dice ({100 * best:.1f}), so "
+                     "the profile's training budget is too short for the full data and FG-Eff is not meaningful here.")
         return Table(f"Summary: {self.name}", ["method", "seeds", "AUBC", "Final Dice", "FG-Eff",
                                                "pool foreground annotated (%)"], rows, note)
 
@@ -160,7 +168,7 @@ class SettingResults:
                             seconds.setdefault(k, []).append(v)
                 rows.append([m, str(t), str(rs[0]["boxes"]), _pm([r["mean_dice"] for r in rs]),
                              _pm([r["foreground_fraction"] for r in rs], digits=2),
-                             ", ".join(f"{k} {np.mean(v):.0f}" for k, v in seconds.items())])
+                             ", ".join(f"{k} {_short(float(np.mean(v)))}" for k, v in seconds.items())])
         return Table("Per loop", ["method", "loop", "boxes", "Mean Dice", "pool foreground annotated (%)",
                                   "stage wall time (s, mean over seeds)"], rows)
 
