@@ -193,6 +193,18 @@ def _colours(methods: Sequence[str]) -> dict[str, str]:
     return {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(methods)}
 
 
+def _finish_dice_plot(fig, ax, setting: SettingResults, path: Path, xlabel: str, title: str) -> None:
+    """The full-data line, labels, grid and legend of a Dice plot, then save it."""
+    if setting.y_full() is not None:
+        ax.axhline(100 * setting.y_full(), color="k", linestyle="--", linewidth=1, label="full data")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test Mean Dice (x 100)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def plot_dice_vs_boxes(setting: SettingResults, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -210,14 +222,7 @@ def plot_dice_vs_boxes(setting: SettingResults, path: Path) -> None:
         if len(curves) > 1:
             sd = np.nanstd(y, axis=0, ddof=1)
             ax.fill_between(x, mean - sd, mean + sd, color=colours[m], alpha=0.2)
-    if setting.y_full() is not None:
-        ax.axhline(100 * setting.y_full(), color="k", linestyle="--", linewidth=1, label="full data")
-    ax.set_xlabel("annotated boxes")
-    ax.set_ylabel("test Mean Dice (x 100)")
-    ax.set_title("Dice against budget (band: ± 1 sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    _finish_dice_plot(fig, ax, setting, path, "annotated boxes", "Dice against budget (band: ± 1 sd over seeds)")
 
 
 def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
@@ -235,14 +240,8 @@ def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
         if fit is not None:
             xs = np.linspace(fit.x0, max(r["foreground_fraction"] for r in rows) * 1.05, 100)
             ax.plot(100 * xs, 100 * fit.predict(xs), color=colours[m], label=f"{m} fit, FG-Eff {fit.gamma:.2f}")
-    if setting.y_full() is not None:
-        ax.axhline(100 * setting.y_full(), color="k", linestyle="--", linewidth=1, label="full data")
-    ax.set_xlabel("pool foreground inside annotated boxes (%)")
-    ax.set_ylabel("test Mean Dice (x 100)")
-    ax.set_title("Dice against annotated foreground, with FG-Eff fits")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    _finish_dice_plot(fig, ax, setting, path, "pool foreground inside annotated boxes (%)",
+                      "Dice against annotated foreground, with FG-Eff fits")
 
 
 def plot_penalty_matrix(ppm, path: Path, title: str) -> None:
