@@ -251,3 +251,22 @@ def test_training_without_annotations_or_with_an_unknown_stage_is_refused(tmp_pa
         logic.loop_pipeline(LoopSettings(profile="test"))
     with pytest.raises(ValueError, match="unknown pipeline stages"):
         LoopSettings(stages=("train", "fly"))
+
+
+def test_tile_batches_give_nnunets_own_sliding_window_result(looped):
+    """Batched tiles are an optimisation only: the logits equal nnU-Net's one-tile-at-a-time sliding window."""
+    from ActiveLearning3DLib.nnunet.prediction import Ensemble, PredictionSettings
+
+    logic, pipeline = looped
+    case = sorted(logic.project.pool_cases)[0]
+    results = {}
+    for batch in (1, 8):
+        for mirroring in (False, True):
+            ensemble = Ensemble.load(pipeline.model_folder, folds=[0], settings=PredictionSettings(
+                tile_step=0.5, mirroring=mirroring, tile_batch=batch))
+            assert (type(ensemble.predictor).__name__ == "TileBatchPredictor") == (batch > 1)
+            data, _ = ensemble.preprocess(logic.project.image_paths(case))
+            results[batch, mirroring] = ensemble.logits(data, 0).float()
+    for mirroring in (False, True):
+        np.testing.assert_allclose(results[8, mirroring].numpy(), results[1, mirroring].numpy(), atol=2e-2, rtol=1e-2)
+    assert not np.allclose(results[8, True].numpy(), results[8, False].numpy(), atol=1e-3)  # mirroring was applied

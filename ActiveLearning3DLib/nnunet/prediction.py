@@ -6,7 +6,8 @@ probabilities. :class:`Ensemble` therefore keeps one network and the state dict
 of every fold (loaded once), preprocesses an image once, and runs nnU-Net's
 ``predict_sliding_window_return_logits`` once per member, each time exporting
 the probabilities to the original image grid with nnU-Net's
-``convert_predicted_logits_to_segmentation_with_correct_shape``. The network
+``convert_predicted_logits_to_segmentation_with_correct_shape``. Tiles go
+through the network in batches (:func:`tile_batch_predictor_class`). The network
 is built from the model folder's ``plans.json`` by ``nnUNetTrainer``'s own
 ``build_network_architecture`` (what ``initialize_from_trained_model_folder``
 does, without looking the trainer class up by name, so no environment is needed).
@@ -54,6 +55,52 @@ class PredictionSettings:
     mirroring: bool = False  # test-time mirroring: off for pool scoring, on for evaluation
     device: str = "cpu"
     threads: int | None = None  # torch threads in this process; None = torch's default
+    tile_batch: int = 8  # sliding-window tiles per forward pass (nnU-Net: 1)
+
+
+def tile_batch_predictor_class():
+    """``nnUNetPredictor`` with tiles predicted in batches; imported lazily (torch and nnU-Net are heavy).
+
+    nnU-Net's sliding window runs the network on one tile at a time. On a CPU a
+    small network is far faster per tile in batches (measured with the
+    ``cpu-small`` network, 8 tiles of 32 x 40 x 32: 482 ms one at a time, 77 ms as
+    one batch). This subclass overrides only the tile loop: the same tiles, the
+    same Gaussian weighting, half-precision accumulation and mirroring as
+    nnU-Net 2.8.1's ``_internal_predict_sliding_window_return_logits``, with up to
+    ``tile_batch`` tiles per forward pass.
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+    from nnunetv2.utilities.helpers import empty_cache
+
+    class TileBatchPredictor(nnUNetPredictor):
+        tile_batch = 8
+
+        @torch.inference_mode()
+        def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):
+            results_device = self.device if do_on_device else torch.device("cpu")
+            empty_cache(self.device)
+            data = data.to(results_device)
+            heads = self.label_manager.num_segmentation_heads
+            logits = torch.zeros((heads, *data.shape[1:]), dtype=torch.half, device=results_device)
+            counts = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+            gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                        value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
+            for start in range(0, len(slicers), max(1, int(self.tile_batch))):
+                chunk = slicers[start:start + max(1, int(self.tile_batch))]
+                tiles = torch.stack([data[sl] for sl in chunk]).to(self.device)
+                predictions = self._internal_maybe_mirror_and_predict(tiles).to(results_device)
+                for prediction, sl in zip(predictions, chunk):
+                    if self.use_gaussian:
+                        prediction = prediction * gaussian
+                    logits[sl] += prediction
+                    counts[sl[1:]] += gaussian
+            torch.div(logits, counts, out=logits)
+            if torch.any(torch.isinf(logits)):
+                raise RuntimeError("Encountered inf in predicted array (as nnU-Net: reduce value_scaling_factor)")
+            return logits
+
+    return TileBatchPredictor
 
 
 @dataclass
@@ -110,9 +157,11 @@ class Ensemble:
             enable_deep_supervision=False,
         )
         network.load_state_dict(parameters[0])
-        predictor = nnUNetPredictor(tile_step_size=settings.tile_step, use_gaussian=True,
+        predictor_class = tile_batch_predictor_class() if settings.tile_batch > 1 else nnUNetPredictor
+        predictor = predictor_class(tile_step_size=settings.tile_step, use_gaussian=True,
                                     use_mirroring=settings.mirroring, perform_everything_on_device=device.type == "cuda",
                                     device=device, verbose=False, allow_tqdm=False)
+        predictor.tile_batch = settings.tile_batch
         predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                         trainer_name, mirror_axes)
         return cls(folder, folds, settings, predictor, parameters)
