@@ -63,8 +63,8 @@ def project(out: Path, boxes: int) -> ActiveLearningLogic:
         logic = ActiveLearningLogic.create(path, data / "imagesTr", data / "labelsTr", seed=0)
     if not logic.project.loop_indices():
         logic.query("nnactive_start", boxes)
-    if logic.pending_boxes():
-        logic.annotate_with_oracle()
+    if logic.project.loop_indices() == [0] and logic.pending_boxes():
+        logic.annotate_with_oracle()  # only the starting budget: the loop's own query (loop 1) stays pending
     return logic
 
 
@@ -216,12 +216,14 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--evaluate", action="store_true", help="also evaluate on the 65 test cases")
     parser.add_argument("--compare-cases", type=int, default=60, help="pool images in the scoring comparison (0: skip)")
+    parser.add_argument("--compare-only", action="store_true", help="keep the loop figures, redo the comparison")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     logic = project(args.out, args.count)
     results_file = args.out / "results.json"
     results = read_json(results_file) if results_file.is_file() else {}
-    results["loop"] = run_loop(logic, args)
+    if not (args.compare_only and "loop" in results):
+        results["loop"] = run_loop(logic, args)
     atomic_write_json(results_file, results)
     if args.compare_cases:
         cases = sorted(logic.project.pool_cases)[: args.compare_cases]
