@@ -96,6 +96,8 @@ class LocalRunner:
                 tail = job.log_tail(10)
                 job.update(state="failed", ended=now_iso(), exit_code=code,
                            message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""))
+            elif status.state == "failed" and status.exit_code is None:  # a watcher saw it die first (Job.refresh)
+                job.update(exit_code=code)
             ended.append(job)
         while self._queue and len(self._running) < self.settings.max_parallel:
             job = self._queue.pop(0)
@@ -137,7 +139,8 @@ class LocalRunner:
             self.poll()
             if on_poll is not None:
                 on_poll([Job(p) for p in watched])
-            if all(Job(p).refresh().final for p in watched):
+            # jobs this runner started are judged by poll() (it has their exit code); others by their files
+            if all((Job(p).status() if p in self._running else Job(p).refresh()).final for p in watched):
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
