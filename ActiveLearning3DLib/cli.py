@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import __version__
 from .aggregation import NotEnoughCandidates
 from .dataset import DatasetError
+from .fileio import read_json
 from .jobs import JobError
 from .logic import ActiveLearningLogic
 from .nnunet.profiles import ProfileError, profile_names
@@ -146,7 +147,7 @@ def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
         print(f"al3d {args.command}: failed: {state.message}", file=sys.stderr)
         return 1
     if settings.evaluate and pipeline.evaluates and pipeline.evaluation_summary.is_file() and "predict" in settings.stages:
-        summary = json.loads(pipeline.evaluation_summary.read_text())
+        summary = read_json(pipeline.evaluation_summary)
         per_class = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in summary["per_class"].items())
         mean = summary["mean_dice"]
         print(f"test split ({summary['test_cases']} cases): Mean Dice {mean if mean is None else round(mean, 4)} ({per_class}) "
@@ -238,8 +239,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = resolve_default_data(os.environ, Path.cwd(), args.out.absolute() / "phantoms", 0)
     settings = demo_settings(data, args.out, args.max_cases)
     print(f"data: {data.name} ({data.origin}) {data.images}")
-    code = _run_simulation(settings, args.out / "report")
-    return code
+    return _run_simulation(settings, args.out / "report")
 
 
 def _project_command(sub, name: str, help: str, func, json: bool = False) -> argparse.ArgumentParser:

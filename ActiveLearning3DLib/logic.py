@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from .aggregation import Pick
-from .boxes import Box, Shape3
+from .boxes import Shape3
 from .jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,15 +145,8 @@ class ActiveLearningLogic:
         total = p.pool_foreground_voxels
         if not p.has_ground_truth or total == 0:
             raise ProjectError(f"{p.path}: the foreground fraction needs ground truth with foreground")
-        inside = 0
-        by_case: dict[str, list[Box]] = {}
-        for b in p.all_boxes():
-            if b.state == "annotated":
-                by_case.setdefault(b.case, []).append(b.box)
-        for case, boxes in by_case.items():
-            gt = p.read_ground_truth(case)
-            inside += sum(int(np.count_nonzero(gt[b.slices])) for b in boxes)
-        return inside / total
+        rows = p.annotated_foreground()
+        return (rows[-1][2] if rows else 0) / total
 
     # ---------------------------------------------------------------- querying
     def query(

@@ -34,6 +34,7 @@ from typing import Callable
 
 from .fileio import read_json
 from .jobs import Job, JobRunner, JobStatus, LocalRunner, LocalRunnerSettings
+from .jobs.runner import default_parallel
 from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
 from .project import LoopFile, ProjectError
@@ -59,6 +60,16 @@ def profile_tag(profile: TrainingProfile) -> str:
     if profile.name in PROFILES and model_settings(PROFILES[profile.name]) == mine:
         return profile.name
     return f"{profile.name}-{hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:6]}"
+
+
+def default_job_parallel(device: str | None = "auto") -> int:
+    """Jobs at a time: one on a GPU, else one per two CPU cores."""
+    return 1 if resolve_device(device) == "cuda" else default_parallel()
+
+
+def local_runner(python: str | None, parallel: int) -> LocalRunner:
+    """A local runner with this worker interpreter (default: this one) and parallelism."""
+    return LocalRunner(LocalRunnerSettings(**({"python": python} if python else {}), max_parallel=parallel))
 
 
 def auto_profile(device: str | None = "auto") -> str:
@@ -127,16 +138,16 @@ class LoopPipeline:
         device = s.device or "auto"
         name = s.profile if isinstance(s.profile, TrainingProfile) else (auto_profile(device) if s.profile == "auto" else s.profile)
         self.profile = resolve_profile(name, folds=s.folds, device=device)
-        self.parallel = s.parallel or (1 if self.profile.device == "cuda" else LocalRunnerSettings().max_parallel)
+        self.parallel = s.parallel or default_job_parallel(self.profile.device)
         self.threads = s.threads or max(1, (os.cpu_count() or 1) // self.parallel)
-        self.runner = runner or LocalRunner(LocalRunnerSettings(**({"python": s.python} if s.python else {}),
-                                                                max_parallel=self.parallel))
+        self.runner = runner or local_runner(s.python, self.parallel)
         annotated = [b for b in self.project.all_boxes() if b.state == "annotated"]
         if not annotated:
             raise ProjectError(f"{self.project.path}: no annotated boxes yet; query the starting budget (loop 0) "
                                "and annotate it before training")
         self.loop = max(b.loop for b in annotated)
-        self.model_name = f"loop_{self.loop:03d}_{profile_tag(self.profile)}_{self.project.annotation_key()}"
+        self.annotation_key = self.project.annotation_key()  # read once: advance() runs every poll
+        self.model_name = f"loop_{self.loop:03d}_{profile_tag(self.profile)}_{self.annotation_key}"
         self.paths = NnunetPaths.for_project(self.project)
         self.env = nnunet_environment(self.project, self.profile)
         self._submitted: set[str] = set()
@@ -201,8 +212,9 @@ class LoopPipeline:
                                                              "folds": self.profile.folds, "seed": self.project.settings.seed,
                                                              "threads": self.threads})]
         if stage == "train":
-            prepared = self.jobs("prepare")[0]
-            folds = int(read_json(prepared.path / "result.json")["folds"])
+            folds = self._prepared_folds()
+            if folds is None:
+                raise FileNotFoundError(f"{self.model_name}: prepare has not finished")
             return [self._job(f"fold_{k}", "nnunet_train", {"fold": k, "profile": self.profile.to_json(),
                                                              "output": str(self.model_folder), **common})
                     for k in range(folds)]
@@ -213,7 +225,7 @@ class LoopPipeline:
                     "model": str(self.model_folder), "output": str(self.evaluation_dir),
                     "mirroring": self.profile.evaluation_mirroring,
                     "summary_copy": str(self.evaluation_summary),
-                    "extra": {"loop": self.loop, "profile": self.profile.name, "annotation_key": self.project.annotation_key()},
+                    "extra": {"loop": self.loop, "profile": self.profile.name, "annotation_key": self.annotation_key},
                     **common}))
             if self.scores:
                 jobs.append(self._job("score", "nnunet_score", {
@@ -256,10 +268,8 @@ class LoopPipeline:
                 done_weight += _WEIGHTS[stage]
                 continue
             for job, status in zip(jobs, statuses):
-                if status.state in ("failed", "cancelled") and job.name not in self._submitted:
-                    self._submitted.add(job.name)  # started again once per pipeline run
-                    self.runner.submit(job)
-                elif status.state == "queued" and job.name not in self._submitted:
+                # queued ones start; failed and cancelled ones start again, once per pipeline run
+                if status.state in ("queued", "failed", "cancelled") and job.name not in self._submitted:
                     self._submitted.add(job.name)
                     self.runner.submit(job)
             self.runner.poll()
@@ -273,14 +283,19 @@ class LoopPipeline:
             return PipelineState(stage, "running", fraction, "", listed)
         return self._state("done", "done", 1.0, f"model {self.model_folder}")
 
+    def _prepared_folds(self) -> int | None:
+        """The number of folds the prepare job made splits for (None until it has finished)."""
+        result = self.jobs_dir / f"{self.model_name}-prepare" / "result.json"
+        return int(read_json(result)["folds"]) if result.is_file() else None
+
     def _stage_done(self, stage: str) -> bool:
         """Whether the jobs of a stage this run does not do are done (looked up, never created)."""
-        prepare = Job(self.jobs_dir / f"{self.model_name}-prepare")
         names = ["prepare"]
         if stage == "train":
-            if not (prepare.path / "result.json").is_file():
+            folds = self._prepared_folds()
+            if folds is None:
                 return False
-            names = [f"fold_{k}" for k in range(int(read_json(prepare.path / "result.json")["folds"]))]
+            names = [f"fold_{k}" for k in range(folds)]
         jobs = [Job(self.jobs_dir / f"{self.model_name}-{n}") for n in names]
         return all(j.spec_path.is_file() and j.refresh().state == "done" for j in jobs)
 

@@ -314,6 +314,26 @@ class Project:
         """Ground-truth foreground voxels of the whole pool (FG-Eff's denominator); 0 without ground truth."""
         return sum(n for c in self.pool_cases for k, n in self.cases[c].label_counts.items() if k != 0)
 
+    def annotated_foreground(self) -> list[tuple[int, int, int]]:
+        """Per loop, cumulative: (annotated boxes, annotated voxels, ground-truth foreground voxels inside them).
+
+        The last row's third value over :attr:`pool_foreground_voxels` is FG-Eff's x.
+        Each case's ground truth is read once per loop.
+        """
+        rows, boxes, voxels, inside = [], 0, 0, 0
+        for loop in self.loops():
+            by_case: dict[str, list[Box]] = {}
+            for b in loop.boxes:
+                if b.state == "annotated":
+                    by_case.setdefault(b.case, []).append(b.box)
+            for case, case_boxes in by_case.items():
+                gt = self.read_ground_truth(case)
+                inside += sum(int(np.count_nonzero(gt[b.slices])) for b in case_boxes)
+                voxels += sum(b.voxels for b in case_boxes)
+                boxes += len(case_boxes)
+            rows.append((boxes, voxels, inside))
+        return rows
+
     @property
     def pool_cases(self) -> list[str]:
         return [c for c, r in self.cases.items() if r.split == "pool"]

@@ -29,12 +29,12 @@ output folder, resumes where it stopped. Layout of ``OUT``::
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
@@ -44,11 +44,9 @@ import numpy as np
 from . import __version__
 from .boxes import Box
 from .fileio import atomic_write_json, read_json
-from .jobs import LocalRunner, LocalRunnerSettings
-from .jobs.runner import default_parallel
-from .nnunet.profiles import resolve_device
+from .jobs import seconds_between
 from .logic import ActiveLearningLogic
-from .pipeline import LoopPipeline, LoopSettings, auto_profile, profile_tag
+from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, local_runner, profile_tag
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
 from .query_methods import get_method
 from .query_methods.base import no_progress
@@ -140,40 +138,16 @@ def versions() -> dict:
     return found
 
 
-def annotated_foreground(project: Project) -> list[tuple[int, int, int]]:
-    """Per loop: (boxes annotated so far, annotated voxels so far, pool foreground voxels inside them)."""
-    rows, voxels, inside, boxes = [], 0, 0, 0
-    cache: dict[str, np.ndarray] = {}
-    for loop in project.loops():
-        for b in loop.boxes:
-            if b.state != "annotated":
-                continue
-            if b.case not in cache:
-                cache.clear()
-                cache[b.case] = project.read_ground_truth(b.case)
-            inside += int(np.count_nonzero(cache[b.case][b.box.slices]))
-            voxels += b.box.voxels
-            boxes += 1
-        rows.append((boxes, voxels, inside))
-    return rows
-
-
-def _seconds(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
 def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
     """Wall time of each stage of a loop from its jobs' start and end (parallel folds: first start to last end)."""
     out: dict[str, float | None] = {}
-    groups = {"prepare": ["prepare"], "train": [], "evaluate": ["evaluate"], "score": ["score"]}
     jobs = {j.name.rsplit("-", 1)[-1]: j.status() for j in pipeline.all_jobs()}
-    groups["train"] = [n for n in jobs if n.startswith("fold_")]
+    groups = {"prepare": ["prepare"], "train": [n for n in jobs if n.startswith("fold_")], "evaluate": ["evaluate"],
+              "score": ["score"]}
     for stage, names in groups.items():
         statuses = [jobs[n] for n in names if n in jobs and jobs[n].state == "done"]
         if statuses:
-            out[stage] = _seconds(min(s.started for s in statuses), max(s.ended for s in statuses))
+            out[stage] = seconds_between(min(s.started for s in statuses), max(s.ended for s in statuses))
     return out
 
 
@@ -181,6 +155,7 @@ def _copy_project(source: Path, target: Path) -> None:
     """Copy a project folder (with its nnU-Net state and jobs) atomically: a temporary folder renamed at the end."""
     if target.exists():
         return
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.copying"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging, ignore=shutil.ignore_patterns("log.txt", ".al3d-tmp-*"))
@@ -198,11 +173,10 @@ class Simulation:
         s = settings
         self.out = s.out
         self.profile_name = auto_profile(s.device) if s.profile == "auto" else s.profile
-        self.parallel = s.parallel or (1 if resolve_device(s.device) == "cuda" else default_parallel())
+        self.parallel = s.parallel or default_job_parallel(s.device)
         self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
                                           parallel=self.parallel, python=s.python)
-        self.runner = LocalRunner(LocalRunnerSettings(**({"python": s.python} if s.python else {}),
-                                                      max_parallel=self.parallel))
+        self.runner = local_runner(s.python, self.parallel)
         self.base = self._base_project()
         if not self.base.test_cases or not self.base.has_ground_truth:
             raise ProjectError(f"{s.images}: a simulation needs ground truth and a test split (test fraction > 0)")
@@ -281,23 +255,29 @@ class Simulation:
         """One pipeline per (run, loop), made once and kept (it remembers which failed jobs it retried)."""
         pipeline = self._pipelines.get(key)
         if pipeline is None:
-            settings = LoopSettings(**{**asdict(self.loop_settings), **changes})
+            settings = dataclasses.replace(self.loop_settings, **changes)
             pipeline = logic.loop_pipeline(settings, self.runner)
             self._pipelines[key] = pipeline
         return pipeline
 
-    def _start_step(self, seed: int) -> bool:
-        """Loop 0 of a seed: starting budget, oracle, loop-0 model and its evaluation. True when done."""
-        path = self.start_dir(seed)
+    def _loop0_logic(self, path: Path, make_loop0: Callable[[ActiveLearningLogic], None]) -> ActiveLearningLogic:
+        """A copy of the base project at ``path`` whose loop 0 (made by ``make_loop0``) the oracle has annotated."""
         if not (path / "project.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
             _copy_project(self.out / "base", path)
         logic = ActiveLearningLogic.open(path)
         if not logic.project.loop_indices():
-            loop = logic.query(self.settings.start, self.query_size, seed)
-            self.echo(f"seed {seed}: starting budget of {len(loop.boxes)} boxes by {self.settings.start}")
+            make_loop0(logic)
         if logic.pending_boxes():
             logic.annotate_with_oracle()
+        return logic
+
+    def _start_step(self, seed: int) -> bool:
+        """Loop 0 of a seed: starting budget, oracle, loop-0 model and its evaluation. True when done."""
+        def starting_budget(logic: ActiveLearningLogic) -> None:
+            loop = logic.query(self.settings.start, self.query_size, seed)
+            self.echo(f"seed {seed}: starting budget of {len(loop.boxes)} boxes by {self.settings.start}")
+
+        logic = self._loop0_logic(self.start_dir(seed), starting_budget)
         state = self._pipeline(("start", seed), logic, stages=("prepare", "train", "predict"), score=False,
                                seed=seed).advance()
         return self._check(state, f"seed {seed} start")
@@ -362,7 +342,7 @@ class Simulation:
         if path.is_file():
             return
         project = logic.project
-        boxes, voxels, inside = annotated_foreground(project)[loop]
+        boxes, voxels, inside = project.annotated_foreground()[loop]
         summary = read_json(pipeline.evaluation_summary)
         seconds = stage_seconds(pipeline)
         record = {
@@ -392,18 +372,13 @@ class Simulation:
         result = root / "reference.json"
         if result.is_file():
             return True
-        path = root / "project"
-        if not (path / "project.json").is_file():
-            root.mkdir(parents=True, exist_ok=True)
-            _copy_project(self.out / "base", path)
-        logic = ActiveLearningLogic.open(path)
-        project = logic.project
-        if not project.loop_indices():
+        def whole_images(logic: ActiveLearningLogic) -> None:
+            project = logic.project
             boxes = [BoxRecord(Box(c, (0, 0, 0), tuple(project.cases[c].shape)), 0, i, "full_data")
                      for i, c in enumerate(sorted(project.pool_cases))]
             project.write_loop(LoopFile(0, "full_data", None, now_iso(), boxes, {"reference": True}))
-        if logic.pending_boxes():
-            logic.annotate_with_oracle()
+
+        logic = self._loop0_logic(root / "project", whole_images)
         pipeline = self._pipeline("reference", logic, stages=("prepare", "train", "predict"), score=False)
         state = pipeline.advance()
         if state.state == "failed":
@@ -481,7 +456,7 @@ def demo_settings(data, out: Path | str, max_cases: int | None = None) -> Simula
     cases = max_cases or DEMO_MAX_CASES
     return SimulationSettings(
         images=data.images, labels=data.labels, methods=DEMO_METHODS, out=Path(out), budget="low", loops=3, seeds=(0,),
-        profile="demo", device="cpu", max_cases=cases, parallel=max(2, default_parallel()),
+        profile="demo", device="cpu", max_cases=cases, parallel=max(2, default_job_parallel("cpu")),
         reductions=(f"the first {cases} cases of {data.name} instead of all (75 / 25 split of those)",
                     "3 loops instead of 5 (query size stays 20 % of the low budget)", "one seed instead of 4",
                     "two jobs at a time with one torch thread each",

@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +36,6 @@ from ActiveLearning3DLib.default_data import find_shared_dataset  # noqa: E402
 from ActiveLearning3DLib.fileio import atomic_write_json, read_json  # noqa: E402
 from ActiveLearning3DLib.pipeline import LoopSettings  # noqa: E402
 from ActiveLearning3DLib.query_methods import get_method  # noqa: E402
-
-
-def seconds_between(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def dataset() -> Path:
@@ -93,7 +86,7 @@ def run_loop(logic: ActiveLearningLogic, args) -> dict:
     for job in pipeline.all_jobs():
         status = job.status()
         result = read_json(job.path / "result.json") if (job.path / "result.json").is_file() else {}
-        jobs[job.name.rsplit("-", 1)[-1]] = {"wall_seconds": seconds_between(status.started, status.ended), "result": result}
+        jobs[job.name.rsplit("-", 1)[-1]] = {"wall_seconds": status.wall_seconds, "result": result}
     return {"model": pipeline.model_name, "profile": pipeline.profile.to_json(), "pipeline_seconds": pipeline_seconds,
             "selection_seconds": selection, "selection_info": loop_file.info, "jobs": jobs,
             "pool_cases": len(logic.project.pool_cases), "model_folder": str(pipeline.model_folder),

@@ -12,6 +12,7 @@ import re
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +48,11 @@ class JobStatus:
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """Seconds from start to end (None until it has ended)."""
+        return seconds_between(self.started, self.ended)
 
     @classmethod
     def from_json(cls, d: dict) -> "JobStatus":
@@ -177,6 +183,13 @@ class Job:
     def __repr__(self) -> str:
         s = self.status()
         return f"<Job {self.name} {s.state} {100 * s.progress:.0f}% {s.stage}>"
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    """Seconds between two ISO times of job status files (None when either is missing)."""
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def process_alive(pid: int, job_dir: Path | None = None) -> bool:
