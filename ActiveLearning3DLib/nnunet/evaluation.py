@@ -58,7 +58,9 @@ def evaluate_test_split(
         segmentation = ensemble.segment(project.image_paths(case))
         reference = project.read_ground_truth(case)
         dice = dice_per_class(segmentation, reference, classes)
-        atomic_write_json(path, {"case": case, "classes": classes, "dice": [_finite_or_none(d) for d in dice],
+        # Full precision (JSON floats round-trip exactly), so a resumed summary equals an uninterrupted one.
+        atomic_write_json(path, {"case": case, "classes": classes,
+                                 "dice": [float(d) if math.isfinite(d) else None for d in dice],
                                  "seconds": round(time.perf_counter() - t, 3)})
         rows.append(list(dice))
         if progress:
