@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from .aggregation import Pick
-from .boxes import Shape3
+from .boxes import Box, Shape3
 from .jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -264,6 +264,30 @@ class ActiveLearningLogic:
         record.seconds = seconds
         self.project.update_box(record)
         return result
+
+    def add_box(self, case: str, center: Sequence[int]) -> BoxRecord:
+        """Add a pending box of the patch size centred on voxel ``center`` (k, j, i) to the current loop.
+
+        An annotator-chosen query (``source="annotator"``): the box is shifted to lie
+        inside the image and is annotated like a queried one.
+        """
+        p = self.project
+        if case not in p.pool_cases:
+            raise ProjectError(f"{p.path}: {case!r} is not a pool case; boxes are only added to pool images")
+        loops = p.loop_indices()
+        if not loops:
+            raise ProjectError(f"{p.path}: query the starting budget (loop 0) before adding boxes by hand")
+        shape = p.cases[case].shape
+        if len(center) != 3 or any(not 0 <= int(c) < n for c, n in zip(center, shape)):
+            raise ProjectError(f"{p.path}: voxel {list(center)} lies outside {case!r} of shape {list(shape)}")
+        size = tuple(min(s, n) for s, n in zip(p.patch_size, shape))
+        corner = tuple(min(max(int(c) - s // 2, 0), n - s) for c, s, n in zip(center, size, shape))
+        loop_file = p.read_loop(loops[-1])
+        record = BoxRecord(Box(case, corner, size), loop_file.loop, len(loop_file.boxes), "annotator",
+                           source="annotator")
+        loop_file.boxes.append(record)
+        p.write_loop(loop_file)
+        return record
 
     def skip(self, box: BoxRecord | str) -> BoxRecord:
         """Mark a pending box skipped (it stays out of the partial labels, and no later box overlaps it)."""

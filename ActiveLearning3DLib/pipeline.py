@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .fileio import read_json
 from .jobs import Job, JobRunner, JobStatus, LocalRunner, LocalRunnerSettings
@@ -235,6 +235,16 @@ class LoopPipeline:
                     "stride": list(self.settings.stride) if self.settings.stride else None, **common}))
             return jobs
         raise ValueError(f"stage {stage!r} has no jobs")
+
+    @property
+    def predictions_dir(self) -> Path:
+        return self.model_folder / "predictions"
+
+    def prediction_job(self, cases: Sequence[str] | None = None) -> Job:
+        """A job that segments ``cases`` (default: every case) with this loop's ensemble, for the final results."""
+        return self._job("predict_cases", "nnunet_predict", {
+            "model": str(self.model_folder), "output": str(self.predictions_dir), "cases": list(cases) if cases else None,
+            "mirroring": self.profile.evaluation_mirroring, "device": self.profile.device, "threads": self.threads})
 
     def all_jobs(self) -> list[Job]:
         """The jobs of this run's stages that exist so far (listing never creates a job of a stage not run)."""

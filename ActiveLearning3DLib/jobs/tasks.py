@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "nnunet_train": "ActiveLearning3DLib.nnunet.tasks:train_task",
     "nnunet_score": "ActiveLearning3DLib.nnunet.tasks:score_task",
     "nnunet_evaluate": "ActiveLearning3DLib.nnunet.tasks:evaluate_task",
+    "nnunet_predict": "ActiveLearning3DLib.nnunet.tasks:predict_task",
 }
 
 

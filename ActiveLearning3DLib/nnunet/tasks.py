@@ -1,4 +1,4 @@
-"""The nnU-Net stages as job tasks: what a worker process runs for ``prepare``, ``train``, ``score`` and ``evaluate``.
+"""The nnU-Net stages as job tasks: what a worker process runs for ``prepare``, ``train``, ``score``, ``evaluate`` and ``predict``.
 
 Each task takes the job's JSON inputs and a reporter, runs one stage in the
 worker process (torch and nnU-Net are imported here, never in the process
@@ -99,3 +99,31 @@ def evaluate_task(inputs: dict, report: Reporter) -> dict:
         Path(inputs["summary_copy"]).parent.mkdir(parents=True, exist_ok=True)
         atomic_copy(Path(inputs["output"]) / "summary.json", inputs["summary_copy"])
     return summary
+
+
+def predict_task(inputs: dict, report: Reporter) -> dict:
+    """Segment cases with the final ensemble (as the test evaluation does), one label image per case; resumes."""
+    import SimpleITK as sitk
+
+    from ..fileio import atomic_write_image, read_image
+    from .evaluation import load_evaluation_ensemble
+
+    threads = _threads(inputs)
+    project = Project.open(inputs["project"])
+    cases = list(inputs.get("cases") or project.cases)
+    output = Path(inputs["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    report(stage="prediction", message="loading the ensemble", force=True)
+    ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")), threads,
+                                        mirroring=bool(inputs.get("mirroring", True)))
+    written = []
+    for i, case in enumerate(cases):
+        path = output / f"{case}.nii.gz"
+        if not path.is_file():
+            files = project.image_paths(case)
+            segmentation = sitk.GetImageFromArray(ensemble.segment(files).astype("uint8"))
+            segmentation.CopyInformation(read_image(files[0]))
+            atomic_write_image(segmentation, path)
+        written.append(str(path))
+        report(stage="prediction", case=case, progress=(i + 1) / len(cases), message=f"predicted {case} ({i + 1}/{len(cases)})")
+    return {"model": str(inputs["model"]), "predictions": written}

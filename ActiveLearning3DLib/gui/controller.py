@@ -1,0 +1,408 @@
+"""The panel's controller: everything the Slicer panel offers, with no Qt, driven by real MRML nodes.
+
+The module widget only binds buttons to these methods and calls :meth:`poll`
+from a timer; the Python console can drive the same object::
+
+    from ActiveLearning3DLib.gui import AnnotationController, SlicerContext
+    c = AnnotationController.open_project(SlicerContext.from_application(), "~/al/hippo")
+    c.go_to_box(c.table()[0].id)      # volume, partial labels, boxes, views centred, segments ready
+    ...paint with the Segment Editor...
+    c.submit()                        # merged into the partial labels, saved, next box shown
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..fileio import atomic_write_json, read_json
+from ..jobs import Job
+from ..logic import ActiveLearningLogic
+from ..pipeline import LoopPipeline, LoopSettings, PipelineState
+from ..project import BoxRecord, BudgetSettings, ProjectError
+from ..query_methods import DEFAULT_METHOD
+from . import mrml
+from .geometry import CaseGrid, box_frame, voxel_at
+
+PANEL_SETTINGS = "panel.json"
+SORT_KEYS = ("loop", "case", "score", "state", "stratum")
+
+
+@dataclass
+class PanelSettings:
+    """What the panel remembers per project (saved in the project folder, so reopening continues as it was)."""
+
+    method: str = DEFAULT_METHOD
+    start_method: str = "random"
+    query_size: int | None = None
+    class_colors: dict[str, list[float]] = field(default_factory=dict)
+    profile: str = "auto"
+    device: str = "auto"
+    parallel: int | None = None
+    python: str | None = None  # worker interpreter; the module sets PythonSlicer
+
+    def loop_settings(self) -> LoopSettings:
+        return LoopSettings(profile=self.profile, device=self.device, parallel=self.parallel, method=self.method,
+                            count=self.query_size, python=self.python)
+
+
+@dataclass
+class QueryRow:
+    """One row of the query table."""
+
+    id: str
+    case: str
+    loop: int
+    score: float | None
+    stratum: str | None
+    state: str
+    source: str
+
+
+@dataclass
+class SubmitResult:
+    box: BoxRecord
+    voxels: int
+    foreground_voxels: int
+    dropped_outside: int
+    next_box: BoxRecord | None
+    seconds: float
+
+    @property
+    def warning(self) -> str | None:
+        if not self.dropped_outside:
+            return None
+        return (f"{self.dropped_outside} painted voxels lay outside box {self.box.id} and were not merged "
+                "(only the inside of a queried box is annotated)")
+
+
+@dataclass
+class LoopProgress:
+    """What the progress bar and the log show while a loop runs."""
+
+    stage: str
+    state: str
+    percent: float
+    message: str
+    jobs: list[dict]
+    log_tail: str
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+class AnnotationController:
+    """Binds a project (the headless logic) to a scene: the query table, boxes, annotation and the loop."""
+
+    def __init__(self, ctx: mrml.SlicerContext, logic: ActiveLearningLogic, runner=None):
+        self.ctx = ctx
+        self.logic = logic
+        self.runner = runner
+        self.settings = self._read_settings()
+        self.box_nodes = mrml.BoxNodes(ctx)
+        self.case: str | None = None
+        self.current: BoxRecord | None = None
+        self.volume = None
+        self.grid: CaseGrid | None = None
+        self.partial_segmentation = None
+        self.annotation = None
+        self.heat_map = None
+        self.pipeline: LoopPipeline | None = None
+        self._labels_changed = False
+
+    # ---------------------------------------------------------------- projects
+    @classmethod
+    def create_project(cls, ctx: mrml.SlicerContext, path: Path | str, images: Path | str, labels: Path | str | None = None,
+                       class_names: Mapping[int, str] | None = None, class_colors: Mapping[int, Sequence[float]] | None = None,
+                       patch_size: Sequence[int] | None = None, method: str = DEFAULT_METHOD, query_size: int = 20,
+                       start_method: str | None = None, start_count: int | None = None, runner=None,
+                       **project_options) -> "AnnotationController":
+        """Create a project from the panel's inputs and query its starting budget (loop 0)."""
+        budget = BudgetSettings(query_size=int(query_size))
+        logic = ActiveLearningLogic.create(path, images, labels, patch_size=patch_size, classes=class_names, budget=budget,
+                                           **project_options)
+        settings = PanelSettings(method=method, start_method=start_method or "random", query_size=int(query_size),
+                                 class_colors={str(k): list(map(float, v)) for k, v in (class_colors or {}).items()})
+        atomic_write_json(logic.project.path / PANEL_SETTINGS, asdict(settings))
+        logic.query(settings.start_method, start_count or query_size)
+        return cls(ctx, logic, runner)
+
+    @classmethod
+    def open_project(cls, ctx: mrml.SlicerContext, path: Path | str, runner=None) -> "AnnotationController":
+        """Open a project and continue where it stopped (table, states, settings come from its files)."""
+        return cls(ctx, ActiveLearningLogic.open(path), runner)
+
+    def _read_settings(self) -> PanelSettings:
+        path = self.logic.project.path / PANEL_SETTINGS
+        if not path.is_file():
+            return PanelSettings(query_size=self.logic.project.settings.budget.query_size)
+        known = PanelSettings.__dataclass_fields__
+        return PanelSettings(**{k: v for k, v in read_json(path).items() if k in known})
+
+    def save_settings(self, **changes: Any) -> PanelSettings:
+        """Change and save panel settings (method, profile, device, parallel, python, ...)."""
+        for key, value in changes.items():
+            if key not in PanelSettings.__dataclass_fields__:
+                raise ValueError(f"unknown panel setting {key!r}")
+            setattr(self.settings, key, value)
+        atomic_write_json(self.logic.project.path / PANEL_SETTINGS, asdict(self.settings))
+        return self.settings
+
+    # ------------------------------------------------------------------- table
+    def current_loop(self) -> int | None:
+        loops = self.logic.project.loop_indices()
+        return loops[-1] if loops else None
+
+    def table(self, sort_by: str = "loop", descending: bool = False, loop: int | None = None) -> list[QueryRow]:
+        """The boxes of a loop (default: the current one) as table rows, sorted by a column."""
+        if sort_by not in SORT_KEYS:
+            raise ValueError(f"cannot sort by {sort_by!r}; columns: {', '.join(SORT_KEYS)}")
+        loop = self.current_loop() if loop is None else loop
+        if loop is None:
+            return []
+        rows = [QueryRow(b.id, b.case, b.loop, b.score, b.stratum, b.state, b.source) for b in self.logic.boxes(loop)]
+
+        def key(row: QueryRow):
+            value = getattr(row, sort_by)
+            return (value is None, value if value is not None else 0, row.id)
+
+        rows.sort(key=key, reverse=descending)
+        if descending:  # keep rows without a value last either way
+            rows.sort(key=lambda r: getattr(r, sort_by) is None)
+        return rows
+
+    def counts(self, loop: int | None = None) -> dict[str, int]:
+        rows = self.table(loop=loop)
+        counts = {state: sum(1 for r in rows if r.state == state) for state in ("pending", "annotated", "skipped")}
+        counts["total"] = len(rows)
+        return counts
+
+    def next_pending(self, after: str | None = None) -> BoxRecord | None:
+        """The next pending box of the current loop, preferring the current case (fewer volume loads)."""
+        pending = [b for b in self.logic.boxes(self.current_loop()) if b.state == "pending"] if self.current_loop() is not None else []
+        if not pending:
+            return None
+        same_case = [b for b in pending if b.case == self.case and b.id != after]
+        return (same_case or [b for b in pending if b.id != after] or pending)[0]
+
+    # -------------------------------------------------------------- navigation
+    def go_to_box(self, box_id: str) -> BoxRecord:
+        """Show a box: its case's volume and partial labels, all its boxes, the views centred, empty segments."""
+        record = self.logic.find_box(box_id)
+        if record.case != self.case or self.volume is None:
+            self._load_case(record.case)
+        elif self._labels_changed:
+            self._reload_partial_labels()
+        self.current = record
+        self.box_nodes.select(record.id)
+        frame = box_frame(record.box, self.grid.ijk_to_ras)
+        mrml.centre_slice_views(self.ctx, frame.center)
+        self._reset_annotation(record)
+        return record
+
+    def _load_case(self, case: str) -> None:
+        self.close_case()
+        project = self.logic.project
+        self.case = case
+        self.volume = mrml.load_volume(self.ctx, project.image_paths(case)[0], case)
+        self.grid = mrml.case_grid(project, case, self.volume)
+        self._reload_partial_labels()
+        self.box_nodes.show([b for b in self.logic.boxes() if b.case == case], self.grid.ijk_to_ras)
+        self.annotation = mrml.create_annotation_segmentation(self.ctx, self.volume, self._foreground_classes(),
+                                                              self._colors(), name=f"{case} annotation")
+        mrml.show_in_slice_views(self.ctx, background=self.volume)
+
+    def _reload_partial_labels(self) -> None:
+        if self.partial_segmentation is not None:
+            self.ctx.scene.RemoveNode(self.partial_segmentation)
+        self.partial_segmentation = mrml.load_labels_as_segmentation(
+            self.ctx, self.logic.project.partial_label_path(self.case), f"{self.case} partial labels (read-only)",
+            self._foreground_classes(), self.volume)
+        self.partial_segmentation.SetAttribute(mrml.ATTRIBUTE_PREFIX + "readOnly", "1")
+        display = self.partial_segmentation.GetDisplayNode()
+        if display is not None:
+            display.SetAllSegmentsOpacity2DFill(0.0)  # outlines only: the annotation segments are painted on top
+        self._labels_changed = False
+
+    def _reset_annotation(self, record: BoxRecord) -> None:
+        """Empty segments for a new box; an annotated box starts from its saved labels (re-submitting replaces)."""
+        segmentation = self.annotation.GetSegmentation()
+        for value in self._foreground_classes():
+            segment = mrml.segment_id(value)
+            if segmentation.GetSegment(segment) is not None:
+                segmentation.RemoveSegment(segment)
+        for i, (value, name) in enumerate(sorted(self._foreground_classes().items())):
+            colour = self._colors().get(value, mrml.DEFAULT_CLASS_COLORS[i % len(mrml.DEFAULT_CLASS_COLORS)])
+            segmentation.AddEmptySegment(mrml.segment_id(value), name, list(colour))
+        if record.state == "annotated":
+            partial = self.logic.project.read_partial_labels(record.case)
+            inside = np.zeros(partial.shape, np.uint8)
+            inside[record.box.slices] = partial[record.box.slices]
+            for value in self._foreground_classes():
+                if (inside == value).any():
+                    mrml.paint_segment(self.ctx, self.annotation, self.volume, value, inside == value, self.grid)
+
+    def close_case(self) -> None:
+        """Remove the nodes of the shown case from the scene."""
+        self.box_nodes.clear()
+        for node in (self.volume, self.partial_segmentation, self.annotation, self.heat_map):
+            if node is not None and node.GetScene() is not None:
+                self.ctx.scene.RemoveNode(node)
+        self.volume = self.partial_segmentation = self.annotation = self.heat_map = None
+        self.case = self.current = None
+
+    def _foreground_classes(self) -> dict[int, str]:
+        p = self.logic.project
+        return {c: p.classes[c] for c in p.foreground_classes}
+
+    def _colors(self) -> dict[int, Sequence[float]]:
+        return {int(k): v for k, v in self.settings.class_colors.items()}
+
+    # -------------------------------------------------------------- annotating
+    def painted_labels(self) -> np.ndarray:
+        """The annotation segments as one label array of the whole volume (k, j, i)."""
+        self._need_box()
+        return mrml.segmentation_labels(self.ctx, self.annotation, self.volume, list(self._foreground_classes()), self.grid)
+
+    def submit(self, annotator: str = "user", seconds: float | None = None, advance: bool = True) -> SubmitResult:
+        """Merge the segments inside the current box into the partial labels, save at once, go to the next box.
+
+        Paint outside the box is not merged; the result says how many voxels were dropped.
+        """
+        record = self._need_box()
+        started = time.perf_counter()
+        result = self.logic.submit(record, self.painted_labels(), annotator=annotator, seconds=seconds)
+        self._labels_changed = True
+        self.box_nodes.set_state(record.id, "annotated")
+        self.current = self.logic.find_box(record.id)
+        elapsed = time.perf_counter() - started
+        following = self.next_pending(after=record.id) if advance else None
+        if following is not None:
+            self.go_to_box(following.id)
+        return SubmitResult(self.logic.find_box(record.id), result.voxels, result.foreground_voxels,
+                            result.dropped_outside, following, elapsed)
+
+    def skip(self, advance: bool = True) -> BoxRecord | None:
+        """Skip the current box and show the next pending one (returned; None when the loop is done)."""
+        record = self._need_box()
+        self.logic.skip(record)
+        self.box_nodes.set_state(record.id, "skipped")
+        following = self.next_pending(after=record.id) if advance else None
+        if following is not None:
+            self.go_to_box(following.id)
+        return following
+
+    def add_box_at(self, ras: Sequence[float]) -> BoxRecord:
+        """Add a box of the patch size centred at a clicked point of the shown case (an annotator-chosen query)."""
+        if self.volume is None or self.case is None:
+            raise ProjectError("show a case first: a box is added to the volume on screen")
+        shape = self.logic.project.cases[self.case].shape
+        voxel = voxel_at(self.grid.ijk_to_ras, ras, shape)
+        if voxel is None:
+            raise ProjectError(f"the point {list(ras)} lies outside {self.case}")
+        record = self.logic.add_box(self.case, voxel)
+        self.box_nodes.show([b for b in self.logic.boxes() if b.case == self.case], self.grid.ijk_to_ras)
+        self.go_to_box(record.id)
+        return record
+
+    def _need_box(self) -> BoxRecord:
+        if self.current is None or self.annotation is None:
+            raise ProjectError("no box selected: go to a box first")
+        return self.current
+
+    # -------------------------------------------------------------------- loop
+    def can_start_next_loop(self) -> bool:
+        boxes = self.logic.boxes()
+        return not any(b.state == "pending" for b in boxes) and any(b.state == "annotated" for b in boxes)
+
+    def start_next_loop(self, settings: LoopSettings | None = None) -> LoopProgress:
+        """Start training, evaluation, scoring and the next query as background jobs; poll() reports."""
+        if self.logic.pending_boxes():
+            raise ProjectError(f"{len(self.logic.pending_boxes())} boxes are still pending; annotate or skip them first")
+        self.pipeline = self.logic.loop_pipeline(settings or self.settings.loop_settings(), self.runner)
+        return self.poll()
+
+    def poll(self) -> LoopProgress | None:
+        """Advance the running loop (never blocks); None when no loop runs."""
+        if self.pipeline is None:
+            return None
+        state = self.pipeline.advance()
+        progress = self._progress(state)
+        if state.finished:
+            self.pipeline = None
+        return progress
+
+    def _progress(self, state: PipelineState) -> LoopProgress:
+        jobs, tail = [], ""
+        for name, status in state.jobs:
+            entry = {"name": name, "state": status.state, "progress": status.progress, "stage": status.stage,
+                     "epoch": getattr(status, "epoch", None), "message": status.message}
+            jobs.append(entry)
+            if status.state in ("running", "failed"):
+                tail = Job(self.logic.jobs_dir / name).log_tail(12)
+        return LoopProgress(state.stage, state.state, round(100 * state.progress, 1), state.message or state.describe(),
+                            jobs, tail)
+
+    def cancel(self) -> list[str]:
+        """Cancel the running loop's jobs (whole process trees); returns their names."""
+        cancelled = self.pipeline.cancel() if self.pipeline is not None else self.logic.cancel_jobs()
+        self.pipeline = None
+        return [job.name for job in cancelled]
+
+    # ----------------------------------------------------------------- results
+    def latest_model(self) -> LoopPipeline:
+        """The pipeline of the current annotations (its model folder, predictions); refuses before any training."""
+        return self.logic.loop_pipeline(self.settings.loop_settings(), self.runner)
+
+    def show_uncertainty(self, case: str | None = None) -> Any:
+        """The latest predictive-entropy map of a case as a heat-map foreground layer."""
+        case = case or self.case
+        if case is None:
+            raise ProjectError("name a case or show one first")
+        maps = sorted(self.logic.project.path.glob(f"nnunet/**/uncertainty/{case}.nii.gz"), key=lambda p: p.stat().st_mtime)
+        if not maps:
+            raise ProjectError(f"no uncertainty map of {case} yet: it is written when a loop scores the pool")
+        if case != self.case:
+            self._load_case(case)
+        if self.heat_map is not None:
+            self.ctx.scene.RemoveNode(self.heat_map)
+        self.heat_map = mrml.show_heat_map(self.ctx, maps[-1], f"{case} uncertainty", self.volume)
+        return self.heat_map
+
+    def predict_all_cases(self, cases: Sequence[str] | None = None) -> Job:
+        """Start segmenting every case with the final ensemble (a background job); load with load_predictions()."""
+        pipeline = self.latest_model()
+        job = pipeline.prediction_job(cases)
+        if job.refresh().state != "done":
+            pipeline.runner.submit(job)
+        return job
+
+    def load_predictions(self, cases: Sequence[str] | None = None) -> dict[str, Any]:
+        """Load the final ensemble's segmentations as segmentation nodes (those written so far)."""
+        folder = self.latest_model().predictions_dir
+        nodes = {}
+        for path in sorted(folder.glob("*.nii.gz")):
+            case = path.name[: -len(".nii.gz")]
+            if cases is None or case in cases:
+                nodes[case] = mrml.load_labels_as_segmentation(self.ctx, path, f"{case} prediction", self._foreground_classes())
+        return nodes
+
+    def export_model(self, destination: Path | str) -> Path:
+        """Copy the trained model folder (plans, dataset.json, fold checkpoints) to ``destination`` as a zip."""
+        import shutil
+        import tempfile
+
+        model = self.latest_model().model_folder
+        if not any(model.glob("fold_*/checkpoint_final.pth")):
+            raise ProjectError(f"{model}: no finished fold yet; train a loop first")
+        destination = Path(destination)
+        base = destination.with_suffix("") if destination.suffix == ".zip" else destination
+        with tempfile.TemporaryDirectory(dir=base.parent) as tmp:
+            archive = shutil.make_archive(str(Path(tmp) / base.name), "zip", root_dir=model.parent, base_dir=model.name)
+            target = base.with_suffix(".zip")
+            Path(archive).replace(target)
+        return target
