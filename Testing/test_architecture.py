@@ -17,7 +17,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "ActiveLearning3DLib"
 MODULE = REPO / "ActiveLearning3D"
-GUI_MODULES = {"qt", "ctk", "PythonQt", "PySide2", "PySide6", "PyQt5", "PyQt6", "slicer", "__main__"}
+GUI_MODULES = {"qt", "ctk", "PythonQt", "PySide2", "PySide6", "PyQt5", "PyQt6", "__main__"}
 
 
 def _imported_top_modules(path: Path) -> set[str]:
@@ -35,11 +35,26 @@ def test_library_imports_no_gui_toolkit(path):
     assert not (_imported_top_modules(path) & GUI_MODULES), f"{path} imports a GUI module"
 
 
+def test_slicer_is_imported_only_by_the_gui_adapter_and_only_inside_functions():
+    """MRML (slicer-core) is the gui package's business; the rest of the library runs in plain Python."""
+    for path in sorted(LIB.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        top_level = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                top_level |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                top_level.add(node.module.split(".")[0])
+        assert "slicer" not in top_level, f"{path} imports slicer at module level"
+        if "slicer" in _imported_top_modules(path):
+            assert path.parent.name == "gui", f"{path} uses slicer outside ActiveLearning3DLib/gui"
+
+
 def test_module_file_defines_the_classes_slicer_looks_for():
     tree = ast.parse((MODULE / "ActiveLearning3D.py").read_text())
     classes = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
     assert classes["ActiveLearning3D"] == ["ScriptedLoadableModule"]
-    assert classes["ActiveLearning3DWidget"] == ["ScriptedLoadableModuleWidget"]
+    assert classes["ActiveLearning3DWidget"][0] == "ScriptedLoadableModuleWidget"
     assert classes["ActiveLearning3DLogic"] == ["ScriptedLoadableModuleLogic"]
     assert classes["ActiveLearning3DTest"] == ["ScriptedLoadableModuleTest"]
 

@@ -177,9 +177,9 @@ def test_a_box_added_at_a_clicked_point_is_centred_there_and_recorded_as_the_ann
 
 def test_offscreen_slice_view_shows_the_box_outline_at_the_box(tmp_path):
     c = _controller(tmp_path, "scaled-shifted")
-    view = OffscreenSliceView(c.ctx, size=(300, 300))
+    record = c.go_to_box(c.table()[0].id)
+    view = OffscreenSliceView(c.ctx, size=(300, 300))  # made after the boxes: it must still find them
     try:
-        record = c.go_to_box(c.table()[0].id)
         c.box_nodes.select(None)  # draw it in its state colour (pending: yellow)
         frame = mrml.box_frame(record.box, c.grid.ijk_to_ras)
         view.show(c.volume, ras_offset=frame.center[2])
@@ -321,6 +321,8 @@ def _slicer_references(source: str) -> set[tuple[str, ...]]:
     """Attribute chains the module file uses under ``slicer.util`` and ``slicer.vtk*``."""
     found = set()
     for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module == "slicer.util":
+            found.update(("util", alias.name) for alias in node.names)
         if isinstance(node, ast.Attribute):
             chain, inner = [node.attr], node.value
             while isinstance(inner, ast.Attribute):
@@ -350,8 +352,9 @@ def test_module_and_ui_files_parse_and_use_only_existing_slicer_api():
 
 
 def test_the_static_check_catches_a_typo():
-    assert _slicer_references("slicer.util.arrayFromVolumee(x)\nslicer.vtkMRMLScalarVolumeNodee()") == {
-        ("util", "arrayFromVolumee"), ("vtkMRMLScalarVolumeNodee",)}
+    assert _slicer_references("from slicer.util import Mixinn\nslicer.util.arrayFromVolumee(x)\n"
+                              "slicer.vtkMRMLScalarVolumeNodee()") == {
+        ("util", "Mixinn"), ("util", "arrayFromVolumee"), ("vtkMRMLScalarVolumeNodee",)}
     assert not hasattr(slicer.util, "arrayFromVolumee")
 
 

@@ -103,6 +103,9 @@ class OffscreenSliceView:
         if ras_offset is not None:
             self.logic.SetSliceOffset(float(ras_offset))
         self.image_actor.GetMapper().SetInputConnection(self.logic.GetImageDataConnection())
+        # displayable managers only see nodes added after they observed the scene: re-attach to pick up the rest
+        self.managers.SetMRMLDisplayableNode(None)
+        self.managers.SetMRMLDisplayableNode(self.slice_node)
 
     def xy_to_ras(self) -> np.ndarray:
         """4 x 4 matrix from view pixels (x right, y up, slice) to RAS."""
@@ -145,6 +148,7 @@ class OffscreenSliceView:
             writer.SetFileName(tmp)
             writer.SetInputData(image)
             writer.Write()
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a picture is for sharing
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
