@@ -50,7 +50,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_query(args: argparse.Namespace) -> int:
     logic = ActiveLearningLogic.open(args.project)
-    loop = logic.query(args.method, args.count, args.seed, args.probabilities, args.stride, args.per_image, progress)
+    loop = logic.query(args.method, args.count, args.seed, args.probabilities, args.stride, args.per_image, progress,
+                       min_distance=args.min_distance)
     print(f"loop {loop.loop}: {len(loop.boxes)} boxes by {loop.method} -> {logic.project.loop_path(loop.loop)}")
     for record in loop.boxes[: args.show]:
         print(f"  {record!r}")
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", type=Path, help="DIR/<member>/<case>.npz|.npy ensemble probabilities (C, Z, Y, X)")
     p.add_argument("--stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help="candidate corner stride")
     p.add_argument("--per-image", type=int, help="boxes considered per image (default: the count)")
+    p.add_argument("--min-distance", type=float,
+                   help="pe_spatial: minimum distance between box centres in voxels (default: the longest box edge)")
     p.add_argument("--show", type=int, default=10, help="boxes to list")
 
     p = _project_command(sub, "annotate", "annotate pending boxes (--oracle copies the ground truth)", _cmd_annotate)

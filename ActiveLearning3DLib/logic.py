@@ -160,6 +160,7 @@ class ActiveLearningLogic:
         n_per_image: int | None = None,
         progress: Callable[[Iterable, str], Iterable] = no_progress,
         info: dict | None = None,
+        min_distance: float | None = None,
     ) -> LoopFile:
         """Choose the boxes of the next loop with ``method`` and save them as its loop file.
 
@@ -198,6 +199,7 @@ class ActiveLearningLogic:
             label_counts={c: p.cases[c].label_counts for c in p.pool_cases} if p.has_ground_truth else None,
             stride=tuple(stride) if stride else None,  # type: ignore[arg-type]
             n_per_image=n_per_image,
+            min_distance=min_distance,
             progress=progress,
         )
         extra_info = dict(info or {})

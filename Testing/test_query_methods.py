@@ -17,7 +17,7 @@ from ActiveLearning3DLib.query_methods import clasp
 from ActiveLearning3DLib.query_methods.clasp import fill_from_strata, global_quotas, per_image_quotas
 from ActiveLearning3DLib.uncertainty import MemoryProbabilities
 
-MODEL_METHODS = ["clasp_pe", "pe", "bald", "power_pe", "power_bald", "softrank_bald"]
+MODEL_METHODS = ["clasp_pe", "pe", "bald", "power_pe", "power_bald", "softrank_bald", "pe_spatial"]
 GT_METHODS = ["random_fg33", "random_fg66", "nnactive_start"]
 SEEDED_METHODS = ["clasp_pe", "power_pe", "power_bald", "softrank_bald", "random", "random_fg33", "random_fg66",
                   "nnactive_start"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .base import QueryContext, QueryMethod
 from .clasp import clasp_beta, select_clasp_pe
+from .diversity import select_pe_spatial
 from .random_methods import select_nnactive_start, select_random, select_random_fg33, select_random_fg66
 from .uncertainty_methods import (
     select_bald,
@@ -29,6 +30,8 @@ _METHODS: tuple[QueryMethod, ...] = (
     QueryMethod("power_bald", "PowerBALD: log BALD + Gumbel noise (beta = 1)", select_power_bald, needs_model=True, maps=("bald",)),
     QueryMethod("softrank_bald", "SoftrankBALD: global BALD rank r, -log r + Gumbel noise", select_softrank_bald,
                 needs_model=True, maps=("bald",)),
+    QueryMethod("pe_spatial", "predictive entropy with spatial diversity: best PE boxes, none closer than a minimum "
+                "distance to another box of the same query", select_pe_spatial, needs_model=True, maps=("pe",)),
     QueryMethod("random", "uniform random boxes, images in shuffled round robin", select_random),
     QueryMethod("random_fg33", "foreground-aware random, 33 % of boxes on foreground or its border (simulation only)",
                 select_random_fg33, needs_ground_truth=True),

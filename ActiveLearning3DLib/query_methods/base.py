@@ -38,6 +38,7 @@ class QueryContext:
     label_counts: Mapping[str, Mapping[int, int]] | None = None  # per case, voxels per class (ground truth)
     stride: Shape3 | None = None
     n_per_image: int | None = None
+    min_distance: float | None = None  # pe_spatial: minimum box-centre distance in voxels (default: longest box edge)
     progress: Callable[[Iterable, str], Iterable] = no_progress
 
     def rng(self, purpose: str) -> np.random.Generator:

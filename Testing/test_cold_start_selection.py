@@ -1,0 +1,160 @@
+"""Known answers for the label-free selection math and PE with spatial diversity (ALGORITHMS.md section 5)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ActiveLearning3DLib.aggregation import NotEnoughCandidates, Pick
+from ActiveLearning3DLib.boxes import Box
+from ActiveLearning3DLib.query_methods import QueryContext, get_method
+from ActiveLearning3DLib.query_methods.diversity import (
+    cluster_priority, cscs_scores, difficulty_coverage_ratio, kmeans_auto, pacing_weight, proportional_quotas,
+    rank_normalise, spatially_diverse, stratified_select, typicality,
+)
+from ActiveLearning3DLib.uncertainty import MemoryProbabilities
+
+
+def _planted(sizes=(60, 30, 10), spread=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0, 0, 0, 0], [8, 0, 0, 0], [0, 8, 0, 8]], float)
+    x = np.concatenate([c + spread * rng.normal(size=(n, 4)) for c, n in zip(centres, sizes)])
+    truth = np.repeat(np.arange(len(sizes)), sizes)
+    return x, truth
+
+
+def test_kmeans_recovers_planted_clusters_and_their_number():
+    x, truth = _planted()
+    labels, centres = kmeans_auto(x, seed=0)
+    assert len(centres) == 3
+    # the same partition up to renaming
+    pairs = set(zip(truth.tolist(), labels.tolist()))
+    assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3 and len({b for _, b in pairs}) == 3
+
+
+@pytest.mark.parametrize("sizes, budget, expected", [
+    ((60, 30, 10), 10, [6, 3, 1]),
+    ((60, 30, 10), 20, [12, 6, 2]),
+    ((97, 2, 1), 10, [8, 1, 1]),      # at least one per cluster
+    ((5, 50, 20), 2, [0, 1, 1]),      # fewer boxes than clusters: the largest get one
+])
+def test_quotas_are_proportional_with_at_least_one(sizes, budget, expected):
+    quotas = proportional_quotas(sizes, budget)
+    assert quotas == expected and sum(quotas) == budget
+
+
+def test_cluster_selection_takes_the_quota_nearest_each_centre():
+    x, truth = _planted()
+    labels, centres = kmeans_auto(x, seed=0)
+    priority = cluster_priority(x, labels, centres)
+    chosen = stratified_select(labels, priority, 10)
+    counts = sorted(np.bincount(labels[chosen], minlength=3).tolist())
+    assert counts == [1, 3, 6]
+    for c in range(3):
+        members = np.flatnonzero(labels == c)
+        picked = [i for i in chosen if labels[i] == c]
+        nearest = members[np.argsort(-priority[members])][: len(picked)]
+        assert sorted(picked) == sorted(nearest.tolist())
+
+
+def test_stratified_selection_passes_a_rejected_quota_on():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    priority = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    chosen = stratified_select(labels, priority, 4, accept=lambda i: i not in (3, 4, 5))
+    assert sorted(chosen) == [0, 1, 2]  # cluster 1 is all rejected: only 3 acceptable, the budget cannot be met
+    chosen = stratified_select(labels, priority, 3, accept=lambda i: i != 0)
+    assert sorted(chosen) == [1, 2, 3]
+
+
+def test_typicality_ranks_a_dense_point_above_an_outlier():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, size=(50, 3)), [[0.0, 0.0, 0.0]], [[5.0, 5.0, 5.0]]])
+    t = typicality(x, k=5)
+    assert t[50] > t[51] and t[51] == t.min()
+
+
+def test_rank_normalise_is_in_zero_one_with_the_largest_at_one():
+    r = rank_normalise(np.array([3.0, 1.0, 2.0, 10.0]))
+    assert r.tolist() == [0.75, 0.25, 0.5, 1.0]
+
+
+def test_dcr_is_one_when_hard_boxes_are_typical_and_zero_when_they_are_outliers():
+    t = rank_normalise(np.arange(100.0))
+    assert difficulty_coverage_ratio(t, t) == 1.0
+    assert difficulty_coverage_ratio(t, t[::-1].copy()) == 0.0
+    rng = np.random.default_rng(0)
+    assert abs(difficulty_coverage_ratio(t, rank_normalise(rng.random(100))) - 0.5) < 0.2
+
+
+def test_pacing_weight_grows_with_budget_and_with_dcr():
+    budgets = [0.001, 0.01, 0.1, 0.5, 1.0]
+    for dcr in (0.0, 0.3, 0.5, 0.8):
+        weights = [pacing_weight(b, dcr) for b in budgets]
+        assert all(a < b for a, b in itertools.pairwise(weights)), dcr
+        assert all(0 < w <= 1 for w in weights)
+    for b in (0.01, 0.2):
+        weights = [pacing_weight(b, d) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        assert all(a < c for a, c in itertools.pairwise(weights)), b
+    assert pacing_weight(0.2, 0.5) == pytest.approx(0.2)  # unrelated T and D: the effective budget itself
+
+
+def test_cscs_prefers_typical_boxes_on_a_small_budget_and_hard_ones_on_a_large_one():
+    rng = np.random.default_rng(1)
+    dense = rng.normal(0, 0.1, size=(200, 3))
+    outliers = rng.normal(0, 3, size=(20, 3)) + 6
+    x = np.concatenate([dense, outliers])
+    difficulty = np.concatenate([rng.random(200), 2 + rng.random(20)])  # outliers are hard: DCR low
+    small, info_small = cscs_scores(x, difficulty, budget=2)
+    large, info_large = cscs_scores(x, difficulty, budget=200)
+    assert info_small["dcr"] < 0.5 and info_small["difficulty_weight"] < info_large["difficulty_weight"]
+    assert np.argsort(-small)[:2].max() < 200       # small budget: typical (dense) boxes first
+
+    def outlier_positions(score):
+        position = np.empty(len(score), int)
+        position[np.argsort(-score)] = np.arange(len(score))
+        return position[200:].mean()
+
+    assert outlier_positions(large) < outlier_positions(small) - 20  # large budget: the hard outliers rise
+
+
+def _pick(case, corner, priority, size=(4, 4, 4)):
+    return Pick(Box(case, corner, size), priority, priority)
+
+
+def test_spatial_diversity_never_returns_two_boxes_closer_than_the_minimum():
+    rng = np.random.default_rng(0)
+    picks = [_pick("a", tuple(int(v) for v in rng.integers(0, 40, 3)), float(rng.random())) for _ in range(300)]
+    picks += [_pick("b", (0, 0, 0), 0.99)]
+    chosen = spatially_diverse(picks, 12, min_distance=10.0)
+    assert len(chosen) == 12
+    centres = [(p.box.case, np.array(p.box.coords) + 1.5) for p in chosen]
+    for (ca, a), (cb, b) in itertools.combinations(centres, 2):
+        assert ca != cb or np.linalg.norm(a - b) >= 10.0
+    # best first: the top-priority box is always in
+    assert max(picks, key=lambda p: p.priority) in chosen
+    with pytest.raises(NotEnoughCandidates, match="apart"):
+        spatially_diverse(picks[:5] + [_pick("a", (1, 1, 1), 0.5)] * 50, 40, min_distance=10.0)
+
+
+def test_spatial_diversity_in_embedding_space():
+    picks = [_pick("a", (0, 0, 0), 0.9), _pick("b", (0, 0, 0), 0.8), _pick("c", (0, 0, 0), 0.7)]
+    emb = {("a", (0, 0, 0)): np.array([0.0]), ("b", (0, 0, 0)): np.array([0.1]), ("c", (0, 0, 0)): np.array([5.0])}
+    chosen = spatially_diverse(picks, 2, 1.0, emb)
+    assert [p.box.case for p in chosen] == ["a", "c"]
+
+
+def test_pe_spatial_query_respects_the_minimum_distance_and_prefers_uncertainty():
+    shape = (24, 24, 24)
+    probs = np.full((2, *shape), 0.5, np.float32)
+    probs[0] = 0.99
+    probs[1] = 0.01
+    probs[:, 2:10, 2:10, 2:10] = 0.5  # one uncertain corner region: plain PE would crowd boxes there
+    ctx = QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
+                       probabilities=MemoryProbabilities({"m0": {"x": probs}}), min_distance=12.0)
+    picks = get_method("pe_spatial")(ctx, 3)
+    plain = get_method("pe")(ctx, 3)
+    centre = lambda p: np.array(p.box.coords) + 1.5  # noqa: E731
+    assert all(np.linalg.norm(centre(a) - centre(b)) >= 12.0 for a, b in itertools.combinations(picks, 2))
+    assert any(np.linalg.norm(centre(a) - centre(b)) < 12.0 for a, b in itertools.combinations(plain, 2))
+    assert all(2 <= c <= 9 for c in centre(picks[0]))  # the most uncertain box first
