@@ -33,7 +33,8 @@ def _ensureLibraryOnPath():
 
 _ensureLibraryOnPath()
 
-METHODS = ["clasp_pe", "pe", "bald", "power_pe", "power_bald", "softrank_bald", "random"]
+METHODS = ["clasp_pe", "pe", "bald", "power_pe", "power_bald", "softrank_bald", "pe_spatial", "random"]
+START_METHODS = ["cscs", "cluster", "random", "nnactive_start", "random_fg33", "random_fg66"]  # the last three need labels
 DEVICES = ["auto", "cuda", "cpu", "mps"]
 PROFILES = ["auto", "paper", "cpu-small", "demo"]
 POLL_MILLISECONDS = 1000
@@ -52,7 +53,8 @@ class ActiveLearning3D(ScriptedLoadableModule):
 Active learning for 3D segmentation with nnU-Net. Instead of painting whole volumes, paint the small
 3D boxes the software chooses; nnU-Net trains on these partial labels and picks the next boxes.
 <ol>
-<li>Create a project from an image folder (or open one): the starting boxes are chosen.</li>
+<li>Create a project from an image folder (or open one): the starting boxes are chosen, without labels by
+<i>cscs</i> or <i>cluster</i> (a small autoencoder learns the pool's patches first, a few minutes) or at random.</li>
 <li>Click a box in the table: its volume is shown with the box; paint the classes inside the box with
 the segment editor below, then <b>Submit box</b> (saved at once) or <b>Skip box</b>.</li>
 <li>When every box is done, <b>Start next loop</b>: training, evaluation, scoring and the next query run in
@@ -83,6 +85,7 @@ class ActiveLearning3DParameterNode:
     classNames: str = ""
     patchSize: str = ""
     method: str = "clasp_pe"
+    startMethod: str = "cscs"
     querySize: int = 20
     python: str = "PythonSlicer"
     device: str = "auto"
@@ -111,6 +114,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = ActiveLearning3DLogic()
 
         self.ui.methodComboBox.addItems(METHODS)
+        self.ui.startMethodComboBox.addItems(START_METHODS)
         self.ui.deviceComboBox.addItems(DEVICES)
         self.ui.profileComboBox.addItems(PROFILES)
         self.ui.boxTable.setColumnCount(5)
@@ -170,9 +174,10 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from ActiveLearning3DLib.gui import AnnotationController
 
-        self.controller = self._guard(
-            AnnotationController.create_project, self.logic.context(), p.projectPath, p.imagesPath, p.labelsPath or None,
-            self.logic.parseClasses(p.classNames), None, self.logic.parsePatchSize(p.patchSize), p.method, p.querySize)
+        self.controller = self._guard(lambda: AnnotationController.create_project(
+            self.logic.context(), p.projectPath, p.imagesPath, p.labelsPath or None,
+            class_names=self.logic.parseClasses(p.classNames), patch_size=self.logic.parsePatchSize(p.patchSize),
+            method=p.method, query_size=p.querySize, start_method=p.startMethod, runner=self.runner))
         self._afterProjectOpened()
 
     def onOpenProject(self):
@@ -184,8 +189,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _afterProjectOpened(self):
         if not self.controller:
             return
-        self.controller.runner = self.runner
+        if self.runner is not None:
+            self.controller.runner = self.runner
         self._saveSettings()
+        if self.controller.busy:  # a label-free start: the pool autoencoder trains in the background first
+            self._timer.start()
         self.refreshTable()
         nextBox = self.controller.next_pending()
         if nextBox:
@@ -247,7 +255,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------- loop
     def onStartOrCancel(self):
-        if self.controller.pipeline is not None:
+        if self.controller.busy:
             cancelled = self._guard(self.controller.cancel)
             self._timer.stop()
             self.ui.stageLabel.text = f"Cancelled ({len(cancelled or [])} jobs)."
@@ -284,7 +292,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateButtons(self):
         has = self.controller is not None
-        running = has and self.controller.pipeline is not None
+        running = has and self.controller.busy
         self.ui.startButton.text = "Cancel" if running else "Start next loop"
         self.ui.startButton.enabled = running or (has and self.controller.can_start_next_loop())
         for button in (self.ui.submitButton, self.ui.skipButton, self.ui.addBoxButton):
@@ -377,7 +385,7 @@ class ActiveLearning3DTest(ScriptedLoadableModuleTest):
         widget.runner = _NoRunner()
         p = widget._parameterNode
         p.projectPath, p.imagesPath, p.labelsPath = os.path.join(root, "project"), os.path.join(root, "imagesTr"), ""
-        p.classNames, p.patchSize, p.querySize = "1=structure", "4 5 6", 3
+        p.classNames, p.patchSize, p.querySize, p.startMethod = "1=structure", "4 5 6", 3, "random"
         widget.onCreateProject()
         self.assertEqual(widget.ui.boxTable.rowCount, 3)
         c = widget.controller

@@ -38,8 +38,33 @@ def _cmd_init(args: argparse.Namespace) -> int:
         seed=args.seed, max_cases=args.max_cases,
         budget=BudgetSettings(query_size=args.query_size, loops=args.loops), progress=progress,
     )
+    if args.start:
+        count = args.start_count or args.query_size
+        if not count:
+            raise SystemExit("al3d init: --start needs --start-count or --query-size (how many boxes)")
+        loop = logic.query(args.start, count, progress=progress, autoencoder=_autoencoder(args, logic))
+        print(f"starting budget: {len(loop.boxes)} boxes by {args.start} -> {logic.project.loop_path(loop.loop)}")
     print(logic.status())
     return 0
+
+
+def _autoencoder(args: argparse.Namespace, logic: ActiveLearningLogic):
+    """Pool autoencoder settings of the label-free methods (cscs, cluster) from the options."""
+    from .embeddings import AutoencoderSettings
+
+    options = {"seed": logic.project.settings.seed}
+    if getattr(args, "ae_iterations", None):
+        options["iterations"] = args.ae_iterations
+    if getattr(args, "encoder", None):
+        options["encoder"] = str(Path(args.encoder).absolute())
+    return AutoencoderSettings(**options)
+
+
+def _add_autoencoder_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ae-iterations", type=int,
+                   help="cscs/cluster: training iterations of the pool autoencoder (default 600; fewer is faster)")
+    p.add_argument("--encoder", type=Path, help="cscs/cluster: a TorchScript encoder (N,1,16,16,16) -> (N,E) to use "
+                   "for the embeddings instead of the autoencoder's")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -51,7 +76,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     logic = ActiveLearningLogic.open(args.project)
     loop = logic.query(args.method, args.count, args.seed, args.probabilities, args.stride, args.per_image, progress,
-                       min_distance=args.min_distance)
+                       min_distance=args.min_distance, autoencoder=_autoencoder(args, logic))
     print(f"loop {loop.loop}: {len(loop.boxes)} boxes by {loop.method} -> {logic.project.loop_path(loop.loop)}")
     for record in loop.boxes[: args.show]:
         print(f"  {record!r}")
@@ -268,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-size", type=int, help="boxes per loop (default: ask per query)")
     p.add_argument("--loops", type=int, default=5, help="planned loops (ClaSP PE's noise schedule)")
     p.add_argument("--max-cases", type=int, help="use only the first N cases (sorted by id)")
+    p.add_argument("--start", choices=list(METHODS),
+                   help="query the starting budget (loop 0) at once: e.g. cscs or cluster (label-free), random")
+    p.add_argument("--start-count", type=int, help="boxes in the starting budget (default: --query-size)")
+    _add_autoencoder_options(p)
     p.set_defaults(func=_cmd_init)
 
     _project_command(sub, "status", "show a project's cases, loops and annotation progress", _cmd_status, json=True)
@@ -281,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-image", type=int, help="boxes considered per image (default: the count)")
     p.add_argument("--min-distance", type=float,
                    help="pe_spatial: minimum distance between box centres in voxels (default: the longest box edge)")
+    _add_autoencoder_options(p)
     p.add_argument("--show", type=int, default=10, help="boxes to list")
 
     p = _project_command(sub, "annotate", "annotate pending boxes (--oracle copies the ground truth)", _cmd_annotate)

@@ -23,6 +23,7 @@ from .boxes import Box, Shape3
 from .jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import AutoencoderSettings
     from .jobs import JobRunner
     from .pipeline import LoopPipeline, LoopSettings
 from .partial_labels import MergeResult
@@ -161,6 +162,7 @@ class ActiveLearningLogic:
         progress: Callable[[Iterable, str], Iterable] = no_progress,
         info: dict | None = None,
         min_distance: float | None = None,
+        autoencoder: "AutoencoderSettings | None" = None,
     ) -> LoopFile:
         """Choose the boxes of the next loop with ``method`` and save them as its loop file.
 
@@ -202,6 +204,10 @@ class ActiveLearningLogic:
             min_distance=min_distance,
             progress=progress,
         )
+        if query_method.needs_embeddings:
+            from .embeddings import pool_embeddings
+
+            context.embeddings = pool_embeddings(p, autoencoder)  # cached per project; a background job the first time
         extra_info = dict(info or {})
         started = time.perf_counter()
         picks = query_method(context, count)

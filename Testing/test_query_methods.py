@@ -15,12 +15,15 @@ from ActiveLearning3DLib.boxes import Box, effective_patch_size
 from ActiveLearning3DLib.query_methods import METHODS, QueryContext, clasp_beta, get_method
 from ActiveLearning3DLib.query_methods import clasp
 from ActiveLearning3DLib.query_methods.clasp import fill_from_strata, global_quotas, per_image_quotas
+from ActiveLearning3DLib.embeddings import EmbeddingSet
+from ActiveLearning3DLib.embeddings.autoencoder import candidate_boxes
 from ActiveLearning3DLib.uncertainty import MemoryProbabilities
 
 MODEL_METHODS = ["clasp_pe", "pe", "bald", "power_pe", "power_bald", "softrank_bald", "pe_spatial"]
 GT_METHODS = ["random_fg33", "random_fg66", "nnactive_start"]
+EMBEDDING_METHODS = ["cluster", "cscs"]
 SEEDED_METHODS = ["clasp_pe", "power_pe", "power_bald", "softrank_bald", "random", "random_fg33", "random_fg66",
-                  "nnactive_start"]
+                  "nnactive_start", "cluster", "cscs"]
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -80,11 +83,13 @@ def _random_context(seed: int, blocked_per_case: int = 2, loop: int = 2) -> Quer
         for m, p in enumerate(_random_probabilities(rng, members, len(classes) + 1, shape)):
             arrays[f"m{m}"][case] = p
         gts[case] = _random_ground_truth(rng, shape, classes)
+    candidates = [b for case, shape in cases.items() for b in candidate_boxes(case, shape, patch, None)]
+    embeddings = EmbeddingSet(candidates, rng.normal(size=(len(candidates), 6)), rng.random(len(candidates)))
     return QueryContext(
         cases=cases, patch_size=patch, foreground_classes=classes, seed=seed, loop=loop, total_loops=5,
         blocked=_random_blocked(rng, cases, patch, blocked_per_case),
         probabilities=MemoryProbabilities(arrays), ground_truth=gts.__getitem__,
-        label_counts=_label_counts(gts, [0, *classes]),
+        label_counts=_label_counts(gts, [0, *classes]), embeddings=embeddings,
     )
 
 
@@ -110,7 +115,9 @@ def _assert_valid(picks: list[Pick], ctx: QueryContext, count: int, what: str) -
 
 
 def test_registry_and_unknown_method_lists_choices():
-    assert set(METHODS) == set(MODEL_METHODS) | set(GT_METHODS) | {"random"}
+    assert set(METHODS) == set(MODEL_METHODS) | set(GT_METHODS) | set(EMBEDDING_METHODS) | {"random"}
+    for name in EMBEDDING_METHODS:
+        assert METHODS[name].needs_embeddings and not METHODS[name].needs_model and not METHODS[name].needs_ground_truth
     for name in MODEL_METHODS:
         assert METHODS[name].needs_model and not METHODS[name].needs_ground_truth
     for name in GT_METHODS:
@@ -125,7 +132,8 @@ def test_registry_and_unknown_method_lists_choices():
 
 @pytest.mark.parametrize(
     "name, missing, needed",
-    [(n, "ground_truth", "ground truth") for n in GT_METHODS] + [(n, "probabilities", "probabilities") for n in MODEL_METHODS],
+    [(n, "ground_truth", "ground truth") for n in GT_METHODS] + [(n, "probabilities", "probabilities") for n in MODEL_METHODS]
+    + [(n, "embeddings", "embeddings") for n in EMBEDDING_METHODS],
 )
 def test_methods_refuse_without_what_they_need(name, missing, needed):
     ctx = _random_context(1)
@@ -177,7 +185,9 @@ def test_not_enough_candidates_is_a_clear_error(name):
     ctx = QueryContext(cases=cases, patch_size=(4, 4, 4), foreground_classes=[1], seed=0, loop=1,
                        blocked=[Box("c1", (1, 1, 1), (1, 1, 1))], probabilities=MemoryProbabilities(probs),
                        ground_truth=lambda case: np.ones(cases[case], dtype=np.uint8),
-                       label_counts={c: {0: 0, 1: 64} for c in cases})
+                       label_counts={c: {0: 0, 1: 64} for c in cases},
+                       embeddings=EmbeddingSet([Box(c, (0, 0, 0), (4, 4, 4)) for c in cases], rng.normal(size=(3, 2)),
+                                               rng.random(3)))
     picks = get_method(name)(ctx, 2)
     assert sorted(p.box.case for p in picks) == ["c0", "c2"]
     with pytest.raises(NotEnoughCandidates, match=f"{name}.*only 2"):

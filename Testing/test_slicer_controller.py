@@ -371,3 +371,31 @@ def test_partial_labels_load_without_the_ignore_label(tmp_path):
     assert names == {c.logic.project.classes[1]}
     on_disk = read_array(c.logic.project.partial_label_path(record.case))
     assert set(np.unique(on_disk)) == {1, c.logic.project.ignore_value}
+
+
+def test_a_label_free_start_trains_the_autoencoder_as_a_job_and_queries_when_it_is_done(tmp_path):
+    from ActiveLearning3DLib.embeddings import AutoencoderSettings
+    from ActiveLearning3DLib.embeddings.store import embeddings_dir
+
+    data = make_dataset(tmp_path / "source", n_cases=4, shape=SHAPE)
+    c = AnnotationController.create_project(headless_slicer(), tmp_path / "project", data.images, None,
+                                            patch_size=PATCH, query_size=3, start_method="cluster",
+                                            runner=_RecordingRunner())
+    assert c.busy and c.table() == []  # nothing queried yet: the embedding job runs
+    progress = c.poll()
+    assert progress.stage == "embeddings" and progress.running
+    assert c.cancel() and not c.busy
+    # once the embeddings exist (made here in-process), the start completes without a job
+    from ActiveLearning3DLib.embeddings.autoencoder import build_autoencoder, embed_pool
+    import SimpleITK as sitk
+
+    settings = AutoencoderSettings(seed=c.logic.project.settings.seed)
+    project = c.logic.project
+    arrays = embed_pool(build_autoencoder(settings.width).eval(),
+                        lambda case: sitk.GetArrayFromImage(project.read_image(case)), project.pool_cases,
+                        {k: project.cases[k].shape for k in project.pool_cases}, project.patch_size, None)
+    folder = embeddings_dir(project, settings)
+    folder.mkdir(parents=True)
+    np.savez(folder / "embeddings.npz", **arrays)
+    assert c.begin_starting_budget("cluster", 3) is None
+    assert len(c.table()) == 3 and not c.busy

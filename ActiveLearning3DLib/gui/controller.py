@@ -112,6 +112,7 @@ class AnnotationController:
         self.annotation = None
         self.heat_map = None
         self.pipeline: LoopPipeline | None = None
+        self._starting: tuple[str, int, Job, Any] | None = None  # a label-free start waiting for its embeddings
         self._labels_changed = False
 
     # ---------------------------------------------------------------- projects
@@ -128,8 +129,9 @@ class AnnotationController:
         settings = PanelSettings(method=method, start_method=start_method or "random", query_size=int(query_size),
                                  class_colors={str(k): list(map(float, v)) for k, v in (class_colors or {}).items()})
         atomic_write_json(logic.project.path / PANEL_SETTINGS, asdict(settings))
-        logic.query(settings.start_method, start_count or query_size)
-        return cls(ctx, logic, runner)
+        controller = cls(ctx, logic, runner)
+        controller.begin_starting_budget(settings.start_method, start_count or query_size)
+        return controller
 
     @classmethod
     def open_project(cls, ctx: mrml.SlicerContext, path: Path | str, runner=None) -> "AnnotationController":
@@ -314,6 +316,54 @@ class AnnotationController:
             raise ProjectError("no box selected: go to a box first")
         return self.current
 
+    # ---------------------------------------------------------- starting budget
+    def begin_starting_budget(self, method: str, count: int) -> LoopProgress | None:
+        """Query loop 0; a label-free method first has the pool autoencoder trained as a job (poll() finishes it)."""
+        from ..embeddings import AutoencoderSettings, embedding_job
+        from ..embeddings.store import embeddings_dir
+        from ..query_methods import get_method
+
+        if not get_method(method).needs_embeddings:
+            self.logic.query(method, count)
+            return None
+        settings = AutoencoderSettings(seed=self.logic.project.settings.seed)
+        if (embeddings_dir(self.logic.project, settings) / "embeddings.npz").is_file():
+            self.logic.query(method, count, autoencoder=settings)
+            return None
+        job = embedding_job(self.logic.project, settings)
+        self._starting = (method, count, job, settings)
+        self._job_runner().submit(job)
+        return self.poll()
+
+    def _job_runner(self):
+        if self.runner is None:
+            from ..pipeline import local_runner
+
+            self.runner = local_runner(self.settings.python, 1)
+        return self.runner
+
+    def _poll_starting_budget(self) -> LoopProgress:
+        method, count, job, settings = self._starting
+        self._job_runner().poll()
+        status = job.refresh()
+        entry = [{"name": job.name, "state": status.state, "progress": status.progress, "stage": status.stage,
+                  "epoch": None, "message": status.message}]
+        if status.state == "done":
+            self._starting = None
+            loop = self.logic.query(method, count, autoencoder=settings)
+            return LoopProgress("query", "done", 100.0, f"loop 0: {len(loop.boxes)} boxes by {method}", entry, "")
+        if status.final:
+            self._starting = None
+            return LoopProgress("embeddings", "failed", round(100 * status.progress, 1),
+                                f"{job.name} {status.state}: {status.message}", entry, job.log_tail(12))
+        return LoopProgress("embeddings", "running", round(100 * status.progress, 1),
+                            status.message or "training the pool autoencoder", entry, job.log_tail(12))
+
+    @property
+    def busy(self) -> bool:
+        """A loop or a label-free start is running in the background."""
+        return self.pipeline is not None or self._starting is not None
+
     # -------------------------------------------------------------------- loop
     def can_start_next_loop(self) -> bool:
         boxes = self.logic.boxes()
@@ -327,7 +377,9 @@ class AnnotationController:
         return self.poll()
 
     def poll(self) -> LoopProgress | None:
-        """Advance the running loop (never blocks); None when no loop runs."""
+        """Advance the running loop or starting budget (never blocks); None when nothing runs."""
+        if self._starting is not None:
+            return self._poll_starting_budget()
         if self.pipeline is None:
             return None
         state = self.pipeline.advance()
@@ -350,7 +402,7 @@ class AnnotationController:
     def cancel(self) -> list[str]:
         """Cancel the running loop's jobs (whole process trees); returns their names."""
         cancelled = self.pipeline.cancel() if self.pipeline is not None else self.logic.cancel_jobs()
-        self.pipeline = None
+        self.pipeline = self._starting = None
         return [job.name for job in cancelled]
 
     # ----------------------------------------------------------------- results

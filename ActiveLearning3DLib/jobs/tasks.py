@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "nnunet_score": "ActiveLearning3DLib.nnunet.tasks:score_task",
     "nnunet_evaluate": "ActiveLearning3DLib.nnunet.tasks:evaluate_task",
     "nnunet_predict": "ActiveLearning3DLib.nnunet.tasks:predict_task",
+    "pool_embeddings": "ActiveLearning3DLib.embeddings.store:embed_task",
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .base import QueryContext, QueryMethod
 from .clasp import clasp_beta, select_clasp_pe
-from .diversity import select_pe_spatial
+from .diversity import select_cluster, select_cscs, select_pe_spatial
 from .random_methods import select_nnactive_start, select_random, select_random_fg33, select_random_fg66
 from .uncertainty_methods import (
     select_bald,
@@ -37,6 +37,10 @@ _METHODS: tuple[QueryMethod, ...] = (
                 select_random_fg33, needs_ground_truth=True),
     QueryMethod("random_fg66", "foreground-aware random, 66 % of boxes on foreground or its border (simulation only)",
                 select_random_fg66, needs_ground_truth=True),
+    QueryMethod("cluster", "label-free cold start: k-means on autoencoder embeddings of the candidate boxes, budget "
+                "in proportion to cluster size, nearest to the centre first", select_cluster, needs_embeddings=True),
+    QueryMethod("cscs", "label-free cold start (CSCS): typicality and autoencoder difficulty by a pacing rule, "
+                "stratified over clusters", select_cscs, needs_embeddings=True),
     QueryMethod("nnactive_start", "nnActive's simulated starting budget: 2 boxes per label, rest random_fg33 "
                 "(simulation only)", select_nnactive_start, needs_ground_truth=True),
 )

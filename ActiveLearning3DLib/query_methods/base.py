@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -10,6 +10,9 @@ from ..aggregation import BoxScores, Pick, default_stride
 from ..boxes import Box, Shape3, effective_patch_size
 from ..scores import ScoreStore, score_maps
 from ..uncertainty import ProbabilitySource, ensemble_maps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..embeddings import EmbeddingSet
 
 
 def no_progress(items: Iterable, desc: str) -> Iterable:
@@ -38,6 +41,7 @@ class QueryContext:
     label_counts: Mapping[str, Mapping[int, int]] | None = None  # per case, voxels per class (ground truth)
     stride: Shape3 | None = None
     n_per_image: int | None = None
+    embeddings: "EmbeddingSet | None" = None  # cluster, cscs: the pool's candidate boxes embedded (no labels)
     min_distance: float | None = None  # pe_spatial: minimum box-centre distance in voxels (default: longest box edge)
     progress: Callable[[Iterable, str], Iterable] = no_progress
 
@@ -85,6 +89,7 @@ class QueryMethod:
     select: Callable[[QueryContext, int], list[Pick]] = field(repr=False)
     needs_model: bool = False
     needs_ground_truth: bool = False
+    needs_embeddings: bool = False  # label-free cold start: reads the pool autoencoder's embeddings
     maps: tuple[str, ...] = ()  # uncertainty maps it reads; "class_*" stands for one per foreground class
 
     def map_names(self, foreground_classes: Sequence[int]) -> list[str]:
@@ -112,6 +117,8 @@ class QueryMethod:
                 f"query method {self.name!r} needs ensemble probabilities of the pool: give --probabilities DIR "
                 "or train a model first"
             )
+        if self.needs_embeddings and context.embeddings is None:
+            raise ValueError(f"query method {self.name!r} needs the pool's box embeddings (made by the pool autoencoder)")
         picks = self.select(context, count)
         _check_no_overlap(picks, context.blocked, self.name)
         return picks

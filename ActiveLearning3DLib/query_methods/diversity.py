@@ -29,6 +29,7 @@ import numpy as np
 from scipy.cluster.vq import kmeans2
 
 from ..aggregation import NotEnoughCandidates, Pick, blocker_for, iter_greedy
+from ..boxes import Box
 from .base import QueryContext
 
 SILHOUETTE_SAMPLE = 2000
@@ -168,6 +169,48 @@ def stratified_select(labels: np.ndarray, priority: np.ndarray, budget: int,
 def cluster_priority(embeddings: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """``cluster``: nearest to its own centre first (priority = minus the distance)."""
     return -np.linalg.norm(np.asarray(embeddings, np.float64) - centres[labels], axis=1)
+
+
+def _embedding_query(ctx: QueryContext, count: int, method: str, priority_of) -> list[Pick]:
+    """Cluster the free candidates, then per cluster its quota by ``priority_of``; no two picks overlap."""
+    free = ctx.embeddings.free(ctx.blocked)
+    if len(free) < count:
+        raise NotEnoughCandidates(f"{method}: only {len(free)} free candidate boxes in the pool, {count} asked for")
+    seed = int(ctx.rng(method).integers(2**31))
+    labels, centres = kmeans_auto(free.embeddings, seed)
+    priority, scores = priority_of(free, labels, centres)
+    chosen: list[Box] = []
+
+    def accept(i: int) -> bool:
+        box = free.boxes[i]
+        if any(box.overlaps(b) for b in chosen):
+            return False
+        chosen.append(box)
+        return True
+
+    picked = stratified_select(labels, priority, count, accept)
+    if len(picked) < count:
+        raise NotEnoughCandidates(f"{method}: only {len(picked)} non-overlapping candidate boxes, {count} asked for")
+    return [Pick(free.boxes[i], float(scores[i]), float(priority[i]), f"cluster_{int(labels[i])}", rank)
+            for rank, i in enumerate(picked)]
+
+
+def select_cluster(ctx: QueryContext, count: int) -> list[Pick]:
+    """``cluster``: k-means on the embeddings, proportional quotas, nearest to the centre first."""
+    def priority(free, labels, centres):
+        p = cluster_priority(free.embeddings, labels, centres)
+        return p, -p  # score: the distance to the centre
+
+    return _embedding_query(ctx, count, "cluster", priority)
+
+
+def select_cscs(ctx: QueryContext, count: int) -> list[Pick]:
+    """``cscs``: typicality and difficulty combined by the pacing rule, stratified over clusters."""
+    def priority(free, labels, centres):
+        s, _ = cscs_scores(free.embeddings, free.errors, count)
+        return s, s
+
+    return _embedding_query(ctx, count, "cscs", priority)
 
 
 # ------------------------------------------------------------------------------ PE with spatial diversity

@@ -1,0 +1,164 @@
+"""A small 3D convolutional autoencoder trained on the pool's own patches: embeddings and difficulty without labels.
+
+Every candidate box is cut from its z-scored image, resampled to a fixed
+16 x 16 x 16 cube and encoded; its embedding is the bottleneck averaged over
+space, its difficulty the mean squared reconstruction error (ALGORITHMS.md
+section 5, project choice). Training samples random boxes of the patch size
+from the pool, seeded, for a few minutes of CPU at most. A user may give a
+TorchScript encoder instead (``(N, 1, 16, 16, 16) -> (N, E)``); the
+difficulty then still comes from this autoencoder.
+
+torch is imported inside the functions: this module runs in the worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..aggregation import corner_axes
+from ..boxes import Box, effective_patch_size
+
+CUBE = 16
+
+
+@dataclass(frozen=True)
+class AutoencoderSettings:
+    """How the pool autoencoder is trained; part of the cache key."""
+
+    iterations: int = 600
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    width: int = 8  # channels of the first layer (x2 per level, 3 levels)
+    seed: int = 0
+    stride: tuple[int, int, int] | None = None  # candidate corner stride; default: half the box (a coarse grid)
+    threads: int | None = None
+    encoder: str | None = None  # a TorchScript encoder file to use for the embeddings
+
+    def key(self, project_key: str) -> str:
+        settings = asdict(self)
+        settings.pop("threads")
+        if self.encoder:
+            settings["encoder"] = hashlib.sha256(Path(self.encoder).read_bytes()).hexdigest()[:16]
+        raw = json.dumps({"project": project_key, **settings}, sort_keys=True, default=list)
+        return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def build_autoencoder(width: int = 8):
+    import torch.nn as nn
+
+    def down(i, o):
+        return nn.Sequential(nn.Conv3d(i, o, 3, stride=2, padding=1), nn.InstanceNorm3d(o, affine=True), nn.LeakyReLU(0.01))
+
+    def up(i, o):
+        return nn.Sequential(nn.ConvTranspose3d(i, o, 2, stride=2), nn.InstanceNorm3d(o, affine=True), nn.LeakyReLU(0.01))
+
+    class BoxAutoencoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(down(1, width), down(width, 2 * width), down(2 * width, 4 * width))
+            self.decoder = nn.Sequential(up(4 * width, 2 * width), up(2 * width, width), nn.ConvTranspose3d(width, 1, 2, stride=2))
+
+        def forward(self, x):
+            code = self.encoder(x)
+            return self.decoder(code), code.mean(dim=(2, 3, 4))
+
+    return BoxAutoencoder()
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    image = image.astype(np.float32)
+    return (image - image.mean()) / max(float(image.std()), 1e-6)
+
+
+def cubes(image: np.ndarray, boxes: Sequence[Box]):
+    """The boxes of one (z-scored) image as an (N, 1, 16, 16, 16) tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    crops = [torch.from_numpy(np.ascontiguousarray(image[b.slices]))[None, None] for b in boxes]
+    return torch.cat([F.interpolate(c, size=(CUBE,) * 3, mode="trilinear", align_corners=False) for c in crops])
+
+
+def candidate_boxes(case: str, shape: Sequence[int], patch_size: Sequence[int], stride: Sequence[int] | None) -> list[Box]:
+    """Every candidate box of an image on the query methods' corner grid."""
+    size = effective_patch_size(patch_size, shape)
+    axes = corner_axes(shape, size, stride or tuple(max(1, s // 2) for s in size))
+    return [Box(case, (int(z), int(y), int(x)), size) for z in axes[0] for y in axes[1] for x in axes[2]]
+
+
+def train_autoencoder(images: Callable[[str], np.ndarray], cases: Sequence[str], shapes: dict[str, Sequence[int]],
+                      patch_size: Sequence[int], settings: AutoencoderSettings,
+                      progress: Callable[[dict], None] | None = None):
+    """Train on random boxes of the pool; images are read once and kept z-scored in memory."""
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(int(settings.threads))
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng([settings.seed, 7])
+    data = {c: zscore(images(c)) for c in cases}
+    model = build_autoencoder(settings.width)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    losses = []
+    for it in range(settings.iterations):
+        batch = []
+        for _ in range(settings.batch_size):
+            case = cases[int(rng.integers(len(cases)))]
+            shape = shapes[case]
+            size = effective_patch_size(patch_size, shape)
+            corner = tuple(int(rng.integers(0, d - s + 1)) for d, s in zip(shape, size))
+            batch.append(Box(case, corner, size))
+        x = torch.cat([cubes(data[b.case], [b]) for b in batch])
+        reconstruction, _ = model(x)
+        loss = torch.mean((reconstruction - x) ** 2)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss))
+        if progress and (it % 20 == 0 or it == settings.iterations - 1):
+            progress({"stage": "autoencoder", "iteration": it + 1, "progress": 0.8 * (it + 1) / settings.iterations,
+                      "message": f"autoencoder iteration {it + 1}/{settings.iterations}, loss {np.mean(losses[-20:]):.4f}"})
+    model.eval()
+    return model, losses
+
+
+def embed_pool(model, images: Callable[[str], np.ndarray], cases: Sequence[str], shapes: dict[str, Sequence[int]],
+               patch_size: Sequence[int], stride: Sequence[int] | None, encoder=None,
+               progress: Callable[[dict], None] | None = None) -> dict[str, np.ndarray]:
+    """Embedding and reconstruction error of every candidate box of the pool, as arrays for an ``.npz``."""
+    import torch
+
+    rows_case, rows_corner, rows_size, embeddings, errors = [], [], [], [], []
+    with torch.no_grad():
+        for n, case in enumerate(cases):
+            image = zscore(images(case))
+            boxes = candidate_boxes(case, shapes[case], patch_size, stride)
+            for start in range(0, len(boxes), 256):
+                chunk = boxes[start:start + 256]
+                x = cubes(image, chunk)
+                reconstruction, code = model(x)
+                if encoder is not None:
+                    code = encoder(x)
+                embeddings.append(code.reshape(len(chunk), -1).numpy().astype(np.float32))
+                errors.append(((reconstruction - x) ** 2).mean(dim=(1, 2, 3, 4)).numpy().astype(np.float32))
+                rows_case += [n] * len(chunk)
+                rows_corner += [b.coords for b in chunk]
+                rows_size += [b.size for b in chunk]
+            if progress:
+                progress({"stage": "embedding", "case": case, "progress": 0.8 + 0.2 * (n + 1) / len(cases),
+                          "message": f"embedded {case} ({n + 1}/{len(cases)})"})
+    return {"cases": np.array(list(cases)), "case_index": np.array(rows_case, np.int32),
+            "corners": np.array(rows_corner, np.int32).reshape(-1, 3), "sizes": np.array(rows_size, np.int32).reshape(-1, 3),
+            "embeddings": np.concatenate(embeddings), "errors": np.concatenate(errors)}
+
+
+def timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started

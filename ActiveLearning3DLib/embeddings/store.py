@@ -1,0 +1,129 @@
+"""Pool embeddings on disk, the background job that makes them, and what the query methods read.
+
+``PROJECT/embeddings/<key>/embeddings.npz`` holds one row per candidate box
+(case, corner, size, embedding, reconstruction error); the key covers the pool,
+the patch size and the autoencoder settings, so a second cold start with the
+same settings costs nothing and other settings never reuse a stale cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..boxes import Box
+from ..fileio import atomic_write_json, read_json, replacing_file
+from ..jobs import Job
+from .autoencoder import AutoencoderSettings
+
+
+class EmbeddingSet:
+    """Candidate boxes with their embedding and difficulty (reconstruction error)."""
+
+    def __init__(self, boxes: list[Box], embeddings: np.ndarray, errors: np.ndarray):
+        self.boxes, self.embeddings, self.errors = boxes, np.asarray(embeddings, np.float64), np.asarray(errors, np.float64)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "EmbeddingSet":
+        with np.load(path) as data:
+            cases = [str(c) for c in data["cases"]]
+            boxes = [Box(cases[i], tuple(c), tuple(s)) for i, c, s in zip(data["case_index"], data["corners"], data["sizes"])]
+            return cls(boxes, data["embeddings"], data["errors"])
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def free(self, blocked: Sequence[Box]) -> "EmbeddingSet":
+        """Only the candidates that overlap no existing box."""
+        by_case: dict[str, list[Box]] = {}
+        for b in blocked:
+            by_case.setdefault(b.case, []).append(b)
+        keep = [i for i, b in enumerate(self.boxes) if not any(b.overlaps(o) for o in by_case.get(b.case, ()))]
+        return EmbeddingSet([self.boxes[i] for i in keep], self.embeddings[keep], self.errors[keep])
+
+    def by_box(self) -> dict[tuple[str, tuple[int, ...]], np.ndarray]:
+        return {(b.case, b.coords): e for b, e in zip(self.boxes, self.embeddings)}
+
+
+def project_key(project) -> str:
+    """The pool as the autoencoder sees it: cases, shapes and the patch size (no labels)."""
+    pool = [(c, list(project.cases[c].shape)) for c in project.pool_cases]
+    raw = json.dumps({"pool": pool, "patch": list(project.patch_size)})
+    return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+def embeddings_dir(project, settings: AutoencoderSettings) -> Path:
+    return project.path / "embeddings" / settings.key(project_key(project))
+
+
+def embedding_job(project, settings: AutoencoderSettings) -> Job:
+    folder = embeddings_dir(project, settings)
+    return Job.create(project.path / "jobs", f"embeddings-{folder.name}", "pool_embeddings",
+                      {"project": str(project.path), "settings": asdict(settings), "output": str(folder)})
+
+
+def pool_embeddings(project, settings: AutoencoderSettings | None = None, runner=None, python: str | None = None) -> EmbeddingSet:
+    """The pool's embeddings: from the cache, else made by a background job (waited for) and cached."""
+    settings = settings or AutoencoderSettings(seed=project.settings.seed)
+    path = embeddings_dir(project, settings) / "embeddings.npz"
+    if not path.is_file():
+        from ..pipeline import local_runner
+
+        job = embedding_job(project, settings)
+        runner = runner or local_runner(python, 1)
+        runner.submit(job)
+        runner.wait([job])
+        status = job.refresh()
+        if status.state != "done":
+            raise RuntimeError(f"{job.path}: making the pool embeddings {status.state}: {status.message}")
+    return EmbeddingSet.load(path)
+
+
+def embed_task(inputs: dict, report) -> dict:
+    """The job: train the pool autoencoder, embed every candidate box, save both (resumes from a saved model)."""
+    import torch
+
+    from ..project import Project
+    from .autoencoder import embed_pool, timed, train_autoencoder
+
+    project = Project.open(inputs["project"])
+    settings = AutoencoderSettings(**{k: tuple(v) if k == "stride" and v else v for k, v in inputs["settings"].items()})
+    output = Path(inputs["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    cases = list(project.pool_cases)
+    shapes = {c: project.cases[c].shape for c in cases}
+
+    def image(case: str) -> np.ndarray:
+        import SimpleITK as sitk
+
+        return sitk.GetArrayFromImage(project.read_image(case))
+
+    def relay(event: dict) -> None:
+        report(**{k: v for k, v in event.items() if k in ("stage", "progress", "iteration", "case", "message")})
+
+    weights = output / "autoencoder.pt"
+    train_seconds = 0.0
+    if weights.is_file():
+        from .autoencoder import build_autoencoder
+
+        model = build_autoencoder(settings.width)
+        model.load_state_dict(torch.load(weights, map_location="cpu"))
+        model.eval()
+        losses = read_json(output / "training.json")["losses"]
+    else:
+        (model, losses), train_seconds = timed(train_autoencoder, image, cases, shapes, project.patch_size, settings, relay)
+        with replacing_file(weights) as tmp:
+            torch.save(model.state_dict(), tmp)
+        atomic_write_json(output / "training.json", {"losses": losses, "seconds": round(train_seconds, 1)})
+    encoder = torch.jit.load(settings.encoder, map_location="cpu").eval() if settings.encoder else None
+    arrays, embed_seconds = timed(embed_pool, model, image, cases, shapes, project.patch_size, settings.stride, encoder, relay)
+    with replacing_file(output / "embeddings.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return {"candidates": int(len(arrays["errors"])), "embedding_size": int(arrays["embeddings"].shape[1]),
+            "final_loss": float(np.mean(losses[-20:])), "train_seconds": round(train_seconds, 1),
+            "embed_seconds": round(embed_seconds, 1), "output": str(output)}

@@ -1,0 +1,89 @@
+"""The pool autoencoder as a background job: difficulty finds an unusual box, the cache, and cold-start queries."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_dataset, read_array, write_image
+
+from ActiveLearning3DLib import ActiveLearningLogic
+from ActiveLearning3DLib.embeddings import AutoencoderSettings, pool_embeddings
+from ActiveLearning3DLib.embeddings.store import embeddings_dir
+
+SHAPE = (24, 28, 26)
+SETTINGS = AutoencoderSettings(iterations=400, batch_size=16, threads=1)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Six smooth cases; one has a high-contrast checkerboard planted in a corner the others never show."""
+    root = tmp_path_factory.mktemp("cold")
+    data = make_dataset(root / "source", n_cases=6, shape=SHAPE)
+    z, y, x = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    for n, case in enumerate(data.cases):
+        smooth = (np.sin(x / 5.0 + n) + np.cos(y / 6.0) + z / 12.0).astype(np.float32)
+        if n == 2:
+            block = ((z // 2 + y // 2 + x // 2) % 2 * 8.0 - 4.0).astype(np.float32)
+            smooth[2:12, 2:12, 2:12] = block[2:12, 2:12, 2:12]
+        write_image(data.images / f"{case}_0000.nii.gz", smooth)
+    logic = ActiveLearningLogic.create(root / "project", data.images, data.labels, patch_size=(8, 8, 8),
+                                       test_fraction=0.0, seed=0)
+    return logic, data.cases[2]
+
+
+def test_reconstruction_error_is_higher_on_the_planted_structure(planted):
+    logic, odd_case = planted
+    embeddings = pool_embeddings(logic.project, SETTINGS)
+    assert embeddings.embeddings.shape[0] == len(embeddings) == len(embeddings.errors) > 50
+    planted_box = [i for i, b in enumerate(embeddings.boxes)  # boxes mostly inside the planted block [2, 12)^3
+                   if b.case == odd_case and all(0 <= c <= 6 for c in b.coords)]
+    ordinary = [i for i, b in enumerate(embeddings.boxes) if b.case != odd_case]
+    assert planted_box and ordinary
+    assert embeddings.errors[planted_box].min() > np.percentile(embeddings.errors[ordinary], 95)
+
+
+def test_a_second_cold_start_reuses_the_cache(planted):
+    logic, _ = planted
+    pool_embeddings(logic.project, SETTINGS)
+    path = embeddings_dir(logic.project, SETTINGS) / "embeddings.npz"
+    stamp = path.stat().st_mtime_ns
+    again = pool_embeddings(logic.project, SETTINGS)
+    assert path.stat().st_mtime_ns == stamp and len(again) > 0
+    other = AutoencoderSettings(iterations=5, batch_size=4, threads=1, seed=1)
+    assert embeddings_dir(logic.project, other) != embeddings_dir(logic.project, SETTINGS)
+
+
+def test_label_free_starting_budget_from_the_command_line(planted, tmp_path):
+    logic, _ = planted
+    images = logic.project.path.parent / "source" / "imagesTr"
+    out = tmp_path / "cscs"
+    done = subprocess.run([sys.executable, "-m", "ActiveLearning3DLib.cli", "init", str(out), "--images", str(images),
+                           "--patch-size", "8", "8", "8", "--start", "cscs", "--start-count", "6", "--query-size", "6",
+                           "--ae-iterations", "60"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    opened = ActiveLearningLogic.open(out)
+    boxes = opened.boxes(0)
+    assert len(boxes) == 6 and {b.method for b in boxes} == {"cscs"}
+    assert len({b.stratum for b in boxes}) >= 2  # spread over clusters
+    for i, a in enumerate(boxes):
+        assert all(not a.box.overlaps(b.box) for b in boxes[i + 1:])
+    assert not opened.project.has_ground_truth
+    # the partial labels were not touched by a label-free query
+    assert set(np.unique(read_array(opened.project.partial_label_path(boxes[0].case)))) == {opened.project.ignore_value}
+
+
+def test_cluster_query_uses_the_cached_embeddings_and_spreads_over_clusters(planted):
+    logic, _ = planted
+    pool_embeddings(logic.project, SETTINGS)
+    jobs_before = sorted(p.name for p in (logic.project.path / "jobs").iterdir())
+    loop = logic.query("cluster", 8, autoencoder=SETTINGS)
+    assert sorted(p.name for p in (logic.project.path / "jobs").iterdir()) == jobs_before  # no new job: cached
+    strata = [b.stratum for b in loop.boxes]
+    assert len(loop.boxes) == 8 and len(set(strata)) >= 2
+    # the boxes nearest each cluster centre come first within a cluster (score = distance to the centre)
+    for stratum in set(strata):
+        scores = [b.score for b in loop.boxes if b.stratum == stratum]
+        assert scores == sorted(scores)
