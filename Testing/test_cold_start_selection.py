@@ -158,3 +158,15 @@ def test_pe_spatial_query_respects_the_minimum_distance_and_prefers_uncertainty(
     assert all(np.linalg.norm(centre(a) - centre(b)) >= 12.0 for a, b in itertools.combinations(picks, 2))
     assert any(np.linalg.norm(centre(a) - centre(b)) < 12.0 for a, b in itertools.combinations(plain, 2))
     assert all(2 <= c <= 9 for c in centre(picks[0]))  # the most uncertain box first
+
+
+def test_silhouette_matches_the_definition_on_a_small_example():
+    from ActiveLearning3DLib.query_methods.diversity import silhouette
+
+    x = np.array([[0.0], [1.0], [10.0], [12.0], [30.0]])
+    labels = np.array([0, 0, 1, 1, 2])
+    # point 0: a = 1, b = mean(10, 12) = 11 -> 10/11; point 1: a = 1, b = 10 -> 0.9;
+    # point 2: a = 2, b = min(mean(10, 9), 20) = 9.5 -> 7.5/9.5; point 3: a = 2, b = min(11.5, 18) -> 9.5/11.5;
+    # point 4 is alone: 0
+    expected = (10 / 11 + 0.9 + 7.5 / 9.5 + 9.5 / 11.5 + 0) / 5
+    assert silhouette(x, labels) == pytest.approx(expected)

@@ -36,19 +36,22 @@ SILHOUETTE_SAMPLE = 2000
 
 
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean silhouette coefficient (Euclidean); clusters of one point count 0, as in scikit-learn."""
-    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0.0))
-    ids = np.unique(labels)
+    """Mean silhouette coefficient (Euclidean); points alone in their cluster count 0, as in scikit-learn."""
+    from scipy.spatial.distance import cdist
+
+    ids, labels = np.unique(labels, return_inverse=True)
     if len(ids) < 2:
         return -1.0
-    values = np.zeros(len(x))
-    for i in range(len(x)):
-        own = labels == labels[i]
-        if own.sum() <= 1:
-            continue
-        a = d[i, own].sum() / (own.sum() - 1)
-        b = min(d[i, labels == c].mean() for c in ids if c != labels[i])
-        values[i] = (b - a) / max(a, b) if max(a, b) > 0 else 0.0
+    d = cdist(x, x)
+    onehot = np.eye(len(ids))[labels]
+    counts = onehot.sum(0)
+    sums = d @ onehot  # distance of each point to all points of each cluster
+    own = counts[labels]
+    a = sums[np.arange(len(x)), labels] / np.maximum(own - 1, 1)
+    others = sums / counts
+    others[np.arange(len(x)), labels] = np.inf
+    b = others.min(1)
+    values = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
     return float(values.mean())
 
 
