@@ -270,3 +270,29 @@ def test_tile_batches_give_nnunets_own_sliding_window_result(looped):
     for mirroring in (False, True):
         np.testing.assert_allclose(results[8, mirroring].numpy(), results[1, mirroring].numpy(), atol=2e-2, rtol=1e-2)
     assert not np.allclose(results[8, True].numpy(), results[8, False].numpy(), atol=1e-3)  # mirroring was applied
+
+
+def test_final_predictions_job_segments_cases_on_their_grid_as_the_ensemble_does(looped):
+    import SimpleITK as sitk
+
+    from ActiveLearning3DLib.nnunet.evaluation import load_evaluation_ensemble
+
+    logic, pipeline = looped
+    project = logic.project
+    cases = [sorted(project.pool_cases)[0], sorted(project.test_cases)[0]]
+    job = pipeline.prediction_job(cases)
+    pipeline.runner.submit(job)
+    assert pipeline.runner.wait([job], timeout=600)
+    assert job.refresh().state == "done", job.log_tail(20)
+    ensemble = load_evaluation_ensemble(pipeline.model_folder, "cpu", mirroring=pipeline.profile.evaluation_mirroring)
+    for case in cases:
+        written = sitk.ReadImage(str(pipeline.predictions_dir / f"{case}.nii.gz"))
+        image = sitk.ReadImage(str(project.image_paths(case)[0]))
+        assert written.GetSize() == image.GetSize()
+        np.testing.assert_allclose(written.GetDirection(), image.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), ensemble.segment(project.image_paths(case)))
+    # a second run finds every case written and redoes nothing
+    stamp = (pipeline.predictions_dir / f"{cases[0]}.nii.gz").stat().st_mtime_ns
+    assert pipeline.prediction_job(cases).refresh().state == "done"
+    assert (pipeline.predictions_dir / f"{cases[0]}.nii.gz").stat().st_mtime_ns == stamp
