@@ -18,10 +18,7 @@ def _slicer_executable() -> str | None:
 @pytest.mark.skipif(_slicer_executable() is None,
                     reason="needs the 3D Slicer desktop application (set SLICER_EXECUTABLE); not installable here")
 def test_module_test_class_passes_inside_slicer():
-    code = ("import slicer, sys; "
-            "t = slicer.util.getModule('ActiveLearning3D'); "
-            "import ActiveLearning3D; test = ActiveLearning3D.ActiveLearning3DTest(); test.runTest(); "
-            "sys.exit(0)")
+    code = "import sys, ActiveLearning3D; ActiveLearning3D.ActiveLearning3DTest().runTest(); sys.exit(0)"
     done = subprocess.run([_slicer_executable(), "--no-main-window", "--testing", "--disable-cli-modules",
                            "--additional-module-paths", str(REPO / "ActiveLearning3D"), "--python-code", code],
                           capture_output=True, text=True, timeout=900)
