@@ -175,7 +175,19 @@ def test_a_box_added_at_a_clicked_point_is_centred_there_and_recorded_as_the_ann
         c.add_box_at((1e4, 1e4, 1e4))
 
 
-def test_offscreen_slice_view_shows_the_box_outline_at_the_box(tmp_path):
+@pytest.fixture(scope="module")
+def egl():
+    """Probe EGL offscreen rendering in a child process first: a missing driver fails here, it does not crash pytest."""
+    import subprocess
+    import sys
+
+    probe = ("from vtkmodules.vtkRenderingOpenGL2 import vtkEGLRenderWindow; import vtk; w = vtkEGLRenderWindow(); "
+             "w.SetOffScreenRendering(1); w.AddRenderer(vtk.vtkRenderer()); w.SetSize(8, 8); w.Render()")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"EGL offscreen rendering does not work here (libEGL + Mesa needed): {done.stderr[-500:]}"
+
+
+def test_offscreen_slice_view_shows_the_box_outline_at_the_box(tmp_path, egl):
     c = _controller(tmp_path, "scaled-shifted")
     record = c.go_to_box(c.table()[0].id)
     view = OffscreenSliceView(c.ctx, size=(300, 300))  # made after the boxes: it must still find them
@@ -207,7 +219,7 @@ def test_offscreen_slice_view_shows_the_box_outline_at_the_box(tmp_path):
         view.close()
 
 
-def test_uncertainty_map_becomes_the_foreground_layer(tmp_path):
+def test_uncertainty_map_becomes_the_foreground_layer(tmp_path, egl):
     c = _controller(tmp_path)
     view = OffscreenSliceView(c.ctx)
     try:
