@@ -76,7 +76,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     logic = ActiveLearningLogic.open(args.project)
     loop = logic.query(args.method, args.count, args.seed, args.probabilities, args.stride, args.per_image, progress,
-                       min_distance=args.min_distance, autoencoder=_autoencoder(args, logic))
+                       min_distance=args.min_distance, autoencoder=_autoencoder(args, logic), distance_space=args.distance)
     print(f"loop {loop.loop}: {len(loop.boxes)} boxes by {loop.method} -> {logic.project.loop_path(loop.loop)}")
     for record in loop.boxes[: args.show]:
         print(f"  {record!r}")
@@ -309,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help="candidate corner stride")
     p.add_argument("--per-image", type=int, help="boxes considered per image (default: the count)")
     p.add_argument("--min-distance", type=float,
-                   help="pe_spatial: minimum distance between box centres in voxels (default: the longest box edge)")
+                   help="pe_spatial: minimum distance between boxes (voxels: default the longest box edge; "
+                   "embedding: default the median nearest-neighbour distance of the pool embeddings)")
+    p.add_argument("--distance", choices=["voxels", "embedding"], default="voxels",
+                   help="pe_spatial: distance between box centres in voxels, or between autoencoder embeddings")
     _add_autoencoder_options(p)
     p.add_argument("--show", type=int, default=10, help="boxes to list")
 

@@ -163,6 +163,7 @@ class ActiveLearningLogic:
         info: dict | None = None,
         min_distance: float | None = None,
         autoencoder: "AutoencoderSettings | None" = None,
+        distance_space: str = "voxels",
     ) -> LoopFile:
         """Choose the boxes of the next loop with ``method`` and save them as its loop file.
 
@@ -202,9 +203,10 @@ class ActiveLearningLogic:
             stride=tuple(stride) if stride else None,  # type: ignore[arg-type]
             n_per_image=n_per_image,
             min_distance=min_distance,
+            distance_space=distance_space,
             progress=progress,
         )
-        if query_method.needs_embeddings:
+        if query_method.needs_embeddings or distance_space == "embedding":
             from .embeddings import pool_embeddings
 
             context.embeddings = pool_embeddings(p, autoencoder)  # cached per project; a background job the first time

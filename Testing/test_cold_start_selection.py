@@ -170,3 +170,31 @@ def test_silhouette_matches_the_definition_on_a_small_example():
     # point 4 is alone: 0
     expected = (10 / 11 + 0.9 + 7.5 / 9.5 + 9.5 / 11.5 + 0) / 5
     assert silhouette(x, labels) == pytest.approx(expected)
+
+
+def test_pe_spatial_in_embedding_space_rejects_a_far_box_that_looks_the_same():
+    from ActiveLearning3DLib.embeddings import EmbeddingSet
+    from ActiveLearning3DLib.embeddings.autoencoder import candidate_boxes
+
+    shape = (24, 24, 24)
+    probs = np.empty((2, *shape), np.float32)
+    probs[0], probs[1] = 0.9, 0.1
+    probs[:, 0:4, 0:4, 0:4] = 0.5     # two equally uncertain corners, far apart in voxels
+    probs[:, 20:24, 20:24, 20:24] = 0.5
+    probs[0, 0:4, 20:24, 0:4], probs[1, 0:4, 20:24, 0:4] = 0.45, 0.55  # a third, a little less uncertain
+    boxes = candidate_boxes("x", shape, (4, 4, 4), None)
+    vectors = np.zeros((len(boxes), 2))
+    for i, b in enumerate(boxes):
+        vectors[i] = [(b.coords[1] - b.coords[0]) / 4.0, 0.0]  # (0,0,0) and (20,20,20) look alike, (0,20,0) does not
+    ctx = QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
+                       probabilities=MemoryProbabilities({"m0": {"x": probs}}),
+                       embeddings=EmbeddingSet(boxes, vectors, np.zeros(len(boxes))), distance_space="embedding",
+                       min_distance=2.0)
+    picks = get_method("pe_spatial")(ctx, 2)
+    corners = sorted(p.box.coords for p in picks)
+    assert (0, 0, 0) in corners or (20, 20, 20) in corners
+    assert not ((0, 0, 0) in corners and (20, 20, 20) in corners)  # different places, same embedding: one of them
+    assert (0, 20, 0) in corners  # the less uncertain box that looks different takes the second place
+    voxel = get_method("pe_spatial")(QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1],
+                                                  seed=0, probabilities=MemoryProbabilities({"m0": {"x": probs}})), 2)
+    assert sorted(p.box.coords for p in voxel) == [(0, 0, 0), (20, 20, 20)]

@@ -42,7 +42,8 @@ class QueryContext:
     stride: Shape3 | None = None
     n_per_image: int | None = None
     embeddings: "EmbeddingSet | None" = None  # cluster, cscs: the pool's candidate boxes embedded (no labels)
-    min_distance: float | None = None  # pe_spatial: minimum box-centre distance in voxels (default: longest box edge)
+    min_distance: float | None = None  # pe_spatial: minimum distance between boxes (see distance_space)
+    distance_space: str = "voxels"  # pe_spatial: "voxels" (box centres, same image) or "embedding" (pool embeddings)
     progress: Callable[[Iterable, str], Iterable] = no_progress
 
     def rng(self, purpose: str) -> np.random.Generator:

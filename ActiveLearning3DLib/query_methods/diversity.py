@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.cluster.vq import kmeans2
 
-from ..aggregation import NotEnoughCandidates, Pick, blocker_for, iter_greedy
+from ..aggregation import NotEnoughCandidates, Pick, blocker_for, greedy_per_image, iter_greedy
 from ..boxes import Box
 from .base import QueryContext
 
@@ -250,11 +250,19 @@ def _distance(p: Pick, q: Pick, embeddings) -> float:
 
 
 def select_pe_spatial(ctx: QueryContext, count: int) -> list[Pick]:
-    """Per image, PE boxes best-first, each at least the minimum distance from those taken; then the best overall.
+    """PE boxes best-first, each at least the minimum distance from those already taken in this query.
 
-    Boxes of different images are never close (distance in voxels), so the
-    per-image filter is the whole rule; every image offers up to ``count`` boxes.
+    In voxels (default: the longest box edge) boxes of different images are never
+    close, so the rule applies per image while walking each image's greedy PE
+    boxes. In embedding space (``distance_space="embedding"``) every pick takes the
+    embedding of the nearest candidate of the pool embeddings' grid, and the rule
+    applies across images (default distance: the median nearest-neighbour
+    distance of the pool's embeddings).
     """
+    if ctx.distance_space not in ("voxels", "embedding"):
+        raise ValueError(f"pe_spatial: distance space must be 'voxels' or 'embedding', got {ctx.distance_space!r}")
+    if ctx.distance_space == "embedding":
+        return _pe_spatial_embedding(ctx, count)
     min_distance = ctx.min_distance if ctx.min_distance is not None else DEFAULT_MIN_DISTANCE_FACTOR * max(ctx.patch_size)
     per_image = ctx.n_per_image or count
     picks: list[Pick] = []
@@ -269,3 +277,32 @@ def select_pe_spatial(ctx: QueryContext, count: int) -> list[Pick]:
                     break
         picks += taken
     return spatially_diverse(picks, count, min_distance)
+
+
+def _pe_spatial_embedding(ctx: QueryContext, count: int) -> list[Pick]:
+    from scipy.spatial import cKDTree
+
+    if ctx.embeddings is None or not len(ctx.embeddings):
+        raise ValueError("pe_spatial with distance in embedding space needs the pool's box embeddings")
+    emb = ctx.embeddings
+    min_distance = ctx.min_distance
+    if min_distance is None:
+        distances, _ = cKDTree(emb.embeddings).query(emb.embeddings, k=2)
+        min_distance = float(np.median(distances[:, 1]))
+    by_case: dict[str, list[int]] = {}
+    for i, b in enumerate(emb.boxes):
+        by_case.setdefault(b.case, []).append(i)
+    per_image = ctx.n_per_image or 4 * count
+    picks: list[Pick] = []
+    vectors: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+    for scores in ctx.case_scores(["pe"]):
+        s = scores["pe"]
+        rows = by_case.get(s.case)
+        if not rows:
+            raise ValueError(f"pe_spatial: the pool embeddings have no boxes of {s.case!r}")
+        corners = np.array([emb.boxes[i].coords for i in rows], float)
+        for pick in greedy_per_image(s, per_image, blocker_for(s, ctx.blocked), None, "pe"):
+            nearest = rows[int(np.argmin(np.linalg.norm(corners - np.array(pick.box.coords, float), axis=1)))]
+            vectors[(pick.box.case, pick.box.coords)] = emb.embeddings[nearest]
+            picks.append(pick)
+    return spatially_diverse(picks, count, min_distance, vectors)
