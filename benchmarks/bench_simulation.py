@@ -11,6 +11,10 @@ the report is written there.
 
     .venv/bin/python benchmarks/bench_simulation.py [--run-dir /work/al3d-runs/hippocampus-low-cpu-small]
         [--methods random_fg66,clasp_pe] [--seeds 0,1,2] [--profile cpu-small] [--sync-only]
+        [--start nnactive_start] [--reference-cache DIR]
+
+The cold-start benchmark is one run folder per starting budget, e.g.
+``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``.
 """
 from __future__ import annotations
 
@@ -48,6 +52,11 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--start", default="nnactive_start",
+                        help="starting budget method (the cold-start benchmark: random, cluster, cscs, random_fg33)")
+    parser.add_argument("--reference-cache", type=Path,
+                        help="full-data reference runs shared between run folders (the cold-start runs; the first "
+                        "study run keeps its reference in its own folder)")
     parser.add_argument("--sync-only", action="store_true", help="only copy finished records and write the report")
     args = parser.parse_args()
     name = args.run_dir.name
@@ -59,7 +68,9 @@ def main() -> int:
         command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data / "imagesTr"),
                    "--labels", str(data / "labelsTr"), "--method", args.methods, "--budget", "low", "--loops", "5",
                    "--seeds", args.seeds, "--profile", args.profile, "--device", "cpu", "--parallel",
-                   str(args.parallel), "--out", str(args.run_dir)]
+                   str(args.parallel), "--start", args.start, "--out", str(args.run_dir)]
+        if args.reference_cache:
+            command += ["--reference-cache", str(args.reference_cache)]
         print(" ".join(command), flush=True)
         code = subprocess.call(command, cwd=REPO)
         print(f"simulate exited with {code}")
