@@ -173,11 +173,16 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies():
             return
         from ActiveLearning3DLib.gui import AnnotationController
+        from ActiveLearning3DLib.gui.controller import parse_classes, parse_patch_size
 
-        self.controller = self._guard(lambda: AnnotationController.create_project(
-            self.logic.context(), p.projectPath, p.imagesPath, p.labelsPath or None,
-            class_names=self.logic.parseClasses(p.classNames), patch_size=self.logic.parsePatchSize(p.patchSize),
-            method=p.method, query_size=p.querySize, start_method=p.startMethod, runner=self.runner))
+        def create():
+            names, colors = parse_classes(p.classNames)
+            return AnnotationController.create_project(
+                self.logic.context(), p.projectPath, p.imagesPath, p.labelsPath or None, class_names=names,
+                class_colors=colors, patch_size=parse_patch_size(p.patchSize), method=p.method,
+                query_size=p.querySize, start_method=p.startMethod, runner=self.runner)
+
+        self.controller = self._guard(create)
         self._afterProjectOpened()
 
     def onOpenProject(self):
@@ -319,7 +324,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class ActiveLearning3DLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side glue only: the scene context, the segment editor node, dependencies, input parsing."""
+    """Slicer-side glue only: the scene context, the segment editor node, dependencies."""
 
     def context(self):
         from ActiveLearning3DLib.gui import SlicerContext
@@ -337,21 +342,6 @@ class ActiveLearning3DLogic(ScriptedLoadableModuleLogic):
 
         testing = slicer.app.commandOptions().testingEnabled
         return ensure_dependencies(slicer, slicer.util.confirmOkCancelDisplay, testing=testing)
-
-    @staticmethod
-    def parseClasses(text):
-        """'1=liver, 2=tumour' -> {0: 'background', 1: 'liver', 2: 'tumour'}; empty: from the data."""
-        if not text.strip():
-            return None
-        classes = {0: "background"}
-        for part in text.split(","):
-            value, _, name = part.partition("=")
-            classes[int(value)] = name.strip()
-        return classes
-
-    @staticmethod
-    def parsePatchSize(text):
-        return [int(v) for v in text.replace("x", " ").replace(",", " ").split()] or None if text.strip() else None
 
 
 class ActiveLearning3DTest(ScriptedLoadableModuleTest):

@@ -411,3 +411,20 @@ def test_a_label_free_start_trains_the_autoencoder_as_a_job_and_queries_when_it_
     np.savez(folder / "embeddings.npz", **arrays)
     assert c.begin_starting_budget("cluster", 3) is None
     assert len(c.table()) == 3 and not c.busy
+
+
+def test_panel_text_fields_parse_into_classes_colours_and_patch_size():
+    from ActiveLearning3DLib.gui.controller import parse_classes, parse_patch_size
+
+    names, colors = parse_classes("1=left hippocampus #ff8000, 2 = posterior")
+    assert names == {0: "background", 1: "left hippocampus", 2: "posterior"}
+    assert colors == {1: (1.0, 128 / 255, 0.0)}
+    assert parse_classes("  ") == (None, {})
+    for bad in ("liver", "1=", "x=liver", "1=liver #12345", "1=#ff0000"):
+        with pytest.raises(ValueError, match="classes"):
+            parse_classes(bad)
+    assert parse_patch_size("20x24x20") == [20, 24, 20] == parse_patch_size("20, 24, 20")
+    assert parse_patch_size("") is None
+    for bad in ("20 20", "0 20 20", "a b c"):
+        with pytest.raises(ValueError, match="patch size"):
+            parse_patch_size(bad)

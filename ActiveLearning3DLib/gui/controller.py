@@ -31,6 +31,42 @@ PANEL_SETTINGS = "panel.json"
 SORT_KEYS = ("loop", "case", "score", "state", "stratum")
 
 
+def parse_classes(text: str) -> tuple[dict[int, str] | None, dict[int, tuple[float, float, float]]]:
+    """The panel's class field: ``"1=liver #c86464, 2=tumour"`` -> names (background added) and colours.
+
+    Empty text: the names come from the data's dataset.json. Colours are
+    optional hex RGB; a class without one gets a default colour.
+    """
+    if not text.strip():
+        return None, {}
+    names: dict[int, str] = {0: "background"}
+    colors: dict[int, tuple[float, float, float]] = {}
+    for part in text.split(","):
+        value, sep, rest = part.partition("=")
+        if not sep or not value.strip().isdigit() or not rest.strip():
+            raise ValueError(f"classes: expected value=name (e.g. 1=liver), got {part.strip()!r}")
+        words = rest.split()
+        if words[-1].startswith("#"):
+            code = words.pop()[1:]
+            if len(code) != 6 or any(ch not in "0123456789abcdefABCDEF" for ch in code):
+                raise ValueError(f"classes: colour {'#' + code!r} of class {value.strip()} is not #RRGGBB")
+            colors[int(value)] = tuple(int(code[i:i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[assignment]
+        if not words:
+            raise ValueError(f"classes: class {value.strip()} has a colour but no name")
+        names[int(value)] = " ".join(words)
+    return names, colors
+
+
+def parse_patch_size(text: str) -> list[int] | None:
+    """``"20 20 20"``, ``"20x20x20"`` or ``"20,20,20"`` (Z Y X) -> [20, 20, 20]; empty: automatic."""
+    values = text.replace("x", " ").replace(",", " ").split()
+    if not values:
+        return None
+    if len(values) != 3 or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise ValueError(f"patch size: expected three positive integers (Z Y X), got {text!r}")
+    return [int(v) for v in values]
+
+
 @dataclass
 class PanelSettings:
     """What the panel remembers per project (saved in the project folder, so reopening continues as it was)."""
