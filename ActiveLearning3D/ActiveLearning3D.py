@@ -196,6 +196,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self.runner is not None:
             self.controller.runner = self.runner
+        self.controller.editor_node = self.logic.segmentEditorNode()
         self._saveSettings()
         if self.controller.busy:  # a label-free start: the pool autoencoder trains in the background first
             self._timer.start()

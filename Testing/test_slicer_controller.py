@@ -428,3 +428,25 @@ def test_panel_text_fields_parse_into_classes_colours_and_patch_size():
     for bad in ("20 20", "0 20 20", "a b c"):
         with pytest.raises(ValueError, match="patch size"):
             parse_patch_size(bad)
+
+
+@pytest.mark.parametrize("geometry", ["oblique", "flipped-axis"])
+def test_segment_editor_edits_are_masked_to_the_box(tmp_path, geometry):
+    c = _controller(tmp_path, geometry)
+    c.editor_node = c.ctx.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    record = c.go_to_box(c.table()[1].id)
+    assert c.editor_node.GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
+    assert c.editor_node.GetMaskSegmentID() == mrml.BOX_SEGMENT
+    assert c.editor_node.GetOverwriteMode() == slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments
+    import vtk
+
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(mrml.BOX_SEGMENT)
+    labelmap = c.ctx.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    c.ctx.segmentations_logic.ExportSegmentsToLabelmapNode(c.annotation, ids, labelmap, c.volume)
+    mask = c.grid.from_slicer(slicer.util.arrayFromVolume(labelmap)) > 0
+    expected = np.zeros(SHAPE, bool)
+    expected[record.box.slices] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert not c.annotation.GetDisplayNode().GetSegmentVisibility(mrml.BOX_SEGMENT)
+    assert not c.painted_labels().any()  # the box region is not a class

@@ -147,6 +147,7 @@ class AnnotationController:
         self.partial_segmentation = None
         self.annotation = None
         self.heat_map = None
+        self.editor_node = None  # the Segment Editor's parameter node: edits are then masked to the box
         self.pipeline: LoopPipeline | None = None
         self._starting: tuple[str, int, Job, Any] | None = None  # a label-free start waiting for its embeddings
         self._labels_changed = False
@@ -267,7 +268,7 @@ class AnnotationController:
         self._labels_changed = False
 
     def _reset_annotation(self, record: BoxRecord) -> None:
-        """Empty segments for a new box; an annotated box starts from its saved labels (re-submitting replaces)."""
+        """Empty segments for a new box, edits masked to it; an annotated box starts from its saved labels."""
         segmentation = self.annotation.GetSegmentation()
         for value in self._foreground_classes():
             segment = mrml.segment_id(value)
@@ -276,6 +277,7 @@ class AnnotationController:
         for i, (value, name) in enumerate(sorted(self._foreground_classes().items())):
             colour = self._colors().get(value, mrml.DEFAULT_CLASS_COLORS[i % len(mrml.DEFAULT_CLASS_COLORS)])
             segmentation.AddEmptySegment(mrml.segment_id(value), name, list(colour))
+        mrml.restrict_editing_to_box(self.ctx, self.annotation, self.volume, self.grid, record.box, self.editor_node)
         if record.state == "annotated":
             partial = self.logic.project.read_partial_labels(record.case)
             inside = np.zeros(partial.shape, np.uint8)

@@ -197,6 +197,43 @@ def segment_id(class_value: int) -> str:
     return f"class_{class_value}"
 
 
+BOX_SEGMENT = "al3d_box_region"
+
+
+def restrict_editing_to_box(ctx: SlicerContext, segmentation_node, volume_node, grid: CaseGrid, box,
+                            editor_node=None) -> None:
+    """A hidden segment covering exactly the box, and (given the Segment Editor's node) edits allowed only inside it.
+
+    The overwrite mode becomes "visible segments", so painting a class never
+    erases the hidden box region. Export reads class segments only.
+    """
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetSegment(BOX_SEGMENT) is not None:
+        segmentation.RemoveSegment(BOX_SEGMENT)
+    segmentation.AddEmptySegment(BOX_SEGMENT, "box region (edits allowed inside)", [1.0, 1.0, 1.0])
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[box.slices] = 1
+    labelmap = ctx.volumes_logic.CreateAndAddLabelVolume(ctx.scene, volume_node, "box region")
+    try:
+        import vtk
+
+        slicer.util.updateVolumeFromArray(labelmap, grid.to_slicer(mask))
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(BOX_SEGMENT)
+        ctx.segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ids)
+    finally:
+        ctx.scene.RemoveNode(labelmap)
+    display = segmentation_node.GetDisplayNode()
+    if display is not None:
+        display.SetSegmentVisibility(BOX_SEGMENT, False)
+    if editor_node is not None:
+        editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+        editor_node.SetMaskSegmentID(BOX_SEGMENT)
+        editor_node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
+
+
 def segmentation_labels(ctx: SlicerContext, segmentation_node, volume_node, classes: Sequence[int],
                         grid: CaseGrid | None = None) -> np.ndarray:
     """The segments as one label array (k, j, i) on the volume's grid: class value where painted, else 0.
