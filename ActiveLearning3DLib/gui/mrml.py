@@ -215,16 +215,7 @@ def restrict_editing_to_box(ctx: SlicerContext, segmentation_node, volume_node, 
     segmentation.AddEmptySegment(BOX_SEGMENT, "box region (edits allowed inside)", [1.0, 1.0, 1.0])
     mask = np.zeros(grid.shape, np.uint8)
     mask[box.slices] = 1
-    labelmap = ctx.volumes_logic.CreateAndAddLabelVolume(ctx.scene, volume_node, "box region")
-    try:
-        import vtk
-
-        slicer.util.updateVolumeFromArray(labelmap, grid.to_slicer(mask))
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(BOX_SEGMENT)
-        ctx.segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ids)
-    finally:
-        ctx.scene.RemoveNode(labelmap)
+    import_mask(ctx, segmentation_node, volume_node, BOX_SEGMENT, mask, grid)
     display = segmentation_node.GetDisplayNode()
     if display is not None:
         display.SetSegmentVisibility(BOX_SEGMENT, False)
@@ -315,16 +306,22 @@ def paint_segment(ctx: SlicerContext, segmentation_node, volume_node, class_valu
 
     The mask is in Slicer's indexing of the volume, or in the project's with ``grid``.
     """
+    import_mask(ctx, segmentation_node, volume_node, segment_id(class_value), mask, grid)
+
+
+def import_mask(ctx: SlicerContext, segmentation_node, volume_node, segment: str, mask: np.ndarray,
+                grid: CaseGrid | None = None) -> None:
+    """Replace a segment's voxels with a mask on the volume's grid (through a temporary label map node)."""
     import slicer
     import vtk
 
-    labelmap = ctx.volumes_logic.CreateAndAddLabelVolume(ctx.scene, volume_node, "paint")
+    labelmap = ctx.volumes_logic.CreateAndAddLabelVolume(ctx.scene, volume_node, "mask")
     try:
         mask = np.asarray(mask, dtype=np.uint8)
         slicer.util.updateVolumeFromArray(labelmap, grid.to_slicer(mask) if grid is not None else mask)
         ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id(class_value))
+        ids.InsertNextValue(segment)
         if not ctx.segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ids):
-            raise RuntimeError(f"could not paint class {class_value} into {segmentation_node.GetName()}")
+            raise RuntimeError(f"could not set segment {segment} of {segmentation_node.GetName()}")
     finally:
         ctx.scene.RemoveNode(labelmap)
