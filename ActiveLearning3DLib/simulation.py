@@ -185,6 +185,12 @@ class Simulation:
         self.query_size = max(1, int(round(0.2 * self.budget)))
         self._write_header()
         self.runs = [(m, seed) for seed in s.seeds for m in s.methods]
+        if get_method(s.start).needs_embeddings or any(get_method(m).needs_embeddings for m in s.methods):
+            # once, in the base project: every seed's copy then finds them cached (they need no labels)
+            from .embeddings import pool_embeddings
+
+            self.echo("pool embeddings for the label-free methods (the autoencoder job, cached in the base project)")
+            pool_embeddings(self.base, runner=self.runner)
         self._pipelines: dict[object, LoopPipeline] = {}
         self.failed: dict[str, str] = {}
 
