@@ -109,7 +109,9 @@ def test_submit_merges_exactly_the_voxels_inside_the_box_and_resubmitting_replac
     np.testing.assert_array_equal(after[~inside], before[~inside])  # the ignore label outside stays
     assert result.dropped_outside == int((paint[~inside] > 0).sum()) > 0
     assert str(result.dropped_outside) in result.warning
-    assert c.logic.find_box(record.id).state == "annotated"
+    saved = c.logic.find_box(record.id)
+    assert saved.state == "annotated" and saved.annotator == "user"
+    assert saved.seconds is not None and 0 <= saved.seconds < 600  # time from showing the box to submitting it
     assert c.box_nodes.nodes[record.id].GetAttribute("ActiveLearning3D.state") == "annotated"
 
     # going back to an annotated box shows its labels; re-submitting other paint replaces them

@@ -150,6 +150,7 @@ class AnnotationController:
         self.editor_node = None  # the Segment Editor's parameter node: edits are then masked to the box
         self.pipeline: LoopPipeline | None = None
         self._starting: tuple[str, int, Job, Any] | None = None  # a label-free start waiting for its embeddings
+        self._shown_at: float | None = None
         self._labels_changed = False
 
     # ---------------------------------------------------------------- projects
@@ -241,6 +242,7 @@ class AnnotationController:
         frame = box_frame(record.box, self.grid.ijk_to_ras)
         mrml.centre_slice_views(self.ctx, frame.center)
         self._reset_annotation(record)
+        self._shown_at = time.monotonic()  # the annotation time of a box runs from here to its submission
         return record
 
     def _load_case(self, case: str) -> None:
@@ -312,8 +314,11 @@ class AnnotationController:
         """Merge the segments inside the current box into the partial labels, save at once, go to the next box.
 
         Paint outside the box is not merged; the result says how many voxels were dropped.
+        ``seconds`` (the annotation time recorded with the box) defaults to the time since the box was shown.
         """
         record = self._need_box()
+        if seconds is None and self._shown_at is not None:
+            seconds = round(time.monotonic() - self._shown_at, 1)
         started = time.perf_counter()
         result = self.logic.submit(record, self.painted_labels(), annotator=annotator, seconds=seconds)
         self._labels_changed = True
