@@ -174,3 +174,16 @@ def test_cli_lists_and_cancels_a_projects_jobs(tmp_path, capsys):
     runner.poll()
     assert _wait_for(lambda: not process_alive(pid), timeout=10)
     assert long.status().state == "cancelled" and done.status().state == "done"
+
+
+def test_jobs_that_finish_a_stage_start_before_queued_training(tmp_path):
+    """A simulation queues many folds; an evaluation queued after them must not wait for all of them."""
+    runner = _runner(max_parallel=1)
+    kinds = [("fold_a", "nnunet_train"), ("fold_b", "nnunet_train"), ("prep", "nnunet_prepare"),
+             ("evaluate", "nnunet_evaluate"), ("other", "selftest"), ("score", "nnunet_score")]
+    for name, kind in kinds:
+        runner.submit(Job.create(tmp_path, name, kind, {}))
+    started = []
+    runner._start = lambda job: started.append(job.name)  # record the decisions, start nothing
+    runner.poll()
+    assert started == ["evaluate", "score", "prep", "other", "fold_a", "fold_b"]

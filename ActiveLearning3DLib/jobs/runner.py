@@ -19,6 +19,14 @@ from .store import Job, JobStatus, kill_process_group
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds ActiveLearning3DLib
 
 
+# Which queued jobs start first. Short jobs that finish a stage (evaluation, scoring, predictions, the
+# embeddings a query waits for) go before new training, so results come out as soon as their model exists
+# instead of waiting behind every training queued after it (a simulation grid queues many).
+START_RANK = {"nnunet_evaluate": 0, "nnunet_score": 0, "nnunet_predict": 0, "pool_embeddings": 0,
+              "nnunet_prepare": 1, "nnunet_train": 2}
+DEFAULT_START_RANK = 1
+
+
 class JobRunner(Protocol):
     """What the logic and the GUI need of a runner."""
 
@@ -100,11 +108,16 @@ class LocalRunner:
                 job.update(exit_code=code)
             ended.append(job)
         while self._queue and len(self._running) < self.settings.max_parallel:
-            job = self._queue.pop(0)
+            job = self._queue.pop(self._next_index())
             if job.status().state == "cancelled":
                 continue
             self._start(job)
         return ended
+
+    def _next_index(self) -> int:
+        """The queued job to start next: the lowest start rank (see START_RANK), then the oldest."""
+        ranks = [START_RANK.get(job.spec().kind, DEFAULT_START_RANK) for job in self._queue]
+        return ranks.index(min(ranks))
 
     def _start(self, job: Job) -> None:
         with open(job.log_path, "ab") as log:
