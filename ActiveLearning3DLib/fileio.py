@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import struct
-import tempfile
 import time
 import zlib
 from contextlib import contextmanager
@@ -35,12 +34,31 @@ def split_image_suffix(name: str) -> tuple[str, str] | None:
 
 
 def _temporary_path(path: Path) -> Path:
-    """A fresh temporary name beside ``path`` that keeps its suffix (SimpleITK picks the writer by suffix)."""
+    """A fresh temporary file beside ``path`` that keeps its suffix (SimpleITK picks the writer by suffix).
+
+    Created with mode 0o666 less the umask, as an ordinary file would be
+    (``mkstemp`` makes it 0o600, and ``os.replace`` would carry that onto the result).
+    """
     parsed = split_image_suffix(path.name)
     suffix = parsed[1] if parsed else path.suffix
-    fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    while True:
+        name = path.parent / f"{TMP_PREFIX}{os.urandom(6).hex()}{suffix}"
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return name
+        except FileExistsError:
+            continue
+
+
+def make_staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in ``parent`` with the usual permissions (0o777 less the umask, unlike ``mkdtemp``)."""
+    while True:
+        name = parent / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            os.mkdir(name, 0o777)
+            return name
+        except FileExistsError:
+            continue
 
 
 @contextmanager

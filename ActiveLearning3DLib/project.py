@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +37,7 @@ from .fileio import (
     atomic_write_json,
     read_image,
     read_json,
+    make_staging_dir,
     remove_stale_temporaries,
     split_image_suffix,
 )
@@ -264,7 +264,7 @@ class Project:
             "cases": {i.case: {"split": split[i.case], **i.to_json()} for i in infos},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+        staging = make_staging_dir(path.parent, f".{path.name}.creating-")
         try:
             _write_project_files(staging, meta, infos, split, class_names, ignore_value, progress)
             if path.exists():

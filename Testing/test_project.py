@@ -551,3 +551,19 @@ def test_loop_box_naming_a_test_case_is_refused(project):
     project.loop_path(0).write_text(json.dumps({"patches": [{"file": f"{test_case}.nii.gz", "coords": [0, 0, 0], "size": [4, 4, 4]}]}))
     with pytest.raises(ProjectError, match=f"loop_000.json.*{test_case}"):
         project.read_loop(0)
+
+
+def test_written_files_and_the_project_folder_get_ordinary_permissions(tmp_path, dataset):
+    """Atomic writes go through temporary files; the result must not inherit mkstemp's private 0o600."""
+    previous = os.umask(0o022)
+    try:
+        logic_path = tmp_path / "perm"
+        project = Project.create(logic_path, dataset.images, dataset.labels)
+        fileio.atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(project.path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((project.path / "project.json").stat().st_mode) == 0o644
+    label = next((project.path / "labelsTr").iterdir())
+    assert stat.S_IMODE(label.stat().st_mode) == 0o644

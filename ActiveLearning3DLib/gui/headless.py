@@ -130,29 +130,21 @@ class OffscreenSliceView:
 
     def save_png(self, path: Path | str) -> Path:
         """Write the current picture as a PNG (atomically)."""
-        import os
-        import tempfile
-
         import vtk
         from vtk.util.numpy_support import numpy_to_vtk
+
+        from ..fileio import replacing_file
 
         path = Path(path)
         pixels = self.capture()[::-1]
         image = vtk.vtkImageData()
         image.SetDimensions(pixels.shape[1], pixels.shape[0], 1)
         image.GetPointData().SetScalars(numpy_to_vtk(pixels.reshape(-1, 3).copy(), deep=True))
-        fd, tmp = tempfile.mkstemp(prefix=".al3d-tmp-", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
+        with replacing_file(path) as tmp:
             writer = vtk.vtkPNGWriter()
-            writer.SetFileName(tmp)
+            writer.SetFileName(str(tmp))
             writer.SetInputData(image)
             writer.Write()
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a picture is for sharing
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     def close(self) -> None:
