@@ -50,8 +50,22 @@ def _temporary_path(path: Path) -> Path:
             continue
 
 
-def make_staging_dir(parent: Path, prefix: str) -> Path:
-    """A fresh folder in ``parent`` with the usual permissions (0o777 less the umask, unlike ``mkdtemp``)."""
+def make_staging_dir(parent: Path, prefix: str, stale_after: float = 3600.0) -> Path:
+    """A fresh folder in ``parent`` with the usual permissions (0o777 less the umask, unlike ``mkdtemp``).
+
+    Staging folders with the same prefix untouched for ``stale_after`` seconds
+    are what an interrupted run left behind (a live one writes into its folder
+    all the time); they are removed first.
+    """
+    import shutil
+
+    now = time.time()
+    for old in parent.glob(prefix + "*"):
+        try:
+            if old.is_dir() and now - max((p.stat().st_mtime for p in [old, *old.rglob("*")]), default=0) > stale_after:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # renamed into place meanwhile
+            pass
     while True:
         name = parent / f"{prefix}{os.urandom(6).hex()}"
         try:

@@ -567,3 +567,16 @@ def test_written_files_and_the_project_folder_get_ordinary_permissions(tmp_path,
     assert stat.S_IMODE((project.path / "project.json").stat().st_mode) == 0o644
     label = next((project.path / "labelsTr").iterdir())
     assert stat.S_IMODE(label.stat().st_mode) == 0o644
+
+
+def test_a_staging_folder_left_by_an_interrupted_create_is_removed_by_the_next_one(tmp_path, dataset):
+    stale = tmp_path / ".study.creating-deadbeef"
+    (stale / "labelsTr").mkdir(parents=True)
+    (stale / "labelsTr" / "x.nii.gz").write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    for p in (stale / "labelsTr" / "x.nii.gz", stale / "labelsTr", stale):
+        os.utime(p, (old, old))
+    fresh = tmp_path / ".study.creating-cafef00d"  # another create may be writing this one right now
+    fresh.mkdir()
+    Project.create(tmp_path / "study", dataset.images, dataset.labels)
+    assert not stale.exists() and fresh.exists()
