@@ -309,9 +309,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- results
     def onPredict(self):
-        job = self._guard(self.controller.predict_all_cases, None)
-        if job:
-            self.ui.stageLabel.text = f"Predicting all cases in the background ({job.name}); then Load predictions."
+        progress = self._guard(self.controller.predict_all_cases, None)
+        if progress:
+            self.showProgress(progress)
+            if progress.running:
+                self._timer.start()
 
     def onLoadPredictions(self):
         nodes = self._guard(self.controller.load_predictions, None)

@@ -452,3 +452,24 @@ def test_segment_editor_edits_are_masked_to_the_box(tmp_path, geometry):
     np.testing.assert_array_equal(mask, expected)
     assert not c.annotation.GetDisplayNode().GetSegmentVisibility(mrml.BOX_SEGMENT)
     assert not c.painted_labels().any()  # the box region is not a class
+
+
+def test_final_predictions_run_as_a_job_that_poll_follows(tmp_path):
+    c = _controller(tmp_path)
+    runner = _RecordingRunner()
+    c.runner = runner
+    for row in c.table():
+        c.go_to_box(row.id)
+        c.submit(advance=False)
+    progress = c.predict_all_cases()
+    assert progress.stage == "prediction" and progress.running and c.busy
+    assert runner.submitted[-1].endswith("-predict_cases")  # started through the runner the controller polls
+    job = Job(c.logic.jobs_dir / runner.submitted[-1])
+    assert job.spec().kind == "nnunet_predict"
+    job.update(progress=0.5, message="predicted 2 of 4")
+    assert c.poll().jobs[0]["message"] == "predicted 2 of 4"
+    job.update(state="done", progress=1.0)
+    done = c.poll()
+    assert done.state == "done" and str(c.latest_model().predictions_dir) in done.message
+    assert not c.busy and c.poll() is None
+    runner.processes[-1].kill()

@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..fileio import atomic_write_json, read_json
-from ..jobs import Job
+from ..jobs import Job, JobStatus
 from ..logic import ActiveLearningLogic
 from ..pipeline import LoopPipeline, LoopSettings, PipelineState
 from ..project import BoxRecord, BudgetSettings, ProjectError
@@ -131,6 +131,12 @@ class LoopProgress:
         return self.state == "running"
 
 
+def _job_entry(name: str, status: JobStatus) -> dict:
+    """One job as the progress display lists it."""
+    return {"name": name, "state": status.state, "progress": status.progress, "stage": status.stage,
+            "epoch": status.epoch, "message": status.message}
+
+
 class AnnotationController:
     """Binds a project (the headless logic) to a scene: the query table, boxes, annotation and the loop."""
 
@@ -149,7 +155,7 @@ class AnnotationController:
         self.heat_map = None
         self.editor_node = None  # the Segment Editor's parameter node: edits are then masked to the box
         self.pipeline: LoopPipeline | None = None
-        self._starting: tuple[str, int, Job, Any] | None = None  # a label-free start waiting for its embeddings
+        self._watched: tuple[Job, str, Callable[[], str]] | None = None  # one job outside a loop (embeddings, predictions)
         self._shown_at: float | None = None
         self._labels_changed = False
 
@@ -373,10 +379,12 @@ class AnnotationController:
         if (embeddings_dir(self.logic.project, settings) / "embeddings.npz").is_file():
             self.logic.query(method, count, autoencoder=settings)
             return None
-        job = embedding_job(self.logic.project, settings)
-        self._starting = (method, count, job, settings)
-        self._job_runner().submit(job)
-        return self.poll()
+
+        def query() -> str:
+            loop = self.logic.query(method, count, autoencoder=settings)
+            return f"loop 0: {len(loop.boxes)} boxes by {method}"
+
+        return self._watch(embedding_job(self.logic.project, settings), "embeddings", query)
 
     def _job_runner(self):
         if self.runner is None:
@@ -385,27 +393,31 @@ class AnnotationController:
             self.runner = local_runner(self.settings.python, 1)
         return self.runner
 
-    def _poll_starting_budget(self) -> LoopProgress:
-        method, count, job, settings = self._starting
+    def _watch(self, job: Job, stage: str, when_done: Callable[[], str]) -> LoopProgress:
+        """Run one background job through the controller's runner; poll() reports it and calls ``when_done`` after."""
+        self._watched = (job, stage, when_done)
+        self._job_runner().submit(job)
+        return self.poll()
+
+    def _poll_watched(self) -> LoopProgress:
+        job, stage, when_done = self._watched
         self._job_runner().poll()
         status = job.refresh()
-        entry = [{"name": job.name, "state": status.state, "progress": status.progress, "stage": status.stage,
-                  "epoch": None, "message": status.message}]
+        entry = [_job_entry(job.name, status)]
         if status.state == "done":
-            self._starting = None
-            loop = self.logic.query(method, count, autoencoder=settings)
-            return LoopProgress("query", "done", 100.0, f"loop 0: {len(loop.boxes)} boxes by {method}", entry, "")
+            self._watched = None
+            return LoopProgress(stage, "done", 100.0, when_done(), entry, "")
         if status.final:
-            self._starting = None
-            return LoopProgress("embeddings", "failed", round(100 * status.progress, 1),
+            self._watched = None
+            return LoopProgress(stage, "failed", round(100 * status.progress, 1),
                                 f"{job.name} {status.state}: {status.message}", entry, job.log_tail(12))
-        return LoopProgress("embeddings", "running", round(100 * status.progress, 1),
-                            status.message or "training the pool autoencoder", entry, job.log_tail(12))
+        return LoopProgress(stage, "running", round(100 * status.progress, 1), status.message or f"{stage} running",
+                            entry, job.log_tail(12))
 
     @property
     def busy(self) -> bool:
-        """A loop or a label-free start is running in the background."""
-        return self.pipeline is not None or self._starting is not None
+        """A loop, a label-free start or the final predictions run in the background."""
+        return self.pipeline is not None or self._watched is not None
 
     # -------------------------------------------------------------------- loop
     def can_start_next_loop(self) -> bool:
@@ -420,9 +432,9 @@ class AnnotationController:
         return self.poll()
 
     def poll(self) -> LoopProgress | None:
-        """Advance the running loop or starting budget (never blocks); None when nothing runs."""
-        if self._starting is not None:
-            return self._poll_starting_budget()
+        """Advance what runs in the background (never blocks); None when nothing runs."""
+        if self._watched is not None:
+            return self._poll_watched()
         if self.pipeline is None:
             return None
         state = self.pipeline.advance()
@@ -434,18 +446,22 @@ class AnnotationController:
     def _progress(self, state: PipelineState) -> LoopProgress:
         jobs, tail = [], ""
         for name, status in state.jobs:
-            entry = {"name": name, "state": status.state, "progress": status.progress, "stage": status.stage,
-                     "epoch": getattr(status, "epoch", None), "message": status.message}
-            jobs.append(entry)
+            jobs.append(_job_entry(name, status))
             if status.state in ("running", "failed"):
                 tail = Job(self.logic.jobs_dir / name).log_tail(12)
         return LoopProgress(state.stage, state.state, round(100 * state.progress, 1), state.message or state.describe(),
                             jobs, tail)
 
     def cancel(self) -> list[str]:
-        """Cancel the running loop's jobs (whole process trees); returns their names."""
-        cancelled = self.pipeline.cancel() if self.pipeline is not None else self.logic.cancel_jobs()
-        self.pipeline = self._starting = None
+        """Cancel what runs in the background (whole process trees); returns the names of the jobs cancelled."""
+        if self.pipeline is not None:
+            cancelled = self.pipeline.cancel()
+        elif self._watched is not None:
+            self._job_runner().cancel(self._watched[0])
+            cancelled = [self._watched[0]]
+        else:
+            cancelled = self.logic.cancel_jobs()
+        self.pipeline = self._watched = None
         return [job.name for job in cancelled]
 
     # ----------------------------------------------------------------- results
@@ -468,13 +484,14 @@ class AnnotationController:
         self.heat_map = mrml.show_heat_map(self.ctx, maps[-1], f"{case} uncertainty", self.volume)
         return self.heat_map
 
-    def predict_all_cases(self, cases: Sequence[str] | None = None) -> Job:
-        """Start segmenting every case with the final ensemble (a background job); load with load_predictions()."""
+    def predict_all_cases(self, cases: Sequence[str] | None = None) -> LoopProgress:
+        """Segment every case (or ``cases``) with the final ensemble as a background job that poll() follows.
+
+        When it is done, load_predictions() loads the results.
+        """
         pipeline = self.latest_model()
-        job = pipeline.prediction_job(cases)
-        if job.refresh().state != "done":
-            pipeline.runner.submit(job)
-        return job
+        return self._watch(pipeline.prediction_job(cases), "prediction",
+                           lambda: f"predictions written to {pipeline.predictions_dir}")
 
     def load_predictions(self, cases: Sequence[str] | None = None) -> dict[str, Any]:
         """Load the final ensemble's segmentations as segmentation nodes (those written so far)."""
