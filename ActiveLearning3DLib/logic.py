@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import numpy as np
 
 from .aggregation import Pick
-from .boxes import Box, Shape3
+from .boxes import Box, Shape3, centred_corner, effective_patch_size
 from .jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -290,8 +290,8 @@ class ActiveLearningLogic:
         shape = p.cases[case].shape
         if len(center) != 3 or any(not 0 <= int(c) < n for c, n in zip(center, shape)):
             raise ProjectError(f"{p.path}: voxel {list(center)} lies outside {case!r} of shape {list(shape)}")
-        size = tuple(min(s, n) for s, n in zip(p.patch_size, shape))
-        corner = tuple(min(max(int(c) - s // 2, 0), n - s) for c, s, n in zip(center, size, shape))
+        size = effective_patch_size(p.patch_size, shape)
+        corner = centred_corner([int(c) for c in center], size, shape)
         loop_file = p.read_loop(loops[-1])
         record = BoxRecord(Box(case, corner, size), loop_file.loop, len(loop_file.boxes), "annotator",
                            source="annotator")

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..boxes import Box
+from ..boxes import Box, any_overlap
 from ..fileio import atomic_write_json, read_json, replacing_file
 from ..jobs import Job
 from .autoencoder import AutoencoderSettings
@@ -42,7 +42,7 @@ class EmbeddingSet:
         by_case: dict[str, list[Box]] = {}
         for b in blocked:
             by_case.setdefault(b.case, []).append(b)
-        keep = [i for i, b in enumerate(self.boxes) if not any(b.overlaps(o) for o in by_case.get(b.case, ()))]
+        keep = [i for i, b in enumerate(self.boxes) if not any_overlap(b, by_case.get(b.case, ()))]
         return EmbeddingSet([self.boxes[i] for i in keep], self.embeddings[keep], self.errors[keep])
 
     def by_box(self) -> dict[tuple[str, tuple[int, ...]], np.ndarray]:

@@ -277,14 +277,7 @@ class AnnotationController:
 
     def _reset_annotation(self, record: BoxRecord) -> None:
         """Empty segments for a new box, edits masked to it; an annotated box starts from its saved labels."""
-        segmentation = self.annotation.GetSegmentation()
-        for value in self._foreground_classes():
-            segment = mrml.segment_id(value)
-            if segmentation.GetSegment(segment) is not None:
-                segmentation.RemoveSegment(segment)
-        for i, (value, name) in enumerate(sorted(self._foreground_classes().items())):
-            colour = self._colors().get(value, mrml.DEFAULT_CLASS_COLORS[i % len(mrml.DEFAULT_CLASS_COLORS)])
-            segmentation.AddEmptySegment(mrml.segment_id(value), name, list(colour))
+        mrml.reset_class_segments(self.annotation, self._foreground_classes(), self._colors())
         mrml.restrict_editing_to_box(self.ctx, self.annotation, self.volume, self.grid, record.box, self.editor_node)
         if record.state == "annotated":
             partial = self.logic.project.read_partial_labels(record.case)

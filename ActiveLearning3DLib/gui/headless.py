@@ -109,9 +109,9 @@ class OffscreenSliceView:
 
     def xy_to_ras(self) -> np.ndarray:
         """4 x 4 matrix from view pixels (x right, y up, slice) to RAS."""
-        from .mrml import matrix_to_numpy
+        import slicer
 
-        return matrix_to_numpy(self.slice_node.GetXYToRAS())
+        return slicer.util.arrayFromVTKMatrix(self.slice_node.GetXYToRAS())
 
     def capture(self) -> np.ndarray:
         """Render and return the picture as an (rows, columns, 3) uint8 array, row 0 at the top."""

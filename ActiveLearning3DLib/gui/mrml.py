@@ -49,26 +49,13 @@ class SlicerContext:
                    slicer.app.applicationLogic() if hasattr(slicer, "app") else None)
 
 
-def matrix_to_numpy(vtk_matrix) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def numpy_to_matrix(array: np.ndarray):
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(array[r, c]))
-    return m
-
-
 def ijk_to_ras(volume_node) -> np.ndarray:
+    import slicer
     import vtk
 
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    return matrix_to_numpy(m)
+    return slicer.util.arrayFromVTKMatrix(m)
 
 
 def case_grid(project, case: str, volume_node) -> CaseGrid:
@@ -120,22 +107,21 @@ class BoxNodes:
         """Replace the shown boxes with ``records``, placed by the IJK-to-RAS ``matrix`` of their indices."""
         self.clear()
         scene = self.ctx.scene
-        was_batch = scene.IsBatchProcessing()
-        scene.StartState(scene.BatchProcessState)  # one render for all boxes, not one per node
+        scene.StartState(scene.BatchProcessState)  # one render for all boxes, not one per node (states nest)
         try:
             for record in records:
                 self.nodes[record.id] = self._make_node(record, matrix)
         finally:
-            if not was_batch:
-                scene.EndState(scene.BatchProcessState)
+            scene.EndState(scene.BatchProcessState)
 
     def _make_node(self, record: BoxRecord, matrix: np.ndarray):
+        import slicer
+
         frame = box_frame(record.box, matrix)
         node = self.ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"box {record.id}")
-        node.SetAndObserveObjectToNodeMatrix(numpy_to_matrix(frame.object_to_world()))
+        node.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(frame.object_to_world()))
         node.SetSize(*frame.size)
         node.SetLocked(True)
-        node.SetHideFromEditors(False)
         for key, value in (("id", record.id), ("case", record.case), ("loop", record.loop),
                            ("score", "" if record.score is None else f"{record.score:.6g}"), ("state", record.state),
                            ("stratum", record.stratum or ""), ("source", record.source)):
@@ -186,11 +172,19 @@ def create_annotation_segmentation(ctx: SlicerContext, volume_node, classes: Map
     node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segmentation = node.GetSegmentation()
+    reset_class_segments(node, classes, colors)
+    return node
+
+
+def reset_class_segments(segmentation_node, classes: Mapping[int, str],
+                         colors: Mapping[int, Sequence[float]] | None = None) -> None:
+    """One empty segment per class (replacing any painted one), in the class's colour or a default one."""
+    segmentation = segmentation_node.GetSegmentation()
     for i, (value, class_name) in enumerate(sorted(classes.items())):
+        if segmentation.GetSegment(segment_id(value)) is not None:
+            segmentation.RemoveSegment(segment_id(value))
         colour = (colors or {}).get(value, DEFAULT_CLASS_COLORS[i % len(DEFAULT_CLASS_COLORS)])
         segmentation.AddEmptySegment(segment_id(value), class_name, list(colour))
-    return node
 
 
 def segment_id(class_value: int) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 from scipy.cluster.vq import kmeans2
 
 from ..aggregation import NotEnoughCandidates, Pick, blocker_for, greedy_per_image, iter_greedy
-from ..boxes import Box
+from ..boxes import Box, any_overlap
 from .base import QueryContext
 
 SILHOUETTE_SAMPLE = 2000
@@ -186,7 +186,7 @@ def _embedding_query(ctx: QueryContext, count: int, method: str, priority_of) ->
 
     def accept(i: int) -> bool:
         box = free.boxes[i]
-        if any(box.overlaps(b) for b in chosen):
+        if any_overlap(box, chosen):
             return False
         chosen.append(box)
         return True
