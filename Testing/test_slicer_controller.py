@@ -400,14 +400,13 @@ def test_a_label_free_start_trains_the_autoencoder_as_a_job_and_queries_when_it_
     assert progress.stage == "embeddings" and progress.running
     assert c.cancel() and not c.busy
     # once the embeddings exist (made here in-process), the start completes without a job
-    from ActiveLearning3DLib.embeddings.autoencoder import build_autoencoder, embed_pool
+    from ActiveLearning3DLib.embeddings.autoencoder import build_autoencoder, embed_pool, zscore
     import SimpleITK as sitk
 
     settings = AutoencoderSettings(seed=c.logic.project.settings.seed)
     project = c.logic.project
-    arrays = embed_pool(build_autoencoder(settings.width).eval(),
-                        lambda case: sitk.GetArrayFromImage(project.read_image(case)), project.pool_cases,
-                        {k: project.cases[k].shape for k in project.pool_cases}, project.patch_size, None)
+    data = {k: zscore(sitk.GetArrayFromImage(project.read_image(k))) for k in project.pool_cases}
+    arrays = embed_pool(build_autoencoder(settings.width).eval(), data, project.patch_size, None)
     folder = embeddings_dir(project, settings)
     folder.mkdir(parents=True)
     np.savez(folder / "embeddings.npz", **arrays)

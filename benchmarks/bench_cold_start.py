@@ -55,7 +55,8 @@ def main() -> int:
         wall = time.perf_counter() - started
         result = read_json(next((project.path / "jobs").glob("embeddings-*/result.json")))
         print(f"pool autoencoder ({len(project.pool_cases)} pool images, {settings.iterations} iterations of "
-              f"{settings.batch_size} boxes): training {result['train_seconds']} s, embedding {len(embeddings)} "
+              f"{settings.batch_size} boxes): reading the pool {result.get('read_seconds', 'n/a')} s, "
+              f"training {result['train_seconds']} s, embedding {len(embeddings)} "
               f"candidate boxes {result['embed_seconds']} s, job wall time {wall:.1f} s (0 when cached); "
               f"final loss {result['final_loss']:.4f}; cache {embeddings_dir(project, settings)}")
         gts = {c: project.read_ground_truth(c) for c in project.pool_cases}

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -92,17 +92,16 @@ def candidate_boxes(case: str, shape: Sequence[int], patch_size: Sequence[int], 
     return [Box(case, (int(z), int(y), int(x)), size) for z in axes[0] for y in axes[1] for x in axes[2]]
 
 
-def train_autoencoder(images: Callable[[str], np.ndarray], cases: Sequence[str], shapes: dict[str, Sequence[int]],
-                      patch_size: Sequence[int], settings: AutoencoderSettings,
+def train_autoencoder(data: Mapping[str, np.ndarray], patch_size: Sequence[int], settings: AutoencoderSettings,
                       progress: Callable[[dict], None] | None = None):
-    """Train on random boxes of the pool; images are read once and kept z-scored in memory."""
+    """Train on random boxes of the pool's images (``data``: case -> z-scored array, see :func:`zscore`)."""
     import torch
 
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, 7])
-    data = {c: zscore(images(c)) for c in cases}
+    cases = list(data)
     model = build_autoencoder(settings.width)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     losses = []
@@ -110,7 +109,7 @@ def train_autoencoder(images: Callable[[str], np.ndarray], cases: Sequence[str],
         batch = []
         for _ in range(settings.batch_size):
             case = cases[int(rng.integers(len(cases)))]
-            shape = shapes[case]
+            shape = data[case].shape
             size = effective_patch_size(patch_size, shape)
             corner = tuple(int(rng.integers(0, d - s + 1)) for d, s in zip(shape, size))
             batch.append(Box(case, corner, size))
@@ -128,17 +127,16 @@ def train_autoencoder(images: Callable[[str], np.ndarray], cases: Sequence[str],
     return model, losses
 
 
-def embed_pool(model, images: Callable[[str], np.ndarray], cases: Sequence[str], shapes: dict[str, Sequence[int]],
-               patch_size: Sequence[int], stride: Sequence[int] | None, encoder=None,
-               progress: Callable[[dict], None] | None = None) -> dict[str, np.ndarray]:
-    """Embedding and reconstruction error of every candidate box of the pool, as arrays for an ``.npz``."""
+def embed_pool(model, data: Mapping[str, np.ndarray], patch_size: Sequence[int], stride: Sequence[int] | None,
+               encoder=None, progress: Callable[[dict], None] | None = None) -> dict[str, np.ndarray]:
+    """Embedding and reconstruction error of every candidate box of the pool (``data`` as for training), for an ``.npz``."""
     import torch
 
+    cases = list(data)
     rows_case, rows_corner, rows_size, embeddings, errors = [], [], [], [], []
     with torch.no_grad():
-        for n, case in enumerate(cases):
-            image = zscore(images(case))
-            boxes = candidate_boxes(case, shapes[case], patch_size, stride)
+        for n, (case, image) in enumerate(data.items()):
+            boxes = candidate_boxes(case, image.shape, patch_size, stride)
             for start in range(0, len(boxes), 256):
                 chunk = boxes[start:start + 256]
                 x = cubes(image, chunk)

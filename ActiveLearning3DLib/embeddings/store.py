@@ -88,19 +88,17 @@ def embed_task(inputs: dict, report) -> dict:
     import torch
 
     from ..project import Project
-    from .autoencoder import embed_pool, timed, train_autoencoder
+    from .autoencoder import embed_pool, timed, train_autoencoder, zscore
+
+    import SimpleITK as sitk
 
     project = Project.open(inputs["project"])
     settings = AutoencoderSettings(**{k: tuple(v) if k == "stride" and v else v for k, v in inputs["settings"].items()})
     output = Path(inputs["output"])
     output.mkdir(parents=True, exist_ok=True)
-    cases = list(project.pool_cases)
-    shapes = {c: project.cases[c].shape for c in cases}
-
-    def image(case: str) -> np.ndarray:
-        import SimpleITK as sitk
-
-        return sitk.GetArrayFromImage(project.read_image(case))
+    report(stage="autoencoder", message="reading the pool images", force=True)
+    # read once, z-scored, for training and for embedding
+    data, read_seconds = timed(lambda: {c: zscore(sitk.GetArrayFromImage(project.read_image(c))) for c in project.pool_cases})
 
     def relay(event: dict) -> None:
         report(**{k: v for k, v in event.items() if k in ("stage", "progress", "iteration", "case", "message")})
@@ -115,15 +113,16 @@ def embed_task(inputs: dict, report) -> dict:
         model.eval()
         losses = read_json(output / "training.json")["losses"]
     else:
-        (model, losses), train_seconds = timed(train_autoencoder, image, cases, shapes, project.patch_size, settings, relay)
+        (model, losses), train_seconds = timed(train_autoencoder, data, project.patch_size, settings, relay)
         with replacing_file(weights) as tmp:
             torch.save(model.state_dict(), tmp)
         atomic_write_json(output / "training.json", {"losses": losses, "seconds": round(train_seconds, 1)})
     encoder = torch.jit.load(settings.encoder, map_location="cpu").eval() if settings.encoder else None
-    arrays, embed_seconds = timed(embed_pool, model, image, cases, shapes, project.patch_size, settings.stride, encoder, relay)
+    arrays, embed_seconds = timed(embed_pool, model, data, project.patch_size, settings.stride, encoder, relay)
     with replacing_file(output / "embeddings.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     return {"candidates": int(len(arrays["errors"])), "embedding_size": int(arrays["embeddings"].shape[1]),
-            "final_loss": float(np.mean(losses[-20:])), "train_seconds": round(train_seconds, 1),
+            "final_loss": float(np.mean(losses[-20:])), "read_seconds": round(read_seconds, 1),
+            "train_seconds": round(train_seconds, 1),
             "embed_seconds": round(embed_seconds, 1), "output": str(output)}
