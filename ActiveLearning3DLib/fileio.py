@@ -14,7 +14,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,10 +41,16 @@ def _temporary_path(path: Path) -> Path:
     """
     parsed = split_image_suffix(path.name)
     suffix = parsed[1] if parsed else path.suffix
+    return _create_fresh(path.parent, TMP_PREFIX, suffix,
+                         lambda name: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+
+
+def _create_fresh(parent: Path, prefix: str, suffix: str, create: Callable[[Path], object]) -> Path:
+    """Create a new entry ``parent/<prefix><random><suffix>`` with ``create`` (which must fail if it exists)."""
     while True:
-        name = path.parent / f"{TMP_PREFIX}{os.urandom(6).hex()}{suffix}"
+        name = parent / f"{prefix}{os.urandom(6).hex()}{suffix}"
         try:
-            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            create(name)
             return name
         except FileExistsError:
             continue
@@ -66,13 +72,7 @@ def make_staging_dir(parent: Path, prefix: str, stale_after: float = 3600.0) -> 
                 shutil.rmtree(old, ignore_errors=True)
         except FileNotFoundError:  # renamed into place meanwhile
             pass
-    while True:
-        name = parent / f"{prefix}{os.urandom(6).hex()}"
-        try:
-            os.mkdir(name, 0o777)
-            return name
-        except FileExistsError:
-            continue
+    return _create_fresh(parent, prefix, "", lambda name: os.mkdir(name, 0o777))
 
 
 @contextmanager
