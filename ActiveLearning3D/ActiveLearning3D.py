@@ -231,29 +231,34 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.goToBox(self.ui.boxTable.item(row, 0).text())
 
     def goToBox(self, boxId):
-        record = self._guard(self.controller.go_to_box, boxId)
-        if record:
-            editor = self.ui.segmentEditorWidget
-            editor.setSegmentationNode(self.controller.annotation)
-            editor.setSourceVolumeNode(self.controller.volume)
+        if self._guard(self.controller.go_to_box, boxId):
+            self.bindSegmentEditor()
+
+    def bindSegmentEditor(self):
+        """Point the embedded Segment Editor at the shown box's segmentation and volume."""
+        editor = self.ui.segmentEditorWidget
+        editor.setSegmentationNode(self.controller.annotation)
+        editor.setSourceVolumeNode(self.controller.volume)
 
     def onSubmit(self):
-        result = self._guard(self.controller.submit)
+        result = self._guard(self.controller.submit)  # the controller already shows the next pending box
         if result:
             if result.warning:
                 slicer.util.warningDisplay(result.warning)
             self.refreshTable()
-            self.goToBox(self.controller.current.id) if self.controller.current else None
+            self.bindSegmentEditor()
 
     def onSkip(self):
         self._guard(self.controller.skip)
         self.refreshTable()
+        self.bindSegmentEditor()
 
     def onAddBox(self):
         crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
         ras = [0.0, 0.0, 0.0]
         crosshair.GetCursorPositionRAS(ras)
-        self._guard(self.controller.add_box_at, ras)
+        if self._guard(self.controller.add_box_at, ras):
+            self.bindSegmentEditor()
         self.refreshTable()
 
     def onShowUncertainty(self):

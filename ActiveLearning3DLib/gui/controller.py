@@ -419,8 +419,9 @@ class AnnotationController:
 
     def start_next_loop(self, settings: LoopSettings | None = None) -> LoopProgress:
         """Start training, evaluation, scoring and the next query as background jobs; poll() reports."""
-        if self.logic.pending_boxes():
-            raise ProjectError(f"{len(self.logic.pending_boxes())} boxes are still pending; annotate or skip them first")
+        pending = self.logic.pending_boxes()
+        if pending:
+            raise ProjectError(f"{len(pending)} boxes are still pending; annotate or skip them first")
         self.pipeline = self.logic.loop_pipeline(settings or self.settings.loop_settings(), self.runner)
         return self.poll()
 
