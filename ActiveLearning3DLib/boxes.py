@@ -39,6 +39,11 @@ class Box:
         return tuple(slice(c, c + s) for c, s in zip(self.coords, self.size))  # type: ignore[return-value]
 
     @property
+    def centre(self) -> np.ndarray:
+        """Centre (k, j, i) in voxel coordinates: the middle voxel, or between two for an even size."""
+        return np.asarray(self.coords, float) + (np.asarray(self.size, float) - 1) / 2
+
+    @property
     def voxels(self) -> int:
         return int(np.prod(self.size))
 

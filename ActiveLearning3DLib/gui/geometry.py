@@ -56,7 +56,7 @@ def box_ras_bounds(box: Box, ijk_to_ras: np.ndarray) -> np.ndarray:
 def box_frame(box: Box, ijk_to_ras: np.ndarray) -> BoxFrame:
     """Centre, size and axes of the box in RAS; a mirrored volume axis is flipped (the box is symmetric)."""
     m = np.asarray(ijk_to_ras, float)
-    centre_ijk = np.asarray(box.coords[::-1], float) + (np.asarray(box.size[::-1], float) - 1) / 2
+    centre_ijk = box.centre[::-1]
     columns = m[:3, :3]
     spacing = np.linalg.norm(columns, axis=0)
     if np.any(spacing == 0):

@@ -245,8 +245,7 @@ def _distance(p: Pick, q: Pick, embeddings) -> float:
         return float(np.linalg.norm(embeddings[(p.box.case, p.box.coords)] - embeddings[(q.box.case, q.box.coords)]))
     if p.box.case != q.box.case:
         return float("inf")
-    centre = lambda b: np.asarray(b.coords, float) + (np.asarray(b.size, float) - 1) / 2  # noqa: E731
-    return float(np.linalg.norm(centre(p.box) - centre(q.box)))
+    return float(np.linalg.norm(p.box.centre - q.box.centre))
 
 
 def select_pe_spatial(ctx: QueryContext, count: int) -> list[Pick]:
