@@ -187,3 +187,22 @@ def test_jobs_that_finish_a_stage_start_before_queued_training(tmp_path):
     runner._start = lambda job: started.append(job.name)  # record the decisions, start nothing
     runner.poll()
     assert started == ["evaluate", "score", "prep", "other", "fold_a", "fold_b"]
+
+
+def test_a_live_job_of_another_runner_holds_a_slot_until_it_ends(tmp_path):
+    """A restarted simulation driver finds its old fold still training: it must not start a second one beside it."""
+    old = Job.create(tmp_path, "old", "selftest", {"steps": 1000, "seconds": 0.05})
+    first = _runner()
+    first.submit(old)
+    first.poll()
+    assert _wait_for(lambda: old.status().state == "running" and old.status().pid)
+    waiting = Job.create(tmp_path, "next", "selftest", {"steps": 1, "seconds": 0})
+    second = _runner(max_parallel=1)
+    second.submit(old)  # the same job, alive: adopted, not restarted
+    second.submit(waiting)
+    for _ in range(60):  # 3 s: long enough for a started worker to mark itself running
+        second.poll()
+        time.sleep(0.05)
+    assert waiting.status().state == "queued" and not waiting.log_path.exists()
+    first.cancel(old)
+    assert second.wait([waiting], timeout=60) and waiting.status().state == "done"

@@ -61,6 +61,7 @@ class LocalRunner:
         self.settings = settings or LocalRunnerSettings()
         self._queue: list[Job] = []
         self._running: dict[Path, tuple[Job, subprocess.Popen]] = {}
+        self._adopted: dict[Path, Job] = {}  # alive, started by another runner: they hold a slot until they end
 
     def child_environment(self, job: Job | None = None) -> dict[str, str]:
         """This process's environment plus the runner's and the job's variables (the parent's stays unchanged)."""
@@ -77,12 +78,15 @@ class LocalRunner:
         """Queue a job; a job already done is not run again (so a re-run after a crash resumes).
 
         A job whose worker is alive (started by another runner, e.g. an earlier
-        Slicer session or another terminal) is left to it and watched through its files.
+        Slicer session or another terminal) is left to it and watched through its
+        files; it counts against ``max_parallel`` until it ends, so a restarted
+        driver does not start a second training beside it.
         """
         status = job.refresh()
         if status.state == "done" or job.path in self._running or any(q.path == job.path for q in self._queue):
             return
         if status.state == "running":
+            self._adopted[job.path] = job
             return
         if status.state != "queued":
             job.update(state="queued", progress=0.0, message="", pid=None, started=None, ended=None, exit_code=None)
@@ -107,7 +111,10 @@ class LocalRunner:
             elif status.state == "failed" and status.exit_code is None:  # a watcher saw it die first (Job.refresh)
                 job.update(exit_code=code)
             ended.append(job)
-        while self._queue and len(self._running) < self.settings.max_parallel:
+        for path, job in list(self._adopted.items()):
+            if job.refresh().state != "running":  # refresh marks a worker that died without a word as failed
+                del self._adopted[path]
+        while self._queue and len(self._running) + len(self._adopted) < self.settings.max_parallel:
             job = self._queue.pop(self._next_index())
             if job.status().state == "cancelled":
                 continue
