@@ -252,7 +252,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         loops=args.loops, seeds=tuple(int(s) for s in _csv(args.seeds)),
         patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
-        reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python)
+        reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
+        restore_from=args.restore_from)
     return _run_simulation(settings, args.out / "report" if args.report else None)
 
 
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int, help="use only the first N cases")
     p.add_argument("--no-reference", action="store_true", help="skip the full-data run (no FG-Eff)")
     p.add_argument("--reference-cache", type=Path, help="folder to share full-data runs between simulations")
+    p.add_argument("--restore-from", type=Path, metavar="DIR",
+                   help="records of an earlier run of this simulation (a results copy with its simulation.json): "
+                   "runs missing here are rebuilt from their recorded boxes and go on from their first unrecorded loop")
     p.add_argument("--python", help="interpreter of the worker processes")
     p.add_argument("--report", action="store_true", help="write OUT/report when done")
     p.add_argument("--out", type=Path, required=True)

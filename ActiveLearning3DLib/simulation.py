@@ -26,6 +26,13 @@ output folder, resumes where it stopped. Layout of ``OUT``::
     seed_<s>/<method>/                 the project of one run (a copy of start)
     results/<method>/seed_<s>/loop_<t>.json   one record per finished loop
     reference/<key>/                   full-data project and model (or --reference-cache)
+
+Each record also holds its loop's boxes (``loop_file``) and, once queried, the
+next loop's (``next_loop_file``). So the records alone (``restore_from``, e.g.
+the copies committed under ``benchmarks/``) let a fresh machine rebuild a run
+up to its last queried loop without training the loops before it again: the
+oracle annotates the recorded boxes and training starts at the first loop
+without a record. Only a run's next model is needed to go on, never an old one.
 """
 from __future__ import annotations
 
@@ -107,6 +114,7 @@ class SimulationSettings:
     reference_cache: Path | None = None  # share reference runs between simulations (default OUT/reference)
     python: str | None = None
     reductions: tuple[str, ...] = ()  # what a reduced run (the demo) changed against the protocol, for the report
+    restore_from: Path | None = None  # records of an earlier run of this simulation (with their boxes) to rebuild from
 
     def __post_init__(self) -> None:
         self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out).absolute()
@@ -123,7 +131,7 @@ class SimulationSettings:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for key in ("images", "labels", "out", "reference_cache"):
+        for key in ("images", "labels", "out", "reference_cache", "restore_from"):
             d[key] = None if d[key] is None else str(d[key])
         return d
 
@@ -193,6 +201,9 @@ class Simulation:
             pool_embeddings(self.base, runner=self.runner)
         self._pipelines: dict[object, LoopPipeline] = {}
         self.failed: dict[str, str] = {}
+        self._checked: set[tuple[str, int]] = set()  # runs whose records were backfilled / restored this session
+        if s.restore_from is not None:
+            self._check_restore_header(Path(s.restore_from))
 
     # ----------------------------------------------------------------- set-up
     def _base_project(self) -> Project:
@@ -266,6 +277,86 @@ class Simulation:
             self._pipelines[key] = pipeline
         return pipeline
 
+    def _check_restore_header(self, folder: Path) -> None:
+        """The records to restore from must come from the same protocol: budget, query size, patch, pool, profile."""
+        path = folder / "simulation.json"
+        if not path.is_file():
+            raise ProjectError(f"{path}: not found; --restore-from needs a simulation's records and its simulation.json")
+        old, new = read_json(path), read_json(self.out / "simulation.json")
+        for key in ("budget", "query_size", "patch_size", "pool_cases", "test_cases", "split_seed", "profile_tag"):
+            if old.get(key) != new.get(key):
+                raise ProjectError(f"{path}: recorded {key} {old.get(key)} differs from this simulation's "
+                                   f"{new.get(key)}; these records cannot be restored here")
+        reference = folder / "reference.json"
+        target = self.reference_dir() / "reference.json"
+        if self.settings.reference and reference.is_file() and not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(target, read_json(reference))
+
+    def _restorable(self, method: str, seed: int) -> tuple[list[dict], list[dict]]:
+        """The recorded chain 0..L of a run that carries its boxes, and the loop files to rebuild (0..L+1)."""
+        folder = Path(self.settings.restore_from) / "results" / method / f"seed_{seed}"
+        records: list[dict] = []
+        for loop in range(self.settings.loops):
+            path = folder / f"loop_{loop:03d}.json"
+            if not path.is_file():
+                break
+            record = read_json(path)
+            if "loop_file" not in record:
+                self.echo(f"{path}: written before records kept their boxes; this loop is run again")
+                break
+            records.append(record)
+        loop_files = [r["loop_file"] for r in records]
+        if records and records[-1].get("next_loop_file") is not None:
+            loop_files.append(records[-1]["next_loop_file"])
+        elif records and len(records) < self.settings.loops:
+            records.pop()  # its model chose the next boxes, and neither is kept: train it again
+            loop_files.pop()
+        return records, loop_files
+
+    def _restore(self, method: str, seed: int) -> None:
+        """Rebuild a run that has no project here from its records (boxes annotated by the oracle, no training)."""
+        path = self.run_dir(method, seed)
+        if self.settings.restore_from is None or (path / "project.json").is_file():
+            return
+        records, loop_files = self._restorable(method, seed)
+        if not records:
+            return
+        staging = path.parent / f".{path.name}.restoring"
+        shutil.rmtree(staging, ignore_errors=True)
+        _copy_project(self.out / "base", staging)
+        logic = ActiveLearningLogic.open(staging)
+        for t, data in enumerate(loop_files):
+            loop_file = LoopFile.from_json(data, t)
+            for box in loop_file.boxes:  # the oracle annotates them again; who and when are today's
+                box.state, box.annotator, box.annotated_at, box.seconds = "pending", None, None, None
+            logic.project.write_loop(loop_file)
+        logic.annotate_with_oracle(progress=self.progress)
+        for record in records:
+            target = self.record_path(method, seed, record["loop"])
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(target, {**record, "restored_from": str(self.settings.restore_from)})
+        staging.rename(path)
+        self.echo(f"{method} seed {seed}: restored loops 0-{len(records) - 1} from their records"
+                  + (f", loop {len(loop_files) - 1} queried" if len(loop_files) > len(records) else ""))
+
+    def _backfill(self, method: str, seed: int, logic: ActiveLearningLogic) -> None:
+        """Records written before they kept their boxes get them from the project (the loop and the next one)."""
+        indices = logic.project.loop_indices()
+        for loop in indices:
+            path = self.record_path(method, seed, loop)
+            if not path.is_file():
+                continue
+            record = read_json(path)
+            changes = {}
+            if "loop_file" not in record:
+                changes["loop_file"] = logic.project.read_loop(loop).to_json()
+            if record.get("next_loop_file") is None and loop + 1 in indices:
+                changes["next_loop_file"] = logic.project.read_loop(loop + 1).to_json()
+            if changes:
+                atomic_write_json(path, {**record, **changes})
+
     def _loop0_logic(self, path: Path, make_loop0: Callable[[ActiveLearningLogic], None]) -> ActiveLearningLogic:
         """A copy of the base project at ``path`` whose loop 0 (made by ``make_loop0``) the oracle has annotated."""
         if not (path / "project.json").is_file():
@@ -306,6 +397,11 @@ class Simulation:
         if key in self.failed:
             return True
         last = self.settings.loops - 1
+        if (method, seed) not in self._checked:
+            self._checked.add((method, seed))
+            self._restore(method, seed)
+            if (self.run_dir(method, seed) / "project.json").is_file():
+                self._backfill(method, seed, ActiveLearningLogic.open(self.run_dir(method, seed)))
         if self.record_path(method, seed, last).is_file():
             return True
         path = self.run_dir(method, seed)
@@ -336,6 +432,7 @@ class Simulation:
             return self._fail(key, loop, state.message)
         if state.loop_file is not None:
             self._add_seconds(method, seed, loop, query=state.loop_file.info.get("seconds"))
+            self._update_record(method, seed, loop, next_loop_file=state.loop_file.to_json())
         return False  # the oracle annotates the new loop at the next step
 
     def _fail(self, key: str, loop: int, message: str) -> bool:
@@ -356,6 +453,7 @@ class Simulation:
             "foreground_voxels": inside, "foreground_fraction": inside / project.pool_foreground_voxels,
             "mean_dice": summary["mean_dice"], "per_class": summary["per_class"], "model": pipeline.model_name,
             "seconds": seconds, "loop_method": project.read_loop(loop).method, "written": now_iso(),
+            "loop_file": project.read_loop(loop).to_json(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)
@@ -371,6 +469,11 @@ class Simulation:
         record = read_json(path)
         record["seconds"].update({k: None if v is None else round(float(v), 3) for k, v in seconds.items()})
         atomic_write_json(path, record)
+
+    def _update_record(self, method: str, seed: int, loop: int, **fields) -> None:
+        path = self.record_path(method, seed, loop)
+        if path.is_file():
+            atomic_write_json(path, {**read_json(path), **fields})
 
     def _reference_step(self) -> bool:
         """The full-data run: every pool image annotated whole, the same profile; its Mean Dice is y_full."""

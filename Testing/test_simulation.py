@@ -7,6 +7,7 @@ report must hold every table and plot.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
+from ActiveLearning3DLib.project import ProjectError
 from ActiveLearning3DLib.simulation import (NNACTIVE_BUDGETS, Simulation, SimulationSettings, collect_results,
                                             resolve_budget)
 from conftest import default_data_dir
@@ -84,8 +86,10 @@ def test_killed_simulation_resumes_without_redoing_finished_work(simulated):
     assert results["failed"] == {}
     for path, text in records_before.items():
         before, after = json.loads(text), read_json(path)
-        # the figures of a finished loop never change; the next step's query and oracle times are added later
-        assert {k: v for k, v in after.items() if k != "seconds"} == {k: v for k, v in before.items() if k != "seconds"}
+        # the figures of a finished loop never change; the next step's query and oracle times and its boxes are
+        # added later
+        later = ("seconds", "next_loop_file")
+        assert {k: v for k, v in after.items() if k not in later} == {k: v for k, v in before.items() if k not in later}
         assert {k: after["seconds"][k] for k in before["seconds"]} == before["seconds"]
     after = _job_endings(settings.out)
     assert {k: after.get(k) for k in done_before} == done_before  # no finished job ran again
@@ -127,6 +131,54 @@ def test_model_free_queries_depend_on_the_seed_only(simulated, tmp_path):
     assert [b.box for b in first] != [b.box for b in second]
 
 
+def _boxes(loop_file: dict) -> list[tuple]:
+    return [(p["file"], tuple(p["coords"]), tuple(p["size"])) for p in loop_file["patches"]]
+
+
+def test_records_carry_their_boxes_and_a_fresh_folder_is_rebuilt_from_them(simulated, tmp_path):
+    """A fresh machine has only the committed records: the run is rebuilt from them and trains no earlier loop."""
+    settings, _, _, _ = simulated
+    ran = ActiveLearningLogic.open(settings.out / "seed_0" / "clasp_pe").project
+    first = read_json(settings.out / "results" / "clasp_pe" / "seed_0" / "loop_000.json")
+    assert _boxes(first["loop_file"]) == _boxes(ran.read_loop(0).to_json())
+    assert _boxes(first["next_loop_file"]) == _boxes(ran.read_loop(1).to_json())
+    # what was committed: the header and loop 0's record only (loop 1 is still to train)
+    records = tmp_path / "committed"
+    (records / "results" / "clasp_pe" / "seed_0").mkdir(parents=True)
+    shutil.copy2(settings.out / "simulation.json", records / "simulation.json")
+    shutil.copy2(settings.out / "results" / "clasp_pe" / "seed_0" / "loop_000.json",
+                 records / "results" / "clasp_pe" / "seed_0" / "loop_000.json")
+    fresh = dataclasses.replace(settings, methods=("clasp_pe",), seeds=(0,), out=tmp_path / "fresh", reference=False,
+                                restore_from=records)
+    results = Simulation(fresh).run(poll_seconds=0.3)
+    assert results["failed"] == {}
+    rebuilt = ActiveLearningLogic.open(fresh.out / "seed_0" / "clasp_pe").project
+    assert [_boxes(rebuilt.read_loop(t).to_json()) for t in (0, 1)] == [_boxes(first["loop_file"]),
+                                                                         _boxes(first["next_loop_file"])]
+    assert all(b.state == "annotated" for b in rebuilt.all_boxes())
+    assert not (fresh.out / "seed_0" / "start").exists()  # loop 0 was not trained again
+    trained = {p.parent.name for p in (fresh.out / "seed_0" / "clasp_pe").rglob("jobs/*/status.json")
+               if "fold_" in p.parent.name}
+    assert trained and all("loop_001" in name for name in trained), trained
+    again = {r["loop"]: r for r in results["records"]}
+    assert again[0]["mean_dice"] == first["mean_dice"] and again[0]["restored_from"] == str(records)
+    assert again[1]["boxes"] == 2 * first["boxes"] and _boxes(again[1]["loop_file"]) == _boxes(first["next_loop_file"])
+    for b in rebuilt.read_loop(1).boxes:  # the oracle copied the ground truth into the rebuilt boxes
+        assert (rebuilt.read_partial_labels(b.case)[b.box.slices] == rebuilt.read_ground_truth(b.case)[b.box.slices]).all()
+
+
+def test_restoring_refuses_records_of_another_protocol(simulated, tmp_path):
+    settings, _, _, _ = simulated
+    records = tmp_path / "other"
+    records.mkdir()
+    header = read_json(settings.out / "simulation.json")
+    (records / "simulation.json").write_text(json.dumps({**header, "budget": 40}))
+    other = dataclasses.replace(settings, methods=("random",), seeds=(0,), out=tmp_path / "fresh", reference=False,
+                                restore_from=records)
+    with pytest.raises(ProjectError, match=r"simulation.json: recorded budget 40 differs"):
+        Simulation(other)
+
+
 def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
     settings, _, _, _ = simulated
     assert al3d(["report", str(settings.out), "--out", str(tmp_path / "report")]) == 0
@@ -148,7 +200,5 @@ def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
 
 
 def test_collect_results_refuses_a_folder_that_is_not_a_simulation(tmp_path):
-    from ActiveLearning3DLib.project import ProjectError
-
     with pytest.raises(ProjectError, match="not a simulation folder"):
         collect_results(tmp_path)

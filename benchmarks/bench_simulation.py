@@ -4,14 +4,16 @@ Runs ``al3d simulate`` on the full Hippocampus data (195 pool / 65 test cases),
 low budget (100 boxes of 20 x 20 x 20, 5 loops, 20 boxes per loop), with a
 training profile (``cpu-small`` by default), first ``random_fg66`` and
 ``clasp_pe`` with 3 seeds. The run folder lives outside the repository; run
-this again (any session) and it resumes. After every call, the small per-loop
+this again (any session) and it resumes; on a fresh machine, where the run
+folder is gone, it rebuilds each run from the committed records (they carry
+their boxes) and trains from the first loop without one. After every call, the small per-loop
 records and the simulation header are copied into
 ``benchmarks/results/<name>/`` so that finished figures can be committed, and
 the report is written there.
 
     .venv/bin/python benchmarks/bench_simulation.py [--run-dir /work/al3d-runs/hippocampus-low-cpu-small]
         [--methods random_fg66,clasp_pe] [--seeds 0,1,2] [--profile cpu-small] [--sync-only]
-        [--start nnactive_start] [--reference-cache DIR]
+        [--start nnactive_start] [--reference-cache DIR] [--no-reference]
 
 The cold-start benchmark is one run folder per starting budget, e.g.
 ``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``.
@@ -57,6 +59,9 @@ def main() -> int:
     parser.add_argument("--reference-cache", type=Path,
                         help="full-data reference runs shared between run folders (the cold-start runs; the first "
                         "study run keeps its reference in its own folder)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave the full-data run (FG-Eff) for later: with one job at a time it would train "
+                        "before the runs' next loops")
     parser.add_argument("--sync-only", action="store_true", help="only copy finished records and write the report")
     args = parser.parse_args()
     name = args.run_dir.name
@@ -69,6 +74,11 @@ def main() -> int:
                    "--labels", str(data / "labelsTr"), "--method", args.methods, "--budget", "low", "--loops", "5",
                    "--seeds", args.seeds, "--profile", args.profile, "--device", "cpu", "--parallel",
                    str(args.parallel), "--start", args.start, "--out", str(args.run_dir)]
+        if (target / "simulation.json").is_file():
+            # the committed records carry their boxes: a fresh machine rebuilds the runs instead of training again
+            command += ["--restore-from", str(target)]
+        if args.no_reference:
+            command.append("--no-reference")
         if args.reference_cache:
             command += ["--reference-cache", str(args.reference_cache)]
         print(" ".join(command), flush=True)
