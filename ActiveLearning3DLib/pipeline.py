@@ -278,8 +278,9 @@ class LoopPipeline:
                 done_weight += _WEIGHTS[stage]
                 continue
             for job, status in zip(jobs, statuses):
-                # queued ones start; failed and cancelled ones start again, once per pipeline run
-                if status.state in ("queued", "failed", "cancelled") and job.name not in self._submitted:
+                # queued ones start; failed and cancelled ones start again, once per pipeline run; running ones
+                # (another driver's) are handed over too, so the runner counts them against its parallel limit
+                if status.state in ("queued", "running", "failed", "cancelled") and job.name not in self._submitted:
                     self._submitted.add(job.name)
                     self.runner.submit(job)
             self.runner.poll()

@@ -204,5 +204,6 @@ def test_a_live_job_of_another_runner_holds_a_slot_until_it_ends(tmp_path):
         second.poll()
         time.sleep(0.05)
     assert waiting.status().state == "queued" and not waiting.log_path.exists()
+    assert {j.name for j in second.active()} == {"old", "next"}  # listed, so a cancel-all stops it too
     first.cancel(old)
     assert second.wait([waiting], timeout=60) and waiting.status().state == "done"

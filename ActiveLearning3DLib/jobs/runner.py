@@ -93,7 +93,7 @@ class LocalRunner:
         self._queue.append(job)
 
     def active(self) -> list[Job]:
-        return [j for j, _ in self._running.values()] + list(self._queue)
+        return [j for j, _ in self._running.values()] + list(self._adopted.values()) + list(self._queue)
 
     def poll(self) -> list[Job]:
         """Reap finished workers, fail the ones that died silently, start queued jobs; returns jobs that ended."""
@@ -138,6 +138,7 @@ class LocalRunner:
     def cancel(self, job: Job) -> JobStatus:
         """Cancel a queued or running job (and every process it started)."""
         self._queue = [q for q in self._queue if q.path != job.path]
+        self._adopted.pop(job.path, None)
         entry = self._running.pop(job.path, None)
         if entry is None:
             return job.cancel()
