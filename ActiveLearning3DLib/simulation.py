@@ -310,8 +310,7 @@ class Simulation:
         if records and records[-1].get("next_loop_file") is not None:
             loop_files.append(records[-1]["next_loop_file"])
         elif records and len(records) < self.settings.loops:
-            records.pop()  # its model chose the next boxes, and neither is kept: train it again
-            loop_files.pop()
+            records.pop()  # its boxes are known, but not the model that would choose the next ones: train it again
         return records, loop_files
 
     def _restore(self, method: str, seed: int) -> None:
