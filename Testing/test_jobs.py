@@ -27,6 +27,16 @@ def _wait_for(predicate, timeout=20.0):
     return False
 
 
+def _running_job(tmp_path, name: str, seconds: float) -> tuple[Job, LocalRunner]:
+    """A long selftest job started by its own runner, once its worker has marked it running with its pid."""
+    job = Job.create(tmp_path, name, "selftest", {"steps": 1000, "seconds": seconds})
+    runner = _runner()
+    runner.submit(job)
+    runner.poll()
+    assert _wait_for(lambda: job.status().state == "running" and job.status().pid)
+    return job, runner
+
+
 def test_job_runs_to_done_with_progress_log_and_result(tmp_path):
     job = Job.create(tmp_path, "one", "selftest", {"steps": 3, "seconds": 0.05})
     assert job.status().state == "queued"
@@ -85,11 +95,8 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
 
 
 def test_killed_worker_is_detected_as_failed_with_log_tail(tmp_path):
-    job = Job.create(tmp_path, "killed", "selftest", {"steps": 1000, "seconds": 0.1})
-    runner = _runner()
-    runner.submit(job)
-    runner.poll()
-    assert _wait_for(lambda: job.status().state == "running" and job.status().iteration)
+    job, runner = _running_job(tmp_path, "killed", seconds=0.1)
+    assert _wait_for(lambda: job.status().iteration)
     os.kill(job.status().pid, signal.SIGKILL)  # as the out-of-memory killer would
     assert runner.wait([job], timeout=20)
     status = job.status()
@@ -99,11 +106,7 @@ def test_killed_worker_is_detected_as_failed_with_log_tail(tmp_path):
 
 def test_dead_worker_is_detected_by_a_new_runner_without_the_process_handle(tmp_path):
     """The GUI restarted while a job ran, and the worker died meanwhile: the job must not stay 'running'."""
-    job = Job.create(tmp_path, "orphan", "selftest", {"steps": 1000, "seconds": 0.1})
-    first = _runner()
-    first.submit(job)
-    first.poll()
-    assert _wait_for(lambda: job.status().state == "running")
+    job, first = _running_job(tmp_path, "orphan", seconds=0.1)
     pid = job.status().pid
     os.kill(pid, signal.SIGKILL)
     first._running[job.path][1].wait()  # reap it, as the old process's exit would
@@ -191,11 +194,7 @@ def test_jobs_that_finish_a_stage_start_before_queued_training(tmp_path):
 
 def test_a_live_job_of_another_runner_holds_a_slot_until_it_ends(tmp_path):
     """A restarted simulation driver finds its old fold still training: it must not start a second one beside it."""
-    old = Job.create(tmp_path, "old", "selftest", {"steps": 1000, "seconds": 0.05})
-    first = _runner()
-    first.submit(old)
-    first.poll()
-    assert _wait_for(lambda: old.status().state == "running" and old.status().pid)
+    old, first = _running_job(tmp_path, "old", seconds=0.05)
     waiting = Job.create(tmp_path, "next", "selftest", {"steps": 1, "seconds": 0})
     second = _runner(max_parallel=1)
     second.submit(old)  # the same job, alive: adopted, not restarted
