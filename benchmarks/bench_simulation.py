@@ -6,8 +6,8 @@ training profile (``cpu-small`` by default), first ``random_fg66`` and
 ``clasp_pe`` with 3 seeds. The run folder lives outside the repository; run
 this again (any session) and it resumes; on a fresh machine, where the run
 folder is gone, it rebuilds each run from the committed records (they carry
-their boxes) and trains from the first loop without one. After every call, the small per-loop
-records and the simulation header are copied into
+their boxes) and trains from the first loop without one. After every call,
+the small per-loop records and the simulation header are copied into
 ``benchmarks/results/<name>/`` so that finished figures can be committed, and
 the report is written there.
 
@@ -21,7 +21,6 @@ The cold-start benchmark is one run folder per starting budget, e.g.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,20 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ActiveLearning3DLib.default_data import find_shared_dataset  # noqa: E402
+from ActiveLearning3DLib.fileio import atomic_copy  # noqa: E402
 
 
 def sync(run_dir: Path, target: Path) -> int:
-    """Copy simulation.json, the per-loop records and the reference summary; returns the number of records."""
+    """Copy simulation.json, the per-loop records and the reference summary; returns the number of records.
+
+    Atomic copies: the targets are committed files, and a sync killed midway must not truncate one.
+    """
     target.mkdir(parents=True, exist_ok=True)
     if (run_dir / "simulation.json").is_file():
-        shutil.copy2(run_dir / "simulation.json", target / "simulation.json")
+        atomic_copy(run_dir / "simulation.json", target / "simulation.json")
     records = sorted((run_dir / "results").glob("*/seed_*/loop_*.json"))
     for path in records:
         dest = target / "results" / path.relative_to(run_dir / "results")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, dest)
+        atomic_copy(path, dest)
     for reference in (run_dir / "reference").glob("*/reference.json"):
-        shutil.copy2(reference, target / "reference.json")
+        atomic_copy(reference, target / "reference.json")
     return len(records)
 
 
