@@ -191,7 +191,7 @@ class Simulation:
         pool_voxels = sum(int(np.prod(self.base.cases[c].shape)) for c in self.base.pool_cases)
         self.budget, self.budget_rule = resolve_budget(s.budget, self.base.patch_size, pool_voxels)
         self.query_size = max(1, int(round(0.2 * self.budget)))
-        self._write_header()
+        self.header = self._write_header()
         self.runs = [(m, seed) for seed in s.seeds for m in s.methods]
         if get_method(s.start).needs_embeddings or any(get_method(m).needs_embeddings for m in s.methods):
             # once, in the base project: every seed's copy then finds them cached (they need no labels)
@@ -204,6 +204,7 @@ class Simulation:
         self._checked: set[tuple[str, int]] = set()  # runs whose records were backfilled / restored this session
         if s.restore_from is not None:
             self._check_restore_header(Path(s.restore_from))
+            self._restore_reference(Path(s.restore_from))
 
     # ----------------------------------------------------------------- set-up
     def _base_project(self) -> Project:
@@ -217,7 +218,7 @@ class Simulation:
                               seed=SPLIT_SEED, max_cases=s.max_cases,
                               budget=BudgetSettings(loops=s.loops), progress=self.progress)
 
-    def _write_header(self) -> None:
+    def _write_header(self) -> dict:
         path = self.out / "simulation.json"
         profile = self.loop_settings_profile()
         header = {
@@ -242,6 +243,7 @@ class Simulation:
         header.setdefault("created", now_iso())
         header["updated"] = now_iso()
         atomic_write_json(path, header)
+        return json.loads(json.dumps(header))  # as a reader of the file sees it (lists, string keys)
 
     def loop_settings_profile(self):
         from .nnunet.profiles import resolve_profile
@@ -282,11 +284,14 @@ class Simulation:
         path = folder / "simulation.json"
         if not path.is_file():
             raise ProjectError(f"{path}: not found; --restore-from needs a simulation's records and its simulation.json")
-        old, new = read_json(path), read_json(self.out / "simulation.json")
+        old = read_json(path)
         for key in ("budget", "query_size", "patch_size", "pool_cases", "test_cases", "split_seed", "profile_tag"):
-            if old.get(key) != new.get(key):
+            if old.get(key) != self.header.get(key):
                 raise ProjectError(f"{path}: recorded {key} {old.get(key)} differs from this simulation's "
-                                   f"{new.get(key)}; these records cannot be restored here")
+                                   f"{self.header.get(key)}; these records cannot be restored here")
+
+    def _restore_reference(self, folder: Path) -> None:
+        """A recorded full-data result is as good as a new one: copy it where this simulation looks for it."""
         reference = folder / "reference.json"
         target = self.reference_dir() / "reference.json"
         if self.settings.reference and reference.is_file() and not target.is_file():
@@ -412,7 +417,8 @@ class Simulation:
         if logic.pending_boxes():
             t = time.perf_counter()
             logic.annotate_with_oracle()
-            self._add_seconds(method, seed, logic.project.loop_indices()[-1] - 1, oracle=time.perf_counter() - t)
+            self._update_record(method, seed, logic.project.loop_indices()[-1] - 1,
+                                seconds={"oracle": time.perf_counter() - t})
         loop = logic.project.loop_indices()[-1]
         common = {"method": method, "seed": seed, "count": self.query_size}
         if not self.record_path(method, seed, loop).is_file():
@@ -430,8 +436,8 @@ class Simulation:
         if state.state == "failed":
             return self._fail(key, loop, state.message)
         if state.loop_file is not None:
-            self._add_seconds(method, seed, loop, query=state.loop_file.info.get("seconds"))
-            self._update_record(method, seed, loop, next_loop_file=state.loop_file.to_json())
+            self._update_record(method, seed, loop, seconds={"query": state.loop_file.info.get("seconds")},
+                                next_loop_file=state.loop_file.to_json())
         return False  # the oracle annotates the new loop at the next step
 
     def _fail(self, key: str, loop: int, message: str) -> bool:
@@ -444,6 +450,7 @@ class Simulation:
         if path.is_file():
             return
         project = logic.project
+        loop_file = project.read_loop(loop)
         boxes, voxels, inside = project.annotated_foreground()[loop]
         summary = read_json(pipeline.evaluation_summary)
         seconds = stage_seconds(pipeline)
@@ -451,8 +458,7 @@ class Simulation:
             "method": method, "seed": seed, "loop": loop, "boxes": boxes, "annotated_voxels": voxels,
             "foreground_voxels": inside, "foreground_fraction": inside / project.pool_foreground_voxels,
             "mean_dice": summary["mean_dice"], "per_class": summary["per_class"], "model": pipeline.model_name,
-            "seconds": seconds, "loop_method": project.read_loop(loop).method, "written": now_iso(),
-            "loop_file": project.read_loop(loop).to_json(),
+            "seconds": seconds, "loop_method": loop_file.method, "written": now_iso(), "loop_file": loop_file.to_json(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)
@@ -460,19 +466,14 @@ class Simulation:
         self.echo(f"{method} seed {seed} loop {loop}: {boxes} boxes, {100 * record['foreground_fraction']:.2f} % of "
                   f"pool foreground, test Mean Dice {dice}")
 
-    def _add_seconds(self, method: str, seed: int, loop: int, **seconds: float | None) -> None:
-        """Add the query or oracle time of the step after a loop to that loop's record."""
+    def _update_record(self, method: str, seed: int, loop: int, seconds: dict | None = None, **fields) -> None:
+        """Add what the step after a loop learnt (query and oracle time, the next boxes) to that loop's record."""
         path = self.record_path(method, seed, loop)
         if loop < 0 or not path.is_file():
             return
-        record = read_json(path)
-        record["seconds"].update({k: None if v is None else round(float(v), 3) for k, v in seconds.items()})
+        record = {**read_json(path), **fields}
+        record["seconds"].update({k: None if v is None else round(float(v), 3) for k, v in (seconds or {}).items()})
         atomic_write_json(path, record)
-
-    def _update_record(self, method: str, seed: int, loop: int, **fields) -> None:
-        path = self.record_path(method, seed, loop)
-        if path.is_file():
-            atomic_write_json(path, {**read_json(path), **fields})
 
     def _reference_step(self) -> bool:
         """The full-data run: every pool image annotated whole, the same profile; its Mean Dice is y_full."""
