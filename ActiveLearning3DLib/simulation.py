@@ -23,7 +23,7 @@ output folder, resumes where it stopped. Layout of ``OUT``::
     simulation.json                    settings, budget, versions (written first)
     base/                              the project every run copies (split fixed)
     seed_<s>/start/                    loop 0 of seed s, annotated, and its model
-    seed_<s>/<method>/                 the project of one run (a copy of start)
+    seed_<s>/<method>/                 the project of one run (a copy of start; images hard-linked)
     results/<method>/seed_<s>/loop_<t>.json   one record per finished loop
     reference/<key>/                   full-data project and model (or --reference-cache)
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -159,14 +160,40 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
     return out
 
 
+# What a project only ever replaces whole (written beside, then ``os.replace``), never rewrites in place: its
+# copies of the images and the ground truth, and nnU-Net's preprocessed cases. Copies of a project share these
+# files as hard links, so a grid of runs does not hold one copy of a large dataset per method and seed; a run that
+# preprocesses a case again replaces its own link and leaves the other runs' file as it was.
+_SHARED_FOLDERS = ("imagesTr", "imagesTs", "groundtruth")
+_SHARED_PREPROCESSED = (".b2nd", ".pkl")
+
+
+def _shares(relative: Path) -> bool:
+    parts = relative.parts
+    return parts[0] in _SHARED_FOLDERS or (parts[:2] == ("nnunet", "preprocessed") and relative.name.endswith(_SHARED_PREPROCESSED))
+
+
 def _copy_project(source: Path, target: Path) -> None:
-    """Copy a project folder (with its nnU-Net state and jobs) atomically: a temporary folder renamed at the end."""
+    """Copy a project folder (with its nnU-Net state and jobs) atomically: a temporary folder renamed at the end.
+
+    Files that are only ever replaced whole are hard-linked (copied where the file system cannot link).
+    """
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.copying"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("log.txt", ".al3d-tmp-*"))
+
+    def link_or_copy(src: str, dst: str) -> str:
+        if _shares(Path(src).relative_to(source)):
+            try:
+                os.link(src, dst)
+                return dst
+            except OSError:
+                pass  # another file system, or one without hard links
+        return shutil.copy2(src, dst)
+
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("log.txt", ".al3d-tmp-*"), copy_function=link_or_copy)
     staging.rename(target)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import signal
@@ -129,6 +130,36 @@ def test_model_free_queries_depend_on_the_seed_only(simulated, tmp_path):
     first = ActiveLearningLogic.open(settings.out / "seed_0" / "random").project.read_loop(1).boxes
     second = ActiveLearningLogic.open(settings.out / "seed_1" / "random").project.read_loop(1).boxes
     assert [b.box for b in first] != [b.box for b in second]
+
+
+def _preprocessed_cases(project: Path) -> tuple[dict[str, str], Path]:
+    """The label hash of each preprocessed case (nnU-Net's manifest) and the folder of its files."""
+    manifest = read_json(next((project / "nnunet" / "preprocessed").glob("*/al3d_manifest.json")))
+    record = manifest["preprocessed"]["3d_fullres"]
+    return record["cases"], next((project / "nnunet" / "preprocessed").glob(f"*/{record['data_identifier']}"))
+
+
+def test_runs_share_the_images_and_keep_what_they_rewrite_their_own(simulated):
+    """A run's project links the start's images, ground truth and preprocessed cases instead of copying them, and
+    a case that a run preprocesses again (new boxes in it) gets its own file: the start's stays as it was."""
+    settings, _, _, _ = simulated
+    rewritten = shared = 0
+    for s in SEEDS:
+        start = settings.out / f"seed_{s}" / "start"
+        start_cases, start_data = _preprocessed_cases(start)
+        for m in METHODS:
+            run = settings.out / f"seed_{s}" / m
+            for folder in ("imagesTr", "imagesTs", "groundtruth"):
+                files = sorted((start / folder).iterdir())
+                assert files and all(os.path.samefile(f, run / folder / f.name) for f in files), (m, s, folder)
+            assert not any(os.path.samefile(f, run / "labelsTr" / f.name) for f in (start / "labelsTr").iterdir())
+            run_cases, run_data = _preprocessed_cases(run)
+            for case, label_hash in start_cases.items():
+                same = os.path.samefile(start_data / f"{case}_seg.b2nd", run_data / f"{case}_seg.b2nd")
+                assert same == (run_cases[case] == label_hash), (m, s, case)
+                rewritten += not same
+                shared += same
+    assert shared > 0 and rewritten > 0  # both kinds occur in this grid, so both checks above ran
 
 
 def _boxes(loop_file: dict) -> list[tuple]:
