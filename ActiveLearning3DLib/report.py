@@ -99,9 +99,13 @@ class SettingResults:
         return (f"{Path(h['settings']['images']).parent.name or h['settings']['images']}, budget {h['budget']} boxes "
                 f"({h['settings']['budget']}), {h['settings']['loops']} loops, profile {h['profile_tag']}")
 
+    def run_records(self, method: str, seed: int) -> list[dict]:
+        """A run's records so far, in loop order."""
+        return sorted((r for r in self.records if r["method"] == method and r["seed"] == seed), key=lambda r: r["loop"])
+
     def curve(self, method: str, seed: int, key: str = "mean_dice") -> list[float] | None:
         """A run's values per loop, or None while it has not finished every loop."""
-        rows = sorted((r for r in self.records if r["method"] == method and r["seed"] == seed), key=lambda r: r["loop"])
+        rows = self.run_records(method, seed)
         if len(rows) < self.loops:
             return None
         return [math.nan if r[key] is None else float(r[key]) for r in rows[: self.loops]]
@@ -201,7 +205,8 @@ def _finish_dice_plot(fig, ax, setting: SettingResults, path: Path, xlabel: str,
     ax.set_ylabel("test Mean Dice (x 100)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     _save(fig, path)
 
 
@@ -209,20 +214,30 @@ def plot_dice_vs_boxes(setting: SettingResults, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    draw_dice_vs_boxes(ax, setting)
+    _finish_dice_plot(fig, ax, setting, path, "annotated boxes", "Dice against budget (band: ± 1 sd over seeds)")
+
+
+def draw_dice_vs_boxes(ax, setting: SettingResults) -> None:
+    """Per method the mean over the seeds that finished every loop, with a band; a run still going is drawn dashed
+    with its loops so far, so the report of a long study shows what has finished."""
     colours = _colours(setting.methods)
     for m in setting.methods:
-        curves = [setting.curve(m, s) for s in setting.complete_seeds(m)]
-        boxes = [setting.curve(m, s, "boxes") for s in setting.complete_seeds(m)]
-        if not curves:
-            continue
-        y = 100 * np.asarray(curves)
-        x = np.asarray(boxes[0])
-        mean = np.nanmean(y, axis=0)
-        ax.plot(x, mean, marker="o", color=colours[m], label=f"{m} ({len(curves)} seeds)")
-        if len(curves) > 1:
-            sd = np.nanstd(y, axis=0, ddof=1)
-            ax.fill_between(x, mean - sd, mean + sd, color=colours[m], alpha=0.2)
-    _finish_dice_plot(fig, ax, setting, path, "annotated boxes", "Dice against budget (band: ± 1 sd over seeds)")
+        complete = setting.complete_seeds(m)
+        if complete:
+            y = 100 * np.asarray([setting.curve(m, s) for s in complete])
+            x = np.asarray(setting.curve(m, complete[0], "boxes"))
+            mean = np.nanmean(y, axis=0)
+            ax.plot(x, mean, marker="o", color=colours[m], label=f"{m} ({len(complete)} seeds)")
+            if len(complete) > 1:
+                sd = np.nanstd(y, axis=0, ddof=1)
+                ax.fill_between(x, mean - sd, mean + sd, color=colours[m], alpha=0.2)
+        for i, s in enumerate(setting.seeds):
+            rows = [] if s in complete else [r for r in setting.run_records(m, s) if r["mean_dice"] is not None]
+            if rows:
+                ax.plot([r["boxes"] for r in rows], [100 * r["mean_dice"] for r in rows], linestyle="--",
+                        marker="s^vD<>"[i % 6], markersize=4,
+                        color=colours[m], label=f"{m} seed {s}, running ({len(rows)} of {setting.loops} loops)")
 
 
 def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
@@ -332,7 +347,8 @@ def write_report(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
         prefix = f"setting{index + 1}"
         p = out / f"{prefix}_dice_vs_boxes.png"
         plot_dice_vs_boxes(setting, p)
-        figures.append(Figure("Dice against the number of boxes", p, "Mean over seeds, band ± 1 sd."))
+        figures.append(Figure("Dice against the number of boxes", p, "Mean over the seeds that finished every loop, band ± 1 sd; "
+                              "dashed: a run still going, its loops so far."))
         p = out / f"{prefix}_dice_vs_foreground.png"
         plot_dice_vs_foreground(setting, p)
         figures.append(Figure("Dice against annotated foreground", p,
