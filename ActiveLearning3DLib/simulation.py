@@ -52,7 +52,7 @@ import numpy as np
 from . import __version__
 from .boxes import Box
 from .fileio import atomic_write_json, read_json
-from .jobs import seconds_between
+from .jobs import busy_seconds
 from .logic import ActiveLearningLogic
 from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, local_runner, profile_tag
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
@@ -148,7 +148,8 @@ def versions() -> dict:
 
 
 def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
-    """Wall time of each stage of a loop from its jobs' start and end (parallel folds: first start to last end)."""
+    """Wall time of each stage of a loop: the time during which any of its jobs ran (parallel folds count once, a
+    pause between sessions not at all)."""
     out: dict[str, float | None] = {}
     jobs = {j.name.rsplit("-", 1)[-1]: j.status() for j in pipeline.all_jobs()}
     groups = {"prepare": ["prepare"], "train": [n for n in jobs if n.startswith("fold_")], "evaluate": ["evaluate"],
@@ -156,7 +157,7 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
     for stage, names in groups.items():
         statuses = [jobs[n] for n in names if n in jobs and jobs[n].state == "done"]
         if statuses:
-            out[stage] = seconds_between(min(s.started for s in statuses), max(s.ended for s in statuses))
+            out[stage] = busy_seconds((s.started, s.ended) for s in statuses)
     return out
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ActiveLearning3DLib.jobs import Job, JobError, LocalRunner, LocalRunnerSettings
+from ActiveLearning3DLib.jobs import Job, JobError, LocalRunner, LocalRunnerSettings, busy_seconds
 from ActiveLearning3DLib.jobs.store import process_alive
 from ActiveLearning3DLib.worker import run_job
 
@@ -206,3 +206,15 @@ def test_a_live_job_of_another_runner_holds_a_slot_until_it_ends(tmp_path):
     assert {j.name for j in second.active()} == {"old", "next"}  # listed, so a cancel-all stops it too
     first.cancel(old)
     assert second.wait([waiting], timeout=60) and waiting.status().state == "done"
+
+
+def test_busy_seconds_count_parallel_jobs_once_and_not_the_pause_between_sessions():
+    def at(minute: int, second: int = 0) -> str:
+        return f"2026-12-01T10:{minute:02d}:{second:02d}+00:00"
+
+    # two folds side by side (0-10 and 5-12 min), one nested in them, then a fold resumed after a pause (30-40)
+    folds = [(at(0), at(10)), (at(30), at(40)), (at(5), at(12)), (at(6), at(7))]
+    assert busy_seconds(folds) == (12 + 10) * 60
+    assert busy_seconds([(at(0), at(0, 30))]) == 30
+    assert busy_seconds([(at(0), None), (None, at(1))]) is None  # no job both started and ended
+

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..fileio import atomic_write_json, read_json
 from ..project import now_iso
@@ -190,6 +190,22 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def busy_seconds(intervals: Iterable[tuple[str | None, str | None]]) -> float | None:
+    """Seconds during which at least one of the (start, end) ISO intervals ran: parallel jobs count once, and the
+    pause of a stage resumed in a later session does not count (None when no interval is complete)."""
+    spans = sorted((datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in intervals if a and b)
+    if not spans:
+        return None
+    total, (start, end) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            total += (end - start).total_seconds()
+            start, end = a, b
+        else:
+            end = max(end, b)
+    return total + (end - start).total_seconds()
 
 
 def process_alive(pid: int, job_dir: Path | None = None) -> bool:
