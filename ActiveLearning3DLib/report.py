@@ -233,7 +233,9 @@ def draw_dice_vs_boxes(ax, setting: SettingResults) -> None:
                 sd = np.nanstd(y, axis=0, ddof=1)
                 ax.fill_between(x, mean - sd, mean + sd, color=colours[m], alpha=0.2)
         for i, s in enumerate(setting.seeds):
-            rows = [] if s in complete else [r for r in setting.run_records(m, s) if r["mean_dice"] is not None]
+            if s in complete:
+                continue
+            rows = [r for r in setting.run_records(m, s) if r["mean_dice"] is not None]
             if rows:
                 ax.plot([r["boxes"] for r in rows], [100 * r["mean_dice"] for r in rows], linestyle="--",
                         marker="s^vD<>"[i % 6], markersize=4,
