@@ -92,6 +92,7 @@ class LoopSettings:
     stages: tuple[str, ...] = STAGES
     evaluate: bool = True  # the test split, when the project has ground truth and test cases
     score: bool = True  # pool scores, when the query method needs a model
+    extra_maps: tuple[str, ...] = ()  # maps to score besides the method's: one pass serves the methods of a shared loop
     uncertainty_maps: bool = True  # write the predictive entropy of each pool image for the heat map
     stride: tuple[int, int, int] | None = None
     python: str | None = None  # worker interpreter (PythonSlicer in Slicer); default: this one
@@ -190,6 +191,12 @@ class LoopPipeline:
     def method(self):
         return get_method(self.settings.method)
 
+    @property
+    def score_maps(self) -> list[str]:
+        """The maps the score job aggregates: the query method's, then ``extra_maps`` (each once)."""
+        names = self.method.map_names(self.project.foreground_classes) + list(self.settings.extra_maps)
+        return list(dict.fromkeys(names))
+
     # --------------------------------------------------------------------- jobs
     def _job(self, suffix: str, kind: str, inputs: dict) -> Job:
         """The stage's job; one that is done or running is taken as it is.
@@ -229,7 +236,7 @@ class LoopPipeline:
                     **common}))
             if self.scores:
                 jobs.append(self._job("score", "nnunet_score", {
-                    "model": str(self.model_folder), "maps": self.method.map_names(self.project.foreground_classes),
+                    "model": str(self.model_folder), "maps": self.score_maps,
                     "scores_dir": str(self.scores_dir),
                     "uncertainty_dir": str(self.uncertainty_dir) if self.settings.uncertainty_maps else None,
                     "stride": list(self.settings.stride) if self.settings.stride else None, **common}))

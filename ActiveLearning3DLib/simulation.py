@@ -8,7 +8,9 @@ truth into each queried box. The protocol (ALGORITHMS.md sections 5 to 7):
 - one 75 / 25 pool / test split for every method and seed (split seed fixed);
 - the starting budget (loop 0, ``nnactive_start`` by default) is made once per
   seed and shared by all methods of that seed, together with its trained
-  model (so loop 0's Dice is the same for all methods of a seed);
+  model (so loop 0's Dice is the same for all methods of a seed) and its pool
+  scores (one scoring pass, beside the evaluation, for every method that needs
+  a model);
 - query size = starting budget = 20 % of the budget; ``loops`` loops;
 - each loop records boxes, annotated voxels, the fraction of all pool
   foreground inside annotated boxes, Mean Dice and per-class Dice on the test
@@ -162,16 +164,20 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
 
 
 # What a project only ever replaces whole (written beside, then ``os.replace``), never rewrites in place: its
-# copies of the images and the ground truth, and nnU-Net's preprocessed cases. Copies of a project share these
-# files as hard links, so a grid of runs does not hold one copy of a large dataset per method and seed; a run that
-# preprocesses a case again replaces its own link and leaves the other runs' file as it was.
+# copies of the images and the ground truth, nnU-Net's preprocessed cases, and a model's pool scores and
+# uncertainty images. Copies of a project share these files as hard links, so a grid of runs does not hold one
+# copy of a large dataset (or of the loop-0 scores) per method and seed; a run that preprocesses or scores a case
+# again replaces its own link and leaves the other runs' file as it was.
 _SHARED_FOLDERS = ("imagesTr", "imagesTs", "groundtruth")
 _SHARED_PREPROCESSED = (".b2nd", ".pkl")
+_SHARED_MODEL_OUTPUTS = ("scores", "uncertainty")
 
 
 def _shares(relative: Path) -> bool:
     parts = relative.parts
-    return parts[0] in _SHARED_FOLDERS or (parts[:2] == ("nnunet", "preprocessed") and relative.name.endswith(_SHARED_PREPROCESSED))
+    return (parts[0] in _SHARED_FOLDERS
+            or (parts[:2] == ("nnunet", "preprocessed") and relative.name.endswith(_SHARED_PREPROCESSED))
+            or (parts[:2] == ("nnunet", "results") and len(parts) == 5 and parts[3] in _SHARED_MODEL_OUTPUTS))
 
 
 def _copy_project(source: Path, target: Path) -> None:
@@ -196,6 +202,17 @@ def _copy_project(source: Path, target: Path) -> None:
 
     shutil.copytree(source, staging, ignore=shutil.ignore_patterns("log.txt", ".al3d-tmp-*"), copy_function=link_or_copy)
     staging.rename(target)
+
+
+def shared_scoring(methods: Iterable[str], foreground_classes: Iterable[int]) -> dict:
+    """Loop settings that score the pool once with a seed's shared loop-0 model, beside its evaluation, with the
+    maps of every method that needs a model: each run's copy then finds its loop-0 scores done."""
+    needing = [m for m in methods if get_method(m).needs_model]
+    if not needing:
+        return {"score": False}
+    classes = list(foreground_classes)
+    extra = tuple(n for m in needing[1:] for n in get_method(m).map_names(classes))
+    return {"score": True, "method": needing[0], "extra_maps": extra}
 
 
 class Simulation:
@@ -401,15 +418,16 @@ class Simulation:
         return logic
 
     def _start_step(self, seed: int) -> bool:
-        """Loop 0 of a seed: starting budget, oracle, loop-0 model and its evaluation. True when done."""
+        """Loop 0 of a seed: starting budget, oracle, loop-0 model, its evaluation and pool scores. True when done."""
         def starting_budget(logic: ActiveLearningLogic) -> None:
             loop = logic.query(self.settings.start, self.query_size, seed)
             self.echo(f"seed {seed}: starting budget of {len(loop.boxes)} boxes by {self.settings.start}")
 
         logic = self._loop0_logic(self.start_dir(seed), starting_budget)
-        state = self._pipeline(("start", seed), logic, stages=("prepare", "train", "predict"), score=False,
-                               seed=seed).advance()
+        state = self._pipeline(("start", seed), logic, stages=("prepare", "train", "predict"), seed=seed,
+                               **shared_scoring(self.settings.methods, logic.project.foreground_classes)).advance()
         return self._check(state, f"seed {seed} start")
+
 
     def _check(self, state, what: str) -> bool:
         if state.state == "failed":

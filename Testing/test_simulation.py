@@ -25,9 +25,11 @@ from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
 from ActiveLearning3DLib.nnunet.preprocessing import preprocess
+from ActiveLearning3DLib.pipeline import LoopSettings
 from ActiveLearning3DLib.project import ProjectError
+from ActiveLearning3DLib.query_methods import get_method
 from ActiveLearning3DLib.simulation import (NNACTIVE_BUDGETS, Simulation, SimulationSettings, _copy_project,
-                                            collect_results, resolve_budget)
+                                            collect_results, resolve_budget, shared_scoring)
 from conftest import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +134,34 @@ def test_model_free_queries_depend_on_the_seed_only(simulated, tmp_path):
     first = ActiveLearningLogic.open(settings.out / "seed_0" / "random").project.read_loop(1).boxes
     second = ActiveLearningLogic.open(settings.out / "seed_1" / "random").project.read_loop(1).boxes
     assert [b.box for b in first] != [b.box for b in second]
+
+
+def test_the_shared_loop_0_is_scored_once_in_the_start(simulated):
+    """The start scores the pool with the loop-0 model; the model-based run's copy finds that job done (it does
+    not score again) and shares the score files."""
+    settings, _, _, _ = simulated
+    for s in SEEDS:
+        start, run = settings.out / f"seed_{s}" / "start", settings.out / f"seed_{s}" / "clasp_pe"
+        [job] = (start / "jobs").glob("*-score")
+        status = read_json(job / "status.json")
+        assert status["state"] == "done"
+        classes = ActiveLearningLogic.open(start).project.foreground_classes
+        assert read_json(job / "job.json")["inputs"]["maps"] == get_method("clasp_pe").map_names(classes)
+        assert read_json(run / "jobs" / job.name / "status.json") == status  # copied as done, never run again
+        model = job.name[: -len("-score")]
+        files = sorted((start / "nnunet" / "results" / model / "scores").iterdir())
+        assert files and all(os.path.samefile(f, run / "nnunet" / "results" / model / "scores" / f.name) for f in files)
+
+
+def test_one_scoring_pass_serves_every_model_based_method_of_a_grid(simulated):
+    settings, _, _, _ = simulated
+    logic = ActiveLearningLogic.open(settings.out / "seed_0" / "start")
+    classes = logic.project.foreground_classes
+    assert shared_scoring(("random", "random_fg66"), classes) == {"score": False}
+    changes = shared_scoring(("random", "pe", "clasp_pe", "bald"), classes)
+    pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", **changes))
+    assert pipeline.scores and pipeline.method.name == "pe"
+    assert pipeline.score_maps == ["pe", *[f"class_{c}" for c in classes], "bald"]
 
 
 def _preprocessed_cases(project: Path) -> tuple[dict[str, str], Path]:
