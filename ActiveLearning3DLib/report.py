@@ -228,7 +228,8 @@ def draw_dice_vs_boxes(ax, setting: SettingResults) -> None:
             y = 100 * np.asarray([setting.curve(m, s) for s in complete])
             x = np.asarray(setting.curve(m, complete[0], "boxes"))
             mean = np.nanmean(y, axis=0)
-            ax.plot(x, mean, marker="o", color=colours[m], label=f"{m} ({len(complete)} seeds)")
+            seeds = f"{len(complete)} seed{'' if len(complete) == 1 else 's'}"
+            ax.plot(x, mean, marker="o", color=colours[m], label=f"{m} ({seeds})")
             if len(complete) > 1:
                 sd = np.nanstd(y, axis=0, ddof=1)
                 ax.fill_between(x, mean - sd, mean + sd, color=colours[m], alpha=0.2)

@@ -58,6 +58,11 @@ def test_finished_seeds_are_averaged_and_running_ones_drawn_with_their_loops_so_
     assert x == [20, 40] and np.allclose(y, [50, 65]) and style == "--"
 
 
+def test_one_finished_seed_is_labelled_in_the_singular(tmp_path):
+    setting = SettingResults(_study(tmp_path, {("random_fg66", 0): [0.80, 0.81, 0.82], ("clasp_pe", 0): [0.80]}))
+    assert "random_fg66 (1 seed)" in _lines(setting)
+
+
 def test_a_report_of_a_study_with_no_finished_seed_still_plots_its_loops(tmp_path):
     run = _study(tmp_path / "run", {("random_fg66", 0): [0.80, 0.81], ("clasp_pe", 0): [0.80]})
     assert set(_lines(SettingResults(run))) == {"random_fg66 seed 0, running (2 of 3 loops)",
