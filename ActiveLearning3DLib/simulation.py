@@ -428,7 +428,6 @@ class Simulation:
                                **shared_scoring(self.settings.methods, logic.project.foreground_classes)).advance()
         return self._check(state, f"seed {seed} start")
 
-
     def _check(self, state, what: str) -> bool:
         if state.state == "failed":
             self.failed[what] = state.message
