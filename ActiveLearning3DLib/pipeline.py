@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +212,26 @@ class LoopPipeline:
             return existing
         return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs}, env=self.env)
 
+    def _maps_to_score(self) -> list[str]:
+        """The maps of the score job: ``score_maps``, and the maps of a done job that lacks some of them.
+
+        A done score job serves any run whose maps it scored (a simulation's
+        start scores for every method of its grid). A run that needs a map it
+        did not score (``bald`` added to a folder first run with ``clasp_pe``)
+        gets the job made again for the old maps and the new ones, so the
+        score files it rewrites (atomically, each a file of its own) keep the
+        maps other runs query.
+        """
+        maps = self.score_maps
+        job = Job(self.jobs_dir / f"{self.model_name}-score")
+        if not job.spec_path.is_file():
+            return maps
+        had = [str(m) for m in job.spec().inputs.get("maps", [])]
+        if job.refresh().state == "done" and not set(maps) <= set(had):
+            shutil.rmtree(job.path)  # bookkeeping only: the score files stay and are rescored in place
+            self._submitted.discard(job.name)
+        return list(dict.fromkeys(had + maps))  # every later call (each poll) asks for the same job
+
     def jobs(self, stage: str) -> list[Job]:
         """The jobs of a stage (created on first use; the folds once ``prepare`` is done)."""
         common = {"device": self.profile.device, "threads": self.threads}
@@ -236,7 +257,7 @@ class LoopPipeline:
                     **common}))
             if self.scores:
                 jobs.append(self._job("score", "nnunet_score", {
-                    "model": str(self.model_folder), "maps": self.score_maps,
+                    "model": str(self.model_folder), "maps": self._maps_to_score(),
                     "scores_dir": str(self.scores_dir),
                     "uncertainty_dir": str(self.uncertainty_dir) if self.settings.uncertainty_maps else None,
                     "stride": list(self.settings.stride) if self.settings.stride else None, **common}))

@@ -28,6 +28,7 @@ from ActiveLearning3DLib.nnunet.preprocessing import preprocess
 from ActiveLearning3DLib.pipeline import LoopSettings
 from ActiveLearning3DLib.project import ProjectError
 from ActiveLearning3DLib.query_methods import get_method
+from ActiveLearning3DLib.scores import ScoreStore
 from ActiveLearning3DLib.simulation import (NNACTIVE_BUDGETS, Simulation, SimulationSettings, _copy_project,
                                             collect_results, resolve_budget, shared_scoring)
 from conftest import default_data_dir
@@ -162,6 +163,39 @@ def test_one_scoring_pass_serves_every_model_based_method_of_a_grid(simulated):
     pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", **changes))
     assert pipeline.scores and pipeline.method.name == "pe"
     assert pipeline.score_maps == ["pe", *[f"class_{c}" for c in classes], "bald"]
+
+
+def test_a_method_needing_another_map_scores_again_and_keeps_the_maps_others_query(simulated, tmp_path):
+    """A folder first run with ``clasp_pe`` and later given ``bald``: the done score job serves ``clasp_pe`` as it
+    is, and is made again for ``bald`` with the old maps and the new one; the start's score files stay as they were."""
+    settings, _, _, _ = simulated
+    start = settings.out / "seed_0" / "start"
+    _copy_project(start, tmp_path / "run")
+    logic = ActiveLearningLogic.open(tmp_path / "run")
+    classes = logic.project.foreground_classes
+    same = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="clasp_pe",
+                                            stages=("predict",)))
+    [score] = [j for j in same.jobs("predict") if j.name.endswith("-score")]
+    before = read_json(score.spec_path)
+    assert score.status().state == "done"
+    evaluation = read_json(same.jobs_dir / f"{same.model_name}-evaluate" / "status.json")
+    start_scores = {f.name: f.read_bytes() for f in (start / "nnunet" / "results" / same.model_name / "scores").iterdir()}
+
+    pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="bald",
+                                                stages=("predict",)))
+    assert pipeline.run(timeout=600).state == "done"
+    spec = read_json(score.spec_path)
+    assert spec["created"] != before["created"]
+    assert spec["inputs"]["maps"] == get_method("clasp_pe").map_names(classes) + ["bald"]
+    assert read_json(pipeline.jobs_dir / f"{pipeline.model_name}-evaluate" / "status.json") == evaluation
+    store = ScoreStore(pipeline.scores_dir)
+    assert all(store.has(c, spec["inputs"]["maps"]) for c in logic.project.pool_cases)
+    for name, data in start_scores.items():
+        assert (start / "nnunet" / "results" / same.model_name / "scores" / name).read_bytes() == data
+        assert not ScoreStore(start / "nnunet" / "results" / same.model_name / "scores").has(name[:-4], ["bald"])
+    again = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="clasp_pe",
+                                             stages=("predict",)))
+    assert [j.spec().created for j in again.jobs("predict") if j.name == score.name] == [spec["created"]]
 
 
 def _preprocessed_cases(project: Path) -> tuple[dict[str, str], Path]:
