@@ -6,8 +6,9 @@ what has not run, and moves on when every job of the stage is done; it never
 blocks, so the Slicer panel calls it from a timer and the command line from
 :meth:`LoopPipeline.run`. Because everything it knows comes from the job files,
 a pipeline made again after a crash (or in another process) resumes: done jobs
-are not rerun, a job whose worker still runs is watched, failed and cancelled
-ones are started again once.
+are not rerun (except a score job lacking a map the query method needs), a job
+whose worker still runs is watched, failed and cancelled ones are started again
+once.
 
 Stages and their jobs (``<model>`` = ``loop_<t>_<profile>_<annotation key>``,
 ``t`` the last loop whose annotations the model learns from)::
@@ -213,7 +214,7 @@ class LoopPipeline:
         return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs}, env=self.env)
 
     def _maps_to_score(self) -> list[str]:
-        """The maps of the score job: ``score_maps``, and the maps of a done job that lacks some of them.
+        """The maps of the score job: those its existing job has, then ``score_maps`` (each once).
 
         A done score job serves any run whose maps it scored (a simulation's
         start scores for every method of its grid). A run that needs a map it
