@@ -170,11 +170,14 @@ class SettingResults:
                     for k, v in r.get("seconds", {}).items():
                         if v is not None:
                             seconds.setdefault(k, []).append(v)
-                rows.append([m, str(t), str(rs[0]["boxes"]), _pm([r["mean_dice"] for r in rs]),
+                seeds = ", ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+                rows.append([m, str(t), str(rs[0]["boxes"]), seeds, _pm([r["mean_dice"] for r in rs]),
                              _pm([r["foreground_fraction"] for r in rs], digits=2),
                              ", ".join(f"{k} {_short(float(np.mean(v)))}" for k, v in seconds.items())])
-        return Table("Per loop", ["method", "loop", "boxes", "Mean Dice", "pool foreground annotated (%)",
-                                  "stage wall time (s, mean over seeds)"], rows)
+        return Table("Per loop", ["method", "loop", "boxes", "seeds", "Mean Dice", "pool foreground annotated (%)",
+                                  "stage wall time (s, mean over seeds)"], rows,
+                     "Each row averages the seeds that finished that loop (mean ± sd), so while a study runs the "
+                     "rows of one method can average different seeds.")
 
 
 def penalty_table(ppm, title: str) -> Table:

@@ -74,5 +74,14 @@ def test_a_report_of_a_study_with_no_finished_seed_still_plots_its_loops(tmp_pat
     assert "dashed: a run still going" in page.read_text()
 
 
+def test_each_per_loop_row_names_the_seeds_it_averages(tmp_path):
+    setting = SettingResults(_study(tmp_path, {
+        ("clasp_pe", 0): [0.5, 0.6, 0.7], ("clasp_pe", 1): [0.7, 0.8], ("clasp_pe", 2): [0.6]}))
+    table = setting.loop_table()
+    rows = {row[1]: dict(zip(table.header, row)) for row in table.rows}
+    assert [rows[t]["seeds"] for t in ("0", "1", "2")] == ["0, 1, 2", "0, 1", "0"]
+    assert rows["1"]["Mean Dice"] == "70.0 ± 14.1" and rows["2"]["Mean Dice"] == "70.0"
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
