@@ -179,7 +179,8 @@ def test_a_method_needing_another_map_scores_again_and_keeps_the_maps_others_que
     before = read_json(score.spec_path)
     assert score.status().state == "done"
     evaluation = read_json(same.jobs_dir / f"{same.model_name}-evaluate" / "status.json")
-    start_scores = {f.name: f.read_bytes() for f in (start / "nnunet" / "results" / same.model_name / "scores").iterdir()}
+    start_dir = start / "nnunet" / "results" / same.model_name / "scores"
+    start_scores = {f.name: f.read_bytes() for f in start_dir.iterdir()}
 
     pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="bald",
                                                 stages=("predict",)))
@@ -191,8 +192,8 @@ def test_a_method_needing_another_map_scores_again_and_keeps_the_maps_others_que
     store = ScoreStore(pipeline.scores_dir)
     assert all(store.has(c, spec["inputs"]["maps"]) for c in logic.project.pool_cases)
     for name, data in start_scores.items():
-        assert (start / "nnunet" / "results" / same.model_name / "scores" / name).read_bytes() == data
-        assert not ScoreStore(start / "nnunet" / "results" / same.model_name / "scores").has(name[:-4], ["bald"])
+        assert (start_dir / name).read_bytes() == data
+        assert not ScoreStore(start_dir).has(Path(name).stem, ["bald"])
     again = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="clasp_pe",
                                              stages=("predict",)))
     assert [j.spec().created for j in again.jobs("predict") if j.name == score.name] == [spec["created"]]
