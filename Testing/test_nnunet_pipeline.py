@@ -221,6 +221,40 @@ def test_a_crashed_fold_resumes_from_its_last_checkpoint(tmp_path, prepared):
     assert not (model / "fold_1" / "checkpoint_latest.pth").exists()
 
 
+def test_a_checkpoint_is_replaced_whole_never_written_over(tmp_path, prepared, monkeypatch):
+    """A process killed while nnU-Net writes a checkpoint leaves the previous one to resume from, and a copy that
+    hard-links the checkpoint (a simulation run's project) keeps its file when this fold writes it again."""
+    project, _ = prepared
+    trainer = _trainer(project, tmp_path / "model")
+    trainer.initialize()
+    fold_dir = Path(trainer.output_folder)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    latest = fold_dir / "checkpoint_latest.pth"
+    trainer.current_epoch = 3
+    trainer.save_checkpoint(str(latest))
+    linked = tmp_path / "run_copy.pth"
+    os.link(latest, linked)
+    kept = linked.read_bytes()
+    real_save = torch.save
+
+    def killed_mid_write(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as torn:
+            torn.truncate(os.path.getsize(f) // 2)
+        raise KeyboardInterrupt("killed while writing")
+
+    trainer.current_epoch = 4
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(latest))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] == 4  # epoch 3 finished
+    assert [p.name for p in fold_dir.iterdir() if p.suffix == ".pth"] == ["checkpoint_latest.pth"]  # none torn left
+    trainer.save_checkpoint(str(latest))
+    assert torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] == 5
+    assert not os.path.samefile(latest, linked) and linked.read_bytes() == kept
+
+
 def test_a_model_folder_of_other_data_is_not_reused(tmp_path, prepared):
     project, _ = prepared
     fold_dir = tmp_path / "model" / "fold_0"

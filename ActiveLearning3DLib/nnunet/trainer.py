@@ -28,6 +28,11 @@ What it changes against ``nnUNetTrainer`` (2.8.1), and what it keeps:
   iterations, progress`` (fraction of all iterations) and losses.
 - ``progress.png`` (a large matplotlib figure, about 1 s per drawing) is drawn
   when a checkpoint is written and after the last epoch, not after every epoch.
+- Checkpoints are written beside and renamed into place (``os.replace``), where
+  nnU-Net's ``torch.save`` writes over the file: a fold killed while writing
+  keeps its previous ``checkpoint_latest.pth`` to resume from, never leaves a
+  torn ``checkpoint_final.pth`` that would count as done, and a project copy
+  that hard-links a checkpoint keeps its own when this one is written again.
 - No final validation on the validation split by default (it predicts whole
   images with a process pool of 8 and compares with partial labels); the
   per-epoch pseudo Dice on annotated voxels of validation patches is logged as usual.
@@ -50,7 +55,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from ..fileio import atomic_write_json, read_json
+from ..fileio import atomic_write_json, read_json, replacing_file
 from .paths import NnunetPaths
 from .profiles import TrainingProfile, resolve_device, resolve_profile
 from .sampling import RegionSamplingDataLoader
@@ -265,6 +270,12 @@ class nnUNetTrainerPartial(nnUNetTrainer):
                      train_loss=float(get("train_losses", step=-1)), val_loss=float(get("val_losses", step=-1)),
                      pseudo_dice=[float(d) for d in get("dice_per_class_or_region", step=-1)],
                      epoch_seconds=float(get("epoch_end_timestamps", step=-1) - get("epoch_start_timestamps", step=-1)))
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)  # writes nothing
+        with replacing_file(filename) as tmp:
+            super().save_checkpoint(str(tmp))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.run_final_validation:
