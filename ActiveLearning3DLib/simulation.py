@@ -164,10 +164,11 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
 
 
 # What a project only ever replaces whole (written beside, then ``os.replace``), never rewrites in place: its
-# copies of the images and the ground truth, nnU-Net's preprocessed cases, and a model's pool scores and
-# uncertainty images. Copies of a project share these files as hard links, so a grid of runs does not hold one
-# copy of a large dataset (or of the loop-0 scores) per method and seed; a run that preprocesses or scores a case
-# again replaces its own link and leaves the other runs' file as it was.
+# copies of the images and the ground truth, nnU-Net's preprocessed cases, a model's checkpoints
+# (``nnUNetTrainerPartial.save_checkpoint``) and its pool scores and uncertainty images. Copies of a project share
+# these files as hard links, so a grid of runs does not hold one copy of a large dataset (or of the loop-0 model
+# and scores) per method and seed; a run that preprocesses, trains or scores again replaces its own link and
+# leaves the other runs' file as it was.
 _SHARED_FOLDERS = ("imagesTr", "imagesTs", "groundtruth")
 _SHARED_PREPROCESSED = (".b2nd", ".pkl")
 _SHARED_MODEL_OUTPUTS = ("scores", "uncertainty")
@@ -175,9 +176,13 @@ _SHARED_MODEL_OUTPUTS = ("scores", "uncertainty")
 
 def _shares(relative: Path) -> bool:
     parts = relative.parts
-    return (parts[0] in _SHARED_FOLDERS
-            or (parts[:2] == ("nnunet", "preprocessed") and relative.name.endswith(_SHARED_PREPROCESSED))
-            or (parts[:2] == ("nnunet", "results") and len(parts) == 5 and parts[3] in _SHARED_MODEL_OUTPUTS))
+    if parts[0] in _SHARED_FOLDERS:
+        return True
+    if parts[:2] == ("nnunet", "preprocessed"):
+        return relative.name.endswith(_SHARED_PREPROCESSED)
+    if parts[:2] == ("nnunet", "results") and len(parts) == 5:  # results / model / fold_<k>, scores, uncertainty / file
+        return parts[3] in _SHARED_MODEL_OUTPUTS or (parts[3].startswith("fold_") and relative.suffix == ".pth")
+    return False
 
 
 def _copy_project(source: Path, target: Path) -> None:

@@ -25,6 +25,7 @@ from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
 from ActiveLearning3DLib.nnunet.preprocessing import preprocess
+from ActiveLearning3DLib.nnunet.profiles import resolve_profile
 from ActiveLearning3DLib.pipeline import LoopSettings
 from ActiveLearning3DLib.project import ProjectError
 from ActiveLearning3DLib.query_methods import get_method
@@ -207,19 +208,25 @@ def _preprocessed_cases(project: Path) -> tuple[dict[str, str], Path]:
 
 
 def test_runs_share_the_images_and_keep_what_they_rewrite_their_own(simulated):
-    """A run's project links the start's images, ground truth and preprocessed cases instead of copying them, and
-    a case that a run preprocesses again (new boxes in it) gets its own file: the start's stays as it was."""
+    """A run's project links the start's images, ground truth, preprocessed cases and loop-0 checkpoints instead of
+    copying them, and a case that a run preprocesses again (new boxes in it) gets its own file: the start's stays
+    as it was."""
     settings, _, _, _ = simulated
     shared = 0
     for s in SEEDS:
         start = settings.out / f"seed_{s}" / "start"
         start_cases, start_data = _preprocessed_cases(start)
+        checkpoints = sorted((start / "nnunet" / "results").glob("*/fold_*/checkpoint_final.pth"))
+        assert len(checkpoints) == resolve_profile(settings.profile).folds  # the loop-0 ensemble the runs start from
         for m in METHODS:
             run = settings.out / f"seed_{s}" / m
             for folder in ("imagesTr", "imagesTs", "groundtruth"):
                 files = sorted((start / folder).iterdir())
                 assert files and all(os.path.samefile(f, run / folder / f.name) for f in files), (m, s, folder)
             assert not any(os.path.samefile(f, run / "labelsTr" / f.name) for f in (start / "labelsTr").iterdir())
+            assert all(os.path.samefile(f, run / f.relative_to(start)) for f in checkpoints), (m, s)
+            logs = list((start / "nnunet" / "results").glob("*/fold_*/*.json"))
+            assert logs and not any(os.path.samefile(f, run / f.relative_to(start)) for f in logs), (m, s)
             run_cases, run_data = _preprocessed_cases(run)
             for case, label_hash in start_cases.items():
                 same = os.path.samefile(start_data / f"{case}_seg.b2nd", run_data / f"{case}_seg.b2nd")
