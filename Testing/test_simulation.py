@@ -218,6 +218,7 @@ def test_runs_share_the_images_and_keep_what_they_rewrite_their_own(simulated):
         start_cases, start_data = _preprocessed_cases(start)
         checkpoints = sorted((start / "nnunet" / "results").glob("*/fold_*/checkpoint_final.pth"))
         assert len(checkpoints) == resolve_profile(settings.profile).folds  # the loop-0 ensemble the runs start from
+        logs = list((start / "nnunet" / "results").glob("*/fold_*/*.json"))
         for m in METHODS:
             run = settings.out / f"seed_{s}" / m
             for folder in ("imagesTr", "imagesTs", "groundtruth"):
@@ -225,7 +226,6 @@ def test_runs_share_the_images_and_keep_what_they_rewrite_their_own(simulated):
                 assert files and all(os.path.samefile(f, run / folder / f.name) for f in files), (m, s, folder)
             assert not any(os.path.samefile(f, run / "labelsTr" / f.name) for f in (start / "labelsTr").iterdir())
             assert all(os.path.samefile(f, run / f.relative_to(start)) for f in checkpoints), (m, s)
-            logs = list((start / "nnunet" / "results").glob("*/fold_*/*.json"))
             assert logs and not any(os.path.samefile(f, run / f.relative_to(start)) for f in logs), (m, s)
             run_cases, run_data = _preprocessed_cases(run)
             for case, label_hash in start_cases.items():
