@@ -127,6 +127,23 @@ def test_finished_jobs_are_not_rerun(tmp_path):
         Job.create(tmp_path, "once", "selftest", {"steps": 2})
 
 
+def test_a_finished_job_set_aside_keeps_its_files_and_frees_its_name(tmp_path):
+    job = Job.create(tmp_path, "score", "selftest", {"steps": 1, "seconds": 0})
+    _runner().run([job], timeout=60)
+    log, status = job.log_path.read_text(), job.status()
+    first = job.set_aside()
+    assert first.path == tmp_path / ".superseded" / "score.1" and not job.path.exists()
+    assert first.log_path.read_text() == log and first.status() == status and first.spec().inputs["steps"] == 1
+    job = Job.create(tmp_path, "score", "selftest", {"steps": 2, "seconds": 0})  # the name is free for new inputs
+    _runner().run([job], timeout=60)
+    assert job.set_aside().path.name == "score.2" and first.log_path.read_text() == log
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "job.json").is_file()) == []
+    queued = Job.create(tmp_path, "score", "selftest", {"steps": 3})
+    with pytest.raises(JobError, match="only a finished job.*queued"):
+        queued.set_aside()
+    assert queued.spec_path.is_file()
+
+
 def test_failed_job_is_rerun_on_submit(tmp_path):
     job = Job.create(tmp_path, "retry", "selftest", {"steps": 2, "seconds": 0, "fail_at": 0})
     _runner().run([job], timeout=60)

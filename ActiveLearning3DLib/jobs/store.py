@@ -180,6 +180,23 @@ class Job:
             kill_process_group(status.pid, grace_seconds, reap)
         return self.update(state="cancelled", ended=now_iso(), message="cancelled")
 
+    def set_aside(self) -> "Job":
+        """Move a finished job's folder under ``<root>/.superseded/`` so a job with new inputs can take its name.
+
+        Its spec, status and log are kept (numbered ``<name>.1``, ``<name>.2``,
+        ...); the hidden folder holds no ``job.json`` of its own, so listings of
+        the project's jobs do not show it.
+        """
+        if not self.status().final:
+            raise JobError(f"{self.path}: only a finished job can be set aside (this one is {self.status().state})")
+        shelf = self.path.parent / ".superseded"
+        shelf.mkdir(exist_ok=True)
+        k = 1 + max((int(m.group(1)) for p in shelf.iterdir()
+                     if (m := re.fullmatch(re.escape(self.name) + r"\.(\d+)", p.name))), default=0)
+        target = shelf / f"{self.name}.{k}"
+        os.replace(self.path, target)
+        return Job(target)
+
     def __repr__(self) -> str:
         s = self.status()
         return f"<Job {self.name} {s.state} {100 * s.progress:.0f}% {s.stage}>"
