@@ -179,7 +179,7 @@ def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
         print(f"test split ({summary['test_cases']} cases): Mean Dice {mean if mean is None else round(mean, 4)} ({per_class}) "
               f"-> {pipeline.evaluation_summary}")
     if settings.score and pipeline.scores and "predict" in settings.stages:
-        print(f"pool scores ({', '.join(pipeline.score_maps)}) -> {pipeline.scores_dir}")
+        print(f"pool scores ({', '.join(pipeline.score_job_maps())}) -> {pipeline.scores_dir}")
     print(state.message)
     return 0
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +154,7 @@ class LoopPipeline:
         self.env = nnunet_environment(self.project, self.profile)
         self._submitted: set[str] = set()
         self._loop_file: LoopFile | None = None
+        self._score_job_maps: list[str] | None = None
 
     # ------------------------------------------------------------------ folders
     @property
@@ -213,7 +213,7 @@ class LoopPipeline:
             return existing
         return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs}, env=self.env)
 
-    def _maps_to_score(self) -> list[str]:
+    def score_job_maps(self) -> list[str]:
         """The maps of the score job: those its existing job has, then ``score_maps`` (each once).
 
         A done score job serves any run whose maps it scored (a simulation's
@@ -221,17 +221,24 @@ class LoopPipeline:
         did not score (``bald`` added to a folder first run with ``clasp_pe``)
         gets the job made again for the old maps and the new ones, so the
         score files it rewrites (atomically, each a file of its own) keep the
-        maps other runs query.
+        maps other runs query. The old job's folder, log included, is set
+        aside under ``jobs/.superseded/``.
+
+        Decided once per pipeline: every later call (each poll) asks for the
+        same job without reading its files again.
         """
+        if self._score_job_maps is not None:
+            return self._score_job_maps
         maps = self.score_maps
         job = Job(self.jobs_dir / f"{self.model_name}-score")
-        if not job.spec_path.is_file():
-            return maps
-        had = [str(m) for m in job.spec().inputs.get("maps", [])]
-        if job.refresh().state == "done" and not set(maps) <= set(had):
-            shutil.rmtree(job.path)  # bookkeeping only: the score files stay and are rescored in place
-            self._submitted.discard(job.name)
-        return list(dict.fromkeys(had + maps))  # every later call (each poll) asks for the same job
+        if job.spec_path.is_file():
+            had = [str(m) for m in job.spec().inputs.get("maps", [])]
+            if job.refresh().state == "done" and not set(maps) <= set(had):
+                job.set_aside()  # bookkeeping only: the score files stay and are rescored in place
+                self._submitted.discard(job.name)
+            maps = list(dict.fromkeys(had + maps))
+        self._score_job_maps = maps
+        return maps
 
     def jobs(self, stage: str) -> list[Job]:
         """The jobs of a stage (created on first use; the folds once ``prepare`` is done)."""
@@ -258,7 +265,7 @@ class LoopPipeline:
                     **common}))
             if self.scores:
                 jobs.append(self._job("score", "nnunet_score", {
-                    "model": str(self.model_folder), "maps": self._maps_to_score(),
+                    "model": str(self.model_folder), "maps": self.score_job_maps(),
                     "scores_dir": str(self.scores_dir),
                     "uncertainty_dir": str(self.uncertainty_dir) if self.settings.uncertainty_maps else None,
                     "stride": list(self.settings.stride) if self.settings.stride else None, **common}))

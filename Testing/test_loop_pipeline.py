@@ -106,6 +106,11 @@ def test_jobs_report_their_stages_and_rerunning_a_finished_loop_redoes_nothing(l
     assert al3d(["jobs", str(logic.project.path), "--json"]) == 0
     listed = {j["name"]: j for j in json.loads(capsys.readouterr().out)}
     assert listed[names[1]]["kind"] == "nnunet_train" and listed[names[1]]["progress"] == 1.0
+    # `pe` needs a map of the done `clasp_pe` score job: that job serves it, and the command names the job's maps
+    assert al3d(["score", str(logic.project.path), "--method", "pe", "--profile", "test", "--device", "cpu"]) == 0
+    maps = get_method("clasp_pe").map_names(logic.project.foreground_classes)
+    assert f"pool scores ({', '.join(maps)}) -> {pipeline.scores_dir}" in capsys.readouterr().out
+    assert {n: Job(jobs[n].path).status().ended for n in names} == ended
 
 
 def _wait(predicate, timeout=120.0, what="condition"):

@@ -189,6 +189,10 @@ def test_a_method_needing_another_map_scores_again_and_keeps_the_maps_others_que
     spec = read_json(score.spec_path)
     assert spec["created"] != before["created"]
     assert spec["inputs"]["maps"] == get_method("clasp_pe").map_names(classes) + ["bald"]
+    assert pipeline.score_job_maps() == spec["inputs"]["maps"]
+    old = pipeline.jobs_dir / ".superseded" / f"{score.name}.1"  # the replaced job is kept, not deleted
+    assert read_json(old / "job.json") == before and read_json(old / "status.json")["state"] == "done"
+    assert [j.name for j in logic.jobs()].count(score.name) == 1
     assert read_json(pipeline.jobs_dir / f"{pipeline.model_name}-evaluate" / "status.json") == evaluation
     store = ScoreStore(pipeline.scores_dir)
     assert all(store.has(c, spec["inputs"]["maps"]) for c in logic.project.pool_cases)
