@@ -13,6 +13,11 @@ For each simulation folder (a setting: dataset, budget, profile):
 - for a few cases, the boxes each method queried drawn over one slice of the
   image (like nnActive's figures 10 and 12).
 
+Folders that differ only in their starting budget (the cold-start benchmark,
+one folder per start) are also compared with each other: Dice after loop 0,
+AUBC and Final Dice per start, a Dice-against-boxes plot with one line per
+start and the penalty matrix between starts.
+
 The PNGs are written beside ``report.md`` and embedded in ``report.html``.
 """
 from __future__ import annotations
@@ -94,10 +99,28 @@ class SettingResults:
         self.loops = int(self.header["settings"]["loops"])
 
     @property
+    def start(self) -> str:
+        return str(self.header["settings"].get("start", "nnactive_start"))
+
+    @property
     def name(self) -> str:
+        return self._name(with_start=True)
+
+    def _name(self, with_start: bool) -> str:
         h = self.header
+        start = f", start {self.start}" if with_start else ""
         return (f"{Path(h['settings']['images']).parent.name or h['settings']['images']}, budget {h['budget']} boxes "
-                f"({h['settings']['budget']}), {h['settings']['loops']} loops, profile {h['profile_tag']}")
+                f"({h['settings']['budget']}), {h['settings']['loops']} loops{start}, profile {h['profile_tag']}")
+
+    @property
+    def comparable(self) -> tuple:
+        """What two folders share when they differ in their starting budget alone (the cold-start benchmark)."""
+        h = self.header
+        return self._name(with_start=False), h["test_cases"], h["pool_cases"], tuple(h["patch_size"])
+
+    def loop_values(self, method: str, loop: int, key: str = "mean_dice") -> list[float]:
+        """One value per seed that finished ``loop``."""
+        return [r[key] for r in self.records if r["method"] == method and r["loop"] == loop and r[key] is not None]
 
     def run_records(self, method: str, seed: int) -> list[dict]:
         """A run's records so far, in loop order."""
@@ -178,6 +201,60 @@ class SettingResults:
                                   "stage wall time (s, mean over seeds)"], rows,
                      "Each row averages the seeds that finished that loop (mean ± sd), so while a study runs the "
                      "rows of one method can average different seeds.")
+
+
+class StartComparison:
+    """Run folders that differ only in their starting budget, each start then queried by the same method(s).
+
+    The cold-start benchmark (label-free ``cluster``, ``cscs`` and ``random``
+    against ``random_fg33``, which peeks at the ground truth) is one folder per
+    start; its question is answered across folders: Dice after loop 0 (the
+    starting budget alone), then AUBC and Final Dice of the loops after it.
+    """
+
+    def __init__(self, settings: Sequence[SettingResults]):
+        self.settings = list(settings)
+        single = all(len(s.methods) == 1 for s in self.settings)
+        self.runs = [(s, m, s.start if single else f"{s.start}, then {m}") for s in self.settings for m in s.methods]
+
+    @property
+    def name(self) -> str:
+        return self.settings[0]._name(with_start=False)
+
+    def table(self) -> Table:
+        rows = []
+        for s, m, _ in self.runs:
+            loop0 = [r for r in s.records if r["method"] == m and r["loop"] == 0 and r["mean_dice"] is not None]
+            seeds = s.complete_seeds(m)
+            curves = [s.curve(m, k) for k in seeds]
+            rows.append([s.start, m, ", ".join(str(r["seed"]) for r in sorted(loop0, key=lambda r: r["seed"])) or "none",
+                         _pm([r["mean_dice"] for r in loop0]), _pm([r["foreground_fraction"] for r in loop0], digits=2),
+                         ", ".join(map(str, seeds)) or "none", _pm([aubc(c) for c in curves if np.isfinite(c).all()]),
+                         _pm([final_dice(c) for c in curves])])
+        return Table("Per starting budget",
+                     ["starting budget", "then", "seeds after loop 0", "Mean Dice after loop 0",
+                      "pool foreground after loop 0 (%)", "seeds with every loop", "AUBC", "Final Dice"], rows,
+                     "Mean Dice x 100 on the test split, mean ± sd over seeds. Loop 0 is the model trained on the "
+                     "starting budget alone; AUBC and Final Dice count only the seeds that finished every loop.")
+
+    def penalty_matrix(self):
+        """The PPM between starts over the seeds every start finished (None with fewer than two)."""
+        seeds = [k for k in sorted(set.intersection(*(set(s.seeds) for s in self.settings)))
+                 if all(s.curve(m, k) is not None for s, m, _ in self.runs)]
+        if len(seeds) < 2:
+            return None
+        dice = {label: np.asarray([s.curve(m, k) for k in seeds]) for s, m, label in self.runs}
+        if not all(np.isfinite(a).all() for a in dice.values()):
+            return None
+        return pairwise_penalty_matrix(dice)
+
+
+def start_comparisons(settings: Sequence[SettingResults]) -> list[StartComparison]:
+    """The groups of given folders that share data, split, patch, budget, loops and profile but not their start."""
+    groups: dict[tuple, list[SettingResults]] = {}
+    for s in settings:
+        groups.setdefault(s.comparable, []).append(s)
+    return [StartComparison(g) for g in groups.values() if len({s.start for s in g}) > 1]
 
 
 def penalty_table(ppm, title: str) -> Table:
@@ -263,6 +340,32 @@ def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
             ax.plot(100 * xs, 100 * fit.predict(xs), color=colours[m], label=f"{m} fit, FG-Eff {fit.gamma:.2f}")
     _finish_dice_plot(fig, ax, setting, path, "pool foreground inside annotated boxes (%)",
                       "Dice against annotated foreground, with FG-Eff fits")
+
+
+def plot_starts_vs_boxes(comparison: StartComparison, path: Path) -> None:
+    """One line per starting budget: at each loop the mean over the seeds that finished it, band ± 1 sd."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = _colours([label for _, _, label in comparison.runs])
+    for s, m, label in comparison.runs:
+        points = [(t, s.loop_values(m, t)) for t in range(s.loops)]
+        points = [(t, v) for t, v in points if v]
+        if not points:
+            continue
+        boxes = [next(r["boxes"] for r in s.records if r["method"] == m and r["loop"] == t) for t, _ in points]
+        mean = np.asarray([100 * np.mean(v) for _, v in points])
+        sd = np.asarray([100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in points])
+        seeds = ", ".join(str(len(v)) for _, v in points)
+        ax.plot(boxes, mean, marker="o", color=colours[label], label=f"{label} (seeds per loop: {seeds})")
+        ax.fill_between(boxes, mean - sd, mean + sd, color=colours[label], alpha=0.15)
+    ax.set_xlabel("annotated boxes")
+    ax.set_ylabel("test Mean Dice (x 100)")
+    ax.set_title("Dice against budget per starting budget (band: ± 1 sd over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    _save(fig, path)
 
 
 def plot_penalty_matrix(ppm, path: Path, title: str) -> None:
@@ -382,6 +485,25 @@ def write_report(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
         if h["settings"].get("reductions"):
             notes.append("Reduced against the nnActive protocol: " + "; ".join(h["settings"]["reductions"]) + ".")
         sections.append((setting.name, tables, figures, notes))
+    for index, comparison in enumerate(start_comparisons(settings)):
+        p = out / f"starts{index + 1}_dice_vs_boxes.png"
+        plot_starts_vs_boxes(comparison, p)
+        tables = [comparison.table()]
+        figures = [Figure("Dice against the number of boxes, per starting budget", p,
+                          "Each point averages the seeds that finished that loop; the first point is the starting "
+                          "budget alone.")]
+        ppm = comparison.penalty_matrix()
+        notes = []
+        if ppm is not None:
+            tables.append(penalty_table(ppm, "Pairwise penalty matrix between starting budgets"))
+            p = out / f"starts{index + 1}_penalty_matrix.png"
+            plot_penalty_matrix(ppm, p, "starting budgets")
+            figures.append(Figure("Pairwise penalty matrix between starting budgets", p,
+                                  "Row i, column j: share of budget steps where i beats j."))
+        else:
+            notes.append("Pairwise penalty matrix between starting budgets: needs two or more seeds that every "
+                         "start finished.")
+        sections.append((f"Starting budgets compared: {comparison.name}", tables, figures, notes))
     if len(ppms) > 1:
         total = sum_penalty_matrices(ppms)
         table = penalty_table(total, "Pairwise penalty matrix summed over settings")

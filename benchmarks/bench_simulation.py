@@ -16,7 +16,8 @@ the report is written there.
         [--start nnactive_start] [--reference-cache DIR] [--no-reference]
 
 The cold-start benchmark is one run folder per starting budget, e.g.
-``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``.
+``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``;
+``al3d report`` given the four folders compares the starts with each other.
 """
 from __future__ import annotations
 
