@@ -75,6 +75,31 @@ def simulated(tmp_path_factory):
     return settings, results, records_before, done_before
 
 
+def test_a_simulation_of_loop_0_alone_extends_to_more_loops_without_training_again(tmp_path_factory):
+    """The cold-start benchmark can measure every start's loop 0 first (``--loops 1``) and add the loops after it."""
+    data = default_data_dir(tmp_path_factory, phantom_cases=16)
+    out = tmp_path_factory.mktemp("extend") / "run"
+    first = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("clasp_pe",), out=out,
+                               budget=20, loops=1, seeds=(0,), profile="test", device="cpu", max_cases=16, parallel=2,
+                               start="random", reference=False)
+    results = Simulation(first).run(poll_seconds=0.3)
+    assert results["failed"] == {} and [r["loop"] for r in results["records"]] == [0]
+    record = out / "results" / "clasp_pe" / "seed_0" / "loop_000.json"
+    loop0, done = read_json(record), _job_endings(out)
+    assert loop0.get("next_loop_file") is None
+
+    results = Simulation(dataclasses.replace(first, loops=2)).run(poll_seconds=0.3)
+    assert results["failed"] == {} and [r["loop"] for r in results["records"]] == [0, 1]
+    after = _job_endings(out)
+    assert {k: after.get(k) for k in done} == done  # loop 0 was not trained, evaluated or scored again
+    assert len(after) > len(done)
+    again = read_json(record)
+    assert {k: v for k, v in again.items() if k not in ("seconds", "next_loop_file")} == \
+        {k: v for k, v in loop0.items() if k not in ("seconds", "next_loop_file")}
+    assert again["next_loop_file"]["method"] == "clasp_pe" and len(again["next_loop_file"]["patches"]) == 4
+    assert read_json(out / "simulation.json")["settings"]["loops"] == 2
+
+
 def test_budget_from_the_nnactive_table_or_the_documented_rule():
     assert resolve_budget("low", (20, 20, 20), 10**7) == (100, "nnActive table for patch [20, 20, 20]")
     assert resolve_budget("high", (32, 74, 74), 1)[0] == NNACTIVE_BUDGETS[(32, 74, 74)][2]

@@ -57,6 +57,9 @@ def main() -> int:
     parser.add_argument("--methods", default="random_fg66,clasp_pe")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--profile", default="cpu-small")
+    parser.add_argument("--loops", type=int, default=5,
+                        help="loops to run now (the protocol's 5 by default); a folder run with --loops 1 (loop 0 "
+                        "of every seed: what a starting budget alone gives) extends to 5 later without training again")
     parser.add_argument("--parallel", type=int, default=2,
                         help="jobs at a time, torch threads = cores / parallel (on 2 cores, two cpu-small folds of "
                         "one thread each train 1.45 x faster than one fold of two threads: RESULTS.md)")
@@ -77,7 +80,7 @@ def main() -> int:
         if data is None:
             sys.exit("bench_simulation: needs ../shared/datasets/Task04_Hippocampus")
         command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data / "imagesTr"),
-                   "--labels", str(data / "labelsTr"), "--method", args.methods, "--budget", "low", "--loops", "5",
+                   "--labels", str(data / "labelsTr"), "--method", args.methods, "--budget", "low", "--loops", str(args.loops),
                    "--seeds", args.seeds, "--profile", args.profile, "--device", "cpu", "--parallel",
                    str(args.parallel), "--start", args.start, "--out", str(args.run_dir)]
         if (target / "simulation.json").is_file():
