@@ -97,6 +97,7 @@ class LoopSettings:
     uncertainty_maps: bool = True  # write the predictive entropy of each pool image for the heat map
     stride: tuple[int, int, int] | None = None
     python: str | None = None  # worker interpreter (PythonSlicer in Slicer); default: this one
+    background: bool = False  # its jobs start only when no other queued job waits (a simulation's full-data run)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -211,7 +212,9 @@ class LoopPipeline:
         existing = Job(self.jobs_dir / name)
         if existing.spec_path.is_file() and existing.refresh().state in ("done", "running"):
             return existing
-        return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs}, env=self.env)
+        background = {"background": True} if self.settings.background else {}
+        return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs, **background},
+                          env=self.env)
 
     def score_job_maps(self) -> list[str]:
         """The maps of the score job: those its existing job has, then ``score_maps`` (each once).

@@ -538,7 +538,8 @@ class Simulation:
             project.write_loop(LoopFile(0, "full_data", None, now_iso(), boxes, {"reference": True}))
 
         logic = self._loop0_logic(root / "project", whole_images)
-        pipeline = self._pipeline("reference", logic, stages=("prepare", "train", "predict"), score=False)
+        pipeline = self._pipeline("reference", logic, stages=("prepare", "train", "predict"), score=False,
+                                  background=True)  # it fills idle slots; the runs' loops go first
         state = pipeline.advance()
         if state.state == "failed":
             self.failed["reference"] = state.message

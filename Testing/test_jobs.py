@@ -209,6 +209,19 @@ def test_jobs_that_finish_a_stage_start_before_queued_training(tmp_path):
     assert started == ["evaluate", "score", "prep", "other", "fold_a", "fold_b"]
 
 
+def test_background_jobs_start_only_when_nothing_else_waits(tmp_path):
+    """A simulation's full-data reference is queued first but must not delay the runs' loops."""
+    runner = _runner(max_parallel=1)
+    kinds = [("ref_prep", "nnunet_prepare", True), ("ref_fold", "nnunet_train", True), ("fold", "nnunet_train", False),
+             ("ref_eval", "nnunet_evaluate", True), ("evaluate", "nnunet_evaluate", False)]
+    for name, kind, background in kinds:
+        runner.submit(Job.create(tmp_path, name, kind, {"background": True} if background else {}))
+    started = []
+    runner._start = lambda job: started.append(job.name)
+    runner.poll()
+    assert started == ["evaluate", "fold", "ref_eval", "ref_prep", "ref_fold"]
+
+
 def test_a_live_job_of_another_runner_holds_a_slot_until_it_ends(tmp_path):
     """A restarted simulation driver finds its old fold still training: it must not start a second one beside it."""
     old, first = _running_job(tmp_path, "old", seconds=0.05)

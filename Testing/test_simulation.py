@@ -145,6 +145,10 @@ def test_every_run_records_every_loop_with_the_shared_protocol(simulated):
              for m in METHODS for s in SEEDS}
     assert len(tests) == 1  # the same test split everywhere
     assert 0 <= results["reference"]["mean_dice"] <= 1
+    # the full-data run waits behind the runs' jobs (it fills idle slots); no run's job does
+    reference_jobs = list(settings.out.glob("reference/*/project/jobs/*/job.json"))
+    assert reference_jobs and all(read_json(p)["inputs"].get("background") is True for p in reference_jobs)
+    assert not any(read_json(p)["inputs"].get("background") for p in settings.out.glob("seed_*/*/jobs/*/job.json"))
     annotated_later = [records[("clasp_pe", s, 1)]["foreground_fraction"] > records[("clasp_pe", s, 0)]["foreground_fraction"]
                        for s in SEEDS]
     assert all(annotated_later)

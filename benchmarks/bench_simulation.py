@@ -69,8 +69,8 @@ def main() -> int:
                         help="full-data reference runs shared between run folders (the cold-start runs; the first "
                         "study run keeps its reference in its own folder)")
     parser.add_argument("--no-reference", action="store_true",
-                        help="leave the full-data run (FG-Eff) for later: with one job at a time it would train "
-                        "before the runs' next loops")
+                        help="leave the full-data run (FG-Eff) out; with it, its jobs wait behind the runs' jobs and "
+                        "fill the slots they leave idle")
     parser.add_argument("--sync-only", action="store_true", help="only copy finished records and write the report")
     args = parser.parse_args()
     name = args.run_dir.name

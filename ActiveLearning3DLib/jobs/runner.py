@@ -25,6 +25,15 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds Acti
 START_RANK = {"nnunet_evaluate": 0, "nnunet_score": 0, "nnunet_predict": 0, "pool_embeddings": 0,
               "nnunet_prepare": 1, "nnunet_train": 2}
 DEFAULT_START_RANK = 1
+# A job whose inputs say ``"background": true`` waits behind every other queued job: a simulation's full-data
+# reference (needed only at the end, for FG-Eff) fills the slots its runs leave idle instead of delaying them.
+BACKGROUND_RANK = 10
+
+
+def start_rank(job: Job) -> int:
+    """Lower starts first: by kind, and after every other job when the job runs in the background."""
+    spec = job.spec()
+    return START_RANK.get(spec.kind, DEFAULT_START_RANK) + (BACKGROUND_RANK if spec.inputs.get("background") else 0)
 
 
 class JobRunner(Protocol):
@@ -122,8 +131,8 @@ class LocalRunner:
         return ended
 
     def _next_index(self) -> int:
-        """The queued job to start next: the lowest start rank (see START_RANK), then the oldest."""
-        ranks = [START_RANK.get(job.spec().kind, DEFAULT_START_RANK) for job in self._queue]
+        """The queued job to start next: the lowest start rank (see START_RANK, BACKGROUND_RANK), then the oldest."""
+        ranks = [start_rank(job) for job in self._queue]
         return ranks.index(min(ranks))
 
     def _start(self, job: Job) -> None:
