@@ -54,7 +54,7 @@ import numpy as np
 from . import __version__
 from .boxes import Box
 from .fileio import atomic_write_json, read_json
-from .jobs import busy_seconds
+from .jobs import Job, busy_seconds
 from .logic import ActiveLearningLogic
 from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, local_runner, profile_tag
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
@@ -252,6 +252,7 @@ class Simulation:
         self._pipelines: dict[object, LoopPipeline] = {}
         self.failed: dict[str, str] = {}
         self._checked: set[tuple[str, int]] = set()  # runs whose records were backfilled / restored this session
+        self._adopted = False  # live jobs of an earlier driver handed to the runner (first step)
         if s.restore_from is not None:
             self._check_restore_header(Path(s.restore_from))
             self._restore_reference(Path(s.restore_from))
@@ -553,8 +554,28 @@ class Simulation:
         self.echo(f"full-data reference: test Mean Dice {summary['mean_dice']}")
         return True
 
+    def adopt_live_jobs(self) -> list[Job]:
+        """Hand the runner every job of this simulation whose worker is still alive; returns them.
+
+        A driver restarted while folds train finds them through their files, and
+        the runner counts an adopted job against its slots, but only once it has
+        seen it. Without this pass, the first runs of the grid would start new
+        jobs before a later run hands over its live ones, and the cores would be
+        oversubscribed until those end.
+        """
+        folders = [*self.out.glob("seed_*/*/jobs/*"), *(self.out / "base" / "jobs").glob("*"),
+                   *(self.reference_dir() / "project" / "jobs").glob("*")]
+        live = [Job(f) for f in sorted(folders) if (f / "status.json").is_file()]
+        live = [job for job in live if job.status().state == "running" and job.refresh().state == "running"]
+        for job in live:
+            self.runner.submit(job)
+        return live
+
     def step(self) -> bool:
         """Advance every run (and the reference) once; True when everything has finished or failed."""
+        if not self._adopted:
+            self.adopt_live_jobs()
+            self._adopted = True
         finished = [self._run_step(m, seed) for m, seed in self.runs]
         if self.settings.reference:
             finished.append(self._reference_step())

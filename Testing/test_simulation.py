@@ -24,6 +24,7 @@ import pytest
 from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
+from ActiveLearning3DLib.jobs import Job, LocalRunner, LocalRunnerSettings
 from ActiveLearning3DLib.nnunet.preprocessing import preprocess
 from ActiveLearning3DLib.nnunet.profiles import resolve_profile
 from ActiveLearning3DLib.pipeline import LoopSettings
@@ -98,6 +99,37 @@ def test_a_simulation_of_loop_0_alone_extends_to_more_loops_without_training_aga
         {k: v for k, v in loop0.items() if k not in ("seconds", "next_loop_file")}
     assert again["next_loop_file"]["method"] == "clasp_pe" and len(again["next_loop_file"]["patches"]) == 4
     assert read_json(out / "simulation.json")["settings"]["loops"] == 2
+
+
+def test_a_restarted_driver_adopts_every_live_job_before_it_starts_new_ones(tmp_path_factory):
+    """Two folds of a later run still train when the driver restarts: they hold both slots from the first step on,
+    so the earlier runs' new jobs wait instead of training beside them."""
+    data = default_data_dir(tmp_path_factory, phantom_cases=16)
+    out = tmp_path_factory.mktemp("adopt") / "run"
+    settings = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",), out=out,
+                                  budget=20, loops=1, seeds=(0, 1), profile="test", device="cpu", max_cases=16,
+                                  parallel=2, reference=False)
+    Simulation(settings)  # the folder as the earlier driver left it
+    earlier = LocalRunner(LocalRunnerSettings(poll_seconds=0.05, max_parallel=2))
+    live = [Job.create(out / "seed_1" / "random" / "jobs", f"fold_{k}", "selftest", {"steps": 10000, "seconds": 0.05})
+            for k in range(2)]
+    for job in live:
+        earlier.submit(job)
+    earlier.poll()
+    deadline = time.monotonic() + 60
+    while not all(j.status().state == "running" and j.status().pid for j in live):
+        assert time.monotonic() < deadline, "the live jobs did not start"
+        time.sleep(0.05)
+    restarted = Simulation(settings)
+    try:
+        assert not restarted.step()
+        started = [p.parent for p in out.glob("seed_*/start/jobs/*/job.json")]
+        assert started and all(Job(p).status().state == "queued" and not Job(p).log_path.exists() for p in started)
+        assert {j.path for j in restarted.runner.active()} >= {j.path for j in live}
+    finally:
+        restarted.cancel()
+        earlier.cancel_all()
+    assert all(j.status().state == "cancelled" for j in live)
 
 
 def test_budget_from_the_nnactive_table_or_the_documented_rule():
