@@ -104,9 +104,10 @@ class SettingResults:
 
     @property
     def name(self) -> str:
-        return self._name(with_start=True)
+        return self.title(with_start=True)
 
-    def _name(self, with_start: bool) -> str:
+    def title(self, with_start: bool) -> str:
+        """Data, budget, loops and profile; the start too, except where folders are compared by their start."""
         h = self.header
         start = f", start {self.start}" if with_start else ""
         return (f"{Path(h['settings']['images']).parent.name or h['settings']['images']}, budget {h['budget']} boxes "
@@ -116,7 +117,7 @@ class SettingResults:
     def comparable(self) -> tuple:
         """What two folders share when they differ in their starting budget alone (the cold-start benchmark)."""
         h = self.header
-        return self._name(with_start=False), h["test_cases"], h["pool_cases"], tuple(h["patch_size"])
+        return self.title(with_start=False), h["test_cases"], h["pool_cases"], tuple(h["patch_size"])
 
     def loop_values(self, method: str, loop: int, key: str = "mean_dice") -> list[float]:
         """One value per seed that finished ``loop``."""
@@ -219,7 +220,7 @@ class StartComparison:
 
     @property
     def name(self) -> str:
-        return self.settings[0]._name(with_start=False)
+        return self.settings[0].title(with_start=False)
 
     def table(self) -> Table:
         rows = []
