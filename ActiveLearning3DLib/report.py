@@ -119,9 +119,18 @@ class SettingResults:
         h = self.header
         return self.title(with_start=False), h["test_cases"], h["pool_cases"], tuple(h["patch_size"])
 
-    def loop_values(self, method: str, loop: int, key: str = "mean_dice") -> list[float]:
-        """One value per seed that finished ``loop``."""
-        return [r[key] for r in self.records if r["method"] == method and r["loop"] == loop and r[key] is not None]
+    def loop_records(self, method: str, loop: int, scored: bool = False) -> list[dict]:
+        """The records of one loop of a method, one per seed that finished it, in seed order (``scored``: only
+        those with a test Dice)."""
+        rows = [r for r in self.records if r["method"] == method and r["loop"] == loop
+                and not (scored and r["mean_dice"] is None)]
+        return sorted(rows, key=lambda r: r["seed"])
+
+    def outcome(self, method: str) -> tuple[list[int], str, str]:
+        """The seeds that finished every loop, and their AUBC and Final Dice as ``mean ± sd``."""
+        seeds = self.complete_seeds(method)
+        curves = [self.curve(method, s) for s in seeds]
+        return seeds, _pm([aubc(c) for c in curves if np.isfinite(c).all()]), _pm([final_dice(c) for c in curves])
 
     def run_records(self, method: str, seed: int) -> list[dict]:
         """A run's records so far, in loop order."""
@@ -164,11 +173,9 @@ class SettingResults:
     def summary_table(self) -> Table:
         rows = []
         for m in self.methods:
-            seeds = self.complete_seeds(m)
-            curves = [self.curve(m, s) for s in seeds]
+            seeds, aubc_text, final_text = self.outcome(m)
             fit = self.fg_fit(m)
-            rows.append([m, str(len(seeds)), _pm([aubc(c) for c in curves if np.isfinite(c).all()]),
-                         _pm([final_dice(c) for c in curves]),
+            rows.append([m, str(len(seeds)), aubc_text, final_text,
                          "n/a" if fit is None else f"{fit.gamma:.2f}",
                          _pm([self.curve(m, s, "foreground_fraction")[-1] for s in seeds])])
         y_full = self.y_full()
@@ -186,7 +193,7 @@ class SettingResults:
         rows = []
         for m in self.methods:
             for t in range(self.loops):
-                rs = [r for r in self.records if r["method"] == m and r["loop"] == t]
+                rs = self.loop_records(m, t)
                 if not rs:
                     continue
                 seconds = {}
@@ -194,7 +201,7 @@ class SettingResults:
                     for k, v in r.get("seconds", {}).items():
                         if v is not None:
                             seconds.setdefault(k, []).append(v)
-                seeds = ", ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+                seeds = ", ".join(str(r["seed"]) for r in rs)
                 rows.append([m, str(t), str(rs[0]["boxes"]), seeds, _pm([r["mean_dice"] for r in rs]),
                              _pm([r["foreground_fraction"] for r in rs], digits=2),
                              ", ".join(f"{k} {_short(float(np.mean(v)))}" for k, v in seconds.items())])
@@ -225,13 +232,11 @@ class StartComparison:
     def table(self) -> Table:
         rows = []
         for s, m, _ in self.runs:
-            loop0 = [r for r in s.records if r["method"] == m and r["loop"] == 0 and r["mean_dice"] is not None]
-            seeds = s.complete_seeds(m)
-            curves = [s.curve(m, k) for k in seeds]
-            rows.append([s.start, m, ", ".join(str(r["seed"]) for r in sorted(loop0, key=lambda r: r["seed"])) or "none",
+            loop0 = s.loop_records(m, 0, scored=True)
+            seeds, aubc_text, final_text = s.outcome(m)
+            rows.append([s.start, m, ", ".join(str(r["seed"]) for r in loop0) or "none",
                          _pm([r["mean_dice"] for r in loop0]), _pm([r["foreground_fraction"] for r in loop0], digits=2),
-                         ", ".join(map(str, seeds)) or "none", _pm([aubc(c) for c in curves if np.isfinite(c).all()]),
-                         _pm([final_dice(c) for c in curves])])
+                         ", ".join(map(str, seeds)) or "none", aubc_text, final_text])
         return Table("Per starting budget",
                      ["starting budget", "then", "seeds after loop 0", "Mean Dice after loop 0",
                       "pool foreground after loop 0 (%)", "seeds with every loop", "AUBC", "Final Dice"], rows,
@@ -350,14 +355,14 @@ def plot_starts_vs_boxes(comparison: StartComparison, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colours = _colours([label for _, _, label in comparison.runs])
     for s, m, label in comparison.runs:
-        points = [(t, s.loop_values(m, t)) for t in range(s.loops)]
-        points = [(t, v) for t, v in points if v]
-        if not points:
+        loops = [rs for rs in (s.loop_records(m, t, scored=True) for t in range(s.loops)) if rs]
+        if not loops:
             continue
-        boxes = [next(r["boxes"] for r in s.records if r["method"] == m and r["loop"] == t) for t, _ in points]
-        mean = np.asarray([100 * np.mean(v) for _, v in points])
-        sd = np.asarray([100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in points])
-        seeds = ", ".join(str(len(v)) for _, v in points)
+        boxes = [rs[0]["boxes"] for rs in loops]
+        values = [[r["mean_dice"] for r in rs] for rs in loops]
+        mean = np.asarray([100 * np.mean(v) for v in values])
+        sd = np.asarray([100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
+        seeds = ", ".join(str(len(v)) for v in values)
         ax.plot(boxes, mean, marker="o", color=colours[label], label=f"{label} (seeds per loop: {seeds})")
         ax.fill_between(boxes, mean - sd, mean + sd, color=colours[label], alpha=0.15)
     ax.set_xlabel("annotated boxes")
