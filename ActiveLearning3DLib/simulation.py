@@ -565,8 +565,8 @@ class Simulation:
         """
         folders = [*self.out.glob("seed_*/*/jobs/*"), *(self.out / "base" / "jobs").glob("*"),
                    *(self.reference_dir() / "project" / "jobs").glob("*")]
-        live = [Job(f) for f in sorted(folders) if (f / "status.json").is_file()]
-        live = [job for job in live if job.status().state == "running" and job.refresh().state == "running"]
+        live = [job for job in (Job(f) for f in sorted(folders) if (f / "status.json").is_file())
+                if job.refresh().state == "running"]  # refresh: a worker that died is marked failed, not adopted
         for job in live:
             self.runner.submit(job)
         return live
