@@ -13,7 +13,7 @@ the report is written there.
 
     .venv/bin/python benchmarks/bench_simulation.py [--run-dir /work/al3d-runs/hippocampus-low-cpu-small]
         [--methods random_fg66,clasp_pe] [--seeds 0,1,2] [--profile cpu-small] [--sync-only]
-        [--start nnactive_start] [--reference-cache DIR] [--no-reference]
+        [--start nnactive_start] [--reference-cache DIR] [--no-reference] [--loops 5] [--parallel 2]
 
 The cold-start benchmark is one run folder per starting budget, e.g.
 ``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``;
