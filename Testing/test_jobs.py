@@ -248,3 +248,91 @@ def test_busy_seconds_count_parallel_jobs_once_and_not_the_pause_between_session
     assert busy_seconds([(at(0), at(0, 30))]) == 30
     assert busy_seconds([(at(0), None), (None, at(1))]) is None  # no job both started and ended
 
+
+
+def _threads_lines(job: Job) -> list[int]:
+    """The allotments a ``follow_threads`` selftest worker applied, in order."""
+    return [int(n) for n in re.findall(r"^threads (\d+)$", job.log_path.read_text(), re.M)] if job.log_path.exists() else []
+
+
+def _polled(runner: LocalRunner) -> bool:
+    runner.poll()
+    return True
+
+
+def test_a_job_running_alone_gets_the_cores_of_idle_slots_and_gives_them_back(tmp_path):
+    """The last fold of a loop, or an evaluation with no score job beside it, must not leave cores idle."""
+    runner = _runner(max_parallel=2, cores=4)
+    long = Job.create(tmp_path, "long", "selftest", {"steps": 2000, "seconds": 0.05, "threads": 1, "follow_threads": True})
+    short = Job.create(tmp_path, "short", "selftest", {"steps": 10, "seconds": 0.05, "threads": 3})
+    runner.submit(long)
+    runner.submit(short)
+    runner.poll()
+    try:
+        # two running on 4 cores: an equal share of 2, never fewer than a job asked for
+        assert (long.allotted_threads(), short.allotted_threads()) == (2, 3)
+        assert _wait_for(lambda: _threads_lines(long) == [2])
+        assert runner.wait([short], timeout=60) and short.status().state == "done"
+        assert _wait_for(lambda: _polled(runner) and long.allotted_threads() == 4)  # alone once short's worker exits
+        assert _wait_for(lambda: _threads_lines(long) == [2, 4])  # the worker applied it while running
+        plain = Job.create(tmp_path, "plain", "selftest", {"steps": 2000, "seconds": 0.05})
+        plain.allot_threads(8)  # left from an earlier run of the job: dropped when it starts again
+        runner.submit(plain)
+        runner.poll()
+        assert long.allotted_threads() == 2  # a job started beside it takes the cores back
+        assert plain.allotted_threads() is None  # it declares no threads: torch's default is left alone
+        assert _wait_for(lambda: _threads_lines(long) == [2, 4, 2])
+    finally:
+        runner.cancel_all()
+    assert long.status().state == "cancelled"
+
+
+def test_cores_are_not_shared_when_the_runner_is_told_not_to(tmp_path):
+    runner = _runner(max_parallel=2, cores=4, share_cores=False)
+    job = Job.create(tmp_path, "alone", "selftest", {"steps": 2000, "seconds": 0.05, "threads": 1})
+    runner.submit(job)
+    runner.poll()
+    try:
+        assert job.allotted_threads() is None
+    finally:
+        runner.cancel_all()
+
+
+def test_the_reporter_applies_each_new_allotment_once_and_names_a_damaged_file(tmp_path):
+    from ActiveLearning3DLib.jobs.tasks import Reporter
+
+    job = Job.create(tmp_path, "r", "selftest", {})
+    report = Reporter(job, min_interval=0)
+    applied: list[int] = []
+    report.follow_threads(applied.append)
+    assert applied == []  # no allotment yet: the job keeps what it set itself
+    job.allot_threads(3)
+    report(progress=0.1)
+    report(progress=0.2)
+    job.allot_threads(3)
+    report(progress=0.3)
+    job.allot_threads(1)
+    report(progress=0.4)
+    assert applied == [3, 1]
+    job.threads_path.write_text("{not json")
+    with pytest.raises(JobError, match="threads.json"):
+        report(progress=0.5)
+
+
+def test_an_nnunet_task_sets_torch_threads_as_asked_then_as_allotted(tmp_path):
+    import torch
+
+    from ActiveLearning3DLib.jobs.tasks import Reporter
+    from ActiveLearning3DLib.nnunet.tasks import _threads
+
+    before = torch.get_num_threads()
+    job = Job.create(tmp_path, "t", "nnunet_evaluate", {"threads": 1})
+    report = Reporter(job, min_interval=0)
+    try:
+        _threads({"threads": 1}, report)
+        assert torch.get_num_threads() == 1
+        job.allot_threads(2)
+        report(progress=0.5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

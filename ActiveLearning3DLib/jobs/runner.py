@@ -61,6 +61,8 @@ class LocalRunnerSettings:
     max_parallel: int = field(default_factory=default_parallel)
     env: Mapping[str, str] = field(default_factory=dict)  # added to the child's environment only
     poll_seconds: float = 0.5
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    share_cores: bool = True  # running jobs that declare ``threads`` share the cores of idle slots (see _share_cores)
 
 
 class LocalRunner:
@@ -71,6 +73,7 @@ class LocalRunner:
         self._queue: list[Job] = []
         self._running: dict[Path, tuple[Job, subprocess.Popen]] = {}
         self._adopted: dict[Path, Job] = {}  # alive, started by another runner: they hold a slot until they end
+        self._allotted: dict[Path, int] = {}  # threads last allotted to each live job
 
     def child_environment(self, job: Job | None = None) -> dict[str, str]:
         """This process's environment plus the runner's and the job's variables (the parent's stays unchanged)."""
@@ -128,7 +131,32 @@ class LocalRunner:
             if job.status().state == "cancelled":
                 continue
             self._start(job)
+        self._share_cores()
         return ended
+
+    def _share_cores(self) -> None:
+        """Allot each live job that declares ``threads`` an equal share of the cores, never fewer than it asked for.
+
+        Jobs are sized for ``max_parallel`` at a time (threads = cores / parallel).
+        When fewer run (the last fold, an evaluation without a score job beside
+        it), the idle slots' cores would go unused; the worker applies the
+        allotment at its next progress report (``Reporter.follow_threads``), and
+        a job that starts beside it takes them back the same way.
+        """
+        live = {path: job for path, (job, _) in self._running.items()}
+        live.update(self._adopted)
+        self._allotted = {path: n for path, n in self._allotted.items() if path in live}
+        if not live or not self.settings.share_cores:
+            return
+        share = max(1, self.settings.cores // len(live))
+        for path, job in live.items():
+            asked = job.spec().inputs.get("threads")
+            if not asked:  # the job leaves its threads to torch's default
+                continue
+            threads = max(int(asked), share)
+            if self._allotted.get(path) != threads:
+                job.allot_threads(threads)
+                self._allotted[path] = threads
 
     def _next_index(self) -> int:
         """The queued job to start next: the lowest start rank (see START_RANK, BACKGROUND_RANK), then the oldest."""
@@ -136,6 +164,7 @@ class LocalRunner:
         return ranks.index(min(ranks))
 
     def _start(self, job: Job) -> None:
+        job.threads_path.unlink(missing_ok=True)  # an earlier run's allotment; _share_cores writes this run's
         with open(job.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [self.settings.python, "-m", "ActiveLearning3DLib.worker", str(job.path)],

@@ -92,6 +92,23 @@ class Job:
     def log_path(self) -> Path:
         return self.path / "log.txt"
 
+    @property
+    def threads_path(self) -> Path:
+        return self.path / "threads.json"
+
+    def allot_threads(self, threads: int) -> None:
+        """Tell the worker how many threads it may use now (the runner's share of the cores; see ``Reporter``)."""
+        atomic_write_json(self.threads_path, {"threads": int(threads), "updated": now_iso()})
+
+    def allotted_threads(self) -> int | None:
+        """The runner's latest allotment, or None where it made none (the worker keeps its own setting)."""
+        if not self.threads_path.is_file():
+            return None
+        try:
+            return int(read_json(self.threads_path)["threads"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise JobError(f"{self.threads_path}: unreadable thread allotment ({e})") from e
+
     @classmethod
     def create(cls, root: Path | str, name: str, kind: str, inputs: dict[str, Any] | None = None,
                env: dict[str, str] | None = None) -> "Job":

@@ -31,6 +31,10 @@ class Reporter:
 
     Changes held back by the interval are kept and written by the next call or
     by :meth:`flush`, so the last word of a task is never lost.
+
+    It also carries the runner's word back: a task that calls
+    :meth:`follow_threads` has the runner's thread allotment (``threads.json``,
+    more threads while the job runs alone) applied whenever it writes progress.
     """
 
     def __init__(self, job: Job, min_interval: float = 0.5):
@@ -38,6 +42,22 @@ class Reporter:
         self.min_interval = min_interval
         self._last = 0.0
         self._pending: dict[str, Any] = {}
+        self._apply_threads: Callable[[int], Any] | None = None
+        self._threads: int | None = None
+
+    def follow_threads(self, apply: Callable[[int], Any]) -> None:
+        """Call ``apply(n)`` with the allotment now and each time it changes (checked at every progress write)."""
+        self._apply_threads = apply
+        self._threads = None
+        self._follow()
+
+    def _follow(self) -> None:
+        if self._apply_threads is None:
+            return
+        threads = self.job.allotted_threads()
+        if threads and threads != self._threads:
+            self._threads = threads
+            self._apply_threads(threads)
 
     def __call__(self, force: bool = False, **status: Any) -> None:
         self._pending.update(status)
@@ -48,6 +68,7 @@ class Reporter:
         if self._pending:
             self.job.update(**self._pending)
             self._pending = {}
+        self._follow()
         self._last = time.monotonic()
 
 
@@ -65,11 +86,14 @@ def selftest(inputs: dict, report: Reporter) -> dict:
 
     Counts ``steps`` steps of ``seconds`` each with progress; optionally starts a
     child process (to test that cancel kills the whole tree), prints an
-    environment variable (to check the child environment) or fails on purpose.
+    environment variable (to check the child environment) or each thread
+    allotment it follows (to check the runner's core sharing), or fails on purpose.
     """
     steps = int(inputs.get("steps", 3))
     if inputs.get("print_env"):
         print(f"{inputs['print_env']}={os.environ.get(inputs['print_env'], '')}", flush=True)
+    if inputs.get("follow_threads"):
+        report.follow_threads(lambda n: print(f"threads {n}", flush=True))
     if inputs.get("spawn_child"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         print(f"child pid {child.pid}", flush=True)
