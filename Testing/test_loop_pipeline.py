@@ -208,14 +208,16 @@ def test_one_pass_scoring_equals_scoring_from_each_members_saved_probabilities(l
     assert again["scored"] == 0 and again["already_scored"] == 2  # resumable
 
 
-def test_evaluation_dice_matches_the_ensemble_segmentation_and_resumes(looped, tmp_path):
+def test_evaluation_dice_matches_the_ensemble_segmentation_and_resumes(looped, tmp_path, capsys):
     from ActiveLearning3DLib.metrics import dice_per_class
     from ActiveLearning3DLib.nnunet.evaluation import evaluate_test_split, load_evaluation_ensemble
 
     logic, pipeline = looped
     project = logic.project
     case = sorted(project.test_cases)[0]
+    capsys.readouterr()
     ensemble = load_evaluation_ensemble(pipeline.model_folder, "cpu")
+    assert "perform_everything_on_device" not in capsys.readouterr().out  # nnU-Net's CUDA-only note, printed on CPU
     segmentation = ensemble.segment(project.image_paths(case))
     gt = project.read_ground_truth(case)
     assert segmentation.shape == gt.shape and set(np.unique(segmentation)) <= set(project.classes)

@@ -18,6 +18,8 @@ nnU-Net's network compute from everything around it.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -158,9 +160,12 @@ class Ensemble:
         )
         network.load_state_dict(parameters[0])
         predictor_class = tile_batch_predictor_class() if settings.tile_batch > 1 else nnUNetPredictor
-        predictor = predictor_class(tile_step_size=settings.tile_step, use_gaussian=True,
-                                    use_mirroring=settings.mirroring, perform_everything_on_device=device.type == "cuda",
-                                    device=device, verbose=False, allow_tqdm=False)
+        # nnU-Net 2.8.1's constructor prints "perform_everything_on_device=True is only supported for cuda
+        # devices!" for every other device, even when given False: kept out of the job logs
+        with contextlib.redirect_stdout(io.StringIO()) if device.type != "cuda" else contextlib.nullcontext():
+            predictor = predictor_class(tile_step_size=settings.tile_step, use_gaussian=True,
+                                        use_mirroring=settings.mirroring, perform_everything_on_device=device.type == "cuda",
+                                        device=device, verbose=False, allow_tqdm=False)
         predictor.tile_batch = settings.tile_batch
         predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                         trainer_name, mirror_axes)
