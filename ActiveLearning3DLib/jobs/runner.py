@@ -73,6 +73,7 @@ class LocalRunner:
         self._queue: list[Job] = []
         self._running: dict[Path, tuple[Job, subprocess.Popen]] = {}
         self._adopted: dict[Path, Job] = {}  # alive, started by another runner: they hold a slot until they end
+        self._asked: dict[Path, int | None] = {}  # threads each live job asked for (its inputs, read once)
         self._allotted: dict[Path, int] = {}  # threads last allotted to each live job
 
     def child_environment(self, job: Job | None = None) -> dict[str, str]:
@@ -145,12 +146,15 @@ class LocalRunner:
         """
         live = {path: job for path, (job, _) in self._running.items()}
         live.update(self._adopted)
+        self._asked = {path: n for path, n in self._asked.items() if path in live}
         self._allotted = {path: n for path, n in self._allotted.items() if path in live}
         if not live or not self.settings.share_cores:
             return
         share = max(1, self.settings.cores // len(live))
         for path, job in live.items():
-            asked = job.spec().inputs.get("threads")
+            if path not in self._asked:
+                self._asked[path] = job.spec().inputs.get("threads")
+            asked = self._asked[path]
             if not asked:  # the job leaves its threads to torch's default
                 continue
             threads = max(int(asked), share)
