@@ -1,8 +1,8 @@
 """Benchmark: what a job running alone gains from the cores of idle slots (the runner's core sharing).
 
 Jobs are sized for ``--parallel`` at a time (torch threads = cores / parallel);
-when one runs alone, ``LocalRunner`` allots it every core (README, "The loop as
-jobs"). This measures the gain on a trained model folder, with 1 thread and
+when one runs alone, ``LocalRunner`` allots it every core (README, "Training,
+scoring and evaluation with nnU-Net"). This measures the gain on a trained model folder, with 1 thread and
 with every core in turn:
 - the test evaluation path (``Ensemble.segment``: every member, mirroring, tile
   step 0.5) on a few test images, seconds per image;
