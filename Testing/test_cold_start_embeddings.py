@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -87,3 +88,25 @@ def test_cluster_query_uses_the_cached_embeddings_and_spreads_over_clusters(plan
     for stratum in set(strata):
         scores = [b.score for b in loop.boxes if b.stratum == stratum]
         assert scores == sorted(scores)
+
+
+def test_the_embedding_job_declares_its_threads_and_follows_the_runners_allotment(planted):
+    import torch
+
+    from ActiveLearning3DLib.embeddings.store import embed_task, embedding_job
+    from ActiveLearning3DLib.jobs import LocalRunner, LocalRunnerSettings, Reporter
+
+    logic, _ = planted
+    quick = AutoencoderSettings(iterations=3, batch_size=2, seed=5)
+    runner = LocalRunner(LocalRunnerSettings(max_parallel=2, cores=4))
+    job = embedding_job(logic.project, quick, runner.slot_threads())
+    assert job.spec().inputs["threads"] == 2  # one slot's share, so the runner can give it more when it runs alone
+    assert embedding_job(logic.project, replace(quick, threads=1), 2).spec().inputs["threads"] == 1  # the settings win
+    before = torch.get_num_threads()
+    job.allot_threads(3)  # what the runner writes while the job runs alone
+    try:
+        result = embed_task(job.spec().inputs, Reporter(job, min_interval=0))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert result["candidates"] > 0

@@ -319,17 +319,16 @@ def test_the_reporter_applies_each_new_allotment_once_and_names_a_damaged_file(t
         report(progress=0.5)
 
 
-def test_an_nnunet_task_sets_torch_threads_as_asked_then_as_allotted(tmp_path):
+def test_a_task_sets_torch_threads_as_asked_then_as_allotted(tmp_path):
     import torch
 
-    from ActiveLearning3DLib.jobs.tasks import Reporter
-    from ActiveLearning3DLib.nnunet.tasks import _threads
+    from ActiveLearning3DLib.jobs.tasks import Reporter, torch_threads
 
     before = torch.get_num_threads()
     job = Job.create(tmp_path, "t", "nnunet_evaluate", {"threads": 1})
     report = Reporter(job, min_interval=0)
     try:
-        _threads({"threads": 1}, report)
+        torch_threads({"threads": 1}, report)
         assert torch.get_num_threads() == 1
         job.allot_threads(2)
         report(progress=0.5)

@@ -37,7 +37,7 @@ class AutoencoderSettings:
     width: int = 8  # channels of the first layer (x2 per level, 3 levels)
     seed: int = 0
     stride: tuple[int, int, int] | None = None  # candidate corner stride; default: half the box (a coarse grid)
-    threads: int | None = None
+    threads: int | None = None  # torch threads of the job; default: the runner's per-job share (not part of the key)
     encoder: str | None = None  # a TorchScript encoder file to use for the embeddings
 
     def key(self, project_key: str) -> str:
@@ -94,11 +94,12 @@ def candidate_boxes(case: str, shape: Sequence[int], patch_size: Sequence[int], 
 
 def train_autoencoder(data: Mapping[str, np.ndarray], patch_size: Sequence[int], settings: AutoencoderSettings,
                       progress: Callable[[dict], None] | None = None):
-    """Train on random boxes of the pool's images (``data``: case -> z-scored array, see :func:`zscore`)."""
+    """Train on random boxes of the pool's images (``data``: case -> z-scored array, see :func:`zscore`).
+
+    Torch threads are the caller's (the job sets them and follows the runner's allotment).
+    """
     import torch
 
-    if settings.threads:
-        torch.set_num_threads(int(settings.threads))
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, 7])
     cases = list(data)

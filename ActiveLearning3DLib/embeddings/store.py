@@ -17,7 +17,7 @@ import numpy as np
 
 from ..boxes import Box, any_overlap
 from ..fileio import atomic_write_json, read_json, replacing_file
-from ..jobs import Job
+from ..jobs import Job, LocalRunner
 from .autoencoder import AutoencoderSettings
 
 
@@ -60,10 +60,14 @@ def embeddings_dir(project, settings: AutoencoderSettings) -> Path:
     return project.path / "embeddings" / settings.key(project_key(project))
 
 
-def embedding_job(project, settings: AutoencoderSettings) -> Job:
+def embedding_job(project, settings: AutoencoderSettings, threads: int | None = None) -> Job:
+    """The job that makes the embeddings; ``threads`` (torch threads) when ``settings`` gives none."""
     folder = embeddings_dir(project, settings)
-    return Job.create(project.path / "jobs", f"embeddings-{folder.name}", "pool_embeddings",
-                      {"project": str(project.path), "settings": asdict(settings), "output": str(folder)})
+    inputs = {"project": str(project.path), "settings": asdict(settings), "output": str(folder)}
+    threads = settings.threads or threads
+    if threads:  # declared, so the runner can give it the cores of idle slots
+        inputs["threads"] = int(threads)
+    return Job.create(project.path / "jobs", f"embeddings-{folder.name}", "pool_embeddings", inputs)
 
 
 def pool_embeddings(project, settings: AutoencoderSettings | None = None, runner=None, python: str | None = None) -> EmbeddingSet:
@@ -73,8 +77,8 @@ def pool_embeddings(project, settings: AutoencoderSettings | None = None, runner
     if not path.is_file():
         from ..pipeline import local_runner
 
-        job = embedding_job(project, settings)
         runner = runner or local_runner(python, 1)
+        job = embedding_job(project, settings, runner.slot_threads() if isinstance(runner, LocalRunner) else None)
         runner.submit(job)
         runner.wait([job])
         status = job.refresh()
@@ -87,6 +91,7 @@ def embed_task(inputs: dict, report) -> dict:
     """The job: train the pool autoencoder, embed every candidate box, save both (resumes from a saved model)."""
     import torch
 
+    from ..jobs.tasks import torch_threads
     from ..project import Project
     from .autoencoder import embed_pool, timed, train_autoencoder, zscore
 
@@ -96,6 +101,7 @@ def embed_task(inputs: dict, report) -> dict:
     settings = AutoencoderSettings(**{k: tuple(v) if k == "stride" and v else v for k, v in inputs["settings"].items()})
     output = Path(inputs["output"])
     output.mkdir(parents=True, exist_ok=True)
+    torch_threads(inputs, report)
     report(stage="autoencoder", message="reading the pool images", force=True)
     # read once, z-scored, for training and for embedding
     data, read_seconds = timed(lambda: {c: zscore(sitk.GetArrayFromImage(project.read_image(c))) for c in project.pool_cases})

@@ -76,6 +76,10 @@ class LocalRunner:
         self._asked: dict[Path, int | None] = {}  # threads each live job asked for (its inputs, read once)
         self._allotted: dict[Path, int] = {}  # threads last allotted to each live job
 
+    def slot_threads(self) -> int:
+        """Torch threads for a job that fills one slot: the cores over the jobs at a time."""
+        return max(1, self.settings.cores // self.settings.max_parallel)
+
     def child_environment(self, job: Job | None = None) -> dict[str, str]:
         """This process's environment plus the runner's and the job's variables (the parent's stays unchanged)."""
         env = dict(os.environ)

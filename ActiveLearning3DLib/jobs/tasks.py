@@ -72,6 +72,21 @@ class Reporter:
         self._last = time.monotonic()
 
 
+def torch_threads(inputs: dict, report: Reporter) -> None:
+    """Torch threads as the job asks (``inputs["threads"]``), then as the runner allots while it runs (more when alone).
+
+    Set once for the whole worker process: code below must not set a thread
+    count of its own (an ensemble load, a training loop), or it would undo the
+    allotment until the next change.
+    """
+    threads = inputs.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        report.follow_threads(torch.set_num_threads)
+
+
 def resolve_task(kind: str) -> Callable[[dict, Reporter], Any]:
     try:
         target = TASKS[kind]

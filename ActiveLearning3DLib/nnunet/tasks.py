@@ -11,23 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ..jobs.tasks import Reporter
+from ..jobs.tasks import Reporter, torch_threads
 from ..project import Project
 from .profiles import TrainingProfile, resolve_device
-
-
-def _threads(inputs: dict, report: Reporter) -> None:
-    """Torch threads as the job asks, then as the runner allots while the job runs (more when it runs alone).
-
-    Set here for the whole process, so the ensembles below are loaded without a
-    thread count of their own (which would undo the allotment).
-    """
-    threads = inputs.get("threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-        report.follow_threads(torch.set_num_threads)
 
 
 def _relay(report: Reporter, stage: str) -> Callable[[dict], None]:
@@ -55,7 +41,7 @@ def prepare_task(inputs: dict, report: Reporter) -> dict:
     """Plan (once), preprocess the cases whose labels changed, write the splits."""
     from .prepare import prepare
 
-    _threads(inputs, report)
+    torch_threads(inputs, report)
     report(stage="prepare", message="planning and preprocessing", force=True)
     return prepare(Project.open(inputs["project"]), inputs.get("configuration", "3d_fullres"), int(inputs.get("folds", 5)),
                    seed=inputs.get("seed"), num_processes=int(inputs.get("processes", 1)),
@@ -66,7 +52,7 @@ def train_task(inputs: dict, report: Reporter) -> dict:
     """Train one fold with ``nnUNetTrainerPartial`` (resumes from its latest checkpoint)."""
     from .trainer import train_fold
 
-    _threads(inputs, report)
+    torch_threads(inputs, report)
     fold = int(inputs["fold"])
     report(stage=f"train fold {fold}", message="starting", force=True)
     return train_fold(inputs["project"], fold, TrainingProfile.from_json(inputs["profile"]), inputs["output"],
@@ -77,7 +63,7 @@ def score_task(inputs: dict, report: Reporter) -> dict:
     """Score the pool with every member of the model (resumes: scored cases are skipped)."""
     from .scoring import ScoringSettings, load_scoring_ensemble, score_pool_with_ensemble
 
-    _threads(inputs, report)
+    torch_threads(inputs, report)
     report(stage="scoring", message="loading the ensemble", force=True)
     ensemble = load_scoring_ensemble(inputs["model"], resolve_device(inputs.get("device")))
     stride = inputs.get("stride")
@@ -93,7 +79,7 @@ def evaluate_task(inputs: dict, report: Reporter) -> dict:
     from ..fileio import atomic_copy
     from .evaluation import evaluate_test_split, load_evaluation_ensemble
 
-    _threads(inputs, report)
+    torch_threads(inputs, report)
     report(stage="evaluation", message="loading the ensemble", force=True)
     ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")),
                                         mirroring=bool(inputs.get("mirroring", True)))
@@ -112,7 +98,7 @@ def predict_task(inputs: dict, report: Reporter) -> dict:
     from ..fileio import atomic_write_image, read_image
     from .evaluation import load_evaluation_ensemble
 
-    _threads(inputs, report)
+    torch_threads(inputs, report)
     project = Project.open(inputs["project"])
     cases = list(inputs.get("cases") or project.cases)
     output = Path(inputs["output"])
