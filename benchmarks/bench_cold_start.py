@@ -7,7 +7,11 @@ budget of 20 boxes of 20^3 with ``cscs``, ``cluster``, ``random`` and the
 simulated ``random_fg33`` (which peeks at the ground truth), for several
 seeds, and reports how much hippocampus each starting budget contains (the
 share of boxes that hold foreground and the foreground voxels covered): the
-ground truth is read only to score the choice, never to make it.
+ground truth is read only to score the choice, never to make it. It also
+reports where the boxes sit: how many of a box's six faces lie on the image
+border, and how far the box centres spread (sd of the centre as a fraction of
+the image size, mean over the axes), since a start that piles its boxes into
+one corner of every image teaches the model little of the rest.
 
     .venv/bin/python benchmarks/bench_cold_start.py [--seeds 0,1,2] [--count 20] [--work DIR]
 """
@@ -68,16 +72,25 @@ def main() -> int:
                 loop = logic.query(method, args.count, seed, autoencoder=settings)
                 seconds = time.perf_counter() - t
                 fg = [int((gts[b.case][b.box.slices] > 0).sum()) for b in loop.boxes]
+                shapes = [gts[b.case].shape for b in loop.boxes]
+                border = [sum(c == 0 or c + s == n for c, s, n in zip(b.box.coords, b.box.size, shape))
+                          for b, shape in zip(loop.boxes, shapes)]
+                centres = [(np.asarray(b.box.coords) + np.asarray(b.box.size) / 2) / np.asarray(shape)
+                           for b, shape in zip(loop.boxes, shapes)]
                 rows[method].append({"seed": seed, "seconds": round(seconds, 2), "boxes_with_fg": sum(f > 0 for f in fg),
-                                     "fg_fraction": sum(fg) / total_fg, "images": len({b.case for b in loop.boxes})})
+                                     "fg_fraction": sum(fg) / total_fg, "images": len({b.case for b in loop.boxes}),
+                                     "border_faces": float(np.mean(border)),
+                                     "centre_spread": float(np.std(centres, axis=0).mean())})
                 loop_path = project.loop_path(loop.loop)
                 loop_path.unlink()  # every method starts from the same empty project
         print(f"\nstarting budget of {args.count} boxes of 20^3, seeds {args.seeds} (mean over seeds):")
-        print("| method | boxes with hippocampus | pool foreground inside the boxes | images | query seconds |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| method | boxes with hippocampus | pool foreground inside the boxes | images | "
+              "box faces on the image border | spread of box centres | query seconds |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for method, r in rows.items():
             print(f"| {method} | {np.mean([x['boxes_with_fg'] for x in r]):.1f} / {args.count} | "
                   f"{100 * np.mean([x['fg_fraction'] for x in r]):.2f} % | {np.mean([x['images'] for x in r]):.1f} | "
+                  f"{np.mean([x['border_faces'] for x in r]):.2f} | {np.mean([x['centre_spread'] for x in r]):.3f} | "
                   f"{np.mean([x['seconds'] for x in r]):.2f} |")
         print("\n" + json.dumps(rows))
     return 0
