@@ -81,6 +81,14 @@ def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {scale * float(np.std(finite, ddof=1)):.{digits}f}"
 
 
+def _seed_ids(seeds: Sequence[int]) -> str:
+    """Which seeds a row covers, worded so a lone id does not read as a count."""
+    seeds = list(seeds)
+    if not seeds:
+        return "none"
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
 def _short(seconds: float) -> str:
     return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
 
@@ -201,8 +209,7 @@ class SettingResults:
                     for k, v in r.get("seconds", {}).items():
                         if v is not None:
                             seconds.setdefault(k, []).append(v)
-                seeds = ", ".join(str(r["seed"]) for r in rs)
-                rows.append([m, str(t), str(rs[0]["boxes"]), seeds, _pm([r["mean_dice"] for r in rs]),
+                rows.append([m, str(t), str(rs[0]["boxes"]), _seed_ids(r["seed"] for r in rs), _pm([r["mean_dice"] for r in rs]),
                              _pm([r["foreground_fraction"] for r in rs], digits=2),
                              ", ".join(f"{k} {_short(float(np.mean(v)))}" for k, v in seconds.items())])
         return Table("Per loop", ["method", "loop", "boxes", "seeds", "Mean Dice", "pool foreground annotated (%)",
@@ -234,9 +241,9 @@ class StartComparison:
         for s, m, _ in self.runs:
             loop0 = s.loop_records(m, 0, scored=True)
             seeds, aubc_text, final_text = s.outcome(m)
-            rows.append([s.start, m, ", ".join(str(r["seed"]) for r in loop0) or "none",
+            rows.append([s.start, m, _seed_ids(r["seed"] for r in loop0),
                          _pm([r["mean_dice"] for r in loop0]), _pm([r["foreground_fraction"] for r in loop0], digits=2),
-                         ", ".join(map(str, seeds)) or "none", aubc_text, final_text])
+                         _seed_ids(seeds), aubc_text, final_text])
         return Table("Per starting budget",
                      ["starting budget", "then", "seeds after loop 0", "Mean Dice after loop 0",
                       "pool foreground after loop 0 (%)", "seeds with every loop", "AUBC", "Final Dice"], rows,

@@ -81,7 +81,7 @@ def test_each_per_loop_row_names_the_seeds_it_averages(tmp_path):
         ("clasp_pe", 0): [0.5, 0.6, 0.7], ("clasp_pe", 1): [0.7, 0.8], ("clasp_pe", 2): [0.6]}))
     table = setting.loop_table()
     rows = {row[1]: dict(zip(table.header, row)) for row in table.rows}
-    assert [rows[t]["seeds"] for t in ("0", "1", "2")] == ["0, 1, 2", "0, 1", "0"]
+    assert [rows[t]["seeds"] for t in ("0", "1", "2")] == ["seeds 0, 1, 2", "seeds 0, 1", "seed 0"]
     assert rows["1"]["Mean Dice"] == "70.0 ± 14.1" and rows["2"]["Mean Dice"] == "70.0"
 
 
@@ -103,9 +103,10 @@ def test_folders_differing_only_in_their_start_are_compared_by_start(tmp_path):
     rows = {row[0]: dict(zip(table.header, row)) for row in table.rows}
     assert set(rows) == {"random_fg33", "cscs", "random"} and all(r["then"] == "clasp_pe" for r in rows.values())
     assert rows["random_fg33"]["Mean Dice after loop 0"] == "79.0 ± 1.0"
-    assert rows["random_fg33"]["seeds after loop 0"] == "0, 1, 2" and rows["random_fg33"]["Final Dice"] == "84.3 ± 1.5"
+    assert rows["random_fg33"]["seeds after loop 0"] == "seeds 0, 1, 2" and rows["random_fg33"]["Final Dice"] == "84.3 ± 1.5"
     assert rows["random_fg33"]["AUBC"] == "81.3 ± 0.6"  # 82.0, 80.75, 81.25
-    assert rows["random"]["Mean Dice after loop 0"] == "61.0 ± 1.4" and rows["random"]["seeds with every loop"] == "none"
+    assert rows["random"]["seeds after loop 0"] == "seeds 0, 1" and rows["random"]["seeds with every loop"] == "none"
+    assert rows["random"]["Mean Dice after loop 0"] == "61.0 ± 1.4"
     assert rows["random"]["AUBC"] == rows["random"]["Final Dice"] == "n/a"
     assert comparison.penalty_matrix() is None  # `random` has finished no seed
 
@@ -120,7 +121,7 @@ def test_the_report_compares_the_starts_with_a_plot_and_their_penalty_matrix(tmp
     page = write_report(folders, tmp_path / "report").read_text()
     md = (tmp_path / "report" / "report.md").read_text()
     assert re.findall(r"^## Starting budgets compared: (.*)$", md, re.M) == ["data, budget 60 boxes (60), 3 loops, profile test"]
-    assert "### Per starting budget" in md and "| cscs | clasp_pe | 0, 1, 2 | 74.1 ± 1.0 |" in md
+    assert "### Per starting budget" in md and "| cscs | clasp_pe | seeds 0, 1, 2 | 74.1 ± 1.0 |" in md
     assert "start cscs" in md and "start cluster" in md
     assert "Pairwise penalty matrix between starting budgets" in page
     assert (tmp_path / "report" / "starts1_dice_vs_boxes.png").stat().st_size > 5000
