@@ -53,7 +53,7 @@ import numpy as np
 
 from . import __version__
 from .boxes import Box
-from .fileio import atomic_write_json, read_json
+from .fileio import atomic_copy, atomic_write_json, read_json
 from .jobs import Job, busy_seconds
 from .logic import ActiveLearningLogic
 from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, local_runner, profile_tag
@@ -607,22 +607,50 @@ class Simulation:
         return "\n".join(lines)
 
 
+def _read_header(out: Path) -> dict:
+    path = out / "simulation.json"
+    if not path.is_file():
+        raise ProjectError(f"{out}: not a simulation folder (no simulation.json)")
+    return read_json(path)
+
+
+def _reference_summaries(out: Path, header: dict) -> list[Path]:
+    """Where the full-data result may be: the header's reference folder (its own or a shared cache), then a copy
+    beside the records (benchmarks/results/...)."""
+    candidates = [Path(header["reference_dir"]) / "reference.json"] if header.get("reference_dir") else []
+    candidates.append(out / "reference.json")
+    return [p for p in candidates if p.is_file()]
+
+
 def collect_results(out: Path | str) -> dict:
     """Everything a report needs from one simulation folder: header, per-loop records, reference."""
     out = Path(out)
-    header_path = out / "simulation.json"
-    if not header_path.is_file():
-        raise ProjectError(f"{out}: not a simulation folder (no simulation.json)")
-    header = read_json(header_path)
+    header = _read_header(out)
     records = [read_json(p) for p in sorted((out / "results").glob("*/seed_*/loop_*.json"))]
-    reference = None
-    candidates = [Path(header["reference_dir"]) / "reference.json"] if header.get("reference_dir") else []
-    candidates.append(out / "reference.json")  # a copy beside the records (benchmarks/results/...)
-    for path in candidates:
-        if path.is_file():
-            reference = read_json(path)
-            break
+    found = _reference_summaries(out, header)
+    reference = read_json(found[0]) if found else None
     return {"run_dir": str(out), "header": header, "records": records, "reference": reference}
+
+
+def export_records(out: Path | str, target: Path | str) -> int:
+    """Copy what rebuilds and reports a simulation elsewhere: header, per-loop records (with their boxes) and the
+    full-data result, wherever it ran (a shared ``--reference-cache`` too). Returns the number of records.
+
+    Atomic copies: the targets are often committed files, and an export killed midway must not truncate one.
+    """
+    out, target = Path(out), Path(target)
+    header = _read_header(out)
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_copy(out / "simulation.json", target / "simulation.json")
+    records = sorted((out / "results").glob("*/seed_*/loop_*.json"))
+    for path in records:
+        dest = target / "results" / path.relative_to(out / "results")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_copy(path, dest)
+    found = [p for p in _reference_summaries(out, header) if p != target / "reference.json"]
+    if found:
+        atomic_copy(found[0], target / "reference.json")
+    return len(records)
 
 
 

@@ -32,7 +32,8 @@ from ActiveLearning3DLib.project import ProjectError
 from ActiveLearning3DLib.query_methods import get_method
 from ActiveLearning3DLib.scores import ScoreStore
 from ActiveLearning3DLib.simulation import (NNACTIVE_BUDGETS, Simulation, SimulationSettings, _copy_project,
-                                            collect_results, resolve_budget, shared_scoring)
+                                            collect_results, export_records, resolve_budget,
+                                            shared_scoring)
 from conftest import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -416,3 +417,27 @@ def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
 def test_collect_results_refuses_a_folder_that_is_not_a_simulation(tmp_path):
     with pytest.raises(ProjectError, match="not a simulation folder"):
         collect_results(tmp_path)
+
+
+def test_exported_records_carry_the_reference_of_a_shared_cache(tmp_path):
+    """The cold-start folders share one full-data run (``--reference-cache``): an export of their records (what
+    ``bench_simulation.py`` commits) must still hold its result, so a fresh clone reports FG-Eff and trains no
+    reference again."""
+    cache = tmp_path / "cache" / "cpu-small_abc"
+    cache.mkdir(parents=True)
+    (cache / "reference.json").write_text(json.dumps({"mean_dice": 0.837}))
+    run = tmp_path / "run"
+    (run / "results" / "clasp_pe" / "seed_1").mkdir(parents=True)
+    (run / "simulation.json").write_text(json.dumps({"budget": 100, "reference_dir": str(cache)}))
+    for t in range(2):
+        (run / "results" / "clasp_pe" / "seed_1" / f"loop_{t:03d}.json").write_text(json.dumps({"loop": t}))
+    (run / "seed_1").mkdir()  # the run's projects are not part of the export
+    committed = tmp_path / "committed"
+    assert export_records(run, committed) == 2
+    shutil.rmtree(tmp_path / "cache")  # a fresh clone has no cache
+    assert collect_results(committed)["reference"] == {"mean_dice": 0.837}
+    assert sorted(p.relative_to(committed).as_posix() for p in committed.rglob("*") if p.is_file()) == [
+        "reference.json", "results/clasp_pe/seed_1/loop_000.json", "results/clasp_pe/seed_1/loop_001.json",
+        "simulation.json"]
+    with pytest.raises(ProjectError, match="not a simulation folder"):
+        export_records(tmp_path / "cache", committed)

@@ -7,9 +7,9 @@ training profile (``cpu-small`` by default), first ``random_fg66`` and
 this again (any session) and it resumes; on a fresh machine, where the run
 folder is gone, it rebuilds each run from the committed records (they carry
 their boxes) and trains from the first loop without one. After every call,
-the small per-loop records and the simulation header are copied into
-``benchmarks/results/<name>/`` so that finished figures can be committed, and
-the report is written there.
+the small per-loop records, the simulation header and the full-data result
+(also from a ``--reference-cache``) are copied into ``benchmarks/results/<name>/``
+so that finished figures can be committed, and the report is written there.
 
     .venv/bin/python benchmarks/bench_simulation.py [--run-dir /work/al3d-runs/hippocampus-low-cpu-small]
         [--methods random_fg66,clasp_pe] [--seeds 0,1,2] [--profile cpu-small] [--sync-only]
@@ -30,25 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ActiveLearning3DLib.default_data import find_shared_dataset  # noqa: E402
-from ActiveLearning3DLib.fileio import atomic_copy  # noqa: E402
-
-
-def sync(run_dir: Path, target: Path) -> int:
-    """Copy simulation.json, the per-loop records and the reference summary; returns the number of records.
-
-    Atomic copies: the targets are committed files, and a sync killed midway must not truncate one.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "simulation.json").is_file():
-        atomic_copy(run_dir / "simulation.json", target / "simulation.json")
-    records = sorted((run_dir / "results").glob("*/seed_*/loop_*.json"))
-    for path in records:
-        dest = target / "results" / path.relative_to(run_dir / "results")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_copy(path, dest)
-    for reference in (run_dir / "reference").glob("*/reference.json"):
-        atomic_copy(reference, target / "reference.json")
-    return len(records)
+from ActiveLearning3DLib.simulation import export_records  # noqa: E402
 
 
 def main() -> int:
@@ -93,7 +75,7 @@ def main() -> int:
         print(" ".join(command), flush=True)
         code = subprocess.call(command, cwd=REPO)
         print(f"simulate exited with {code}")
-    n = sync(args.run_dir, target)
+    n = export_records(args.run_dir, target) if (args.run_dir / "simulation.json").is_file() else 0
     print(f"{n} loop records copied to {target}")
     if n:
         from ActiveLearning3DLib.report import write_report
