@@ -441,6 +441,20 @@ class Project:
         loop_file.boxes[record.index] = record
         self.write_loop(loop_file)
 
+    def plan_loops(self, loops: int) -> None:
+        """Change the planned number of loops, e.g. when a run is extended.
+
+        ClaSP PE's noise schedule spans the planned loops, so a run extended
+        from 1 to 5 loops must query as a 5-loop run, not as if each loop were the last.
+        """
+        if int(loops) < 1:
+            raise ProjectError(f"{self.path}: a project needs at least 1 loop, got {loops}")
+        if int(loops) == self.settings.budget.loops:
+            return
+        meta = {**self._meta, "budget": {**self._meta.get("budget", {}), "loops": int(loops)}}
+        atomic_write_json(self.path / "project.json", meta)
+        self._meta, self.settings.budget.loops = meta, int(loops)
+
     def __repr__(self) -> str:
         return (f"<Project {self.name!r} at {self.path}: {len(self.pool_cases)} pool / {len(self.test_cases)} test cases, "
                 f"patch {list(self.patch_size)}, {len(self.loop_indices())} loops>")

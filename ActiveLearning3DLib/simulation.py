@@ -262,7 +262,9 @@ class Simulation:
         s = self.settings
         path = self.out / "base"
         if (path / "project.json").is_file():
-            return Project.open(path)
+            project = Project.open(path)
+            project.plan_loops(s.loops)  # its copies (starts, runs) plan as many loops as this simulation
+            return project
         self.out.mkdir(parents=True, exist_ok=True)
         self.echo(f"creating the base project from {s.images}")
         return Project.create(path, s.images, s.labels, patch_size=s.patch_size, test_fraction=s.test_fraction,
@@ -380,7 +382,7 @@ class Simulation:
         staging = path.parent / f".{path.name}.restoring"
         shutil.rmtree(staging, ignore_errors=True)
         _copy_project(self.out / "base", staging)
-        logic = ActiveLearningLogic.open(staging)
+        logic = self._open(staging)
         for t, data in enumerate(loop_files):
             loop_file = LoopFile.from_json(data, t)
             for box in loop_file.boxes:  # the oracle annotates them again; who and when are today's
@@ -412,11 +414,17 @@ class Simulation:
             if changes:
                 atomic_write_json(path, {**record, **changes})
 
+    def _open(self, path: Path) -> ActiveLearningLogic:
+        """A run's project, planned for this simulation's loops (a folder of ``--loops 1`` may be extended)."""
+        logic = ActiveLearningLogic.open(path)
+        logic.project.plan_loops(self.settings.loops)
+        return logic
+
     def _loop0_logic(self, path: Path, make_loop0: Callable[[ActiveLearningLogic], None]) -> ActiveLearningLogic:
         """A copy of the base project at ``path`` whose loop 0 (made by ``make_loop0``) the oracle has annotated."""
         if not (path / "project.json").is_file():
             _copy_project(self.out / "base", path)
-        logic = ActiveLearningLogic.open(path)
+        logic = self._open(path)
         if not logic.project.loop_indices():
             make_loop0(logic)
         if logic.pending_boxes():
@@ -456,7 +464,7 @@ class Simulation:
             self._checked.add((method, seed))
             self._restore(method, seed)
             if (self.run_dir(method, seed) / "project.json").is_file():
-                self._backfill(method, seed, ActiveLearningLogic.open(self.run_dir(method, seed)))
+                self._backfill(method, seed, self._open(self.run_dir(method, seed)))
         if self.record_path(method, seed, last).is_file():
             return True
         path = self.run_dir(method, seed)
@@ -464,7 +472,7 @@ class Simulation:
             if not self._start_step(seed):
                 return f"seed {seed} start" in self.failed
             _copy_project(self.start_dir(seed), path)
-        logic = ActiveLearningLogic.open(path)
+        logic = self._open(path)
         if logic.pending_boxes():
             t = time.perf_counter()
             logic.annotate_with_oracle()

@@ -128,22 +128,46 @@ def test_same_seed_same_query_across_projects(tmp_path):
     assert queries[0] == queries[1]
 
 
-def test_model_method_with_probabilities_through_the_logic(phantom_project):
-    logic = phantom_project
-    logic.query("random", 3)
-    logic.annotate_with_oracle()
+def _random_probabilities(logic: ActiveLearningLogic, members: int = 3) -> MemoryProbabilities:
+    """Softmax-like maps of an ensemble for every pool case (3 classes)."""
     rng = np.random.default_rng(0)
     arrays = {}
-    for m in range(3):
+    for m in range(members):
         arrays[f"fold_{m}"] = {}
         for case in logic.project.pool_cases:
             x = rng.random((3, *logic.project.cases[case].shape)).astype(np.float32)
             arrays[f"fold_{m}"][case] = x / x.sum(0)
-    loop = logic.query("clasp_pe", 9, probabilities=MemoryProbabilities(arrays))
+    return MemoryProbabilities(arrays)
+
+
+def test_model_method_with_probabilities_through_the_logic(phantom_project):
+    logic = phantom_project
+    logic.query("random", 3)
+    logic.annotate_with_oracle()
+    loop = logic.query("clasp_pe", 9, probabilities=_random_probabilities(logic))
     assert loop.loop == 1 and len(loop.boxes) == 9
     assert loop.info["beta"] == pytest.approx(1.0)  # the model of loop 0 of 5
     assert {b.stratum for b in loop.boxes} <= {"pe", "class_1", "class_2"}
     assert all(b.score is not None for b in loop.boxes)
+
+
+def test_a_project_planned_for_more_loops_queries_on_their_noise_schedule(phantom_project):
+    """A run of 1 planned loop extended to 5: ClaSP PE's beta follows the 5-loop schedule, and the plan is saved."""
+    logic = phantom_project
+    logic.project.plan_loops(1)
+    for _ in range(2):
+        logic.query("random", 3)
+        logic.annotate_with_oracle()
+    assert ActiveLearningLogic.open(logic.project.path).project.settings.budget.loops == 1
+    logic.project.plan_loops(5)
+    reopened = ActiveLearningLogic.open(logic.project.path)
+    assert reopened.project.settings.budget.loops == 5
+    loop = reopened.query("clasp_pe", 4, probabilities=_random_probabilities(reopened))
+    # the model of loop 1 of 5 (10 ** 0.5); planned for 1 loop it would have been treated as the last but one of 3 (10)
+    assert loop.loop == 2 and loop.info["total_loops"] == 5
+    assert loop.info["beta"] == pytest.approx(10 ** 0.5)
+    with pytest.raises(ProjectError, match="at least 1 loop"):
+        reopened.project.plan_loops(0)
 
 
 def test_cli_init_query_annotate_status(tmp_path, capsys):

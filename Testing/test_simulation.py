@@ -100,6 +100,9 @@ def test_a_simulation_of_loop_0_alone_extends_to_more_loops_without_training_aga
         {k: v for k, v in loop0.items() if k not in ("seconds", "next_loop_file")}
     assert again["next_loop_file"]["method"] == "clasp_pe" and len(again["next_loop_file"]["patches"]) == 4
     assert read_json(out / "simulation.json")["settings"]["loops"] == 2
+    # every project now plans 2 loops: ClaSP PE's noise schedule of loop 1 spans the extended run
+    for folder in (out / "base", out / "seed_0" / "clasp_pe"):
+        assert read_json(folder / "project.json")["budget"]["loops"] == 2, folder
 
 
 def test_a_restarted_driver_adopts_every_live_job_before_it_starts_new_ones(tmp_path_factory):
