@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, required=True)
     p.add_argument("--method", required=True, help="query method(s), comma separated: " + ",".join(METHODS))
     p.add_argument("--budget", default="low", help="low, medium, high (nnActive table, else a rule) or a number of boxes")
-    p.add_argument("--loops", type=int, default=5)
+    p.add_argument("--loops", type=int, default=5,
+                   help="loops per run; again with a larger number, a finished folder adds the loops")
     p.add_argument("--seeds", default="0", help="comma separated, e.g. 0,1,2")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--profile", default="auto", choices=["auto", *profile_names()])
