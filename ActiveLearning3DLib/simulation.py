@@ -150,8 +150,9 @@ def versions() -> dict:
 
 
 def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
-    """Wall time of each stage of a loop: the time during which any of its jobs ran (parallel folds count once, a
-    pause between sessions not at all)."""
+    """Wall time of each stage of a loop: the time during which any attempt at one of its jobs ran (parallel folds
+    count once, a fold's attempt cut short by the end of a session does count, the pause before its resumption
+    not at all)."""
     out: dict[str, float | None] = {}
     jobs = {j.name.rsplit("-", 1)[-1]: j.status() for j in pipeline.all_jobs()}
     groups = {"prepare": ["prepare"], "train": [n for n in jobs if n.startswith("fold_")], "evaluate": ["evaluate"],
@@ -159,7 +160,7 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
     for stage, names in groups.items():
         statuses = [jobs[n] for n in names if n in jobs and jobs[n].state == "done"]
         if statuses:
-            out[stage] = busy_seconds((s.started, s.ended) for s in statuses)
+            out[stage] = busy_seconds(a for s in statuses for a in s.attempts())
     return out
 
 

@@ -114,6 +114,36 @@ def test_dead_worker_is_detected_by_a_new_runner_without_the_process_handle(tmp_
     assert status.state == "failed" and "died" in status.message
 
 
+def test_a_job_resumed_after_its_worker_died_keeps_the_time_its_first_attempt_ran(tmp_path):
+    """A session ends while a fold trains and a later one resumes it: the fold's wall time must count both attempts,
+    ending the first when it was last heard of, not when the next session noticed its death."""
+    job = Job.create(tmp_path, "fold_4", "selftest", {"steps": 60, "seconds": 0.05})
+    first = _runner()
+    first.submit(job)
+    first.poll()
+    assert _wait_for(lambda: (job.status().iteration or 0) >= 3)
+    os.kill(job.status().pid, signal.SIGKILL)
+    first._running[job.path][1].wait()
+    last_heard = job.status().updated
+    time.sleep(2.1)  # the pause between the sessions
+    died = Job(job.path).refresh()
+    assert died.state == "failed" and died.ended == last_heard
+    first_attempt = [died.started, last_heard]
+
+    job = Job.create(tmp_path, "fold_4", "selftest", {"steps": 60, "seconds": 0.05})  # the same job, resumed
+    [done] = _runner().run([job], timeout=60)
+    assert done.state == "done" and done.earlier == [first_attempt]
+    assert done.attempts() == [tuple(first_attempt), (done.started, done.ended)]
+    ran = busy_seconds(done.attempts())
+    assert ran == pytest.approx(busy_seconds([first_attempt]) + done.wall_seconds)
+    assert ran <= busy_seconds([(first_attempt[0], done.ended)]) - 2  # the pause is not counted
+
+    # a worker started again by hand keeps the earlier attempts too
+    job.update(state="failed")
+    assert run_job(job.path) == 0
+    assert job.status().earlier == [first_attempt, [done.started, done.ended]]
+
+
 def test_finished_jobs_are_not_rerun(tmp_path):
     job = Job.create(tmp_path, "once", "selftest", {"steps": 1, "seconds": 0})
     _runner().run([job], timeout=60)

@@ -33,7 +33,7 @@ from ActiveLearning3DLib.query_methods import get_method
 from ActiveLearning3DLib.scores import ScoreStore
 from ActiveLearning3DLib.simulation import (NNACTIVE_BUDGETS, Simulation, SimulationSettings, _copy_project,
                                             collect_results, export_records, resolve_budget,
-                                            shared_scoring)
+                                            shared_scoring, stage_seconds)
 from conftest import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,6 +415,28 @@ def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
         assert f"({png})" in md and (tmp_path / "report" / png).stat().st_size > 5000
     assert page.count("data:image/png;base64,") == 4 and "src='http" not in page  # self-contained
     assert "<table>" in page and "Versions:" in page and "nnunetv2 2.8.1" in page
+
+
+def test_a_stage_counts_the_attempt_of_a_fold_cut_short_by_the_end_of_a_session(tmp_path):
+    """Folds 0-3 trained 02:33-02:42, fold 4 from 02:42 until the session ended at 02:46, and again after the
+    pause from 05:24 to 05:26: training took 9 + 4 + 2 minutes, not 9 + 2 or 9 + 2 h 53 min."""
+    def at(hour: int, minute: int) -> str:
+        return f"2026-12-03T{hour:02d}:{minute:02d}:00+00:00"
+
+    folds = {"fold_0": (at(2, 33), at(2, 37)), "fold_1": (at(2, 33), at(2, 37)), "fold_2": (at(2, 37), at(2, 42)),
+             "fold_3": (at(2, 37), at(2, 42)), "fold_4": (at(5, 24), at(5, 26))}
+    jobs = []
+    for name, (start, end) in folds.items():
+        job = Job.create(tmp_path, f"loop_004-{name}", "selftest", {})
+        earlier = [[at(2, 42), at(2, 46)]] if name == "fold_4" else []
+        job.update(state="done", started=start, ended=end, earlier=earlier)
+        jobs.append(job)
+
+    class Pipeline:  # what stage_seconds reads of a LoopPipeline
+        def all_jobs(self) -> list[Job]:
+            return jobs
+
+    assert stage_seconds(Pipeline()) == {"train": (9 + 4 + 2) * 60}
 
 
 def test_collect_results_refuses_a_folder_that_is_not_a_simulation(tmp_path):

@@ -106,7 +106,8 @@ class LocalRunner:
             self._adopted[job.path] = job
             return
         if status.state != "queued":
-            job.update(state="queued", progress=0.0, message="", pid=None, started=None, ended=None, exit_code=None)
+            job.update(state="queued", progress=0.0, message="", pid=None, started=None, ended=None, exit_code=None,
+                       earlier=status.attempts_before_restart())
         self._queue.append(job)
 
     def active(self) -> list[Job]:

@@ -44,6 +44,9 @@ class JobStatus:
     ended: str | None = None
     updated: str | None = None
     exit_code: int | None = None
+    # [started, last heard of] of earlier attempts that did not finish, so the time a job resumed in a later
+    # session really ran is not lost when its new attempt overwrites ``started``
+    earlier: list[list[str | None]] = field(default_factory=list)
 
     @property
     def final(self) -> bool:
@@ -53,6 +56,16 @@ class JobStatus:
     def wall_seconds(self) -> float | None:
         """Seconds from start to end (None until it has ended)."""
         return seconds_between(self.started, self.ended)
+
+    def attempts(self) -> list[tuple[str | None, str | None]]:
+        """(start, end) of every attempt at the job: the unfinished earlier ones, then the latest."""
+        return [(a, b) for a, b in self.earlier] + [(self.started, self.ended)]
+
+    def attempts_before_restart(self) -> list[list[str | None]]:
+        """``earlier`` for a new attempt: the latest attempt, if it ran, joins the earlier ones (ending when it was
+        last heard of where no end was written)."""
+        latest = [[self.started, self.ended or self.updated]] if self.started else []
+        return [list(a) for a in self.earlier] + latest
 
     @classmethod
     def from_json(cls, d: dict) -> "JobStatus":
@@ -176,11 +189,13 @@ class Job:
         return "\n".join(text.splitlines()[-lines:])
 
     def refresh(self) -> JobStatus:
-        """Detect a worker that died without saying so: a 'running' job whose process is gone becomes failed."""
+        """Detect a worker that died without saying so: a 'running' job whose process is gone becomes failed.
+
+        It ended when it was last heard of, not when the death is noticed (perhaps in a session hours later)."""
         status = self.status()
         if status.state == "running" and (status.pid is None or not process_alive(status.pid, self.path)):
             tail = self.log_tail(10)
-            status = self.update(state="failed", ended=now_iso(),
+            status = self.update(state="failed", ended=status.updated or now_iso(),
                                  message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
         return status
 
