@@ -120,7 +120,7 @@ def train_autoencoder(data: Mapping[str, np.ndarray], patch_size: Sequence[int],
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress and (it % 20 == 0 or it == settings.iterations - 1):
             progress({"stage": "autoencoder", "iteration": it + 1, "progress": 0.8 * (it + 1) / settings.iterations,
                       "message": f"autoencoder iteration {it + 1}/{settings.iterations}, loss {np.mean(losses[-20:]):.4f}"})
