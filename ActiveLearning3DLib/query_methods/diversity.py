@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.cluster.vq import kmeans2
 
 from ..aggregation import NotEnoughCandidates, Pick, blocker_for, greedy_per_image, iter_greedy
 from ..boxes import Box, any_overlap
@@ -57,6 +56,8 @@ def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
 
 def kmeans_auto(x: np.ndarray, seed: int, k_range: Sequence[int] = range(2, 11)) -> tuple[np.ndarray, np.ndarray]:
     """k-means with k chosen by the best silhouette (on a sample of at most 2000 points); (labels, centres)."""
+    from scipy.cluster.vq import kmeans2  # here, not at import: the panel lists the methods before scipy is installed
+
     x = np.asarray(x, np.float64)
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(x), min(len(x), SILHOUETTE_SAMPLE), replace=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..aggregation import NotEnoughCandidates, Pick, corner_axes
 from ..boxes import Box, CornerBlocker, any_overlap, centred_corner
@@ -110,9 +109,10 @@ class _ForegroundSampler:
         self.rng = rng
         self._voxels: dict[tuple[str, int, str], np.ndarray] = {}
         self._present: dict[str, list[int]] = {}
-        self._struct = ndimage.generate_binary_structure(3, 1)  # radius-1 ball
 
     def present(self, case: str) -> list[int]:
+        from scipy import ndimage  # here, not at import: the panel lists the methods before scipy is installed
+
         if case not in self._present:
             gt = self.ctx.ground_truth(case)  # type: ignore[misc]
             if tuple(gt.shape) != tuple(self.ctx.cases[case]):
@@ -122,7 +122,7 @@ class _ForegroundSampler:
             for c in self._present[case]:
                 mask = gt == c
                 self._voxels[(case, c, "seg")] = np.argwhere(mask)
-                border = mask & ~ndimage.binary_erosion(mask, self._struct)
+                border = mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1))  # radius-1 ball
                 self._voxels[(case, c, "border")] = np.argwhere(border)
         return self._present[case]
 
