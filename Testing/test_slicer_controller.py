@@ -472,3 +472,25 @@ def test_final_predictions_run_as_a_job_that_poll_follows(tmp_path):
     assert done.state == "done" and str(c.latest_model().predictions_dir) in done.message
     assert not c.busy and c.poll() is None
     runner.processes[-1].kill()
+
+
+def test_closing_a_project_removes_its_volume_boxes_and_segmentations_from_the_scene(tmp_path):
+    c = _controller(tmp_path)
+    for row in c.table():
+        c.go_to_box(row.id)
+        c.submit(advance=False)
+    folder = c.latest_model().predictions_dir
+    folder.mkdir(parents=True)
+    case = c.table()[0].case
+    sitk.WriteImage(sitk.ReadImage(str(c.logic.project.image_paths(case)[0])) > 50, str(folder / f"{case}.nii.gz"))
+    c.load_predictions()
+    c.load_predictions()  # loading again replaces the earlier node
+    scene = c.ctx.scene
+    counts = {cls: scene.GetNumberOfNodesByClass(cls) for cls in
+              ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLMarkupsROINode")}
+    assert counts["vtkMRMLScalarVolumeNode"] == 1 and counts["vtkMRMLMarkupsROINode"] >= 1
+    assert counts["vtkMRMLSegmentationNode"] == 3  # partial labels, annotation, one prediction
+    c.close()
+    assert all(scene.GetNumberOfNodesByClass(cls) == 0 for cls in counts), \
+        {cls: scene.GetNumberOfNodesByClass(cls) for cls in counts}
+    assert c.volume is None and c.current is None and not c.prediction_nodes

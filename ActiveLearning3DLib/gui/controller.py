@@ -153,6 +153,7 @@ class AnnotationController:
         self.partial_segmentation = None
         self.annotation = None
         self.heat_map = None
+        self.prediction_nodes: dict[str, Any] = {}  # case -> segmentation loaded by load_predictions()
         self.editor_node = None  # the Segment Editor's parameter node: edits are then masked to the box
         self.pipeline: LoopPipeline | None = None
         self._watched: tuple[Job, str, Callable[[], str]] | None = None  # one job outside a loop (embeddings, predictions)
@@ -170,7 +171,7 @@ class AnnotationController:
         budget = BudgetSettings(query_size=int(query_size))
         logic = ActiveLearningLogic.create(path, images, labels, patch_size=patch_size, classes=class_names, budget=budget,
                                            **project_options)
-        settings = PanelSettings(method=method, start_method=start_method or "random", query_size=int(query_size),
+        settings = PanelSettings(method=method, start_method=start_method or PanelSettings.start_method, query_size=int(query_size),
                                  class_colors={str(k): list(map(float, v)) for k, v in (class_colors or {}).items()})
         atomic_write_json(logic.project.path / PANEL_SETTINGS, asdict(settings))
         controller = cls(ctx, logic, runner)
@@ -295,6 +296,18 @@ class AnnotationController:
                 self.ctx.scene.RemoveNode(node)
         self.volume = self.partial_segmentation = self.annotation = self.heat_map = None
         self.case = self.current = None
+
+    def close(self) -> None:
+        """Remove every node this project put in the scene (shown case, boxes, loaded predictions).
+
+        What runs in the background is not touched: the panel refuses to switch
+        projects while this one is :attr:`busy`.
+        """
+        self.close_case()
+        for node in self.prediction_nodes.values():
+            if node is not None and node.GetScene() is not None:
+                self.ctx.scene.RemoveNode(node)
+        self.prediction_nodes = {}
 
     def _foreground_classes(self) -> dict[int, str]:
         p = self.logic.project
@@ -494,7 +507,11 @@ class AnnotationController:
         for path in sorted(folder.glob("*.nii.gz")):
             case = path.name[: -len(".nii.gz")]
             if cases is None or case in cases:
+                earlier = self.prediction_nodes.pop(case, None)
+                if earlier is not None and earlier.GetScene() is not None:
+                    self.ctx.scene.RemoveNode(earlier)  # loaded again: replace, do not pile up copies
                 nodes[case] = mrml.load_labels_as_segmentation(self.ctx, path, f"{case} prediction", self._foreground_classes())
+                self.prediction_nodes[case] = nodes[case]
         return nodes
 
     def export_model(self, destination: Path | str) -> Path:
