@@ -255,6 +255,51 @@ def test_a_checkpoint_is_replaced_whole_never_written_over(tmp_path, prepared, m
     assert not os.path.samefile(latest, linked) and linked.read_bytes() == kept
 
 
+class _RunsCode:
+    """Unpickling this creates ``marker`` (``builtins.open``): what a crafted checkpoint in a shared project can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_a_real_one_loads(tmp_path, prepared):
+    """Checkpoints are read weights-only: a real nnU-Net checkpoint (NumPy scalars, torch.device) loads, for
+    prediction and for resuming training; one whose pickle runs code is refused and the code never runs."""
+    from ActiveLearning3DLib.nnunet.checkpoints import UnsafeCheckpoint, load_checkpoint
+    from ActiveLearning3DLib.nnunet.prediction import Ensemble, ModelError
+
+    project, _ = prepared
+    model = tmp_path / "model"
+    train_fold(project.path, 0, "test", model, "cpu")
+    real = model / "fold_0" / "checkpoint_final.pth"
+    loaded = load_checkpoint(real)
+    assert loaded["trainer_name"] == "nnUNetTrainerPartial" and loaded["network_weights"]
+    assert Ensemble.load(model, [0]).members == ["fold_0"]
+
+    marker = tmp_path / "code-ran"
+    crafted = torch.load(real, map_location="cpu", weights_only=False)
+    crafted["logging"]["extra"] = _RunsCode(marker)
+    evil = tmp_path / "evil"
+    (evil / "fold_0").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(model / name, evil / name)
+    torch.save(crafted, evil / "fold_0" / "checkpoint_final.pth")
+    with pytest.raises(ModelError, match=r"checkpoint_final.pth: refused to load: .*could run code \(it names .*open"):
+        Ensemble.load(evil, [0])
+    with pytest.raises(UnsafeCheckpoint, match="refused"):
+        load_checkpoint(evil / "fold_0" / "checkpoint_final.pth")
+    # resuming a fold reads checkpoint_latest.pth through the same reader, never nnU-Net's weights_only=False
+    resume = tmp_path / "resume"
+    (resume / "fold_1").mkdir(parents=True)
+    torch.save(crafted, resume / "fold_1" / "checkpoint_latest.pth")
+    with pytest.raises(TrainingError, match="refused to load"):
+        train_fold(project.path, 1, "test", resume, "cpu")
+    assert not marker.exists()
+
+
 def test_a_model_folder_of_other_data_is_not_reused(tmp_path, prepared):
     project, _ = prepared
     fold_dir = tmp_path / "model" / "fold_0"

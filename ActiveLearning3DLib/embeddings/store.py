@@ -115,7 +115,7 @@ def embed_task(inputs: dict, report) -> dict:
         from .autoencoder import build_autoencoder
 
         model = build_autoencoder(settings.width)
-        model.load_state_dict(torch.load(weights, map_location="cpu"))
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))  # untrusted folder: no pickles
         model.eval()
         losses = read_json(output / "training.json")["losses"]
     else:

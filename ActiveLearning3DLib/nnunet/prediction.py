@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..fileio import read_json
+from .checkpoints import UnsafeCheckpoint, load_checkpoint
 
 CHECKPOINT = "checkpoint_final.pth"
 
@@ -142,10 +143,10 @@ class Ensemble:
         parameters = []
         for i, fold in enumerate(folds):
             path = folder / f"fold_{fold}" / checkpoint
-            try:
-                checkpoint_data = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001 - a truncated file raises anything from pickle to zip errors
-                raise ModelError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+            try:  # weights only: a project folder is untrusted, a crafted pickle must not run (see checkpoints.py)
+                checkpoint_data = load_checkpoint(path)
+            except UnsafeCheckpoint as e:
+                raise ModelError(str(e)) from e
             if i == 0:
                 configuration = checkpoint_data["init_args"]["configuration"]
                 mirror_axes = checkpoint_data.get("inference_allowed_mirroring_axes")

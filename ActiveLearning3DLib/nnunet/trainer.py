@@ -56,6 +56,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from ..fileio import atomic_write_json, read_json, replacing_file
+from .checkpoints import UnsafeCheckpoint, load_checkpoint
 from .paths import NnunetPaths
 from .profiles import TrainingProfile, resolve_device, resolve_profile
 from .sampling import RegionSamplingDataLoader
@@ -276,6 +277,36 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             return super().save_checkpoint(filename)  # writes nothing
         with replacing_file(filename) as tmp:
             super().save_checkpoint(str(tmp))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """Resume from a checkpoint read weights-only (nnU-Net's own reader unpickles anything; see checkpoints.py).
+
+        nnU-Net 2.8.1's ``load_checkpoint`` reads with ``weights_only=False`` and fails on an already loaded dict
+        (``checkpoint`` unbound), so its restore steps are repeated here on the dict our reader returns.
+        """
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if not isinstance(checkpoint, dict):
+            try:
+                checkpoint = load_checkpoint(checkpoint, map_location=self.device)
+            except UnsafeCheckpoint as e:
+                raise TrainingError(str(e)) from e
+        network = self.network.module if self.is_ddp else self.network
+        network = getattr(network, "_orig_mod", network)
+        own = network.state_dict().keys()
+        weights = {k[7:] if k not in own and k.startswith("module.") else k: v
+                   for k, v in checkpoint["network_weights"].items()}
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        network.load_state_dict(weights)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.run_final_validation:

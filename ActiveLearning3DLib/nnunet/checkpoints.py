@@ -1,0 +1,62 @@
+"""Loading nnU-Net checkpoints without running code from them.
+
+A project folder is shared between people, so its checkpoints are untrusted
+input: ``torch.load(weights_only=False)`` (what nnU-Net 2.8.1 itself uses in
+``nnUNetTrainer.load_checkpoint`` and ``nnUNetPredictor.initialize_from_trained_model_folder``)
+unpickles anything, and a crafted ``checkpoint_final.pth`` runs a shell command.
+
+``load_checkpoint`` uses torch's weights-only unpickler and allows, besides
+tensors and plain containers, exactly the non-tensor types an nnU-Net
+checkpoint holds: NumPy scalars (the logged pseudo Dice and ``_best_ema``)
+with their dtypes, and ``torch.device`` (``init_args``). Anything else is
+refused with :class:`UnsafeCheckpoint`. Our code never calls nnU-Net's own
+loading paths: prediction builds the network itself (``prediction.Ensemble.load``)
+and training resumes through ``nnUNetTrainerPartial.load_checkpoint``, which
+passes the already loaded dictionary on.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint that holds more than weights and plain data, or cannot be read at all."""
+
+
+def _numpy_globals() -> list:
+    """NumPy's scalar constructor and dtype classes, under the names both NumPy 1 and 2 pickle them with."""
+    try:
+        scalar = np._core.multiarray.scalar  # NumPy 2
+    except AttributeError:  # pragma: no cover - NumPy 1
+        scalar = np.core.multiarray.scalar
+    allowed: list = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")
+                    and name not in ("ObjectDType", "VoidDType") and isinstance(getattr(dtypes, name), type)]
+    return allowed
+
+
+def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
+    """An nnU-Net checkpoint as a dict, read with torch's weights-only unpickler (see the module docstring)."""
+    import torch
+
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        detail = f"it names {found.group(1)}" if found else (str(e).splitlines() or [""])[0][:200]
+        raise UnsafeCheckpoint(f"{path}: refused to load: the checkpoint holds objects other than weights and plain "
+                               f"data, which could run code ({detail})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated file raises anything from zip to EOF errors
+        raise UnsafeCheckpoint(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
+    if not isinstance(data, dict) or "network_weights" not in data:
+        raise UnsafeCheckpoint(f"{path}: not an nnU-Net checkpoint (no network_weights)")
+    return data
