@@ -303,3 +303,102 @@ def test_final_predictions_job_segments_cases_on_their_grid_as_the_ensemble_does
     stamp = (pipeline.predictions_dir / f"{cases[0]}.nii.gz").stat().st_mtime_ns
     assert pipeline.prediction_job(cases).refresh().state == "done"
     assert (pipeline.predictions_dir / f"{cases[0]}.nii.gz").stat().st_mtime_ns == stamp
+
+
+def _copy_with_links(model, tmp_path):
+    """A copy of the trained model folder plus what export must leave behind: links to files outside it."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, symlinks=True)
+    outside = tmp_path / "outside"
+    shutil.copytree(copy / "fold_0", outside / "fold_7")  # a whole fold reached through a linked folder
+    (outside / "secret.pth").write_bytes((copy / "fold_0" / "checkpoint_final.pth").read_bytes())
+    try:
+        (copy / "fold_7").symlink_to(outside / "fold_7", target_is_directory=True)
+        (copy / "fold_2").mkdir()
+        (copy / "fold_2" / "checkpoint_final.pth").symlink_to(outside / "secret.pth")
+    except OSError as e:  # Windows without the symlink privilege
+        pytest.skip(f"symbolic links cannot be created here ({e})")
+    return copy
+
+
+def test_exported_model_predicts_in_stock_nnunet_without_this_package(looped, tmp_path):
+    """The zip holds only what inference reads, names nnU-Net's own trainer, and stock nnU-Net predicts with it
+    in a Python that cannot import ActiveLearning3DLib (as on a machine with only nnunetv2, or in SlicerNNUnet)."""
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+
+    import torch
+
+    from ActiveLearning3DLib.fileio import TMP_PREFIX
+    from ActiveLearning3DLib.nnunet.export import ExportError, export_model
+
+    logic, pipeline = looped
+    source = pipeline.model_folder
+    # what the project's model folder holds besides the model, and what must not leave it
+    assert list(source.glob("fold_*/debug.json")) and list(source.glob("uncertainty/*.nii.gz"))
+    assert list(source.glob("scores/*")) and list(source.glob("fold_*/training_log_*.txt"))
+    model = _copy_with_links(source, tmp_path)
+    exported = export_model(model, tmp_path / "export")
+    assert exported.archive == tmp_path / "export.zip" and exported.folds == ("0", "1")
+    prefix = f"Dataset001_AL3D/nnUNetTrainer__nnUNetPlans__{exported.configuration}"
+    names = set(zipfile.ZipFile(exported.archive).namelist())
+    assert names == {f"{prefix}/dataset.json", f"{prefix}/plans.json", f"{prefix}/fold_0/checkpoint_final.pth",
+                     f"{prefix}/fold_1/checkpoint_final.pth"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]  # the zip was moved into place
+
+    results = tmp_path / "results"
+    zipfile.ZipFile(exported.archive).extractall(results)
+    folder = results / prefix
+    checkpoint = torch.load(folder / "fold_1" / "checkpoint_final.pth", weights_only=True)  # no pickled objects
+    assert checkpoint["trainer_name"] == "nnUNetTrainer" and checkpoint["init_args"]["configuration"] == exported.configuration
+    assert set(checkpoint) == {"network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes",
+                               "current_epoch"}
+    original = torch.load(source / "fold_1" / "checkpoint_final.pth", weights_only=False)
+    assert all(torch.equal(checkpoint["network_weights"][k], v) for k, v in original["network_weights"].items())
+    assert "dataset" not in read_json(folder / "dataset.json")
+    assert read_json(folder / "plans.json")["configurations"] == read_json(source / "plans.json")["configurations"]
+
+    case = logic.project.test_cases[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = logic.project.path / "imagesTs" / f"{case}_0000.nii.gz"
+    (inputs / "case_0000.nii.gz").write_bytes(image.read_bytes())
+    # python -I -S: no PYTHONPATH, no user site, no .pth files (our editable install is one); only site-packages
+    script = (
+        "import importlib.util, sys\n"
+        f"sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+        "assert importlib.util.find_spec('ActiveLearning3DLib') is None, 'ActiveLearning3DLib is importable'\n"
+        "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor, predict_entry_point\n"
+        "try:\n"
+        f"    nnUNetPredictor(device=__import__('torch').device('cpu')).initialize_from_trained_model_folder({str(source)!r}, (0,))\n"
+        "    print('CONTROL: the project folder loaded')\n"
+        "except Exception as e:\n"
+        "    print('CONTROL: the project folder did not load:', type(e).__name__)\n"
+        "sys.argv = ['nnUNetv2_predict', *sys.argv[1:]]\n"
+        "predict_entry_point()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "nnUNet_extTrainer")}
+    env.update(nnUNet_results=str(results), nnUNet_raw=str(results), nnUNet_preprocessed=str(results))
+    outputs = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", script, "-d", exported.dataset, "-c",
+                           exported.configuration, "-f", *exported.folds, "-i", str(inputs), "-o", str(outputs),
+                           "-device", "cpu", "-npp", "1", "-nps", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the control: our own folder names nnUNetTrainerPartial, which stock nnU-Net cannot find there
+    assert "CONTROL: the project folder did not load" in done.stdout
+    segmentation = sitk.ReadImage(str(outputs / "case.nii.gz"))
+    assert segmentation.GetSize() == sitk.ReadImage(str(image)).GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(segmentation))) <= {0, 1, 2}
+
+    # a linked plans.json is refused and the earlier zip stays as it was
+    before = exported.archive.read_bytes()
+    (model / "plans.json").unlink()
+    (model / "plans.json").symlink_to(source / "plans.json")
+    with pytest.raises(ExportError, match="plans.json: missing .or a symbolic link"):
+        export_model(model, exported.archive)
+    assert exported.archive.read_bytes() == before

@@ -298,7 +298,8 @@ def test_next_loop_starts_as_jobs_reports_progress_and_cancels(tmp_path):
     assert c.poll() is None
 
 
-def test_export_model_zips_the_model_folder(tmp_path):
+def test_export_model_refuses_an_unfinished_or_damaged_model_with_a_project_error(tmp_path):
+    """The panel shows these as messages; the real export is tested on a trained model in test_loop_pipeline.py."""
     c = _controller(tmp_path)
     for row in c.table():
         c.go_to_box(row.id)
@@ -308,12 +309,11 @@ def test_export_model_zips_the_model_folder(tmp_path):
     model = c.latest_model().model_folder
     (model / "fold_0").mkdir(parents=True)
     (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"weights")
-    (model / "plans.json").write_text("{}")
-    import zipfile
-
-    archive = c.export_model(tmp_path / "model.zip")
-    names = zipfile.ZipFile(archive).namelist()
-    assert f"{model.name}/fold_0/checkpoint_final.pth" in names and f"{model.name}/plans.json" in names
+    (model / "plans.json").write_text('{"plans_name": "nnUNetPlans", "configurations": {}}')
+    (model / "dataset.json").write_text('{"labels": {"background": 0}}')
+    with pytest.raises(ProjectError, match=r"checkpoint_final.pth: (unreadable|refused)"):
+        c.export_model(tmp_path / "model.zip")
+    assert not (tmp_path / "model.zip").exists() and not list(tmp_path.glob("*.zip"))
 
 
 def test_headless_bootstrap_provides_the_handles_slicer_util_needs(tmp_path):

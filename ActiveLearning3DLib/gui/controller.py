@@ -515,17 +515,14 @@ class AnnotationController:
         return nodes
 
     def export_model(self, destination: Path | str) -> Path:
-        """Copy the trained model folder (plans, dataset.json, fold checkpoints) to ``destination`` as a zip."""
-        import shutil
-        import tempfile
+        """Zip the latest model as stock nnU-Net v2 and SlicerNNUnet load it (see ``nnunet/export.py``).
 
-        model = self.latest_model().model_folder
-        if not any(model.glob("fold_*/checkpoint_final.pth")):
-            raise ProjectError(f"{model}: no finished fold yet; train a loop first")
-        destination = Path(destination)
-        base = destination.with_suffix("") if destination.suffix == ".zip" else destination
-        with tempfile.TemporaryDirectory(dir=base.parent) as tmp:
-            archive = shutil.make_archive(str(Path(tmp) / base.name), "zip", root_dir=model.parent, base_dir=model.name)
-            target = base.with_suffix(".zip")
-            Path(archive).replace(target)
-        return target
+        Only dataset.json, plans.json and the final checkpoints go in (renamed to nnU-Net's own
+        trainer), never maps, scores, logs or anything reached through a symbolic link.
+        """
+        from ..nnunet.export import ExportError, export_model
+
+        try:
+            return export_model(self.latest_model().model_folder, destination).archive
+        except ExportError as e:
+            raise ProjectError(str(e)) from e
