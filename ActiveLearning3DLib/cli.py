@@ -27,6 +27,84 @@ from .report import write_report
 from .simulation import Simulation, SimulationSettings, demo_settings
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (naming the option), without the usage block."""
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(minimum: int | float, kind: type = int):
+    """An argparse type: a number (``kind``) no smaller than ``minimum``; the error names the value and the bound."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not value >= minimum:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a share in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def existing_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return path
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds``: comma separated non-negative integers, at least one, none twice."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"give at least one seed (e.g. 0,1,2), got {text!r}")
+    try:
+        seeds = tuple(int(t) for t in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be whole numbers separated by commas, got {text!r}") from None
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be non-negative and must not repeat, got {text!r}")
+    return seeds
+
+
+def budget_value(text: str) -> str:
+    """``--budget``: low, medium, high or a number of boxes (at least 5)."""
+    if text in ("low", "medium", "high") or (text.isdigit() and int(text) >= 5):
+        return text
+    raise argparse.ArgumentTypeError(f"expected low, medium, high or a number of boxes of at least 5, got {text!r}")
+
+
+def torchscript_file(text: str) -> Path:
+    """``--encoder``: checked before anything trains (the pool autoencoder takes minutes)."""
+    from .embeddings.autoencoder import check_encoder
+
+    try:
+        check_encoder(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
+
+
+POSITIVE = at_least(1)
+NON_NEGATIVE = at_least(0)
+
+
 def progress(items: Iterable, desc: str) -> Iterable:
     """A progress bar on a terminal, nothing in logs."""
     return tqdm(items, desc=desc, disable=None, leave=False, dynamic_ncols=True)
@@ -61,9 +139,9 @@ def _autoencoder(args: argparse.Namespace, logic: ActiveLearningLogic):
 
 
 def _add_autoencoder_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ae-iterations", type=int,
+    p.add_argument("--ae-iterations", type=POSITIVE,
                    help="cscs/cluster: training iterations of the pool autoencoder (default 600; fewer is faster)")
-    p.add_argument("--encoder", type=Path, help="cscs/cluster: a TorchScript encoder (N,1,16,16,16) -> (N,E) to use "
+    p.add_argument("--encoder", type=torchscript_file, help="cscs/cluster: a TorchScript encoder (N,1,16,16,16) -> (N,E) to use "
                    "for the embeddings instead of the autoencoder's")
 
 
@@ -75,8 +153,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_query(args: argparse.Namespace) -> int:
     logic = ActiveLearningLogic.open(args.project)
-    loop = logic.query(args.method, args.count, args.seed, args.probabilities, args.stride, args.per_image, progress,
-                       min_distance=args.min_distance, autoencoder=_autoencoder(args, logic), distance_space=args.distance)
+    loop = logic.query(args.method, args.count, seed=args.seed, probabilities=args.probabilities, stride=args.stride,
+                       n_per_image=args.per_image, progress=progress, min_distance=args.min_distance,
+                       autoencoder=_autoencoder(args, logic), distance_space=args.distance)
     print(f"loop {loop.loop}: {len(loop.boxes)} boxes by {loop.method} -> {logic.project.loop_path(loop.loop)}")
     for record in loop.boxes[: args.show]:
         print(f"  {record!r}")
@@ -249,7 +328,7 @@ def _csv(text: str) -> list[str]:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     settings = SimulationSettings(
         images=args.images, labels=args.labels, methods=tuple(_csv(args.method)), out=args.out, budget=args.budget,
-        loops=args.loops, seeds=tuple(int(s) for s in _csv(args.seeds)),
+        loops=args.loops, seeds=args.seeds,
         patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
         reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
@@ -280,7 +359,7 @@ def _project_command(sub, name: str, help: str, func, json: bool = False) -> arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="al3d", description="Active learning for 3D segmentation with partial labels.")
+    parser = Parser(prog="al3d", description="Active learning for 3D segmentation with partial labels.")
     parser.add_argument("--version", action="version", version=f"ActiveLearning3D {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -288,15 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", type=Path)
     p.add_argument("--images", type=Path, required=True, help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd)")
     p.add_argument("--labels", type=Path, help="folder of dense ground truth with the same case ids (simulation)")
-    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="query box size in voxels")
-    p.add_argument("--test-fraction", type=float, default=0.25, help="held-out test share when labels are given")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--query-size", type=int, help="boxes per loop (default: ask per query)")
-    p.add_argument("--loops", type=int, default=5, help="planned loops (ClaSP PE's noise schedule)")
-    p.add_argument("--max-cases", type=int, help="use only the first N cases (sorted by id)")
+    p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"), help="query box size in voxels")
+    p.add_argument("--test-fraction", type=fraction, default=0.25, help="held-out test share when labels are given")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--query-size", type=POSITIVE, help="boxes per loop (default: ask per query)")
+    p.add_argument("--loops", type=POSITIVE, default=5, help="planned loops (ClaSP PE's noise schedule)")
+    p.add_argument("--max-cases", type=POSITIVE, help="use only the first N cases (sorted by id)")
     p.add_argument("--start", choices=list(METHODS),
                    help="query the starting budget (loop 0) at once: e.g. cscs or cluster (label-free), random")
-    p.add_argument("--start-count", type=int, help="boxes in the starting budget (default: --query-size)")
+    p.add_argument("--start-count", type=POSITIVE, help="boxes in the starting budget (default: --query-size)")
     _add_autoencoder_options(p)
     p.set_defaults(func=_cmd_init)
 
@@ -304,18 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _project_command(sub, "query", "choose the boxes of the next loop", _cmd_query)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
-    p.add_argument("--count", type=int, help="number of boxes (default: the project's query size)")
-    p.add_argument("--seed", type=int, help="default: the project seed")
-    p.add_argument("--probabilities", type=Path, help="DIR/<member>/<case>.npz|.npy ensemble probabilities (C, Z, Y, X)")
-    p.add_argument("--stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help="candidate corner stride")
-    p.add_argument("--per-image", type=int, help="boxes considered per image (default: the count)")
-    p.add_argument("--min-distance", type=float,
+    p.add_argument("--count", type=POSITIVE, help="number of boxes (default: the project's query size)")
+    p.add_argument("--seed", type=NON_NEGATIVE, help="default: the project seed")
+    p.add_argument("--probabilities", type=existing_folder, help="DIR/<member>/<case>.npz|.npy ensemble probabilities (C, Z, Y, X)")
+    p.add_argument("--stride", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"), help="candidate corner stride")
+    p.add_argument("--per-image", type=POSITIVE, help="boxes considered per image (default: the count)")
+    p.add_argument("--min-distance", type=at_least(0.0, float),
                    help="pe_spatial: minimum distance between boxes (voxels: default the longest box edge; "
                    "embedding: default the median nearest-neighbour distance of the pool embeddings)")
     p.add_argument("--distance", choices=["voxels", "embedding"], default="voxels",
                    help="pe_spatial: distance between box centres in voxels, or between autoencoder embeddings")
     _add_autoencoder_options(p)
-    p.add_argument("--show", type=int, default=10, help="boxes to list")
+    p.add_argument("--show", type=NON_NEGATIVE, default=10, help="boxes to list")
 
     p = _project_command(sub, "annotate", "annotate pending boxes (--oracle copies the ground truth)", _cmd_annotate)
     p.add_argument("--oracle", action="store_true")
@@ -329,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--python", help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)")
         if train:
-            p.add_argument("--folds", type=int, help="ensemble size (default: the profile's)")
-            p.add_argument("--parallel", type=int, help="folds trained at a time (default: 1 on a GPU, CPU cores / 2)")
+            p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
+            p.add_argument("--parallel", type=POSITIVE, help="folds trained at a time (default: 1 on a GPU, CPU cores / 2)")
 
     p = _project_command(sub, "train", "train the nnU-Net ensemble on the annotated boxes (background jobs)", _cmd_train)
     training_options(p)
@@ -344,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _project_command(sub, "loop", "one loop: train, evaluate, score, query the next boxes", _cmd_loop)
     training_options(p)
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
-    p.add_argument("--count", type=int, help="number of boxes (default: the project's query size)")
-    p.add_argument("--seed", type=int, help="default: the project seed")
+    p.add_argument("--count", type=POSITIVE, help="number of boxes (default: the project's query size)")
+    p.add_argument("--seed", type=NON_NEGATIVE, help="default: the project seed")
     p.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
 
     p = sub.add_parser("methods", help="list the query methods")
@@ -355,17 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--labels", type=Path, required=True)
     p.add_argument("--method", required=True, help="query method(s), comma separated: " + ",".join(METHODS))
-    p.add_argument("--budget", default="low", help="low, medium, high (nnActive table, else a rule) or a number of boxes")
-    p.add_argument("--loops", type=int, default=5,
+    p.add_argument("--budget", default="low", type=budget_value, help="low, medium, high (nnActive table, else a rule) or a number of boxes")
+    p.add_argument("--loops", type=POSITIVE, default=5,
                    help="loops per run; again with a larger number, a finished folder adds the loops")
-    p.add_argument("--seeds", default="0", help="comma separated, e.g. 0,1,2")
-    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    p.add_argument("--seeds", default=(0,), type=seed_list, help="comma separated, e.g. 0,1,2")
+    p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--profile", default="auto", choices=["auto", *profile_names()])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--folds", type=int, help="ensemble size (default: the profile's)")
-    p.add_argument("--parallel", type=int, help="jobs at a time over the whole grid")
+    p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
+    p.add_argument("--parallel", type=POSITIVE, help="jobs at a time over the whole grid")
     p.add_argument("--start", default="nnactive_start", choices=list(METHODS), help="starting budget method (loop 0)")
-    p.add_argument("--max-cases", type=int, help="use only the first N cases")
+    p.add_argument("--max-cases", type=POSITIVE, help="use only the first N cases")
     p.add_argument("--no-reference", action="store_true", help="skip the full-data run (no FG-Eff)")
     p.add_argument("--reference-cache", type=Path, help="folder to share full-data runs between simulations")
     p.add_argument("--restore-from", type=Path, metavar="DIR",
@@ -383,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: a small simulation on the default data, then its report")
     p.add_argument("--out", type=Path, default=Path("demo-output"))
-    p.add_argument("--max-cases", type=int, help="default: the demo's own reduction")
+    p.add_argument("--max-cases", type=POSITIVE, help="default: the demo's own reduction")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -113,6 +113,8 @@ class ActiveLearningLogic:
 
     def find_box(self, box: BoxRecord | str) -> BoxRecord:
         """The current record of a box, by record or by id ``"LLL-IIII"``."""
+        if not isinstance(box, (str, BoxRecord)):
+            raise ValueError(f"box: expected a box record or an id such as '000-0003', got {type(box).__name__}")
         box_id = box if isinstance(box, str) else box.id
         try:
             loop, index = (int(x) for x in box_id.split("-"))
@@ -172,15 +174,22 @@ class ActiveLearningLogic:
         loop index it fixes the query. ``info`` goes into the loop file (e.g. the model that scored the pool).
         """
         p = self.project
+        query_method = get_method(method)
+        _check_query_arguments(count, seed, stride, n_per_image, min_distance, distance_space)
         pending = self.pending_boxes()
         if pending:
             raise ProjectError(
                 f"{p.path}: {len(pending)} boxes of loop {pending[0].loop} are still pending; annotate or skip them first"
             )
-        query_method = get_method(method)
-        count = count or p.settings.budget.query_size
+        count = p.settings.budget.query_size if count is None else count
         if not count:
             raise ProjectError(f"{p.path}: give the number of boxes (no query size in the project's budget)")
+        if isinstance(probabilities, (str, Path)) and not Path(probabilities).is_dir():
+            raise ProjectError(f"probabilities: {probabilities}: no such folder")
+        if autoencoder is not None and autoencoder.encoder and (query_method.needs_embeddings or distance_space == "embedding"):
+            from .embeddings.autoencoder import check_encoder
+
+            check_encoder(autoencoder.encoder)  # before the pool autoencoder trains, not after
         if isinstance(probabilities, (str, Path)):
             probabilities = FolderProbabilities(probabilities)
         if isinstance(scores, (str, Path)):
@@ -268,6 +277,14 @@ class ActiveLearningLogic:
         image (only the box is taken; painted voxels outside are counted in
         ``dropped_outside``). Submitting an annotated box again replaces its labels.
         """
+        if not isinstance(annotator, str) or not annotator.strip():
+            raise ValueError(f"annotator: expected a non-empty name, got {annotator!r}")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not np.isfinite(seconds) or seconds < 0):
+            raise ValueError(f"seconds: expected a non-negative number of seconds or None, got {seconds!r}")
+        labels = np.asarray(labels)
+        if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+            raise ValueError(f"labels: expected an integer label array, got dtype {labels.dtype}")
         record = self.find_box(box)
         result = self.project.merge_annotation(record.box, labels)  # on disk before the record changes
         record.state, record.annotator, record.annotated_at = "annotated", annotator, now_iso()
@@ -288,10 +305,18 @@ class ActiveLearningLogic:
         if not loops:
             raise ProjectError(f"{p.path}: query the starting budget (loop 0) before adding boxes by hand")
         shape = p.cases[case].shape
-        if len(center) != 3 or any(not 0 <= int(c) < n for c, n in zip(center, shape)):
+        if (isinstance(center, (str, bytes)) or len(center) != 3
+                or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in center)):
+            raise ProjectError(f"center: expected three whole voxel indices (k, j, i), got {center!r}")
+        if any(not 0 <= int(c) < n for c, n in zip(center, shape)):
             raise ProjectError(f"{p.path}: voxel {list(center)} lies outside {case!r} of shape {list(shape)}")
         size = effective_patch_size(p.patch_size, shape)
         corner = centred_corner([int(c) for c in center], size, shape)
+        new_box = Box(case, corner, size)
+        clash = next((b for b in p.all_boxes() if b.case == case and b.box.overlaps(new_box)), None)
+        if clash is not None:
+            raise ProjectError(f"{p.path}: a box at {list(corner)} size {list(size)} would overlap box {clash.id} "
+                               f"({clash.state}) of {case!r}; no box may overlap another")
         loop_file = p.read_loop(loops[-1])
         record = BoxRecord(Box(case, corner, size), loop_file.loop, len(loop_file.boxes), "annotator",
                            source="annotator")
@@ -331,6 +356,27 @@ class ActiveLearningLogic:
         s = self.status()
         return (f"<ActiveLearningLogic {s.name!r}: {s.pool_cases} pool cases, {s.loops} loops, "
                 f"{s.annotated}/{s.boxes} boxes annotated, next: {s.next_step}>")
+
+
+def _whole(value, minimum: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_query_arguments(count, seed, stride, n_per_image, min_distance, distance_space) -> None:
+    """The query's arguments, as strictly as the command line checks its options (one error naming the argument)."""
+    if count is not None and not _whole(count, 1):
+        raise ValueError(f"count: expected a whole number of boxes of at least 1 (or None: the query size), got {count!r}")
+    if seed is not None and not _whole(seed, 0):
+        raise ValueError(f"seed: expected a non-negative whole number, got {seed!r}")
+    if stride is not None and (isinstance(stride, (str, bytes)) or len(stride) != 3 or not all(_whole(s, 1) for s in stride)):
+        raise ValueError(f"stride: expected three positive whole numbers (Z Y X), got {stride!r}")
+    if n_per_image is not None and not _whole(n_per_image, 1):
+        raise ValueError(f"n_per_image: expected a whole number of at least 1, got {n_per_image!r}")
+    if min_distance is not None and (isinstance(min_distance, bool) or not isinstance(min_distance, (int, float))
+                                     or not min_distance >= 0 or not np.isfinite(min_distance)):
+        raise ValueError(f"min_distance: expected a non-negative number, got {min_distance!r}")
+    if distance_space not in ("voxels", "embedding"):
+        raise ValueError(f"distance_space: expected 'voxels' or 'embedding', got {distance_space!r}")
 
 
 def _record(pick: Pick, loop: int, index: int, method: str) -> BoxRecord:

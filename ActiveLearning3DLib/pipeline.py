@@ -30,6 +30,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -103,6 +104,16 @@ class LoopSettings:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown pipeline stages {unknown}; known: {', '.join(STAGES)}")
+        # checked here, before any job starts: parallel -1 waited forever, count -1 failed after the training
+        for name in ("folds", "parallel", "threads", "count"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
+                raise ValueError(f"{name}: expected a whole number of at least 1 (or None for the default), got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or self.seed < 0):
+            raise ValueError(f"seed: expected a non-negative whole number, got {self.seed!r}")
+        get_method(self.method)  # an unknown method fails here, with the known ones
+        if self.stride is not None and (len(self.stride) != 3 or not all(isinstance(v, Integral) and v >= 1 for v in self.stride)):
+            raise ValueError(f"stride: expected three positive whole numbers (Z Y X), got {self.stride!r}")
 
 
 @dataclass

@@ -129,8 +129,19 @@ class SimulationSettings:
             get_method(m)  # unknown names fail here, with the list of known ones
         if len(set(self.methods)) != len(self.methods) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("methods and seeds must not repeat")
-        if self.loops < 1:
-            raise ValueError(f"loops must be at least 1, got {self.loops}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed (e.g. 0,1,2)")
+        if min(self.seeds) < 0:
+            raise ValueError(f"seeds: must be non-negative, got {list(self.seeds)}")
+        for name in ("loops", "folds", "parallel", "max_cases"):
+            value = getattr(self, name)
+            if (value is not None or name == "loops") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a whole number of at least 1, got {value!r}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(int(v) for v in self.patch_size) < 1):
+            raise ValueError(f"patch_size: expected three positive whole numbers (Z Y X), got {list(self.patch_size)}")
+        if not 0 <= self.test_fraction < 1:
+            raise ValueError(f"test_fraction: must be in [0, 1), got {self.test_fraction}")
+        resolve_budget(self.budget, (1, 1, 1), 1)  # low/medium/high or a number of boxes: refused now, not after the reference
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -161,3 +161,29 @@ def timed(function, *args, **kwargs):
     started = time.perf_counter()
     result = function(*args, **kwargs)
     return result, time.perf_counter() - started
+
+
+def check_encoder(path: Path | str) -> None:
+    """Raise ValueError unless ``path`` is a TorchScript encoder mapping (2, 1, 16, 16, 16) to (2, E).
+
+    Checked before the pool autoencoder trains, so a wrong file fails at once, not after minutes of training.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such encoder file")
+    try:
+        encoder = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, zip and pickle errors for other files
+        raise ValueError(f"{path}: not a TorchScript module (save one with torch.jit.script(...).save); "
+                         f"{type(e).__name__}") from None
+    try:
+        with torch.no_grad():
+            code = encoder(torch.zeros(2, 1, CUBE, CUBE, CUBE))
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises
+        raise ValueError(f"{path}: the encoder fails on a (2, 1, {CUBE}, {CUBE}, {CUBE}) batch "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(code, torch.Tensor) or code.shape[0] != 2 or code.reshape(2, -1).shape[1] < 1:
+        raise ValueError(f"{path}: the encoder must map (N, 1, {CUBE}, {CUBE}, {CUBE}) to (N, E), got "
+                         f"{tuple(code.shape) if isinstance(code, torch.Tensor) else type(code).__name__}")

@@ -1,0 +1,264 @@
+"""Bad input, as a new user or an adversary gives it: every option, API argument and hand-edited file.
+
+Each case asserts the outcome the user sees: a one-line error that names the option, argument or file
+(and nothing changed on disk), or, where the input is good, that it takes effect. Issue 29 lists the
+cases that failed before (wrong argument order in ``al3d query``, ``--parallel -1`` hanging, truncated
+images accepted, hand-edited loop files and ``project.json`` case ids, tracebacks instead of errors).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ActiveLearning3DLib import ActiveLearningLogic
+from ActiveLearning3DLib.cli import main
+from ActiveLearning3DLib.fileio import read_json
+from ActiveLearning3DLib.pipeline import LoopSettings
+from ActiveLearning3DLib.project import Project, ProjectError
+from ActiveLearning3DLib.simulation import SimulationSettings
+from conftest import checksums, make_dataset, write_image
+
+PATCH = ["4", "4", "4"]
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A 4-case project (3 pool, 1 test) with loop 0 of 3 random boxes annotated by the oracle."""
+    data = make_dataset(tmp_path / "source", n_cases=4)
+    path = tmp_path / "project"
+    assert main(["init", str(path), "--images", str(data.images), "--labels", str(data.labels),
+                 "--patch-size", *PATCH, "--query-size", "3"]) == 0
+    assert main(["query", str(path), "--method", "random", "--count", "3"]) == 0
+    assert main(["annotate", str(path), "--oracle"]) == 0
+    return path
+
+
+def _one_line_error(capsys, *names: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+# ------------------------------------------------------------------ options, refused before any work
+BAD_OPTIONS = [
+    # (command after the project/folder arguments, the option the error must name)
+    (["query", "{p}", "--count", "0"], "--count"),
+    (["query", "{p}", "--count", "-3"], "--count"),
+    (["query", "{p}", "--count", "two"], "--count"),
+    (["query", "{p}", "--per-image", "0"], "--per-image"),
+    (["query", "{p}", "--stride", "0", "1", "1"], "--stride"),
+    (["query", "{p}", "--seed", "-1"], "--seed"),
+    (["query", "{p}", "--min-distance", "-1"], "--min-distance"),
+    (["query", "{p}", "--min-distance", "nan"], "--min-distance"),
+    (["query", "{p}", "--show", "-1"], "--show"),
+    (["query", "{p}", "--probabilities", "{tmp}/missing"], "--probabilities"),
+    (["query", "{p}", "--ae-iterations", "0"], "--ae-iterations"),
+    (["query", "{p}", "--method", "cluster", "--encoder", "{tmp}/missing.pt"], "--encoder"),
+    (["loop", "{p}", "--parallel", "-1"], "--parallel"),
+    (["loop", "{p}", "--parallel", "0"], "--parallel"),
+    (["loop", "{p}", "--count", "-1"], "--count"),
+    (["loop", "{p}", "--count", "0"], "--count"),
+    (["loop", "{p}", "--folds", "0"], "--folds"),
+    (["train", "{p}", "--parallel", "0"], "--parallel"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--query-size", "0"], "--query-size"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--query-size", "-5"], "--query-size"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--loops", "0"], "--loops"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--loops", "x"], "--loops"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--patch-size", "0", "4", "4"], "--patch-size"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--test-fraction", "1"], "--test-fraction"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--max-cases", "0"], "--max-cases"),
+    (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--start-count", "0"], "--start-count"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--seeds", ""], "--seeds"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--seeds", "0,0"], "--seeds"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--loops", "0"], "--loops"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--budget", "3"], "--budget"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--parallel", "-1"], "--parallel"),
+    (["demo", "--max-cases", "0"], "--max-cases"),
+]
+
+
+@pytest.mark.parametrize("argv,option", BAD_OPTIONS, ids=[f"{a[0]} {o} {a[a.index(o) + 1] if a.index(o) + 1 < len(a) else ''}"
+                                                          for a, o in BAD_OPTIONS])
+def test_a_bad_option_is_refused_up_front_in_one_line_naming_it(project, tmp_path, capsys, argv, option):
+    before = checksums(project)
+    argv = [a.format(p=project, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    _one_line_error(capsys, option)
+    assert checksums(project) == before  # nothing trained, queried or written
+    assert not (tmp_path / "new").exists() and not (tmp_path / "o").exists()
+
+
+def test_an_encoder_that_is_no_torchscript_is_refused_before_the_autoencoder_trains(project, tmp_path, capsys):
+    not_script = tmp_path / "encoder.pt"
+    not_script.write_bytes(b"this is not a TorchScript archive")
+    with pytest.raises(SystemExit):
+        main(["query", str(project), "--method", "cluster", "--encoder", str(not_script)])
+    err = _one_line_error(capsys, "--encoder", "not a TorchScript module")
+    assert "Traceback" not in err
+    assert not (project / "jobs").exists() and not (project / "embeddings").exists()  # no autoencoder trained
+    from ActiveLearning3DLib.embeddings import AutoencoderSettings
+
+    with pytest.raises(ValueError, match="not a TorchScript module"):  # the API checks the same before any job
+        ActiveLearningLogic.open(project).query("cluster", 2, autoencoder=AutoencoderSettings(encoder=str(not_script)))
+    assert not (project / "jobs").exists()
+
+
+# ------------------------------------------------------------------ al3d query: every option takes effect
+def _probabilities(root: Path, project: Path, uncertain: str) -> Path:
+    """Two members of (3, Z, Y, X) probabilities: ``uncertain`` is uniform (high entropy), the others confident."""
+    p = Project.open(project)
+    for m, member in enumerate(("fold_0", "fold_1")):
+        (root / member).mkdir(parents=True)
+        for case in p.pool_cases:
+            shape = p.cases[case].shape
+            if case == uncertain:
+                probs = np.full((3, *shape), 1 / 3, np.float32)
+            else:
+                probs = np.zeros((3, *shape), np.float32)
+                probs[0] = 0.98 - 0.01 * m
+                probs[1] = 1 - probs[0]
+            np.save(root / member / f"{case}.npy", probs)
+    return root
+
+
+def _last_loop(project: Path) -> dict:
+    p = Project.open(project)
+    return read_json(p.loop_path(p.loop_indices()[-1]))
+
+
+def test_query_probabilities_option_is_used(project, tmp_path, capsys):
+    p = Project.open(project)
+    uncertain = p.pool_cases[1]
+    probs = _probabilities(tmp_path / "probs", project, uncertain)
+    assert main(["query", str(project), "--method", "pe", "--count", "2", "--probabilities", str(probs)]) == 0
+    loop = _last_loop(project)
+    assert loop["info"]["probabilities"] == str(probs) and loop["info"]["members"] == 2
+    assert [b["file"] for b in loop["patches"]] == [f"{uncertain}.nii.gz"] * 2  # the uniform case has the top entropy
+
+
+def test_query_per_image_option_limits_the_boxes_per_image(project, tmp_path):
+    p = Project.open(project)
+    probs = _probabilities(tmp_path / "probs", project, p.pool_cases[0])
+    assert main(["query", str(project), "--method", "pe", "--count", "3", "--probabilities", str(probs),
+                 "--per-image", "1"]) == 0
+    files = [b["file"] for b in _last_loop(project)["patches"]]
+    assert len(files) == 3 and len(set(files)) == 3  # without --per-image all three come from the uncertain case
+
+
+def test_query_stride_option_sets_the_corner_grid(project, tmp_path):
+    p = Project.open(project)
+    probs = _probabilities(tmp_path / "probs", project, p.pool_cases[0])
+    assert main(["query", str(project), "--method", "pe", "--count", "3", "--probabilities", str(probs),
+                 "--stride", "5", "5", "5"]) == 0
+    allowed = []  # 0, 5, 10, ... and the last corner D - 4 along each axis
+    for d in next(iter(p.cases.values())).shape:
+        allowed.append(set(range(0, d - 4 + 1, 5)) | {d - 4})
+    patches = _last_loop(project)["patches"]
+    assert len(patches) == 3
+    for b in patches:
+        assert all(c in axis for c, axis in zip(b["coords"], allowed)), (b["coords"], allowed)
+
+
+def test_query_count_seed_show_and_distance_options(project, capsys):
+    assert main(["query", str(project), "--method", "random", "--count", "2", "--seed", "7", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    loop = _last_loop(project)
+    assert len(loop["patches"]) == 2 and loop["seed"] == 7 and "1 more" in out
+
+
+# ------------------------------------------------------------------ the Python API checks as strictly
+@pytest.mark.parametrize("kwargs,name", [
+    ({"count": 0}, "count"), ({"count": -1}, "count"), ({"count": 2.5}, "count"), ({"count": True}, "count"),
+    ({"seed": -1}, "seed"), ({"stride": (0, 1, 1)}, "stride"), ({"stride": (2, 2)}, "stride"),
+    ({"n_per_image": 0}, "n_per_image"), ({"min_distance": -1.0}, "min_distance"),
+    ({"min_distance": float("nan")}, "min_distance"), ({"distance_space": "pixels"}, "distance_space"),
+    ({"method": "nope"}, "unknown query method"),
+])
+def test_api_query_checks_its_arguments(project, kwargs, name):
+    logic = ActiveLearningLogic.open(project)
+    before = checksums(project)
+    with pytest.raises(ValueError, match=name):
+        logic.query(**{"method": "random", **kwargs})
+    assert checksums(project) == before
+
+
+def test_api_query_count_zero_is_not_the_query_size(project):
+    """``count=0`` was taken as 'the project's query size' (3 here) and queried 3 boxes."""
+    with pytest.raises(ValueError, match="count"):
+        ActiveLearningLogic.open(project).query("random", 0)
+    assert Project.open(project).loop_indices() == [0]
+
+
+def test_api_submit_checks_its_arguments(project):
+    logic = ActiveLearningLogic.open(project)
+    logic.query("random", 2)
+    box = logic.pending_boxes()[0]
+    good = np.zeros(box.box.size, np.uint8)
+    before = checksums(project)
+    for kwargs, name in [({"annotator": ""}, "annotator"), ({"annotator": None}, "annotator"),
+                         ({"seconds": -1}, "seconds"), ({"seconds": float("inf")}, "seconds"),
+                         ({"labels": np.zeros(box.box.size, object)}, "labels"),
+                         ({"labels": np.zeros((2, 2, 2), np.uint8)}, "shape"),
+                         ({"labels": np.full(box.box.size, 9, np.uint8)}, "classes are 0..2"),
+                         ({"box": 5}, "box"), ({"box": "999-0000"}, "no box")]:
+        args = {"box": box, "labels": good, **kwargs}
+        with pytest.raises((ValueError, ProjectError), match=name):
+            logic.submit(**args)
+        assert checksums(project) == before, kwargs
+    logic.submit(box, good, annotator="me", seconds=3.5)
+    assert logic.find_box(box.id).state == "annotated"
+
+
+def test_api_add_box_refuses_an_overlap_with_any_box_and_bad_centres(project):
+    logic = ActiveLearningLogic.open(project)
+    existing = logic.boxes()[0]  # annotated
+    centre = [int(c + s // 2) for c, s in zip(existing.box.coords, existing.box.size)]
+    before = checksums(project)
+    with pytest.raises(ProjectError, match=f"would overlap box {existing.id}"):
+        logic.add_box(existing.case, centre)
+    for bad in ([1, 2], [1.5, 2, 2], "abc", [True, 1, 1]):
+        with pytest.raises(ProjectError, match="center"):
+            logic.add_box(existing.case, bad)
+    assert checksums(project) == before
+    # a pending box blocks too: add one where nothing is, then one overlapping it
+    p = Project.open(project)
+    shape = p.cases[existing.case].shape
+    taken = [b.box for b in logic.boxes() if b.case == existing.case]
+    free = next(c for c in np.ndindex(*shape) if not any(
+        t.overlaps(type(t)(existing.case, tuple(max(0, min(v - 2, n - 4)) for v, n in zip(c, shape)), (4, 4, 4)))
+        for t in taken))
+    added = logic.add_box(existing.case, list(free))
+    assert added.state == "pending"
+    with pytest.raises(ProjectError, match=f"would overlap box {added.id} \\(pending\\)"):
+        logic.add_box(existing.case, list(free))
+
+
+def test_loop_settings_and_simulation_settings_check_their_fields(tmp_path):
+    for kwargs, name in [({"parallel": -1}, "parallel"), ({"parallel": 0}, "parallel"), ({"count": -1}, "count"),
+                         ({"folds": 0}, "folds"), ({"threads": 0}, "threads"), ({"seed": -2}, "seed"),
+                         ({"method": "nope"}, "unknown query method"), ({"stride": (1, 0, 1)}, "stride")]:
+        with pytest.raises(ValueError, match=name):
+            LoopSettings(**kwargs)
+    base = dict(images=tmp_path, labels=tmp_path, methods=("random",), out=tmp_path / "o")
+    for kwargs, name in [({"seeds": ()}, "seeds"), ({"seeds": (-1,)}, "seeds"), ({"loops": 0}, "loops"),
+                         ({"parallel": 0}, "parallel"), ({"folds": -1}, "folds"), ({"max_cases": 0}, "max_cases"),
+                         ({"budget": "huge"}, "budget"), ({"budget": 2}, "budget"), ({"test_fraction": 1.0}, "test_fraction"),
+                         ({"patch_size": (0, 4, 4)}, "patch_size")]:
+        with pytest.raises(ValueError, match=name):
+            SimulationSettings(**{**base, **kwargs})
+    assert not (tmp_path / "o").exists()
