@@ -318,6 +318,9 @@ class Project:
         """Per loop, cumulative: (annotated boxes, annotated voxels, ground-truth foreground voxels inside them).
 
         The last row's third value over :attr:`pool_foreground_voxels` is FG-Eff's x.
+        problem = _meta_problem(meta)  # a shared folder is untrusted: no case id may lead out of it
+        if problem:
+            raise ProjectError(f"{meta_path}: {problem}")
         Each case's ground truth is read once per loop.
         """
         rows, boxes, voxels, inside = [], 0, 0, 0
@@ -421,7 +424,13 @@ class Project:
         atomic_write_json(self.loop_path(loop_file.loop), loop_file.to_json())
 
     def loops(self) -> list[LoopFile]:
-        return [self.read_loop(t) for t in self.loop_indices()]
+        loops = [self.read_loop(t) for t in self.loop_indices()]
+        clash = _first_overlap([b for loop in loops for b in loop.boxes])  # within a file: read_loop said it
+        if clash:
+            a, b = clash
+            raise ProjectError(f"{self.loop_path(b.loop)}: box {b.id} overlaps box {a.id} of {a.case!r} in "
+                               f"{self.loop_path(a.loop).name} (no box may overlap another)")
+        return loops
 
     def all_boxes(self) -> list[BoxRecord]:
         return [b for loop in self.loops() for b in loop.boxes]
@@ -456,6 +465,15 @@ class Project:
         self._meta, self.settings.budget.loops = meta, int(loops)
 
     def __repr__(self) -> str:
+        for position, record in enumerate(loop_file.boxes):
+            if (record.loop, record.index) != (loop, position):
+                raise ProjectError(f"{path}: entry {position} says it is box {record.id}, expected "
+                                   f"{loop:03d}-{position:04d} (duplicate or reordered indices; each box's 'loop' "
+                                   f"and 'index' must match the file and its place in 'patches')")
+        clash = _first_overlap(loop_file.boxes)
+        if clash:
+            raise ProjectError(f"{path}: box {clash[1].id} overlaps box {clash[0].id} of {clash[0].case!r} "
+                               f"(no box may overlap another)")
         return (f"<Project {self.name!r} at {self.path}: {len(self.pool_cases)} pool / {len(self.test_cases)} test cases, "
                 f"patch {list(self.patch_size)}, {len(self.loop_indices())} loops>")
 
@@ -502,6 +520,49 @@ def _write_project_files(
                 atomic_write_image(read_image(source), target)
         ref = read_image(info.channels[0]) if info.label is not None or split[info.case] == "pool" else None
         if split[info.case] == "pool":
+def case_id_problem(case: object) -> str | None:
+    """Why ``case`` cannot be a case id, or None: ids name files inside the project and must not lead out of it."""
+    if not isinstance(case, str) or not case:
+        return f"case id {case!r} is not a non-empty string"
+    if case in (".", "..") or case.startswith(".") or any(ch in case for ch in '/\\:\0') or case != case.strip():
+        return (f"case id {case!r} is not a plain file name (no '/', '\\', ':', leading '.' or surrounding spaces); "
+                "it would name a file outside the project")
+    return None
+
+
+def _whole(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """The first thing wrong with a project file's fields, or None (checked on open, as loop files are)."""
+    cases = meta.get("cases")
+    if not isinstance(cases, dict) or not cases:
+        return "damaged project file (no 'cases' object)"
+    for case, record in cases.items():
+        problem = case_id_problem(case)
+        if problem:
+            return problem
+        if not isinstance(record, dict) or record.get("split") not in ("pool", "test"):
+            return f"case {case!r} has no split 'pool' or 'test'"
+        shape = record.get("shape")
+        if not isinstance(shape, list) or len(shape) != 3 or not all(_whole(n, 1) for n in shape):
+            return f"case {case!r} has shape {shape!r}; expected three positive whole numbers"
+    patch = meta.get("patch_size")
+    if not isinstance(patch, list) or len(patch) != 3 or not all(_whole(n, 1) for n in patch):
+        return f"patch_size {patch!r}: expected three positive whole numbers"
+    if not _whole(meta.get("seed"), 0):
+        return f"seed {meta.get('seed')!r}: expected a non-negative whole number"
+    budget = meta.get("budget", {})
+    if not isinstance(budget, dict):
+        return f"budget {budget!r}: expected an object"
+    if budget.get("query_size") is not None and not _whole(budget["query_size"], 1):
+        return f"budget.query_size {budget['query_size']!r}: expected a whole number of at least 1"
+    if "loops" in budget and not _whole(budget["loops"], 1):
+        return f"budget.loops {budget['loops']!r}: expected a whole number of at least 1"
+    return None
+
+
             partial = sitk.GetImageFromArray(empty_partial_map(info.shape, ignore_value))
             partial.CopyInformation(ref)
             atomic_write_image(partial, root / "labelsTr" / f"{info.case}{FILE_ENDING}")
@@ -512,6 +573,18 @@ def _write_project_files(
             out.CopyInformation(ref)  # the label's geometry equals the image's within tolerance
             gt_path = root / "groundtruth" / f"{info.case}{FILE_ENDING}"
             atomic_write_image(out, gt_path)
+def _first_overlap(records: Sequence[BoxRecord]) -> tuple[BoxRecord, BoxRecord] | None:
+    """The first pair of boxes (earlier, later) of one case that overlap, or None."""
+    by_case: dict[str, list[BoxRecord]] = {}
+    for record in records:
+        seen = by_case.setdefault(record.case, [])
+        for other in seen:
+            if other.box.overlaps(record.box):
+                return other, record
+        seen.append(record)
+    return None
+
+
             _make_read_only(gt_path)
     labels = {_unique_name(name, class_names, value): value for value, name in class_names.items()}
     labels["ignore"] = ignore_value

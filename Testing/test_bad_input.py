@@ -262,3 +262,72 @@ def test_loop_settings_and_simulation_settings_check_their_fields(tmp_path):
         with pytest.raises(ValueError, match=name):
             SimulationSettings(**{**base, **kwargs})
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ hand-edited project files
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("bad_case", ["../../victim", "..", "a/b", "a\\b", ".hidden", "C:evil", "", " spaced"])
+def test_a_case_id_that_leads_out_of_the_project_is_refused_on_open(project, tmp_path, bad_case, capsys):
+    """A case ``../../victim`` made ``al3d annotate`` replace a file outside the project."""
+    meta = project / "project.json"
+
+    def rename(data):
+        case, record = next((c, r) for c, r in data["cases"].items() if r["split"] == "pool")
+        data["cases"][bad_case] = data["cases"].pop(case)
+
+    _edit_json(meta, rename)
+    victim = tmp_path / "victim.nii.gz"
+    victim.write_bytes(b"outside the project")
+    with pytest.raises(ProjectError, match=r"project\.json: case id .* not a (non-empty|plain)"):
+        Project.open(project)
+    assert main(["annotate", str(project), "--oracle"]) == 1
+    _one_line_error(capsys, "project.json", "case id")
+    assert victim.read_bytes() == b"outside the project"
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["cases"][next(iter(d["cases"]))].update(split="train"), "split"),
+    (lambda d: d["cases"][next(iter(d["cases"]))].update(shape=[12, -1, 14]), "shape"),
+    (lambda d: d.update(patch_size=[4, 4]), "patch_size"),
+    (lambda d: d.update(seed=-1), "seed"),
+    (lambda d: d["budget"].update(query_size=0), "query_size"),
+    (lambda d: d["budget"].update(loops="many"), "loops"),
+    (lambda d: d.update(cases={}), "cases"),
+])
+def test_damaged_project_fields_are_refused_naming_project_json(project, change, message):
+    _edit_json(project / "project.json", change)
+    with pytest.raises(ProjectError, match=f"project\\.json: .*{message}"):
+        Project.open(project)
+
+
+def test_hand_edited_loop_files_are_refused_naming_the_file(project):
+    """Duplicate indices left a box pending forever; duplicate and overlapping boxes were accepted."""
+    loop0 = project / "loops" / "loop_000.json"
+    original = loop0.read_text()
+    cases = [
+        (lambda d: d["patches"][1].update(index=0), "entry 1 says it is box 000-0000"),
+        (lambda d: d["patches"].append(dict(d["patches"][0], index=3)), "overlaps box 000-0000"),
+        (lambda d: d["patches"].append(dict(d["patches"][0], index=3, coords=[c + 1 for c in d["patches"][0]["coords"]])),
+         "overlaps box 000-0000"),
+        (lambda d: d["patches"][0].update(loop=4), "says it is box 004-0000"),
+    ]
+    for change, message in cases:
+        loop0.write_text(original)
+        _edit_json(loop0, change)
+        logic = ActiveLearningLogic.open(project)
+        with pytest.raises(ProjectError, match=f"loop_000.json: .*{message}"):
+            logic.status()
+    loop0.write_text(original)
+    # a later loop that repeats a box of an earlier one names both files
+    logic = ActiveLearningLogic.open(project)
+    logic.query("random", 2)
+    _edit_json(project / "loops" / "loop_001.json",
+               lambda d: d["patches"][0].update(file=json.loads(original)["patches"][0]["file"],
+                                                coords=json.loads(original)["patches"][0]["coords"]))
+    with pytest.raises(ProjectError, match=r"loop_001.json: box 001-0000 overlaps box 000-0000 .* in loop_000.json"):
+        logic.pending_boxes()

@@ -462,9 +462,9 @@ def test_atomic_image_write_keeps_the_format_suffix(tmp_path):
 
 def _loop(project: Project, loop: int = 0) -> LoopFile:
     a, b = project.pool_cases[:2]
-    boxes = [
-        BoxRecord(Box(a, (0, 1, 2), (4, 5, 6)), loop, 0, "pe", score=0.75, priority=1.0, stratum="tumour"),
-        BoxRecord(Box(b, (8, 11, 8), (4, 5, 6)), loop, 1, "pe", score=0.5),
+    boxes = [  # each loop elsewhere: no box may overlap another
+        BoxRecord(Box(a, (4 * loop, 1, 2), (4, 5, 6)), loop, 0, "pe", score=0.75, priority=1.0, stratum="tumour"),
+        BoxRecord(Box(b, (8 - 4 * loop, 11, 8), (4, 5, 6)), loop, 1, "pe", score=0.5),
     ]
     return LoopFile(loop, "pe", 7, "2024-01-01T00:00:00+00:00", boxes, {"note": "test"})
 
