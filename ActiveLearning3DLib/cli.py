@@ -111,11 +111,18 @@ def progress(items: Iterable, desc: str) -> Iterable:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    logic = ActiveLearningLogic.create(
-        args.project, args.images, args.labels, patch_size=args.patch_size, test_fraction=args.test_fraction,
-        seed=args.seed, max_cases=args.max_cases,
-        budget=BudgetSettings(query_size=args.query_size, loops=args.loops), progress=progress,
-    )
+    options = dict(patch_size=args.patch_size, test_fraction=args.test_fraction, seed=args.seed,
+                   max_cases=args.max_cases, budget=BudgetSettings(query_size=args.query_size, loops=args.loops))
+    if (args.images is None) == (args.dicomweb is None):
+        raise SystemExit("al3d init: error: give either --images DIR or --dicomweb URL (see al3d init --help)")
+    if args.dicomweb:
+        from .dicom.commands import create_from_dicomweb
+
+        logic = ActiveLearningLogic(create_from_dicomweb(args, options, progress))
+    else:
+        logic = ActiveLearningLogic.create(args.project, args.images, args.labels, progress=progress, **options)
+    for line in logic.project.dicom_skipped:
+        print(line)
     if args.start:
         count = args.start_count or args.query_size
         if not count:
@@ -365,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create a project from a folder of images (and ground truth for simulation)")
     p.add_argument("project", type=Path)
-    p.add_argument("--images", type=Path, required=True, help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+    p.add_argument("--images", type=Path, help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd) and/or DICOM series "
+                   "(any nesting; each 3D image series becomes a case)")
     p.add_argument("--labels", type=Path, help="folder of dense ground truth with the same case ids (simulation)")
     p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"), help="query box size in voxels")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="held-out test share when labels are given")
@@ -377,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query the starting budget (loop 0) at once: e.g. cscs or cluster (label-free), random")
     p.add_argument("--start-count", type=POSITIVE, help="boxes in the starting budget (default: --query-size)")
     _add_autoencoder_options(p)
+    from .dicom.commands import add_export_parser, add_init_options
+
+    add_init_options(p)
     p.set_defaults(func=_cmd_init)
 
     _project_command(sub, "status", "show a project's cases, loops and annotation progress", _cmd_status, json=True)
@@ -426,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=POSITIVE, help="number of boxes (default: the project's query size)")
     p.add_argument("--seed", type=NON_NEGATIVE, help="default: the project seed")
     p.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
+
+    add_export_parser(sub, _project_command)
 
     p = sub.add_parser("methods", help="list the query methods")
     p.set_defaults(func=_cmd_methods)

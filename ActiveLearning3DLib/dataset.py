@@ -200,20 +200,27 @@ def validate_dataset(
     tolerance: GeometryTolerance = GeometryTolerance(),
     max_cases: int | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    extra_images: Mapping[str, Path] | None = None,
 ) -> tuple[list[CaseInfo], dict[int, str]]:
     """Read every file once and check it; returns the cases and the class names.
 
     Raises DatasetError listing every problem found. Classes come from ``classes``,
     else from a dataset.json beside the data, else from the label values found.
+    ``extra_images`` are single-channel cases from elsewhere (DICOM series converted to NIfTI).
     """
     images = Path(images)
     cases, problems = discover_images(images)
+    for case, path in (extra_images or {}).items():
+        if case in cases:
+            problems.append(f"{path}: case id {case!r} is also an image file in {images}")
+        else:
+            cases[case] = {0: Path(path)}
     label_files: dict[str, Path] = {}
     if labels is not None:
         label_files, label_problems = discover_labels(labels)
         problems += label_problems
     if not cases:
-        raise DatasetError(problems + [f"{images}: no images found (.nii.gz, .nii, .nrrd, .mha, .mhd); the pool would be empty"])
+        raise DatasetError(problems + [f"{images}: no images found (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM series); the pool would be empty"])
     case_ids = sorted(cases)
     if max_cases is not None:
         case_ids = case_ids[:max_cases]

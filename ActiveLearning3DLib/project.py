@@ -228,9 +228,29 @@ class Project:
         max_cases: int | None = None,
         tolerance: GeometryTolerance = GeometryTolerance(),
         progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+        source: Mapping[str, object] | None = None,
     ) -> "Project":
-        """Validate the data, then build the project in a temporary folder and move it into place."""
+        """Validate the data, then build the project in a temporary folder and move it into place.
+
+        DICOM series anywhere under ``images`` become cases too (converted to
+        NIfTI first, their UIDs kept in project.json, series that are no 3D
+        image skipped with their reason in ``source.dicom_skipped``).
+        ``source`` adds to what project.json records of the input (e.g. a DICOMweb URL).
+        """
+        from .dicom.series import converted_dicom_input
+
         path = Path(path).absolute()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ProjectError(f"{path}: exists and is not an empty folder; open it instead or choose another path")
+        with converted_dicom_input(images, path, progress) as dicom:
+            return cls._create(path, images, labels, patch_size, test_fraction, seed, classes, budget, max_cases,
+                               tolerance, progress, dicom, source)
+
+    @classmethod
+    def _create(cls, path: Path, images: Path | str, labels: Path | str | None, patch_size: Sequence[int] | None,
+                test_fraction: float, seed: int, classes: Mapping[int, str] | None, budget: BudgetSettings | None,
+                max_cases: int | None, tolerance: GeometryTolerance, progress: Callable[[Iterable, str], Iterable],
+                dicom, source: Mapping[str, object] | None) -> "Project":
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ProjectError(f"{path}: exists and is not an empty folder; open it instead or choose another path")
         if not 0 <= test_fraction < 1:
@@ -238,7 +258,8 @@ class Project:
         if patch_size is not None and (len(patch_size) != 3 or min(patch_size) < 1):
             raise ProjectError(f"patch size must be three positive integers (Z Y X), got {list(patch_size)}")
         infos, class_names = validate_dataset(
-            images, labels, classes, tolerance, max_cases, progress=lambda it: progress(it, "checking data")
+            images, labels, classes, tolerance, max_cases, progress=lambda it: progress(it, "checking data"),
+            extra_images=dicom.images if dicom else None,
         )
         split = _split_cases([i.case for i in infos], test_fraction if labels is not None else 0.0, seed)
         if not any(s == "pool" for s in split.values()):
@@ -260,13 +281,20 @@ class Project:
             "channels": {str(k): v for k, v in channels.items()}, "file_ending": FILE_ENDING,
             "has_ground_truth": labels is not None,
             "budget": asdict(budget or BudgetSettings()),
-            "source": {"images": str(Path(images).absolute()), "labels": str(Path(labels).absolute()) if labels else None},
-            "cases": {i.case: {"split": split[i.case], **i.to_json()} for i in infos},
+            "source": {"images": str(Path(images).absolute()), "labels": str(Path(labels).absolute()) if labels else None,
+                       **({"dicom_skipped": dicom.skipped} if dicom else {}), **dict(source or {})},
+            "cases": {i.case: {"split": split[i.case], **i.to_json(),
+                               **({"dicom": dicom.records[i.case]} if dicom and i.case in dicom.records else {})}
+                      for i in infos},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = make_staging_dir(path.parent, f".{path.name}.creating-")
         try:
             _write_project_files(staging, meta, infos, split, class_names, ignore_value, progress)
+            if dicom:
+                from .dicom.series import write_header_files
+
+                write_header_files(staging, dicom, [i.case for i in infos])
             if path.exists():
                 path.rmdir()
             os.rename(staging, path)
@@ -290,6 +318,9 @@ class Project:
             raise ProjectError(f"{meta_path}: not an ActiveLearning3D project file")
         if int(meta.get("version", 0)) > PROJECT_VERSION:
             raise ProjectError(f"{meta_path}: written by a newer ActiveLearning3D (format {meta['version']})")
+        problem = _meta_problem(meta)  # a shared folder is untrusted: no case id may lead out of it
+        if problem:
+            raise ProjectError(f"{meta_path}: {problem}")
         remove_stale_temporaries(path, ("loops", "labelsTr", "evaluation"))  # never jobs/ or nnunet/: live writers
         try:
             return cls(path, meta)
@@ -318,9 +349,6 @@ class Project:
         """Per loop, cumulative: (annotated boxes, annotated voxels, ground-truth foreground voxels inside them).
 
         The last row's third value over :attr:`pool_foreground_voxels` is FG-Eff's x.
-        problem = _meta_problem(meta)  # a shared folder is untrusted: no case id may lead out of it
-        if problem:
-            raise ProjectError(f"{meta_path}: {problem}")
         Each case's ground truth is read once per loop.
         """
         rows, boxes, voxels, inside = [], 0, 0, 0
@@ -354,6 +382,20 @@ class Project:
 
     def ground_truth_path(self, case: str) -> Path:
         return self.path / "groundtruth" / f"{case}{FILE_ENDING}"
+
+    def dicom_source(self, case: str) -> dict | None:
+        """The source series' UIDs of a case made from DICOM (study, series, frame of reference, instances), else None."""
+        record = self._meta["cases"].get(case, {}).get("dicom")
+        return dict(record) if record else None
+
+    @property
+    def dicom_skipped(self) -> list[str]:
+        """The DICOM series the project was not made of, each with its reason."""
+        source = self._meta.get("source", {})
+        return list(source.get("dicomweb_skipped", [])) + list(source.get("dicom_skipped", []))
+
+    def dicom_headers_path(self, case: str) -> Path:
+        return self.path / "dicom" / f"{case}.json"
 
     @property
     def loops_dir(self) -> Path:
@@ -417,6 +459,15 @@ class Project:
                 )
             if record.state not in BOX_STATES:
                 raise ProjectError(f"{path}: box {record.id} has unknown state {record.state!r}")
+        for position, record in enumerate(loop_file.boxes):
+            if (record.loop, record.index) != (loop, position):
+                raise ProjectError(f"{path}: entry {position} says it is box {record.id}, expected "
+                                   f"{loop:03d}-{position:04d} (duplicate or reordered indices; each box's 'loop' "
+                                   f"and 'index' must match the file and its place in 'patches')")
+        clash = _first_overlap(loop_file.boxes)
+        if clash:
+            raise ProjectError(f"{path}: box {clash[1].id} overlaps box {clash[0].id} of {clash[0].case!r} "
+                               f"(no box may overlap another)")
         return loop_file
 
     def write_loop(self, loop_file: LoopFile) -> None:
@@ -465,61 +516,10 @@ class Project:
         self._meta, self.settings.budget.loops = meta, int(loops)
 
     def __repr__(self) -> str:
-        for position, record in enumerate(loop_file.boxes):
-            if (record.loop, record.index) != (loop, position):
-                raise ProjectError(f"{path}: entry {position} says it is box {record.id}, expected "
-                                   f"{loop:03d}-{position:04d} (duplicate or reordered indices; each box's 'loop' "
-                                   f"and 'index' must match the file and its place in 'patches')")
-        clash = _first_overlap(loop_file.boxes)
-        if clash:
-            raise ProjectError(f"{path}: box {clash[1].id} overlaps box {clash[0].id} of {clash[0].case!r} "
-                               f"(no box may overlap another)")
         return (f"<Project {self.name!r} at {self.path}: {len(self.pool_cases)} pool / {len(self.test_cases)} test cases, "
                 f"patch {list(self.patch_size)}, {len(self.loop_indices())} loops>")
 
 
-def _split_cases(cases: Sequence[str], test_fraction: float, seed: int) -> dict[str, str]:
-    """Seeded fixed split; the same cases, fraction and seed always give the same test set."""
-    n_test = int(round(len(cases) * test_fraction))
-    if test_fraction > 0 and len(cases) >= 2:
-        n_test = max(n_test, 1)
-    rng = np.random.default_rng(seed)
-    test = set(rng.choice(sorted(cases), size=n_test, replace=False).tolist()) if n_test else set()
-    return {c: ("test" if c in test else "pool") for c in cases}
-
-
-def _make_read_only(path: Path) -> None:
-    path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-
-
-def _write_project_files(
-    root: Path,
-    meta: dict,
-    infos: Sequence[CaseInfo],
-    split: Mapping[str, str],
-    class_names: Mapping[int, str],
-    ignore_value: int,
-    progress: Callable[[Iterable, str], Iterable],
-) -> None:
-    for sub in ("imagesTr", "labelsTr", "loops"):
-        (root / sub).mkdir()
-    has_test = any(s == "test" for s in split.values())
-    if has_test:
-        (root / "imagesTs").mkdir()
-    if meta["has_ground_truth"]:
-        (root / "groundtruth").mkdir()
-    dtype = label_dtype(ignore_value)
-    for info in progress(infos, "creating project"):
-        folder = root / ("imagesTr" if split[info.case] == "pool" else "imagesTs")
-        ref = None
-        for channel, source in enumerate(info.channels):
-            target = folder / f"{info.case}_{channel:04d}{FILE_ENDING}"
-            if source.name.lower().endswith(FILE_ENDING):
-                atomic_copy(source, target)
-            else:
-                atomic_write_image(read_image(source), target)
-        ref = read_image(info.channels[0]) if info.label is not None or split[info.case] == "pool" else None
-        if split[info.case] == "pool":
 def case_id_problem(case: object) -> str | None:
     """Why ``case`` cannot be a case id, or None: ids name files inside the project and must not lead out of it."""
     if not isinstance(case, str) or not case:
@@ -563,16 +563,16 @@ def _meta_problem(meta: dict) -> str | None:
     return None
 
 
-            partial = sitk.GetImageFromArray(empty_partial_map(info.shape, ignore_value))
-            partial.CopyInformation(ref)
-            atomic_write_image(partial, root / "labelsTr" / f"{info.case}{FILE_ENDING}")
-        if info.label is not None:
-            gt = read_image(info.label)
-            arr = np.round(sitk.GetArrayViewFromImage(gt)).astype(dtype)
-            out = sitk.GetImageFromArray(arr)
-            out.CopyInformation(ref)  # the label's geometry equals the image's within tolerance
-            gt_path = root / "groundtruth" / f"{info.case}{FILE_ENDING}"
-            atomic_write_image(out, gt_path)
+def _split_cases(cases: Sequence[str], test_fraction: float, seed: int) -> dict[str, str]:
+    """Seeded fixed split; the same cases, fraction and seed always give the same test set."""
+    n_test = int(round(len(cases) * test_fraction))
+    if test_fraction > 0 and len(cases) >= 2:
+        n_test = max(n_test, 1)
+    rng = np.random.default_rng(seed)
+    test = set(rng.choice(sorted(cases), size=n_test, replace=False).tolist()) if n_test else set()
+    return {c: ("test" if c in test else "pool") for c in cases}
+
+
 def _first_overlap(records: Sequence[BoxRecord]) -> tuple[BoxRecord, BoxRecord] | None:
     """The first pair of boxes (earlier, later) of one case that overlap, or None."""
     by_case: dict[str, list[BoxRecord]] = {}
@@ -585,6 +585,48 @@ def _first_overlap(records: Sequence[BoxRecord]) -> tuple[BoxRecord, BoxRecord] 
     return None
 
 
+def _make_read_only(path: Path) -> None:
+    path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _write_project_files(
+    root: Path,
+    meta: dict,
+    infos: Sequence[CaseInfo],
+    split: Mapping[str, str],
+    class_names: Mapping[int, str],
+    ignore_value: int,
+    progress: Callable[[Iterable, str], Iterable],
+) -> None:
+    for sub in ("imagesTr", "labelsTr", "loops"):
+        (root / sub).mkdir()
+    has_test = any(s == "test" for s in split.values())
+    if has_test:
+        (root / "imagesTs").mkdir()
+    if meta["has_ground_truth"]:
+        (root / "groundtruth").mkdir()
+    dtype = label_dtype(ignore_value)
+    for info in progress(infos, "creating project"):
+        folder = root / ("imagesTr" if split[info.case] == "pool" else "imagesTs")
+        ref = None
+        for channel, source in enumerate(info.channels):
+            target = folder / f"{info.case}_{channel:04d}{FILE_ENDING}"
+            if source.name.lower().endswith(FILE_ENDING):
+                atomic_copy(source, target)
+            else:
+                atomic_write_image(read_image(source), target)
+        ref = read_image(info.channels[0]) if info.label is not None or split[info.case] == "pool" else None
+        if split[info.case] == "pool":
+            partial = sitk.GetImageFromArray(empty_partial_map(info.shape, ignore_value))
+            partial.CopyInformation(ref)
+            atomic_write_image(partial, root / "labelsTr" / f"{info.case}{FILE_ENDING}")
+        if info.label is not None:
+            gt = read_image(info.label)
+            arr = np.round(sitk.GetArrayViewFromImage(gt)).astype(dtype)
+            out = sitk.GetImageFromArray(arr)
+            out.CopyInformation(ref)  # the label's geometry equals the image's within tolerance
+            gt_path = root / "groundtruth" / f"{info.case}{FILE_ENDING}"
+            atomic_write_image(out, gt_path)
             _make_read_only(gt_path)
     labels = {_unique_name(name, class_names, value): value for value, name in class_names.items()}
     labels["ignore"] = ignore_value
