@@ -137,6 +137,22 @@ def _job_entry(name: str, status: JobStatus) -> dict:
             "epoch": status.epoch, "message": status.message}
 
 
+def _node_name(node: Any) -> str:
+    return f"volume {node.GetName()!r}" if hasattr(node, "GetName") else repr(node)
+
+
+def _unique_case_id(name: str, used: set[str]) -> str:
+    """A case id from a node name: letters, digits, '.', '-' kept, never a channel suffix, unique among ``used``."""
+    import re
+
+    base = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-.") or "volume"
+    case, n = base, 2
+    while case in used:
+        case, n = f"{base}-{n}", n + 1
+    used.add(case)
+    return case
+
+
 class AnnotationController:
     """Binds a project (the headless logic) to a scene: the query table, boxes, annotation and the loop."""
 
@@ -177,6 +193,84 @@ class AnnotationController:
         controller = cls(ctx, logic, runner)
         controller.begin_starting_budget(settings.start_method, start_count or query_size)
         return controller
+
+    @classmethod
+    def create_project_from_scene(cls, ctx: mrml.SlicerContext, path: Path | str, volume_nodes: Sequence[Any],
+                                  **options: Any) -> "AnnotationController":
+        """Create a project of volumes loaded in the scene (one case each, named after the node).
+
+        Each volume is written through Slicer's own storage node into a staging
+        folder beside the project (so what Slicer shows is what the project
+        holds, geometry included); the staging folder goes once the project
+        exists or fails. ``options`` are those of :meth:`create_project`.
+        """
+        import shutil
+
+        from ..fileio import make_staging_dir
+
+        path = Path(path).absolute()
+        problems = [f"{_node_name(n)}: {p}" for n in volume_nodes if (p := mrml.scalar_volume_problem(n))]
+        if not volume_nodes or problems:
+            raise ProjectError("scene volumes: " + ("; ".join(problems) or "select at least one volume"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_staging_dir(path.parent, f".{path.name}.scene-")
+        try:
+            used: set[str] = set()
+            for node in volume_nodes:
+                case = _unique_case_id(node.GetName(), used)
+                mrml.write_volume(ctx, node, staging / f"{case}_0000.nii.gz")
+            return cls.create_project(ctx, path, staging, **options)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def create_project_from_dicom_files(cls, ctx: mrml.SlicerContext, path: Path | str,
+                                        files_by_series: Mapping[str, Sequence[Path | str]],
+                                        **options: Any) -> "AnnotationController":
+        """Create a project of DICOM series given as file lists (what Slicer's DICOM database holds for them).
+
+        The files are linked (or copied) into a staging folder, one subfolder per
+        series, and read by the same series reader as ``al3d init --images``:
+        non-volume series are skipped with their reason (``logic.project.dicom_skipped``).
+        """
+        import os
+        import shutil
+
+        from ..fileio import make_staging_dir
+
+        path = Path(path).absolute()
+        missing = [f"{uid}: no files" for uid, files in files_by_series.items() if not files]
+        missing += [f"{f}: file not found" for files in files_by_series.values() for f in files if not Path(f).is_file()]
+        if not files_by_series or missing:
+            raise ProjectError("DICOM series: " + ("; ".join(missing[:5]) or "select at least one series"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_staging_dir(path.parent, f".{path.name}.dicom-files-")
+        try:
+            for n, files in enumerate(files_by_series.values()):
+                folder = staging / f"series{n:04d}"
+                folder.mkdir()
+                for k, source in enumerate(files):
+                    target = folder / f"{k:05d}.dcm"
+                    try:
+                        os.link(source, target)  # same disk: no copy of the pixels
+                    except OSError:
+                        shutil.copyfile(source, target)
+            return cls.create_project(ctx, path, staging, **options)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def create_project_from_dicom_database(cls, ctx: mrml.SlicerContext, path: Path | str, series_uids: Sequence[str],
+                                           database: Any = None, **options: Any) -> "AnnotationController":
+        """Create a project of series selected in Slicer's DICOM database (desktop only: ``slicer.dicomDatabase``)."""
+        if database is None:
+            import slicer
+
+            database = getattr(slicer, "dicomDatabase", None)
+            if database is None:
+                raise ProjectError("Slicer's DICOM database is not open (it exists in the Slicer desktop application)")
+        return cls.create_project_from_dicom_files(
+            ctx, path, {uid: list(database.filesForSeries(uid)) for uid in series_uids}, **options)
 
     @classmethod
     def open_project(cls, ctx: mrml.SlicerContext, path: Path | str, runner=None) -> "AnnotationController":

@@ -76,6 +76,41 @@ def load_volume(ctx: SlicerContext, path: Path | str, name: str, labelmap: bool 
     return node
 
 
+def scalar_volume_problem(node: Any) -> str | None:
+    """Why a node cannot be a project image (None when it is a scalar volume with voxels)."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+        return f"not a scalar volume ({node.GetClassName() if node is not None else 'None'})"
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return "a label map, not an image"
+    image = node.GetImageData()
+    if image is None or min(image.GetDimensions()) < 1:
+        return "holds no voxels"
+    if image.GetNumberOfScalarComponents() != 1:
+        return f"{image.GetNumberOfScalarComponents()} components per voxel, not a grey-scale volume"
+    return None
+
+
+def write_volume(ctx: SlicerContext, node: Any, path: Path | str) -> Path:
+    """Write a volume node through Slicer's archetype storage node (as "Save" does), atomically."""
+    import slicer
+
+    from ..fileio import replacing_file
+
+    path = Path(path)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    ctx.scene.AddNode(storage)
+    try:
+        with replacing_file(path) as tmp:
+            tmp.unlink()  # the storage node writes the file itself
+            storage.SetFileName(str(tmp))
+            storage.SetUseCompression(1)
+            if not storage.WriteData(node):
+                raise OSError(f"{path}: Slicer could not write volume {node.GetName()!r}")
+    finally:
+        ctx.scene.RemoveNode(storage)
+    return path
+
+
 def show_in_slice_views(ctx: SlicerContext, background=None, foreground=None, opacity: float = 0.4) -> None:
     """Put volumes in every slice view (background and foreground layers)."""
     for composite in nodes_of_class(ctx.scene, "vtkMRMLSliceCompositeNode"):
