@@ -340,16 +340,26 @@ class ActiveLearning3DLogic(ScriptedLoadableModuleLogic):
         return SlicerContext.from_application()
 
     def segmentEditorNode(self):
-        node = slicer.mrmlScene.GetFirstNodeByName("ActiveLearning3DSegmentEditor")
+        """The scene's singleton Segment Editor node, made as SegmentEditor.py makes it.
+
+        A singleton survives File > Close Scene (reset, not removed), so the
+        embedded editor never points at a removed node; sharing the Segment
+        Editor module's node keeps both editors' selections the same.
+        """
+        node = slicer.mrmlScene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
         if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "ActiveLearning3DSegmentEditor")
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag(SEGMENT_EDITOR_SINGLETON_TAG)
+            node = slicer.mrmlScene.AddNode(node)
         return node
 
     def ensureDependencies(self):
+        """Offer to install what is missing (PyTorch extension, torch, nnunetv2); failures end in a dialog."""
         from ActiveLearning3DLib.gui.dependencies import ensure_dependencies
 
         testing = slicer.app.commandOptions().testingEnabled
-        return ensure_dependencies(slicer, slicer.util.confirmOkCancelDisplay, testing=testing)
+        return ensure_dependencies(slicer, testing=testing)
 
 
 class ActiveLearning3DTest(ScriptedLoadableModuleTest):

@@ -13,8 +13,10 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import nifti_has_non_finite, read_image, read_json, split_image_suffix
+from .fileio import nifti_has_non_finite, nifti_truncation, read_image, read_json, split_image_suffix
 
+# The ignore label (highest class + 1) must fit the uint16 partial label maps.
+MAX_CLASS = 65534
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -122,32 +124,52 @@ def _dataset_jsons(folders: Sequence[Path | str | None]) -> Iterator[dict]:
             continue
         for candidate in (Path(folder) / "dataset.json", Path(folder).parent / "dataset.json"):
             if candidate.is_file():
-                data = read_json(candidate)
+                try:
+                    data = read_json(candidate)
+                except (OSError, ValueError, UnicodeDecodeError) as e:
+                    raise DatasetError([f"{candidate}: unreadable dataset.json ({str(e).replace(str(candidate) + ': ', '')})"]) from None
                 if isinstance(data, dict):
-                    yield data
+                    yield candidate, data
 
 
 def read_class_names(*folders: Path | str | None) -> dict[int, str] | None:
     """Class names from an nnU-Net or MSD ``dataset.json`` beside the data, if there is one."""
-    for data in _dataset_jsons(folders):
+    return find_class_names(*folders)[0]
+
+
+def find_class_names(*folders: Path | str | None) -> tuple[dict[int, str] | None, Path | None]:
+    """Class names from the nearest ``dataset.json`` that declares labels, and that file (errors name it)."""
+    for path, data in _dataset_jsons(folders):
         labels = data.get("labels")
         if not isinstance(labels, dict):
             continue
         if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background"}
-            return {int(k): str(v) for k, v in labels.items()}
+            return {int(k): str(v) for k, v in labels.items()}, path
         # nnU-Net v2: {"background": 0}; region-based entries (lists) are not supported here
-        names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int) and k != "ignore"}
+        names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool)
+                 and k != "ignore"}
         if names:
-            return names
-    return None
+            return names, path
+        raise DatasetError([f"{path}: 'labels' declares no class as name -> value (nnU-Net) or \"value\": name (MSD)"])
+    return None, None
 
 
 def read_channel_names(*folders: Path | str | None) -> dict[int, str] | None:
-    for data in _dataset_jsons(folders):
+    for path, data in _dataset_jsons(folders):
         names = data.get("channel_names") or data.get("modality")
         if isinstance(names, dict):
+            if not all(str(k).isdigit() for k in names):
+                raise DatasetError([f"{path}: channel numbers {sorted(map(str, names))} must be 0, 1, ..."])
             return {int(k): str(v) for k, v in names.items()}
     return None
+
+
+def _read_whole(path: Path) -> sitk.Image:
+    """Read a source image, refusing a truncated NIfTI (SimpleITK would fill the missing voxels with zeros)."""
+    problem = nifti_truncation(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return read_image(path)
 
 
 def _geometry(image: sitk.Image) -> tuple:
@@ -186,6 +208,9 @@ def label_array(image: sitk.Image, path: Path, classes: Iterable[int] | None) ->
     values = np.unique(arr)
     if values.size and values.min() < 0:
         return None, f"negative label value {int(values.min())}"
+    if values.size and values.max() > MAX_CLASS:
+        return None, (f"label value {int(values.max())} is above the largest supported class value {MAX_CLASS} "
+                      "(label maps hold class numbers 0, 1, 2, ...)")
     if classes is not None:
         undeclared = sorted(set(int(v) for v in values) - set(classes))
         if undeclared:
@@ -231,16 +256,20 @@ def validate_dataset(
     n_channels = {len(cases[c]) for c in case_ids}
     if len(n_channels) > 1:
         problems.append(f"{images}: cases have different numbers of channels {sorted(n_channels)}")
-    declared = dict(classes) if classes is not None else read_class_names(images, labels)
+    declared, declared_in = (dict(classes), None) if classes is not None else find_class_names(images, labels)
     if declared is not None and sorted(declared) != list(range(len(declared))):
-        problems.append(f"{images}: class values {sorted(declared)} must be 0 (background), 1, 2, ... without gaps")
+        problems.append(f"{declared_in or 'classes'}: class values {sorted(declared)} must be 0 (background), 1, 2, "
+                        f"... without gaps")
+    if declared is not None and max(declared, default=0) > MAX_CLASS:
+        problems.append(f"{declared_in or 'classes'}: class value {max(declared)} is above the largest supported, "
+                        f"{MAX_CLASS}")
 
     infos: list[CaseInfo] = []
     found_values: set[int] = set()
     for case in progress(case_ids):
         channel_paths = [cases[case][c] for c in sorted(cases[case])]
         try:
-            ref = read_image(channel_paths[0])
+            ref = _read_whole(channel_paths[0])
         except ValueError as e:
             problems.append(str(e))
             continue
@@ -253,7 +282,7 @@ def validate_dataset(
             img = ref if path == channel_paths[0] else None
             if img is None:
                 try:
-                    img = read_image(path)
+                    img = _read_whole(path)
                 except ValueError as e:
                     problems.append(str(e))
                     ok = False
@@ -272,7 +301,7 @@ def validate_dataset(
         label_path = label_files.get(case)
         if label_path is not None:
             try:
-                lab = read_image(label_path)
+                lab = _read_whole(label_path)
             except ValueError as e:
                 problems.append(str(e))
                 continue
@@ -282,7 +311,8 @@ def validate_dataset(
                 continue
             arr, problem = label_array(lab, label_path, declared.keys() if declared else None)
             if problem:
-                problems.append(f"{label_path}: {problem}")
+                problems.append(f"{label_path}: {problem}" + (f" (classes from {declared_in})" if declared_in and
+                                                               "declared" in problem else ""))
                 continue
             values, n = np.unique(arr, return_counts=True)
             counts = {int(v): int(c) for v, c in zip(values, n)}

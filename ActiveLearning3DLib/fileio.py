@@ -224,6 +224,58 @@ def nifti_has_non_finite(path: Path | str, chunk_voxels: int = 1 << 20) -> bool:
     return False
 
 
+def nifti_truncation(path: Path | str, chunk_bytes: int = 1 << 22) -> str | None:
+    """Why a .nii or .nii.gz file holds less than its header announces, or None (also for other formats).
+
+    SimpleITK reads a truncated NIfTI without complaint and fills the missing voxels with zeros,
+    so this reads the whole (decompressed) stream and compares its length with the header's
+    ``vox_offset + voxels x bitpix / 8``; a cut gzip stream is reported as such.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            total = len(head)
+            while chunk := f.read(chunk_bytes):
+                total += len(chunk)
+    except EOFError:
+        return "truncated file: the compressed data ends before its end marker"
+    except gzip.BadGzipFile:
+        return None  # no gzip at all: the image reader reports it as unreadable
+    except (OSError, zlib.error) as e:
+        return f"unreadable image: damaged compressed data ({e})"
+    if len(head) < 348:
+        return f"truncated file: {len(head)} bytes, shorter than a NIfTI header"
+    header = None
+    for endian in "<>":
+        size = struct.unpack(endian + "i", head[:4])[0]
+        if size == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            header = (size, dims, bitpix, int(struct.unpack(endian + "f", head[108:112])[0]))
+        elif size == 540 and len(head) >= 540:
+            dims = struct.unpack(endian + "8q", head[16:80])
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            header = (size, dims, bitpix, struct.unpack(endian + "q", head[168:176])[0])
+        if header:
+            break
+    if header is None:
+        return None  # not NIfTI after all: the image reader reports it
+    size, dims, bitpix, offset = header
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1: dims[0] + 1]], dtype=np.int64))
+    needed = max(int(offset), size) + voxels * bitpix // 8
+    if total < needed:
+        return (f"truncated file: {total} bytes of image data where the header announces {needed} "
+                f"({'decompressed, ' if opener is gzip.open else ''}the missing voxels would read as zeros)")
+    return None
+
+
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # ITK's messages start with a location line; the description is more useful.

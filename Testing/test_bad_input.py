@@ -331,3 +331,63 @@ def test_hand_edited_loop_files_are_refused_naming_the_file(project):
                                                 coords=json.loads(original)["patches"][0]["coords"]))
     with pytest.raises(ProjectError, match=r"loop_001.json: box 001-0000 overlaps box 000-0000 .* in loop_000.json"):
         logic.pending_boxes()
+
+
+# ------------------------------------------------------------------ input data
+def _truncate_payload(path: Path) -> None:
+    """A valid gzip stream of half the NIfTI: what a copy cut short and compressed again looks like."""
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+
+
+def _cut_stream(path: Path) -> None:
+    """The .nii.gz file itself cut short (an interrupted download)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
+@pytest.mark.parametrize("what,cut", [("image", _truncate_payload), ("image", _cut_stream),
+                                      ("label", _truncate_payload), ("label", _cut_stream),
+                                      ("plain .nii image", None)])
+def test_a_truncated_nifti_is_refused_at_init_naming_the_file(tmp_path, capsys, what, cut):
+    """SimpleITK reads a truncated NIfTI and fills the missing half with zeros; init accepted it."""
+    suffix = ".nii" if what.startswith("plain") else ".nii.gz"
+    data = make_dataset(tmp_path / "source", n_cases=3, suffix=suffix)
+    victim = data.label_file("case_001", suffix) if what == "label" else data.image_file("case_001", suffix=suffix)
+    if cut is None:
+        victim.write_bytes(victim.read_bytes()[:-500])
+    else:
+        cut(victim)
+    sitk.ReadImage(str(victim))  # the reader itself does not notice
+    before = checksums(data.root)
+    assert main(["init", str(tmp_path / "p"), "--images", str(data.images), "--labels", str(data.labels)]) == 1
+    err = capsys.readouterr().err
+    assert f"{victim}: truncated file" in err and err.count(": truncated file") == 1
+    assert not (tmp_path / "p").exists() and checksums(data.root) == before
+
+
+def test_a_label_value_above_the_supported_range_is_an_error_not_a_traceback(tmp_path, capsys):
+    """70000 without dataset.json raised OverflowError while writing the uint16 partial maps."""
+    data = make_dataset(tmp_path / "source", n_cases=3, class_names=None)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(data.label_file("case_000")))).astype(np.int32)
+    label[0, 0, 0] = 70000
+    write_image(data.label_file("case_000"), label)
+    assert main(["init", str(tmp_path / "p"), "--images", str(data.images), "--labels", str(data.labels)]) == 1
+    err = capsys.readouterr().err
+    assert f"{data.label_file('case_000')}: label value 70000 is above the largest supported" in err
+    assert "Traceback" not in err and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "unreadable dataset.json"),
+    (json.dumps({"labels": {"0": "background", "2": "liver"}}), "class values [0, 2] must be 0"),
+    (json.dumps({"labels": {"background": "zero"}}), "'labels' declares no class"),
+    (json.dumps({"labels": {"0": "background", "1": "a", "2": "b"}, "channel_names": {"T1": "x"}}), "channel numbers"),
+])
+def test_dataset_json_errors_name_the_file(tmp_path, capsys, content, message):
+    data = make_dataset(tmp_path / "source", n_cases=3)
+    (data.root / "dataset.json").write_text(content)
+    assert main(["init", str(tmp_path / "p"), "--images", str(data.images), "--labels", str(data.labels)]) == 1
+    err = capsys.readouterr().err
+    assert f"{data.root / 'dataset.json'}: " in err and message in err, err
+    assert "Traceback" not in err
