@@ -1,6 +1,7 @@
 """The panel's other project sources: volumes loaded in the scene (real MRML storage nodes) and DICOM file lists."""
 from __future__ import annotations
 
+import highdicom as hd
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -65,6 +66,22 @@ def test_project_from_dicom_file_lists_reads_series_as_the_cli_does(tmp_path):
     assert project.dicom_source(case)["SOPInstanceUIDs"] == ct.sop_uids
     assert len(project.dicom_skipped) == 1 and "secondary capture" in project.dicom_skipped[0]
     assert all(f.is_file() for f in ct.files)  # the database's files are only read
+
+    # the panel's export: the latest predictions as DICOM SEG beside them
+    with pytest.raises(ProjectError, match="no predictions yet"):
+        c.export_dicom_seg()
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:5, 4:9, 3:7] = 1
+    prediction = sitk.GetImageFromArray(labels)
+    prediction.CopyInformation(project.read_image(case))
+    folder = project.path / "nnunet" / "results" / "loop_000" / "predictions"
+    folder.mkdir(parents=True)
+    sitk.WriteImage(prediction, str(folder / f"{case}.nii.gz"))
+    result = c.export_dicom_seg()
+    assert result.written == [folder / f"{case}.seg.dcm"]
+    seg = hd.seg.segread(result.written[0])
+    np.testing.assert_array_equal(
+        seg.get_pixels_by_source_instance(ct.sop_uids, combine_segments=True, skip_overlap_checks=True), labels)
     with pytest.raises(ProjectError, match="file not found"):
         AnnotationController.create_project_from_dicom_files(headless_slicer(), tmp_path / "p2",
                                                              {"1.2.3": [tmp_path / "gone.dcm"]}, query_size=2)

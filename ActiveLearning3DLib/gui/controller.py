@@ -608,6 +608,16 @@ class AnnotationController:
                 self.prediction_nodes[case] = nodes[case]
         return nodes
 
+    def export_dicom_seg(self, predictions: Path | str | None = None, partial_labels: bool = False):
+        """The predictions (default: the latest) and optionally the partial annotations of the DICOM cases as
+        DICOM SEG objects beside their NIfTI files; returns what was written and what was skipped, with why."""
+        from ..dicom.seg import export_segs, latest_predictions_dir
+
+        folder = Path(predictions) if predictions else latest_predictions_dir(self.logic.project)
+        if folder is None and not partial_labels:
+            raise ProjectError("no predictions yet: predict all cases first")
+        return export_segs(self.logic.project, folder, partial_labels)
+
     def export_model(self, destination: Path | str) -> Path:
         """Zip the latest model as stock nnU-Net v2 and SlicerNNUnet load it (see ``nnunet/export.py``).
 
