@@ -95,7 +95,7 @@ def write_ct_series(
     folder: Path, volume: np.ndarray, spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float],
     patient_id: str = "AL3D-0001", description: str = "Abdomen 2.0 mm", series_number: int = 3,
     study_uid: str | None = None, drop_slices: Sequence[int] = (), image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
-    nested: bool = True, seed: int = 0,
+    nested: bool = True, seed: int = 0, name_prefix: str = "IM",
 ) -> WrittenSeries:
     """One file per slice of a HU volume, stored as uint16 with RescaleIntercept -1024, files named in random order."""
     study_uid = study_uid or generate_uid()
@@ -129,7 +129,7 @@ def write_ct_series(
         ds.PixelData = (volume[k].astype(np.int32) + 1024).astype("<u2").tobytes()
         sub = folder / (f"part{k % 2}" if nested else "")
         sub.mkdir(parents=True, exist_ok=True)
-        path = sub / f"IM{names[k]:04d}"
+        path = sub / f"{name_prefix}{names[k]:04d}"
         ds.save_as(path, enforce_file_format=True)
         sop_uids.append(sop_uid)
         files.append(path)

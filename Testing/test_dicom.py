@@ -90,13 +90,21 @@ def test_non_volume_series_are_skipped_with_their_reason_and_the_others_become_c
     assert "missing slice(s): gap of 4 mm between slices 4 and 5 where the others are 2 mm apart" in reasons
 
 
-def test_series_with_the_same_description_get_distinct_readable_ids(tmp_path):
-    for n in range(2):
-        write_ct_series(tmp_path / "in" / f"s{n}", hu_volume((4, 8, 8), n), (1, 1, 1), (0, 0, n), OBLIQUE, seed=n)
+@pytest.mark.parametrize("n_series", [2, 6])  # 6 in one folder: more than GDCM is asked to list, pydicom groups
+def test_series_with_the_same_description_in_one_folder_get_distinct_readable_ids(tmp_path, n_series):
+    volumes = {}
+    for n in range(n_series):
+        volumes[n] = hu_volume((4, 8, 8), n)
+        written = write_ct_series(tmp_path / "in", volumes[n], (1, 1, 1), (0, 0, n), OBLIQUE, seed=n, nested=False,
+                                  name_prefix=f"S{n}-")
+        volumes[written.series_uid] = volumes.pop(n)
     project = Project.create(tmp_path / "project", tmp_path / "in", patch_size=(2, 4, 4))
     ids = sorted(project.cases)
-    assert len(ids) == 2 and ids[0] != ids[1]
+    assert len(set(ids)) == n_series
     assert all(i.startswith("AL3D-0001_20240315_Abdomen-2.0-mm-3_") for i in ids)
+    for case in ids:
+        volume = volumes[project.dicom_source(case)["SeriesInstanceUID"]]
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(project.read_image(case)), volume)
 
 
 def test_unreadable_series_is_an_error_naming_it_and_nothing_is_made(tmp_path, capsys):

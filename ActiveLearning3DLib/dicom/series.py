@@ -1,9 +1,10 @@
 """DICOM series as project cases: find every image series in a folder tree, check it is a 3D volume, convert it.
 
 Discovery uses GDCM's series grouping (``sitk.ImageSeriesReader.GetGDCMSeriesIDs`` and
-``GetGDCMSeriesFileNames``, one folder at a time, so any nesting works); pydicom reads
-the headers (no pixel data) to decide whether a series is a 3D volume and to sort its
-slices by position along the slice normal. A series that is no 3D image (localizer,
+``GetGDCMSeriesFileNames``, one folder at a time, so any nesting works; in a folder of
+many series pydicom groups them by SeriesInstanceUID instead, as GDCM rescans the folder
+for each); pydicom reads the headers (no pixel data) to decide whether a series is a 3D
+volume and to sort its slices by position along the slice normal. A series that is no 3D image (localizer,
 secondary capture, structured report, segmentation, a single slice, missing or
 unevenly spaced slices) is skipped with a one-line reason; a series that should be an
 image but cannot be read is an error naming the series.
@@ -45,6 +46,8 @@ NON_VOLUME_MODALITIES = {
 }
 # Image SOP classes whose UIDs start like a non-volume prefix above (CT 1.2.840.10008.5.1.4.1.1.2 etc. do not).
 VOLUME_SOP_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130")
+# Folders with more series than this are grouped by pydicom alone (GDCM rescans the folder for each series).
+GDCM_LISTING_LIMIT = 4
 # Relative tolerance on the distance between neighbouring slices.
 SPACING_TOLERANCE = 0.01
 
@@ -134,19 +137,23 @@ def find_series(root: Path | str, unreadable: list[str] | None = None) -> list[D
 
     root = Path(root)
     listed: list[Path] = []
+    gdcm_files: set[Path] = set()
     for folder, _dirs, names in os.walk(root):
         _dirs[:] = sorted(d for d in _dirs if not d.startswith("."))
         candidates = [Path(folder) / n for n in sorted(names) if _is_candidate(Path(folder) / n)]
         if not candidates:
             continue
-        in_series = {Path(name) for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-                     for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)}
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        in_series: set[Path] = set()
+        if len(uids) <= GDCM_LISTING_LIMIT:  # each listing scans the folder again: with many series, pydicom groups
+            in_series = {Path(name) for uid in uids for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)}
+        gdcm_files.update(in_series)
         listed += sorted(in_series)
         listed += [p for p in candidates if p not in in_series and (_has_dicom_marker(p) or p.suffix.lower() == ".dcm")]
     found: dict[str, DicomSeries] = {}
     for path in dict.fromkeys(listed):
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+        try:  # force: GDCM also reads files without the Part 10 preamble
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=path in gdcm_files)
         except Exception as e:  # noqa: BLE001 - whatever pydicom raises, the file is no readable DICOM
             if unreadable is not None:
                 unreadable.append(f"{path}: not a readable DICOM file ({type(e).__name__}), ignored")
