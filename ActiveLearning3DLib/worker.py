@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from .fileio import atomic_write_json
-from .jobs.store import Job
+from .jobs.store import Job, summarise
 from .jobs.tasks import Reporter, resolve_task
 from .project import now_iso
 
@@ -48,7 +48,7 @@ def run_job(job_dir: Path | str) -> int:
         traceback.print_exc()
         sys.stdout.flush()
         job.update(state="failed", ended=now_iso(), exit_code=1,
-                   message=f"{type(e).__name__}: {e}\n{job.log_tail(10)}")
+                   message=f"{type(e).__name__}: {summarise(str(e), 300, 600)}\n{job.log_summary()}")
         return 1
     atomic_write_json(job.path / "result.json", result)
     job.update(state="done", progress=1.0, ended=now_iso(), exit_code=0, message="done")

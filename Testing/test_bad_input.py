@@ -391,3 +391,47 @@ def test_dataset_json_errors_name_the_file(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert f"{data.root / 'dataset.json'}: " in err and message in err, err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ jobs
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", json.dumps({"state": "exploded"}),
+                                    json.dumps({"state": "running", "progress": "half"}), ""])
+def test_a_damaged_status_json_is_reported_and_the_job_runs_again(project, capsys, damage):
+    """It blocked ``al3d jobs``, ``score`` and ``loop`` until someone edited it by hand."""
+    from ActiveLearning3DLib.jobs import Job, LocalRunner, LocalRunnerSettings
+
+    job = Job.create(project / "jobs", "selftest-1", "selftest", {"steps": 1, "seconds": 0})
+    job.status_path.write_text(damage)
+    assert main(["jobs", str(project)]) == 0
+    out = capsys.readouterr().out
+    assert "selftest-1" in out and "failed" in out and "damaged status file" in out
+    assert main(["jobs", str(project), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["state"] == "failed"
+    runner = LocalRunner(LocalRunnerSettings(max_parallel=1, poll_seconds=0.05))
+    assert [s.state for s in runner.run([job], timeout=60)] == ["done"]
+    assert read_json(job.status_path)["state"] == "done"
+
+
+def test_a_workers_death_message_is_short_even_when_its_log_holds_kilobyte_lines(project):
+    from ActiveLearning3DLib.jobs import Job, LocalRunner, LocalRunnerSettings
+
+    job = Job.create(project / "jobs", "dies", "selftest", {"steps": 1000, "seconds": 0.05})
+    runner = LocalRunner(LocalRunnerSettings(max_parallel=1, poll_seconds=0.05))
+    runner.submit(job)
+    runner.poll()
+    import time
+
+    deadline = time.monotonic() + 60
+    while job.status().state != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(job.log_path, "a") as log:  # what nnU-Net prints: its plans as one line of kilobytes
+        log.write("plans: " + json.dumps({"configurations": {"3d_fullres": {"x" * 40: list(range(600))}}}) + "\n")
+    import os
+    import signal
+
+    os.kill(job.status().pid, signal.SIGKILL)
+    runner.wait([job], timeout=60)
+    status = job.status()
+    assert status.state == "failed" and "without finishing" in status.message
+    assert len(status.message) < 1500 and "more characters" in status.message

@@ -123,7 +123,7 @@ class LocalRunner:
             del self._running[path]
             status = job.status()
             if not status.final:  # killed before it could say so (SIGKILL, out of memory)
-                tail = job.log_tail(10)
+                tail = job.log_summary()
                 job.update(state="failed", ended=now_iso(), exit_code=code,
                            message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""))
             elif status.state == "failed" and status.exit_code is None:  # a watcher saw it die first (Job.refresh)

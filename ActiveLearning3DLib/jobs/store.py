@@ -159,12 +159,26 @@ class Job:
             raise JobError(f"{self.spec_path}: unreadable job file ({e})") from e
 
     def status(self) -> JobStatus:
+        """The job's status; a damaged status.json reads as failed (so the job can run again), never as an error.
+
+        status.json is replaced atomically, so only damage from outside gets here; raising would block
+        every listing, scoring and loop of the project until someone edits the file by hand.
+        """
         if not self.status_path.is_file():
             return JobStatus()
         try:
-            return JobStatus.from_json(read_json(self.status_path))
-        except (OSError, ValueError, TypeError) as e:
-            raise JobError(f"{self.status_path}: unreadable status ({e})") from e
+            data = read_json(self.status_path)
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+            status = JobStatus.from_json(data)
+            problem = _status_problem(status)
+            if problem:
+                raise ValueError(problem)
+            return status
+        except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
+            detail = str(e).replace(f"{self.status_path}: ", "")[:200]
+            return JobStatus(state="failed", message=f"{self.status_path}: damaged status file ({detail}); "
+                                                     "the job counts as failed and runs again when asked")
 
     def update(self, **changes: Any) -> JobStatus:
         """Change some status fields and replace status.json atomically."""
@@ -178,6 +192,13 @@ class Job:
         status.updated = now_iso()
         atomic_write_json(self.status_path, asdict(status))
         return status
+
+    def log_summary(self, lines: int = 10, width: int = 200, total: int = 1200) -> str:
+        """The log's last lines for a status message, each cut to ``width`` characters and all to ``total``.
+
+        nnU-Net prints its plans as one line of kilobytes; a death message must stay readable.
+        """
+        return summarise(self.log_tail(lines), width, total)
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path.is_file():
@@ -194,7 +215,7 @@ class Job:
         It ended when it was last heard of, not when the death is noticed (perhaps in a session hours later)."""
         status = self.status()
         if status.state == "running" and (status.pid is None or not process_alive(status.pid, self.path)):
-            tail = self.log_tail(10)
+            tail = self.log_summary()
             status = self.update(state="failed", ended=status.updated or now_iso(),
                                  message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
         return status
@@ -232,6 +253,32 @@ class Job:
     def __repr__(self) -> str:
         s = self.status()
         return f"<Job {self.name} {s.state} {100 * s.progress:.0f}% {s.stage}>"
+
+
+def summarise(text: str, width: int = 200, total: int = 1200) -> str:
+    """``text`` with each line cut to ``width`` characters and only the last lines that fit in ``total``."""
+    kept: list[str] = []
+    size = 0
+    for line in reversed(text.splitlines()):
+        if len(line) > width:
+            line = line[: width - 25] + f" ... ({len(line) - width + 25} more characters)"
+        if size + len(line) + 1 > total:
+            break
+        kept.append(line)
+        size += len(line) + 1
+    return "\n".join(reversed(kept))
+
+
+def _status_problem(status: JobStatus) -> str | None:
+    if status.state not in JOB_STATES:
+        return f"unknown state {status.state!r}"
+    if isinstance(status.progress, bool) or not isinstance(status.progress, (int, float)):
+        return f"progress {status.progress!r} is not a number"
+    if not isinstance(status.message, str) or not isinstance(status.earlier, list):
+        return "message or earlier attempts of the wrong type"
+    if status.pid is not None and (isinstance(status.pid, bool) or not isinstance(status.pid, int)):
+        return f"pid {status.pid!r} is not a process id"
+    return None
 
 
 def seconds_between(start: str | None, end: str | None) -> float | None:
