@@ -113,8 +113,6 @@ def progress(items: Iterable, desc: str) -> Iterable:
 def _cmd_init(args: argparse.Namespace) -> int:
     options = dict(patch_size=args.patch_size, test_fraction=args.test_fraction, seed=args.seed,
                    max_cases=args.max_cases, budget=BudgetSettings(query_size=args.query_size, loops=args.loops))
-    if (args.images is None) == (args.dicomweb is None):
-        raise SystemExit("al3d init: error: give either --images DIR or --dicomweb URL (see al3d init --help)")
     if args.dicomweb:
         from .dicom.commands import create_from_dicomweb
 
@@ -372,8 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create a project from a folder of images (and ground truth for simulation)")
     p.add_argument("project", type=Path)
-    p.add_argument("--images", type=Path, help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd) and/or DICOM series "
-                   "(any nesting; each 3D image series becomes a case)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd) and/or DICOM "
+                        "series (any nesting; each 3D image series becomes a case)")
     p.add_argument("--labels", type=Path, help="folder of dense ground truth with the same case ids (simulation)")
     p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"), help="query box size in voxels")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="held-out test share when labels are given")
@@ -387,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_autoencoder_options(p)
     from .dicom.commands import add_export_parser, add_init_options
 
-    add_init_options(p)
+    add_init_options(p, source)
     p.set_defaults(func=_cmd_init)
 
     _project_command(sub, "status", "show a project's cases, loops and annotation progress", _cmd_status, json=True)

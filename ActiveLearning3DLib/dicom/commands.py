@@ -11,11 +11,11 @@ from .seg import export_segs, latest_predictions_dir
 PUSH_RECORD = ".dicomweb-pushed.json"
 
 
-def add_init_options(p: argparse.ArgumentParser) -> None:
-    """``al3d init --dicomweb URL`` with its study filters and credentials file."""
-    g = p.add_argument_group("DICOMweb source (instead of --images)")
-    g.add_argument("--dicomweb", metavar="URL", help="pull the series from this DICOMweb store (QIDO-RS, WADO-RS), "
-                   "e.g. http://localhost:8042/dicom-web; an interrupted pull resumes when run again")
+def add_init_options(p: argparse.ArgumentParser, source: Any) -> None:
+    """``al3d init --dicomweb URL`` (in the ``source`` group, exclusive with --images), its filters and credentials."""
+    source.add_argument("--dicomweb", metavar="URL", help="pull the series from this DICOMweb store (QIDO-RS, WADO-RS) "
+                        "instead, e.g. http://localhost:8042/dicom-web; an interrupted pull resumes when run again")
+    g = p.add_argument_group("DICOMweb filters and credentials (with --dicomweb)")
     g.add_argument("--study", action="append", default=[], metavar="UID", help="only this StudyInstanceUID (repeatable)")
     g.add_argument("--patient-id", help="only studies of this PatientID")
     g.add_argument("--study-date", metavar="DATE", help="only studies of this date, YYYYMMDD or YYYYMMDD-YYYYMMDD")
