@@ -246,6 +246,15 @@ def test_bad_dicomweb_input_is_one_clear_line_and_nothing_is_written(tmp_path, o
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.json"]
 
 
+def test_searches_page_through_a_capped_server(tmp_path, orthanc):
+    study, volumes = _study(tmp_path, orthanc, f"PAGE-{uuid.uuid4().hex[:8]}", n_series=1, slices=11)
+    url, credentials = orthanc
+    client = DicomWebClient(url, Credentials.load(credentials), page_size=4)  # 11 instances: pages of 4, 4, 3
+    [series] = client.search_series(study)
+    instances = client.search_instances(study, series["0020000E"]["Value"][0])
+    assert len({i["00080018"]["Value"][0] for i in instances}) == 11
+
+
 def test_credentials_come_from_a_file_or_the_environment_and_urls_are_checked(tmp_path):
     file = tmp_path / "token.json"
     file.write_text(json.dumps({"token": "abc"}))

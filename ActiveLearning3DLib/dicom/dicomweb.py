@@ -36,6 +36,7 @@ ENV_PASSWORD = "AL3D_DICOMWEB_PASSWORD"
 COMPLETE = "complete.json"
 DICOM_JSON = "application/dicom+json"
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+QIDO_PAGE = 500  # matches asked for per search request
 
 # DICOM JSON tags used here
 STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "0020000D", "0020000E", "00080018", "00080060"
@@ -128,10 +129,12 @@ def _multipart(parts: Sequence[bytes]) -> tuple[str, bytes]:
 class DicomWebClient:
     """The three DICOMweb services of one store."""
 
-    def __init__(self, url: str, credentials: Credentials | None = None, timeout: float = 120.0):
+    def __init__(self, url: str, credentials: Credentials | None = None, timeout: float = 120.0,
+                 page_size: int = QIDO_PAGE):
         self.url = check_url(url)
         self.credentials = credentials
         self.timeout = timeout
+        self.page_size = page_size
 
     def _request(self, method: str, path: str, what: str, query: Mapping[str, str] | None = None,
                  accept: str = DICOM_JSON, body: bytes | None = None, content_type: str | None = None) -> tuple[str, bytes]:
@@ -155,6 +158,16 @@ class DicomWebClient:
         except (TimeoutError, ConnectionError) as e:
             raise DicomWebError(f"{self.url}: {what} failed: {type(e).__name__} {e}") from None
 
+    def _search(self, path: str, what: str, query: Mapping[str, str] | None = None, key: str = SOP_UID) -> list[dict]:
+        """All matches of a QIDO-RS search, page by page (servers may cap a page); ``key`` tells matches apart."""
+        found: dict[str, dict] = {}
+        while True:
+            page = self._json(path, what, {**(query or {}), "limit": str(self.page_size), "offset": str(len(found))})
+            new = {str(_value(item, key)): item for item in page if str(_value(item, key)) not in found}
+            found.update(new)
+            if not new or len(page) < self.page_size:  # the last page, or a server that ignores offset
+                return list(found.values())
+
     def _json(self, path: str, what: str, query: Mapping[str, str] | None = None) -> list[dict]:
         _, data = self._request("GET", path, what, query)
         if not data.strip():
@@ -169,13 +182,13 @@ class DicomWebClient:
 
     # QIDO-RS
     def search_studies(self, query: Mapping[str, str]) -> list[dict]:
-        return self._json("/studies", "study search (QIDO-RS)", query)
+        return self._search("/studies", "study search (QIDO-RS)", query, STUDY_UID)
 
     def search_series(self, study: str, query: Mapping[str, str] | None = None) -> list[dict]:
-        return self._json(f"/studies/{study}/series", f"series search of study {study} (QIDO-RS)", query)
+        return self._search(f"/studies/{study}/series", f"series search of study {study} (QIDO-RS)", query, SERIES_UID)
 
     def search_instances(self, study: str, series: str) -> list[dict]:
-        return self._json(f"/studies/{study}/series/{series}/instances", f"instance search of series {series} (QIDO-RS)")
+        return self._search(f"/studies/{study}/series/{series}/instances", f"instance search of series {series} (QIDO-RS)")
 
     # WADO-RS
     def retrieve_instance(self, study: str, series: str, sop: str) -> bytes:
