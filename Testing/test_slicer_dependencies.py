@@ -139,8 +139,8 @@ class _Slicer:
             calls.append(("pip_install", list(args)))
             install([a for a in args if not a.startswith("-")])
 
-        def pip_ensure_(requirements, skip_packages, prompt_install, requester):
-            calls.append(("pip_ensure", list(requirements), list(skip_packages), prompt_install))
+        def pip_ensure_(requirements, skip_packages, prompt_install, skip_in_testing, requester):
+            calls.append(("pip_ensure", list(requirements), list(skip_packages), prompt_install or skip_in_testing))
             install(requirements)
 
         def restart():
@@ -246,7 +246,7 @@ def test_the_calls_match_slicers_own_functions_in_5_8_and_5_12():
         return [a.arg for a in fn.args.args + fn.args.kwonlyargs], ast.get_source_segment(path.read_text(encoding="utf-8"), fn)
 
     params, _ = signature(vendor / "v5.12.3" / "Base" / "Python" / "slicer" / "packaging.py", "pip_ensure")
-    assert {"requirements", "skip_packages", "prompt_install", "requester"} <= set(params)
+    assert {"requirements", "skip_packages", "prompt_install", "skip_in_testing", "requester"} <= set(params)
     assert not (vendor / "v5.8.1" / "Base" / "Python" / "slicer" / "packaging.py").exists()
     _, source = signature(vendor / "v5.8.1" / "Base" / "Python" / "slicer" / "util.py", "pip_install")
     assert "type(requirements) == list" in source and '"install", *requirements' in source

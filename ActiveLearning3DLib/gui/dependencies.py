@@ -210,9 +210,8 @@ def _ensure(slicer, testing: bool, env: Environment | None, confirm: Callable[[s
             raise InstallError("Active Learning 3D needs the PyTorch extension: install it with the Extensions "
                                "Manager, restart Slicer, and try again.")
         _install_torch_extension(slicer)
-        if slicer.util.confirmYesNoDisplay("The PyTorch extension is installed. Slicer needs a restart before "
-                                           "installing PyTorch and nnU-Net. Restart now?"):
-            slicer.util.restart()
+        _offer_restart(slicer, "The PyTorch extension is installed. Slicer needs a restart before installing "
+                               "PyTorch and nnU-Net. Restart now?")
         return False
     if not confirm(f"Active Learning 3D needs {todo.describe()}. Install now? This downloads several hundred MB "
                    "(PyTorch alone is about 1-3 GB) and may take several minutes."):
@@ -227,10 +226,20 @@ def _ensure(slicer, testing: bool, env: Environment | None, confirm: Callable[[s
     if after.needed:
         raise InstallError(f"After installing, still missing: {after.describe() or after.blocking_message()}. "
                            "Restart Slicer and try again; if it persists, install them from the Python console.")
-    if replaced and slicer.util.confirmYesNoDisplay(
-            f"Updated {', '.join(replaced)}; the old versions may still be loaded. Restart Slicer now?"):
-        slicer.util.restart()
+    if replaced:
+        _offer_restart(slicer, f"Updated {', '.join(replaced)}; the old versions may still be loaded. "
+                               "Restart Slicer now?")
     return True
+
+
+def _offer_restart(slicer, text: str) -> None:
+    """Ask, and restart on yes; in Slicer's testing mode (where dialogs answer yes by themselves) only say so."""
+    testing = getattr(slicer.app, "testingEnabled", None)
+    if testing is not None and testing():
+        print(f"Active Learning 3D: {text.split('?')[0].rsplit('.', 1)[0]}. Restart Slicer before going on.")
+        return
+    if slicer.util.confirmYesNoDisplay(text):
+        slicer.util.restart()
 
 
 def _install_torch_extension(slicer) -> None:
@@ -258,7 +267,8 @@ def _install_packages(slicer, env: Environment | None) -> None:
         if not missing:
             return
         if pip_ensure is not None:
-            pip_ensure(missing, skip_packages=list(KEEP_SLICERS_OWN), prompt_install=False,
+            # the user agreed already; skip_in_testing=False: whether to install under --testing is decided above
+            pip_ensure(missing, skip_packages=list(KEEP_SLICERS_OWN), prompt_install=False, skip_in_testing=False,
                        requester="Active Learning 3D")
         else:
             for requirement in missing:
