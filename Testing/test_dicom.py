@@ -107,6 +107,19 @@ def test_series_with_the_same_description_in_one_folder_get_distinct_readable_id
         np.testing.assert_array_equal(sitk.GetArrayFromImage(project.read_image(case)), volume)
 
 
+def test_a_scout_image_inside_an_image_series_is_left_out(tmp_path):
+    volume = hu_volume(SHAPE)
+    ct = write_ct_series(tmp_path / "in", volume, SPACING, ORIGIN, OBLIQUE)
+    scout_file = write_localizer(tmp_path / "scout").files[0]
+    scout = pydicom.dcmread(scout_file)
+    scout.SeriesInstanceUID, scout.StudyInstanceUID = ct.series_uid, ct.study_uid  # as some scanners store it
+    scout.save_as(tmp_path / "in" / "part0" / "scout.dcm")
+    project = Project.create(tmp_path / "project", tmp_path / "in", patch_size=(4, 8, 8))
+    [case] = project.cases
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(project.read_image(case)), volume)
+    assert project.dicom_source(case)["SOPInstanceUIDs"] == ct.sop_uids
+
+
 def test_unreadable_series_is_an_error_naming_it_and_nothing_is_made(tmp_path, capsys):
     written = write_ct_series(tmp_path / "in", hu_volume(SHAPE), SPACING, ORIGIN, OBLIQUE, description="Truncated")
     data = written.files[3].read_bytes()

@@ -175,6 +175,11 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return arr if arr.size == n and np.all(np.isfinite(arr)) else None
 
 
+def _is_localizer(header: Any) -> bool:
+    image_type = header.get("ImageType", []) or []
+    return "LOCALIZER" in [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]
+
+
 def volume_problem(series: DicomSeries) -> str | None:
     """Why the series is no 3D volume (the skip reason), else None; sorts the slices and sets the geometry."""
     h = series.first
@@ -186,8 +191,12 @@ def volume_problem(series: DicomSeries) -> str | None:
         for prefix, reason in NON_VOLUME_SOP_CLASSES.items():
             if sop.startswith(prefix) and (prefix.endswith(".") or sop == prefix or sop[len(prefix)] == "."):
                 return reason
-    if any("LOCALIZER" in [str(v).upper() for v in (x.get("ImageType", []) or [])] for x in series.headers):
+    scout = [_is_localizer(x) for x in series.headers]
+    if all(scout):
         return "localizer (scout) images, not a 3D volume"
+    if any(scout):  # a scout stored in the image series: the volume is the rest
+        series.files = [f for f, s in zip(series.files, scout) if not s]
+        series.headers = [h for h, s in zip(series.headers, scout) if not s]
     if any("Rows" not in x or "Columns" not in x for x in series.headers):
         return "no pixel data"
     frames = {int(x.get("NumberOfFrames", 1) or 1) for x in series.headers}
@@ -276,13 +285,16 @@ class DicomInput:
     skipped: list[str]  # "series: reason" lines
 
 
+BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+
+
 def header_json(header: Any) -> dict:
-    """A slice header as DICOM JSON without pixel data (what a SEG needs to reference it)."""
+    """A slice header as DICOM JSON without pixel data or other binary elements (a SEG needs none of them)."""
     ds = header.copy()
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in ds:
-            del ds[keyword]
-    return ds.to_json_dict(bulk_data_threshold=1 << 20, bulk_data_element_handler=lambda _element: "")
+    for element in list(ds):
+        if element.VR in BINARY_VRS:
+            del ds[element.tag]
+    return ds.to_json_dict(suppress_invalid_tags=True)
 
 
 def prepare_dicom_input(
