@@ -4,14 +4,24 @@ Thin on purpose: the widget binds the panel's Qt widgets to
 ``ActiveLearning3DLib.gui.AnnotationController`` (no Qt, tested with
 ``slicer-core``) and polls the background jobs with a timer. Everything the
 panel does can also be done from the Python console with the controller.
+Long actions (creating a project, each poll of a running loop, which ends with
+the query, cancelling) run on one background thread, one at a time, so the GUI
+never freezes; the timer reports them.
 """
 
+import concurrent.futures
+import importlib.util
+import logging
 import os
 import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated
 
 import qt
 import slicer
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -33,11 +43,21 @@ def _ensureLibraryOnPath():
 
 _ensureLibraryOnPath()
 
-METHODS = ["clasp_pe", "pe", "bald", "power_pe", "power_bald", "softrank_bald", "pe_spatial", "random"]
-START_METHODS = ["cscs", "cluster", "random", "nnactive_start", "random_fg33", "random_fg66"]  # the last three need labels
-DEVICES = ["auto", "cuda", "cpu", "mps"]
-PROFILES = ["auto", "paper", "cpu-small", "demo"]
+# Needs neither torch nor scipy: the panel opens before the first use installs them.
+from ActiveLearning3DLib.gui.choices import panel_choices  # noqa: E402
+from ActiveLearning3DLib.project import ProjectError  # noqa: E402
+
+CHOICES = panel_choices()  # the combo boxes list what the method registry and the profiles accept
 POLL_MILLISECONDS = 1000
+SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"  # the Segment Editor module's own node, shared as MONAILabel does
+POLLING = "polling"  # what the background thread does while a loop runs
+BAD_INPUT = (ProjectError, ValueError, OSError, LookupError)  # a one-line message says it all
+
+
+def _chosenPath(path):
+    """A path field's value, or None when empty (Slicer's path fields read an empty field as ``Path('.')``)."""
+    text = str(path) if path is not None else ""
+    return None if text in ("", ".") else text
 
 
 class ActiveLearning3D(ScriptedLoadableModule):
@@ -77,20 +97,25 @@ biomedical image segmentation", Nature Methods, 2021.</li>
 
 @parameterNodeWrapper
 class ActiveLearning3DParameterNode:
-    """The panel's inputs, kept in the scene so that saving and reloading a scene keeps them."""
+    """The panel's inputs, kept in the scene so that saving and reloading a scene keeps them.
 
-    projectPath: str = ""
-    imagesPath: str = ""
-    labelsPath: str = ""
+    The types are the ones Slicer's GUI connectors bind: ``Path`` to a path
+    field, ``Choice`` strings to a combo box, bounded ints to a spin box (the
+    bounds are the .ui file's; without them Slicer widens the spin box).
+    """
+
+    projectPath: Path
+    imagesPath: Path
+    labelsPath: Path
     classNames: str = ""
     patchSize: str = ""
-    method: str = "clasp_pe"
-    startMethod: str = "cscs"
-    querySize: int = 20
+    method: Annotated[str, Choice(list(CHOICES.methods))] = CHOICES.method
+    startMethod: Annotated[str, Choice(list(CHOICES.start_methods))] = CHOICES.start_method
+    querySize: Annotated[int, WithinRange(1, 10000)] = 20
     python: str = "PythonSlicer"
-    device: str = "auto"
-    profile: str = "auto"
-    parallel: int = 0
+    device: Annotated[str, Choice(list(CHOICES.devices))] = CHOICES.device
+    profile: Annotated[str, Choice(list(CHOICES.profiles))] = CHOICES.profile
+    parallel: Annotated[int, WithinRange(0, 5)] = 0
 
 
 class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -103,7 +128,12 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.controller = None
         self.runner = None  # a test can inject a runner; None: local background processes
         self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._guiBound = False
         self._timer = None
+        self._worker = None  # one thread: long actions run there, one at a time, in order
+        self._pending = None  # (future, what, onDone) of the action on the worker
+        self._cancelRequested = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -113,17 +143,17 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = ActiveLearning3DLogic()
 
-        self.ui.methodComboBox.addItems(METHODS)
-        self.ui.startMethodComboBox.addItems(START_METHODS)
-        self.ui.deviceComboBox.addItems(DEVICES)
-        self.ui.profileComboBox.addItems(PROFILES)
         self.ui.boxTable.setColumnCount(5)
         self.ui.boxTable.setHorizontalHeaderLabels(["Box", "Case", "Score", "Stratum", "State"])
         self.ui.boxTable.setSortingEnabled(True)
         self.ui.boxTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.boxTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
-        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
-        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        editor = self.ui.segmentEditorWidget
+        # Submit reads the shown box's segmentation and volume: the editor must not offer to switch them.
+        editor.setSegmentationNodeSelectorVisible(False)
+        editor.setSourceVolumeNodeSelectorVisible(False)
+        self.selectSegmentEditorNode()  # first, so that selections made when the scene is set are kept in it
+        editor.setMRMLScene(slicer.mrmlScene)
 
         self.ui.createProjectButton.connect("clicked(bool)", self.onCreateProject)
         self.ui.openProjectButton.connect("clicked(bool)", self.onOpenProject)
@@ -140,75 +170,292 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
         self._timer.connect("timeout()", self.onPoll)
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ActiveLearning3D")
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
         self.updateButtons()
 
     def cleanup(self):
+        """Called when the application closes and the module widget is destroyed."""
         if self._timer:
             self._timer.stop()
         self.removeObservers()
+        self._unbindGui()
+        if self._worker:
+            self._worker.shutdown(wait=False)
+
+    def enter(self):
+        """Each time the module is shown: parameters bound again, the editor's shortcuts and view observations back."""
+        self.initializeParameterNode()
+        self.selectSegmentEditorNode()
+        editor = self.ui.segmentEditorWidget
+        editor.installKeyboardShortcuts()
+        editor.setupViewObservations()
+        editor.updateWidgetFromMRML()
+
+    def exit(self):
+        """Leaving the module: the paint effect must stop capturing slice-view clicks and key presses."""
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
+        if self._parameterNodeGuiTag is not None:  # hidden: the fields need not follow the node (Slicer 5.10+)
+            self._unbindGui()
 
     def onSceneStartClose(self, caller, event):
+        """File > Close Scene: the parameter node is reset and the project's nodes go; the project stays open."""
+        self.setParameterNode(None)
         if self.controller:
-            self.controller.close_case()
+            self.controller.close()
+        editor = self.ui.segmentEditorWidget
+        editor.setSegmentationNode(None)
+        editor.removeViewObservations()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+            self.selectSegmentEditorNode()
+            self.ui.segmentEditorWidget.updateWidgetFromMRML()
 
     # ------------------------------------------------------------- parameters
     def initializeParameterNode(self):
-        self._parameterNode = ActiveLearning3DParameterNode(self.logic.getParameterNode())
-        self._parameterNode.connectGui(self.ui)
+        self.setParameterNode(self.logic.getParameterNode())
 
-    # --------------------------------------------------------------- projects
+    def setParameterNode(self, parameterNode):
+        """Bind the panel's fields to ``parameterNode`` (None: unbind), as Slicer's module template does.
+
+        The fields stay bound when the node is the one they are bound to already:
+        connecting again would add a second set of connectors.
+        """
+        if (parameterNode is not None and self._guiBound
+                and parameterNode.parameterNode is self._parameterNode.parameterNode):
+            return
+        self._unbindGui()
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._guiBound = True
+
+    def _unbindGui(self):
+        if not self._guiBound:
+            return
+        if self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        else:
+            # Slicer 5.8's connectGui returns no tag, so disconnectGui(None) would do nothing and the old
+            # connectors would stay on the fields; disconnect each binding of this wrapper as disconnectGui does.
+            for tag in list(getattr(self._parameterNode, "_parameterGUIs", {})):
+                self._parameterNode.disconnectGui(tag)
+        self._parameterNodeGuiTag = None
+        self._guiBound = False
+
+    def selectSegmentEditorNode(self):
+        """The editor uses the scene's singleton Segment Editor node (made again after a scene close)."""
+        node = self.logic.segmentEditorNode()
+        editor = self.ui.segmentEditorWidget
+        if editor.mrmlSegmentEditorNode() is not node:
+            editor.setMRMLSegmentEditorNode(node)
+        if self.controller:
+            self.controller.editor_node = node
+
+    # ----------------------------------------------------------------- errors
     def _guard(self, action, *args):
-        """Run a controller action; show its error in a dialog instead of a traceback."""
+        """Run a panel action; a failure becomes a message (dialog and status line), never a traceback.
+
+        ``slicer.util.tryWithErrorDisplay`` shows its dialog and then raises again, so it is not used here.
+        """
+        slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            with slicer.util.tryWithErrorDisplay("Active Learning 3D failed.", waitCursor=True):
-                return action(*args)
+            return action(*args)
+        except Exception as error:
+            self._showError(error)
+            return None
         finally:
+            slicer.app.restoreOverrideCursor()
             self.updateButtons()
 
-    def onCreateProject(self):
+    def _showError(self, error):
+        """One line in the status line and a dialog; the traceback only for an unexpected error, in the details."""
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self.ui.stageLabel.text = message
+        if isinstance(error, BAD_INPUT):
+            slicer.util.errorDisplay(message, windowTitle="Active Learning 3D")
+        else:
+            details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            logging.error(details)
+            slicer.util.errorDisplay(f"Active Learning 3D failed: {message}", windowTitle="Active Learning 3D",
+                                     detailedText=details)
+
+    # ------------------------------------------------------------- background
+    def _runInBackground(self, what, call, onDone):
+        """Run a long action on the worker thread; the timer shows a moving bar and calls ``onDone(result)`` here."""
+        self._pending = (self._worker.submit(call), what, onDone)
+        if what != POLLING:
+            self.ui.stageLabel.text = f"{what}..."
+            self._showBusy(True)
+        self._timer.start()
+        self.updateButtons()
+
+    def _working(self):
+        """A long action (not a poll) runs in the background."""
+        return self._pending is not None and self._pending[1] != POLLING
+
+    def _showBusy(self, busy):
+        bar = self.ui.progressBar
+        if busy:
+            bar.setRange(0, 0)  # an empty range: Qt draws a moving bar
+        elif bar.maximum == 0:
+            bar.setRange(0, 100)
+
+    def onPoll(self):
+        """Timer tick. It never waits; an error stops the timer and is reported once."""
+        try:
+            self._tick()
+        except Exception as error:
+            self._timer.stop()
+            self._pending = None
+            self._cancelRequested = False
+            self._showBusy(False)
+            self._showError(error)
+            self.updateButtons()
+
+    def _tick(self):
+        if self._pending is not None:
+            future, what, onDone = self._pending
+            if not future.done():
+                self._showBusy(True)  # still working (a query takes a while): the bar keeps moving
+                return
+            self._pending = None
+            self._showBusy(False)
+            try:
+                onDone(future.result())  # the action's own error is raised here, on the GUI thread
+            finally:
+                self.updateButtons()
+            return
+        controller = self.controller
+        if controller is not None and controller.busy:
+            if self._cancelRequested:
+                self._cancelRequested = False
+                self._runInBackground("Cancelling", controller.cancel, self._cancelled)
+            else:
+                self._runInBackground(POLLING, controller.poll, self._polled)  # the query step runs there too
+            return
+        self._timer.stop()
+        self.updateButtons()
+
+    def waitUntilIdle(self, timeoutSeconds=600.0):
+        """Drive the timer's work until no long action runs (scripts and self-tests; the panel never waits)."""
+        deadline = time.monotonic() + timeoutSeconds
+        while self._working():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Active Learning 3D: {self._pending[1]} still runs after {timeoutSeconds} s")
+            concurrent.futures.wait([self._pending[0]], timeout=0.1)
+            self.onPoll()
+            slicer.app.processEvents()
+
+    # --------------------------------------------------------------- projects
+    def _mayReplaceProject(self):
+        """Refuse to switch projects while this one works in the background (its loop would lose its poller)."""
+        if self._working():
+            self._showError(ProjectError(f"{self._pending[1]} still runs; wait until it ends"))
+            return False
+        if self.controller is not None and self.controller.busy:
+            self._showError(ProjectError(
+                f"a loop of project {self.controller.logic.project.path.name} still runs in the background: "
+                "cancel it or wait until it ends before opening another project"))
+            return False
+        return True
+
+    def _creationRequest(self):
+        """The fields of a new project, checked here so that a bad one is reported before anything is written."""
+        from ActiveLearning3DLib.gui.controller import parse_classes, parse_patch_size
+        from ActiveLearning3DLib.query_methods import get_method
+
         p = self._parameterNode
-        if not self.logic.ensureDependencies():
+        path, images, labels = _chosenPath(p.projectPath), _chosenPath(p.imagesPath), _chosenPath(p.labelsPath)
+        if path is None:
+            raise ValueError("Project folder: choose a folder for the new project")
+        if images is None:
+            raise ValueError("Images: choose the folder with the images")
+        if not os.path.isdir(images):
+            raise ValueError(f"Images: {images} is not a folder")
+        if labels is None and get_method(p.startMethod).needs_ground_truth:
+            raise ValueError(f"Starting boxes: {p.startMethod} reads the ground truth (simulation only); "
+                             "choose a labels folder or another method")
+        names, colors = parse_classes(p.classNames)
+        return dict(path=path, images=images, labels=labels, class_names=names, class_colors=colors,
+                    patch_size=parse_patch_size(p.patchSize), method=p.method, query_size=p.querySize,
+                    start_method=p.startMethod)
+
+    def onCreateProject(self):
+        if not self._mayReplaceProject():
+            return
+        request = self._guard(self._creationRequest)
+        if request is None or not self.logic.ensureDependencies():
             return
         from ActiveLearning3DLib.gui import AnnotationController
-        from ActiveLearning3DLib.gui.controller import parse_classes, parse_patch_size
 
-        def create():
-            names, colors = parse_classes(p.classNames)
-            return AnnotationController.create_project(
-                self.logic.context(), p.projectPath, p.imagesPath, p.labelsPath or None, class_names=names,
-                class_colors=colors, patch_size=parse_patch_size(p.patchSize), method=p.method,
-                query_size=p.querySize, start_method=p.startMethod, runner=self.runner)
-
-        self.controller = self._guard(create)
-        self._afterProjectOpened()
+        ctx, runner = self.logic.context(), self.runner
+        self._runInBackground("Creating the project",
+                              lambda: AnnotationController.create_project(ctx, runner=runner, **request),
+                              lambda controller: self._projectOpened(controller, created=True))
 
     def onOpenProject(self):
+        if not self._mayReplaceProject():
+            return
         from ActiveLearning3DLib.gui import AnnotationController
 
-        self.controller = self._guard(AnnotationController.open_project, self.logic.context(), self._parameterNode.projectPath)
-        self._afterProjectOpened()
+        def open_():
+            path = _chosenPath(self._parameterNode.projectPath)
+            if path is None:
+                raise ValueError("Project folder: choose the folder of the project to open")
+            return AnnotationController.open_project(self.logic.context(), path)
 
-    def _afterProjectOpened(self):
-        if not self.controller:
-            return
+        controller = self._guard(open_)
+        if controller is not None:
+            self._guard(self._projectOpened, controller)
+
+    def _projectOpened(self, controller, created=False):
+        """Show a new or opened project; the previous one's nodes leave the scene first."""
+        if self.controller is not None and self.controller is not controller:
+            self.controller.close()
+        editor = self.ui.segmentEditorWidget
+        editor.setSegmentationNode(None)
+        self.controller = controller
         if self.runner is not None:
-            self.controller.runner = self.runner
-        self.controller.editor_node = self.logic.segmentEditorNode()
-        self._saveSettings()
-        if self.controller.busy:  # a label-free start: the pool autoencoder trains in the background first
-            self._timer.start()
+            controller.runner = self.runner
+        controller.editor_node = self.logic.segmentEditorNode()
+        if created:
+            self._saveSettings()
+        else:
+            self._loadSettings()
+        self.ui.stageLabel.text = f"Project {controller.logic.project.path}"
         self.refreshTable()
-        nextBox = self.controller.next_pending()
+        if controller.busy:  # a label-free start: the pool autoencoder trains in the background first
+            self._timer.start()
+            return
+        nextBox = controller.next_pending()
         if nextBox:
             self.goToBox(nextBox.id)
 
     def _saveSettings(self):
         p = self._parameterNode
-        self.controller.save_settings(method=p.method, query_size=p.querySize, python=p.python or None,
+        return self.controller.save_settings(method=p.method, query_size=p.querySize, python=p.python or None,
                                       device=p.device, profile=p.profile, parallel=p.parallel or None)
+
+    def _loadSettings(self):
+        """An opened project's own settings come into the fields (those the lists offer)."""
+        s, p = self.controller.settings, self._parameterNode
+        values = {"method": (s.method, CHOICES.methods), "device": (s.device, CHOICES.devices),
+                  "profile": (s.profile, CHOICES.profiles)}
+        for name, (value, allowed) in values.items():
+            if value in allowed:
+                setattr(p, name, value)
+        if s.query_size:
+            p.querySize = int(s.query_size)
+        p.parallel = int(s.parallel or 0)
 
     # ------------------------------------------------------------------ boxes
     def refreshTable(self):
@@ -217,9 +464,12 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setSortingEnabled(False)
         table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            score = "" if row.score is None else f"{row.score:.4g}"
-            for c, text in enumerate([row.id, row.case, score, row.stratum or "", row.state]):
+            for c, text in enumerate([row.id, row.case, "", row.stratum or "", row.state]):
                 table.setItem(r, c, qt.QTableWidgetItem(text))
+            if row.score is not None:
+                score = qt.QTableWidgetItem()
+                score.setData(qt.Qt.DisplayRole, float(f"{row.score:.4g}"))  # a number sorts as a number
+                table.setItem(r, 2, score)
         table.setSortingEnabled(True)
         if self.controller:
             counts = self.controller.counts()
@@ -236,6 +486,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def bindSegmentEditor(self):
         """Point the embedded Segment Editor at the shown box's segmentation and volume."""
+        self.selectSegmentEditorNode()
         editor = self.ui.segmentEditorWidget
         editor.setSegmentationNode(self.controller.annotation)
         editor.setSourceVolumeNode(self.controller.volume)
@@ -254,10 +505,13 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.bindSegmentEditor()
 
     def onAddBox(self):
-        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        ras = [0.0, 0.0, 0.0]
-        crosshair.GetCursorPositionRAS(ras)
-        if self._guard(self.controller.add_box_at, ras):
+        def add():
+            crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+            if crosshair is None:
+                raise ProjectError("the scene has no crosshair: Shift+move the mouse in a slice view first")
+            return self.controller.add_box_at(crosshair.GetCrosshairRAS())  # the Shift+move point, not the mouse
+
+        if self._guard(add):
             self.bindSegmentEditor()
         self.refreshTable()
 
@@ -267,72 +521,79 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------- loop
     def onStartOrCancel(self):
         if self.controller.busy:
-            cancelled = self._guard(self.controller.cancel)
-            self._timer.stop()
-            self.ui.stageLabel.text = f"Cancelled ({len(cancelled or [])} jobs)."
+            self._cancelRequested = True  # the worker cancels after the poll it may be running (one thing at a time)
+            self.ui.stageLabel.text = "Cancelling..."
+            self._showBusy(True)
+            self._timer.start()
             self.updateButtons()
             return
-        self._saveSettings()
+        if self._guard(self._saveSettings) is None:
+            return
         if not self.logic.ensureDependencies():
             return
-        progress = self._guard(self.controller.start_next_loop, None)
-        if progress:
-            self._timer.start()
-            self.showProgress(progress)
+        self._runInBackground("Starting the next loop", self.controller.start_next_loop, self._polled)
 
-    def onPoll(self):
-        progress = self.controller.poll() if self.controller else None
-        if progress is None or not progress.running:
-            self._timer.stop()
-            if progress is not None:
-                self.showProgress(progress)
-                if progress.state == "failed":
-                    slicer.util.errorDisplay(f"The loop failed: {progress.message}", detailedText=progress.log_tail)
-            self.refreshTable()
-            nextBox = self.controller.next_pending() if self.controller else None
-            if nextBox:
-                self.goToBox(nextBox.id)
-        else:
-            self.showProgress(progress)
-        self.updateButtons()
+    def _cancelled(self, names):
+        self.ui.stageLabel.text = f"Cancelled ({len(names or [])} jobs)."
+        self.ui.progressBar.value = 0
+
+    def _polled(self, progress):
+        if progress is None:
+            return
+        self.showProgress(progress)
+        if progress.running:
+            return
+        if progress.state == "failed":
+            slicer.util.errorDisplay(f"The loop failed: {progress.message}", windowTitle="Active Learning 3D",
+                                     detailedText=progress.log_tail)
+        self.refreshTable()
+        nextBox = self.controller.next_pending() if self.controller else None
+        if nextBox:
+            self.goToBox(nextBox.id)
 
     def showProgress(self, progress):
+        self._showBusy(False)
         self.ui.progressBar.value = int(progress.percent)
         self.ui.stageLabel.text = f"{progress.stage}: {progress.message}"
         self.ui.logTextEdit.setPlainText(progress.log_tail)
 
     def updateButtons(self):
         has = self.controller is not None
+        working = self._working()
         running = has and self.controller.busy
+        self.ui.createProjectButton.enabled = not working
+        self.ui.openProjectButton.enabled = not working
         self.ui.startButton.text = "Cancel" if running else "Start next loop"
-        self.ui.startButton.enabled = running or (has and self.controller.can_start_next_loop())
+        self.ui.startButton.enabled = (running and not self._cancelRequested and not working) or (
+            has and not running and not working and self.controller.can_start_next_loop())
         for button in (self.ui.submitButton, self.ui.skipButton, self.ui.addBoxButton):
-            button.enabled = has and self.controller.current is not None and not running
+            button.enabled = has and self.controller.current is not None and not running and not working
         for button in (self.ui.uncertaintyButton, self.ui.predictButton, self.ui.loadPredictionsButton,
                        self.ui.exportModelButton):
-            button.enabled = has and not running
+            button.enabled = has and not running and not working
 
     # ---------------------------------------------------------------- results
     def onPredict(self):
-        progress = self._guard(self.controller.predict_all_cases, None)
-        if progress:
-            self.showProgress(progress)
-            if progress.running:
-                self._timer.start()
+        self._runInBackground("Starting the predictions", self.controller.predict_all_cases, self._polled)
 
     def onLoadPredictions(self):
         nodes = self._guard(self.controller.load_predictions, None)
-        self.ui.stageLabel.text = f"Loaded {len(nodes or {})} predicted segmentations."
+        if nodes is not None:
+            self.ui.stageLabel.text = f"Loaded {len(nodes)} predicted segmentations."
 
     def onExportModel(self):
         path = qt.QFileDialog.getSaveFileName(None, "Export model", "model.zip", "Zip files (*.zip)")
         if path:
             target = self._guard(self.controller.export_model, path)
-            self.ui.stageLabel.text = f"Model saved to {target}"
+            if target is not None:
+                self.ui.stageLabel.text = f"Model saved to {target}"
 
 
 class ActiveLearning3DLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side glue only: the scene context, the segment editor node, dependencies."""
+    """Slicer-side glue only: the scene context, the parameter and segment editor nodes, dependencies."""
+
+    def getParameterNode(self):
+        return ActiveLearning3DParameterNode(super().getParameterNode())
 
     def context(self):
         from ActiveLearning3DLib.gui import SlicerContext
@@ -369,6 +630,14 @@ class ActiveLearning3DTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        missing = [name for name in ("torch", "nnunetv2") if importlib.util.find_spec(name) is None]
+        if missing:
+            # As SlicerNNUnet's self-test does: without the Python stack the panel cannot create a project.
+            message = (f"Active Learning 3D self-test skipped: {', '.join(missing)} not installed "
+                       "(creating a project in the panel offers to install them)")
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
         self.setUp()
         self.test_PanelAnnotatesABox()
 
@@ -392,9 +661,10 @@ class ActiveLearning3DTest(ScriptedLoadableModuleTest):
         widget = slicer.modules.activelearning3d.widgetRepresentation().self()
         widget.runner = _NoRunner()
         p = widget._parameterNode
-        p.projectPath, p.imagesPath, p.labelsPath = os.path.join(root, "project"), os.path.join(root, "imagesTr"), ""
+        p.projectPath, p.imagesPath, p.labelsPath = Path(root, "project"), Path(root, "imagesTr"), Path()
         p.classNames, p.patchSize, p.querySize, p.startMethod = "1=structure", "4 5 6", 3, "random"
         widget.onCreateProject()
+        widget.waitUntilIdle(timeoutSeconds=120)
         self.assertEqual(widget.ui.boxTable.rowCount, 3)
         c = widget.controller
         mask = np.ones(c.logic.project.cases[c.current.case].shape, np.uint8)
