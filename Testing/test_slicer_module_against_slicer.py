@@ -1,0 +1,461 @@
+"""The module file against Slicer's own Python (5.8.1 and 5.12.3): parameter binding, scene close, enter/exit.
+
+Each ``check_*`` below runs in a subprocess (see ``slicer_desktop_standins.py``)
+where ``slicer.util``, ``slicer.ScriptedLoadableModule`` and
+``slicer.parameterNodeWrapper`` are Slicer's unmodified files of one release,
+the nodes are slicer-core's real MRML nodes, and only the Qt/CTK widgets (built
+from the module's ``.ui`` file) and the application object are stand-ins. The
+checks open the panel as the application does (``setup``, ``enter``), drive
+its widgets as a user does, and look at the scene. Slicer's files live in
+``../shared/vendor/slicer`` (CI has them); without them these tests skip.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from slicer_desktop_standins import MODULE_FILE, PYTHON_STACK, REPO, UI_FILE, VERSIONS, vendored_python
+
+HARNESS = Path(__file__).with_name("slicer_desktop_standins.py")
+VALUE_SIGNALS = ("currentPathChanged", "currentIndexChanged", "valueChanged", "textChanged")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _signal(widget):
+    """The signal through which Slicer's connector hears the widget change."""
+    return next(getattr(widget, name) for name in VALUE_SIGNALS if hasattr(widget, name))
+
+
+def _connections(widget) -> int:
+    return len(_signal(widget).slots)
+
+
+def _shown(widget) -> str:
+    kind = type(widget).__name__
+    return {"ctkPathLineEdit": lambda: widget.currentPath, "QComboBox": lambda: widget.currentText,
+            "QSpinBox": lambda: str(widget.value), "QLineEdit": lambda: widget.text}[kind]()
+
+
+def _change(widget, work: Path) -> str:
+    """Enter another valid value as a user would; returns what the widget now shows."""
+    kind = type(widget).__name__
+    if kind == "ctkPathLineEdit":
+        widget.currentPath = str(work / f"chosen-{widget.objectName}")
+    elif kind == "QComboBox":
+        widget.currentIndex = (widget.currentIndex + 1) % widget.count()
+    elif kind == "QSpinBox":
+        widget.value = widget.value + 1 if widget.value < widget.maximum else widget.value - 1
+    else:
+        widget.text = widget.text + "1"
+    return _shown(widget)
+
+
+def _ui_spin_box_ranges() -> dict[str, tuple[int, int]]:
+    ranges = {}
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        props = {p.get("name"): p for p in widget.findall("property")}
+        if widget.get("class") == "QSpinBox":
+            ranges[props["SlicerParameterName"].findtext("string")] = (
+                int(props["minimum"].findtext("number")), int(props["maximum"].findtext("number")))
+    return ranges
+
+
+def _tick_until(panel, done, seconds=30.0):
+    """Let the panel's timer fire until ``done()`` (the timer is a stand-in: it fires when told)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "the panel did not finish in time"
+        panel._timer.timeout.emit()
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------- checks run with the Python stack there
+def check_every_parameter_widget_binds_through_slicers_connectors(desk):
+    panel = desk.open_panel()
+    fields = desk.parameter_widgets(panel)
+    in_ui = {p.findtext("string") for p in ET.parse(UI_FILE).getroot().iter("property")
+             if p.get("name") == "SlicerParameterName"}
+    assert set(fields) == in_ui and len(in_ui) == 12, sorted(fields)
+    node = panel._parameterNode
+    mrml = node.parameterNode
+    assert mrml.GetScene() is desk.scene and mrml.GetAttribute("ModuleName") == "ActiveLearning3D"
+    choices = desk.module.CHOICES
+    lists = {"method": choices.methods, "startMethod": choices.start_methods, "device": choices.devices,
+             "profile": choices.profiles}
+    for name, items in lists.items():
+        combo = fields[name]
+        assert [combo.itemText(i) for i in range(combo.count())] == list(items), name
+    assert (node.method, node.startMethod, node.device, node.profile) == (
+        choices.method, choices.start_method, choices.device, choices.profile)
+    for name, (low, high) in _ui_spin_box_ranges().items():  # Slicer widens an unbounded spin box
+        assert (fields[name].minimum, fields[name].maximum) == (low, high), name
+    for name, widget in fields.items():
+        assert _connections(widget) == 1, f"{name}: {_connections(widget)} connections"
+        old = getattr(node, name)
+        assert _shown(widget) == str(old), f"{name}: the widget does not show the parameter"
+        new = _change(widget, desk.work)
+        assert str(getattr(node, name)) == new and mrml.GetParameter(name) != "", f"{name}: not stored in the node"
+        setattr(node, name, old)
+        assert _shown(widget) == str(old), f"{name}: the node's value did not come back to the widget"
+
+
+def check_closing_the_scene_binds_the_fields_to_the_reset_parameter_node(desk):
+    panel = desk.open_panel()
+    fields = desk.parameter_widgets(panel)
+    fields["classNames"].text = "1=liver"
+    for entered in (True, False):
+        if not entered:
+            desk.exit(panel)
+        desk.close_scene()
+        singleton = desk.scene.GetSingletonNode("ActiveLearning3D", "vtkMRMLScriptedModuleNode")
+        if not entered:
+            desk.enter(panel)
+        node = panel._parameterNode
+        assert node is not None and singleton is not None and node.parameterNode is singleton
+        assert singleton.GetAttribute("ModuleName") == "ActiveLearning3D"
+        assert node.classNames == "" and fields["classNames"].text == ""  # a closed scene starts afresh
+        assert all(_connections(w) == 1 for w in fields.values())
+        fields["patchSize"].text = "3 4 5"
+        assert singleton.GetParameter("patchSize") == "3 4 5"
+        node.querySize = 7
+        assert fields["querySize"].value == 7
+
+
+def check_the_editor_keeps_a_live_singleton_node_across_a_scene_close(desk):
+    panel = desk.open_panel()
+    editor = panel.ui.segmentEditorWidget
+
+    def singleton():
+        return desk.scene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+
+    assert singleton() is not None and editor.mrmlSegmentEditorNode() is singleton()
+    desk.create_project(panel)
+    c = panel.controller
+    assert c.current is not None and editor.segmentationNode() is c.annotation
+    assert singleton().GetSegmentationNode() is c.annotation and c.editor_node is singleton()
+    assert singleton().GetMaskSegmentID()  # the edits are masked to the box through this node
+    desk.close_scene()
+    assert editor.mrmlSegmentEditorNode() is singleton() and singleton().GetScene() is desk.scene
+    panel.onBoxClicked(0, 0)  # the project stays open: a click shows a box again
+    assert not editor.errors, editor.errors
+    assert editor.segmentationNode() is c.annotation and singleton().GetSegmentationNode() is c.annotation
+    assert c.editor_node is singleton() and singleton().GetMaskSegmentID()
+
+
+def check_enter_and_exit_pair_up(desk):
+    panel = desk.open_panel()
+    editor = panel.ui.segmentEditorWidget
+    fields = desk.parameter_widgets(panel)
+    for _ in range(2):
+        assert editor.shortcutsInstalled and editor.observingViews
+        assert all(_connections(w) == 1 for w in fields.values())
+        editor.setActiveEffect("Paint")  # the user paints, then opens another module
+        desk.exit(panel)
+        assert editor.activeEffect() is None, "the paint effect still captures slice-view clicks"
+        assert not editor.shortcutsInstalled and not editor.observingViews
+        # 5.12 unbinds the hidden fields; 5.8 cannot (its connectGui returns no tag), so they stay bound once
+        assert all(_connections(w) <= 1 for w in fields.values())
+        desk.enter(panel)
+
+
+def check_the_editor_offers_no_other_segmentation_or_volume(desk):
+    editor = desk.open_panel().ui.segmentEditorWidget
+    assert not editor.segmentationNodeSelectorVisible() and not editor.sourceVolumeNodeSelectorVisible()
+
+
+def check_bad_input_gives_one_line_and_leaves_the_disk_unchanged(desk):
+    from conftest import checksums
+
+    panel = desk.open_panel()
+    fields = desk.parameter_widgets(panel)
+    desk.create_project(panel, "first")
+    assert panel.controller is not None
+    before, shown = checksums(desk.work / "first"), len(desk.dialogs)
+    desk.create_project(panel, "first")  # a project is there already
+    fields["projectPath"].currentPath = str(desk.work / "second")
+    fields["classNames"].text = "1="
+    panel.ui.createProjectButton.click()
+    fields["classNames"].text = ""
+    fields["imagesPath"].currentPath = str(desk.work / "no-such-folder")
+    panel.ui.createProjectButton.click()
+    fields["projectPath"].currentPath = str(desk.work / "first-source")
+    panel.ui.openProjectButton.click()  # a folder that is no project
+    messages = [d["text"] for d in desk.dialogs[shown:]]
+    assert len(messages) == 4, messages
+    for text in messages:
+        assert text and "\n" not in text and "Traceback" not in text, text
+    assert "exists" in messages[0] and "classes" in messages[1] and "no-such-folder" in messages[2]
+    assert panel.ui.stageLabel.text == messages[-1]
+    assert checksums(desk.work / "first") == before and not (desk.work / "second").exists()
+    assert desk.app.overrideCursors == 0
+
+
+def check_add_box_puts_the_box_at_the_crosshair_not_the_mouse(desk):
+    import numpy as np
+
+    panel = desk.open_panel()
+    desk.create_project(panel)
+    c = panel.controller
+    crosshair, mouse = (11, 3, 14), (2, 12, 2)  # (k, j, i)
+    ras = {v: (c.grid.ijk_to_ras @ np.array([v[2], v[1], v[0], 1.0]))[:3] for v in (crosshair, mouse)}
+    desk.crosshair.SetCrosshairRAS(*ras[crosshair])
+    desk.crosshair.SetCursorPositionRAS(list(ras[mouse]))  # where the mouse last was: not where the box goes
+    before = len(c.table())
+    panel.ui.addBoxButton.click()
+    assert len(c.table()) == before + 1
+    box = c.current.box
+    assert c.current.source == "annotator"
+    assert all(lo <= v < lo + s for v, lo, s in zip(crosshair, box.coords, box.size)), (box, crosshair)
+
+
+def check_a_failing_poll_stops_the_timer_and_is_reported_once(desk):
+    panel = desk.open_panel()
+    desk.create_project(panel)
+    c = panel.controller
+
+    def broken():
+        raise RuntimeError("the job folder is gone")
+
+    c.poll, c.pipeline = broken, "running"  # a loop runs and its poll fails
+    shown = len(desk.dialogs)
+    panel._timer.start()
+    _tick_until(panel, lambda: not panel._timer.isActive())
+    for _ in range(3):
+        panel.onPoll()  # stray ticks after the stop report nothing more
+    c.pipeline = None
+    assert [d["text"] for d in desk.dialogs[shown:]] == ["Active Learning 3D failed: the job folder is gone"]
+    assert "RuntimeError" in desk.dialogs[-1]["details"]  # the trace is in the details, for a bug report
+
+
+def check_the_loop_is_polled_off_the_gui_thread_with_a_moving_bar(desk):
+    import threading
+
+    from ActiveLearning3DLib.gui.controller import LoopProgress
+
+    panel = desk.open_panel()
+    desk.create_project(panel)
+    c = panel.controller
+    release, threads = threading.Event(), []
+
+    def slow_poll():  # the poll that ends with the query step, which takes a while
+        threads.append(threading.current_thread())
+        release.wait(30)
+        c.pipeline = None
+        return LoopProgress("query", "done", 100.0, "loop 1: 3 boxes", [], "")
+
+    c.poll, c.pipeline = slow_poll, "running"
+    panel._timer.start()
+    started = time.monotonic()
+    for _ in range(3):
+        panel._timer.timeout.emit()
+        time.sleep(0.05)
+    assert time.monotonic() - started < 5 and not release.is_set()  # the ticks returned while the query ran
+    assert threads and threads[0] is not threading.main_thread()
+    assert panel.ui.progressBar.maximum == 0, "the bar does not move while the query runs"
+    release.set()
+    _tick_until(panel, lambda: not panel._timer.isActive())
+    assert (panel.ui.progressBar.maximum, panel.ui.progressBar.value) == (100, 100)
+    assert "loop 1: 3 boxes" in panel.ui.stageLabel.text
+
+
+def check_project_creation_runs_off_the_gui_thread(desk):
+    import threading
+
+    from ActiveLearning3DLib.gui import AnnotationController
+
+    panel = desk.open_panel()
+    release, threads = threading.Event(), []
+    create = AnnotationController.create_project
+
+    def slow_create(*args, **kwargs):
+        threads.append(threading.current_thread())
+        release.wait(30)
+        return create(*args, **kwargs)
+
+    AnnotationController.create_project = slow_create
+    try:
+        data = desk.dataset()
+        fields = desk.parameter_widgets(panel)
+        fields["projectPath"].currentPath, fields["imagesPath"].currentPath = str(desk.work / "p"), str(data.images)
+        fields["querySize"].value = 3
+        panel.logic.ensureDependencies = lambda: True
+        panel.ui.createProjectButton.click()
+        panel._timer.timeout.emit()
+        assert panel.controller is None and panel.ui.progressBar.maximum == 0
+        assert not panel.ui.createProjectButton.enabled  # one long action at a time
+        release.set()
+        panel.waitUntilIdle(60)
+    finally:
+        AnnotationController.create_project = create
+    assert threads and threads[0] is not threading.main_thread()
+    assert panel.controller is not None and panel.ui.boxTable.rowCount == 3
+
+
+def check_a_second_project_replaces_the_first_and_a_running_loop_keeps_its_project(desk):
+    panel = desk.open_panel()
+    desk.create_project(panel, "first")
+    first = panel.controller
+    desk.create_project(panel, "second")
+    second = panel.controller
+    assert second is not first and first.volume is None
+    scene = desk.scene
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    assert scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is second.volume
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # the second's partial labels and annotation
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == len(second.box_nodes.nodes)
+    second.pipeline = "running"
+    shown = len(desk.dialogs)
+    desk.parameter_widgets(panel)["projectPath"].currentPath = str(desk.work / "first")
+    panel.ui.openProjectButton.click()
+    second.pipeline = None
+    assert panel.controller is second and len(desk.dialogs) == shown + 1 and "still runs" in desk.dialogs[-1]["text"]
+
+
+def check_the_score_column_holds_numbers(desk):
+    import qt
+
+    from ActiveLearning3DLib.gui.controller import QueryRow
+
+    panel = desk.open_panel()
+    desk.create_project(panel)
+    rows = [QueryRow("000-0000", "a", 0, 10.5, None, "pending", "query"),
+            QueryRow("000-0001", "b", 0, 9.25, None, "pending", "query"),
+            QueryRow("000-0002", "c", 0, None, None, "pending", "query")]
+    panel.controller.table = lambda *args, **kwargs: rows
+    panel.refreshTable()
+    scores = [panel.ui.boxTable.item(r, 2).data(qt.Qt.DisplayRole) for r in range(3)]
+    assert scores[:2] == [10.5, 9.25] and all(isinstance(s, float) for s in scores[:2])  # 10.5 sorts after 9.25
+    assert panel.ui.boxTable.item(2, 2).text() == ""
+
+
+def check_unloading_the_module_disconnects_the_panel(desk):
+    panel = desk.open_panel()
+    fields = desk.parameter_widgets(panel)
+    desk.unload()
+    assert all(_connections(w) == 0 for w in fields.values())
+    assert not panel._timer.isActive() and not panel.Observations
+
+
+# --------------------------------------------------------- checks run without torch, nnunetv2, scipy, matplotlib
+def check_the_panel_opens_without_the_python_stack(desk):
+    import importlib.util
+
+    assert all(importlib.util.find_spec(name) is None for name in PYTHON_STACK)
+    panel = desk.open_panel()  # what Slicer's generic test_widgetRepresentation does: the panel is built
+    desk.exit(panel)
+    desk.enter(panel)
+    desk.exit(panel)
+    desk.unload()
+
+
+def check_the_self_test_skips_with_a_message_without_the_python_stack(desk):
+    import logging
+    import types
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        module = desk.module.ActiveLearning3D(types.SimpleNamespace(path=str(MODULE_FILE)))
+        module.runTest(msec=0)  # what Slicer's test harness calls
+    finally:
+        logging.getLogger().removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("self-test skipped" in w and "torch" in w for w in warnings), warnings
+
+
+CHECKS = [name for name, value in dict(globals()).items() if name.startswith("check_") and callable(value)]
+WITHOUT_STACK = ["check_the_panel_opens_without_the_python_stack",
+                 "check_the_self_test_skips_with_a_message_without_the_python_stack"]
+WITH_STACK = [name for name in CHECKS if name not in WITHOUT_STACK]
+
+
+# -------------------------------------------------------------------------------------------- the tests
+@pytest.fixture(scope="module")
+def desktop(tmp_path_factory):
+    """Runs the checks of one release in a subprocess (once per release and setting); results by check."""
+    results = {}
+
+    def run(version: str, without_stack: bool) -> dict:
+        if not vendored_python(version).is_dir():
+            pytest.skip(f"needs Slicer's Python sources in {vendored_python(version)} (../shared/vendor; CI has them)")
+        key = (version, without_stack)
+        if key not in results:
+            out = tmp_path_factory.mktemp(f"slicer-{version}") / "results.json"
+            names = WITHOUT_STACK if without_stack else WITH_STACK
+            flags = ["--without-dependencies"] if without_stack else []
+            done = subprocess.run([sys.executable, str(HARNESS), version, __file__, str(out), *flags, *names],
+                                  cwd=REPO, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0 and out.is_file(), f"the harness failed:\n{done.stderr[-4000:]}"
+            results[key] = json.loads(out.read_text())
+        return results[key]
+
+    return run
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("check", WITH_STACK)
+def test_panel_in_slicer(desktop, version, check):
+    result = desktop(version, False)[check]
+    assert result["ok"], result["error"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("check", WITHOUT_STACK)
+def test_panel_in_slicer_before_the_first_use_installs_the_python_stack(desktop, version, check):
+    result = desktop(version, True)[check]
+    assert result["ok"], result["error"]
+
+
+# -------------------------------------------------------------------------- without Slicer's files
+def test_the_stand_in_editor_knows_only_what_slicers_header_declares():
+    from slicer_desktop_standins import public_methods, segment_editor_header
+
+    for version in VERSIONS:
+        if not vendored_python(version).is_dir():
+            pytest.skip(f"needs Slicer's sources in {vendored_python(version)} (../shared/vendor; CI has them)")
+        declared = public_methods(segment_editor_header(version), "qMRMLSegmentEditorWidget")
+        used = set(re.findall(r"editor\.(\w+)\(", MODULE_FILE.read_text()))
+        assert used and used <= declared, sorted(used - declared)
+        assert {"setupViewObservations", "removeViewObservations", "installKeyboardShortcuts"} <= declared
+        assert "SetCrosshairRAS" not in declared and "selectParameterNode" not in declared
+
+
+def test_panel_choices_come_from_the_registry_and_the_profiles():
+    from ActiveLearning3DLib.gui.choices import panel_choices
+    from ActiveLearning3DLib.gui.controller import PanelSettings
+    from ActiveLearning3DLib.nnunet.profiles import DEVICES, resolve_profile
+    from ActiveLearning3DLib.query_methods import METHODS
+
+    ch = panel_choices()
+    assert set(ch.methods) == {n for n, m in METHODS.items() if not m.needs_embeddings and not m.needs_ground_truth}
+    assert set(ch.start_methods) == {n for n, m in METHODS.items() if not m.needs_model}
+    assert ch.start_methods[:2] == ("cluster", "cscs")  # label-free first
+    assert set(ch.devices) == set(DEVICES) and "mps" not in ch.devices
+    assert ch.profiles[0] == "auto" and all(resolve_profile(p, device="cpu").name == p for p in ch.profiles[1:])
+    defaults = PanelSettings()
+    assert (ch.method, ch.start_method, ch.device, ch.profile) == (
+        defaults.method, defaults.start_method, defaults.device, defaults.profile)
+    assert ch.method in ch.methods and ch.start_method in ch.start_methods
+    module = ast.parse(MODULE_FILE.read_text())
+    assigned = {t.id for node in module.body if isinstance(node, ast.Assign) for t in node.targets
+                if isinstance(t, ast.Name)}
+    assert not assigned & {"METHODS", "START_METHODS", "DEVICES", "PROFILES"}, "hard-coded lists in the module"
+
+
+def test_extension_urls_name_files_in_the_repository_and_the_license_is_there():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    paths = re.findall(r"https://raw\.githubusercontent\.com/[\w.-]+/[\w.-]+/main/([^\s\";]+)", cmake)
+    assert paths and all((REPO / p).is_file() for p in paths), paths
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
