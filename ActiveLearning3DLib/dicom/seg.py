@@ -59,7 +59,10 @@ def write_seg(project: Project, case: str, label_file: Path, target: Path | None
     ``manual``: the labels are an annotator's (partial annotations), else an
     algorithm's prediction. Voxels of ``ignore_value`` (not annotated) are in no segment.
     """
-    import highdicom as hd
+    try:
+        import highdicom as hd
+    except ImportError:  # optional inside Slicer, whose own pydicom is kept
+        raise ProjectError("DICOM SEG export needs the highdicom package (pip install highdicom)") from None
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
