@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A private Orthanc DICOMweb server on loopback for the tests (not the system service).
 #
-#   orthanc.sh start DIR   config, storage and log under DIR, a free port on 127.0.0.1, HTTP basic
+#   orthanc.sh start DIR   config, storage and log under DIR, a free port, answering loopback clients only
+#                          (RemoteAccessAllowed false; Debian's Orthanc 1.10 has no bind-address option), HTTP basic
 #                          authentication with a random password; prints the DICOMweb URL and writes
 #                          DIR/url, DIR/credentials.json ({"username", "password"}) and DIR/pid
 #   orthanc.sh stop DIR    stops the server started in DIR
@@ -40,7 +41,6 @@ case "$command" in
   "IndexDirectory": "$dir/storage",
   "Plugins": ["$PLUGIN"],
   "HttpPort": $port,
-  "HttpBindAddress": "127.0.0.1",
   "DicomServerEnabled": false,
   "RemoteAccessAllowed": false,
   "AuthenticationEnabled": true,
