@@ -78,7 +78,8 @@ class DicomSeries:
         what = str(h.get("SeriesDescription", "") or "").strip() or f"number {h.get('SeriesNumber', '?')}"
         folders = sorted({str(p.parent) for p in self.files})
         where = folders[0] if len(folders) == 1 else f"{os.path.commonpath(folders)} ({len(folders)} folders)"
-        return f"DICOM series {what!r} ({self.uid}, {len(self.files)} files in {where})"
+        files = f"{len(self.files)} file{'' if len(self.files) == 1 else 's'}"
+        return f"DICOM series {what!r} ({self.uid}, {files} in {where})"
 
     def case_id(self) -> str:
         """A readable, unique case id: patient, study date, series description or modality + number, UID hash.
