@@ -351,6 +351,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._runInBackground(POLLING, controller.poll, self._polled)  # the query step runs there too
             return
         self._timer.stop()
+        self._cancelRequested = False  # nothing runs any more: a cancel asked for during the last poll is moot
         self.updateButtons()
 
     def waitUntilIdle(self, timeoutSeconds=600.0):

@@ -264,6 +264,39 @@ def check_the_loop_is_polled_off_the_gui_thread_with_a_moving_bar(desk):
     assert "loop 1: 3 boxes" in panel.ui.stageLabel.text
 
 
+def check_cancel_waits_for_the_running_poll_then_runs_off_the_gui_thread(desk):
+    import threading
+
+    from ActiveLearning3DLib.gui.controller import LoopProgress
+
+    panel = desk.open_panel()
+    desk.create_project(panel)
+    c = panel.controller
+    threads, calls = [], []
+
+    def poll():
+        calls.append("poll")
+        return LoopProgress("train", "running", 40.0, "fold 0", [], "")
+
+    def cancel():  # kills the job trees, with a grace period for each: it takes a while
+        calls.append("cancel")
+        threads.append(threading.current_thread())
+        time.sleep(0.3)
+        c.pipeline = None
+        return ["loop_000-fold_0"]
+
+    c.poll, c.cancel, c.pipeline = poll, cancel, "running"
+    panel.updateButtons()
+    assert panel.ui.startButton.text == "Cancel" and panel.ui.startButton.enabled
+    panel._timer.start()
+    panel._timer.timeout.emit()  # a poll is on its way
+    panel.ui.startButton.click()
+    assert not panel.ui.startButton.enabled  # asked once
+    _tick_until(panel, lambda: not panel._timer.isActive())
+    assert calls.count("cancel") == 1 and calls.index("cancel") > 0 and threads[0] is not threading.main_thread()
+    assert panel.ui.stageLabel.text == "Cancelled (1 jobs)." and panel.ui.startButton.text == "Start next loop"
+
+
 def check_project_creation_runs_off_the_gui_thread(desk):
     import threading
 
