@@ -367,6 +367,16 @@ def check_the_score_column_holds_numbers(desk):
     assert panel.ui.boxTable.item(2, 2).text() == ""
 
 
+def check_the_self_test_passes_with_the_python_stack(desk):
+    import types
+
+    desk.app.testing = True  # Slicer --testing
+    module = desk.module.ActiveLearning3D(types.SimpleNamespace(path=str(MODULE_FILE)))
+    module.runTest(msec=0)  # what Slicer's test harness calls: creates a project, paints, submits, skips
+    panel = desk.slicer.modules.activelearning3d.widgetRepresentation().self()
+    assert panel.controller is not None and panel.controller.counts()["annotated"] == 1
+
+
 def check_unloading_the_module_disconnects_the_panel(desk):
     panel = desk.open_panel()
     fields = desk.parameter_widgets(panel)
