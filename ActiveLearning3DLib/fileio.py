@@ -6,9 +6,13 @@ either the old file or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import glob
 import gzip
+import hashlib
 import json
 import os
+import re
+import socket
 import struct
 import time
 import zlib
@@ -59,20 +63,64 @@ def _create_fresh(parent: Path, prefix: str, suffix: str, create: Callable[[Path
 def make_staging_dir(parent: Path, prefix: str, stale_after: float = 3600.0) -> Path:
     """A fresh folder in ``parent`` with the usual permissions (0o777 less the umask, unlike ``mkdtemp``).
 
-    Staging folders with the same prefix untouched for ``stale_after`` seconds
-    are what an interrupted run left behind (a live one writes into its folder
-    all the time); they are removed first.
+    Its name carries this host and process (``<prefix><host>-<pid>-<random>``). Staging folders
+    with the same prefix that an interrupted run left behind are removed first: those of a process
+    of this host that is gone (an ``init`` killed a minute ago), and any untouched for
+    ``stale_after`` seconds (another host's, or one without an owner in its name; a live run
+    writes into its folder all the time).
     """
     import shutil
 
     now = time.time()
-    for old in parent.glob(prefix + "*"):
+    host = _host_tag()
+    owned = re.compile(re.escape(prefix) + r"([0-9a-f]{8})-(\d+)-[0-9a-f]{12}$")
+    for old in parent.glob(glob.escape(prefix) + "*"):
         try:
-            if old.is_dir() and now - max((p.stat().st_mtime for p in [old, *old.rglob("*")]), default=0) > stale_after:
+            if not old.is_dir():
+                continue
+            m = owned.match(old.name)
+            dead = m is not None and m.group(1) == host and not pid_alive(int(m.group(2)))
+            if dead or now - max((p.stat().st_mtime for p in [old, *old.rglob("*")]), default=0) > stale_after:
                 shutil.rmtree(old, ignore_errors=True)
         except FileNotFoundError:  # renamed into place meanwhile
             pass
-    return _create_fresh(parent, prefix, "", lambda name: os.mkdir(name, 0o777))
+    return _create_fresh(parent, f"{prefix}{host}-{os.getpid()}-", "", lambda name: os.mkdir(name, 0o777))
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine, so a folder on a network share is judged only by its own host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists on this machine (POSIX and Windows; a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    stat_file = Path(f"/proc/{pid}/stat")
+    try:
+        if stat_file.is_file():
+            return stat_file.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
