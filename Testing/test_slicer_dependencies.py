@@ -204,6 +204,16 @@ def test_a_failing_pip_is_a_message_with_its_log_not_a_traceback():
     assert "pip exited with 1" in text and "No matching distribution" in detail
 
 
+def test_a_pip_that_succeeds_without_effect_stops_after_one_round_with_a_message():
+    stuck = Installed(hidden=["acvl-utils"])
+    shown, calls = [], []
+    slicer = _Slicer(calls, stuck)
+    slicer.util.pip_install = lambda args: calls.append(("pip_install", list(args)))  # exits 0, installs nothing
+    assert not ensure_dependencies(slicer, env=stuck.env(), confirm=lambda text: True,
+                                   show_error=lambda text, detail: shown.append(text))
+    assert len(calls) == 1 and "still missing" in shown[0] and "restart Slicer" in shown[0]
+
+
 def test_without_the_pytorch_extension_the_user_is_offered_it_and_asked_to_restart():
     no_torch = Installed(hidden=["torch"])
     shown, calls = [], []
@@ -254,3 +264,60 @@ def test_the_calls_match_slicers_own_functions_in_5_8_and_5_12():
         util = (vendor / version / "Base" / "Python" / "slicer" / "util.py").read_text(encoding="utf-8")
         for name in ("confirmOkCancelDisplay", "confirmYesNoDisplay", "errorDisplay", "restart"):
             assert f"\ndef {name}(" in util, (version, name)
+
+
+# ------------------------------------------- through Slicer's own Python (5.8.1, 5.12.3), see slicer_desktop_standins
+def check_dependency_dialogs_and_pip_ensure_through_slicers_own_python(desk):
+    """Run by the stand-in harness: Slicer's real slicer.util shows the messages; 5.12's slicer.packaging is found."""
+    import slicer
+
+    from ActiveLearning3DLib.gui.dependencies import _slicer_packaging
+
+    helper = _slicer_packaging(slicer)
+    if desk.version == "v5.8.1":
+        assert helper is None, helper
+    else:
+        assert helper.__file__.endswith("packaging.py") and callable(helper.pip_ensure)
+    env = Installed(hidden=["acvl-utils"]).env(python=(3, 9))
+    assert ensure_dependencies(slicer, env=env) is False  # Slicer's errorDisplay, not a traceback
+    [dialog] = desk.dialogs
+    assert "Python 3.10 or later" in dialog["text"], dialog
+    desk.dialogs.clear()
+    failing = Installed(hidden=["acvl-utils"])
+    pip = _Slicer([], failing, pip_fails=b"ERROR: No matching distribution found for acvl-utils").util.pip_install
+    # the stand-ins: pip itself, and (5.12) pip_check, which reads the real metadata that ``failing`` hides
+    owner = helper if helper is not None else slicer.util
+    saved = owner.pip_install, getattr(owner, "pip_check", None)
+    owner.pip_install = lambda requirements, **options: pip(requirements)
+    if helper is not None:
+        helper.pip_check = lambda requirement: False
+    try:
+        answers = iter([True])
+        slicer.util.confirmOkCancelDisplay = lambda text, *a, **k: next(answers)  # the user agrees
+        assert ensure_dependencies(slicer, env=failing.env()) is False
+    finally:
+        owner.pip_install = saved[0]
+        if helper is not None:
+            helper.pip_check = saved[1]
+    [dialog] = desk.dialogs
+    assert "pip exited with 1" in dialog["text"] and "No matching distribution" in dialog["details"], dialog
+
+
+def test_dependency_messages_through_slicers_own_python():
+    import json
+
+    import pytest
+
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    harness = REPO / "Testing" / "slicer_desktop_standins.py"
+    results = {}
+    for version in ("v5.8.1", "v5.12.3"):
+        if not (REPO.parent / "shared" / "vendor" / "slicer" / version / "Base" / "Python" / "slicer").is_dir():
+            pytest.skip(f"needs Slicer's Python sources in ../shared/vendor/slicer/{version} (CI has them)")
+        out = Path(__import__("tempfile").mkdtemp()) / "results.json"
+        name = "check_dependency_dialogs_and_pip_ensure_through_slicers_own_python"
+        done = subprocess.run([sys.executable, str(harness), version, __file__, str(out), name], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and out.is_file(), done.stderr[-3000:]
+        results[version] = json.loads(out.read_text())[name]
+    assert all(r["ok"] for r in results.values()), {v: r.get("error") for v, r in results.items()}

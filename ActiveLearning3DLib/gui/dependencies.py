@@ -261,11 +261,16 @@ def _install_torch(requirement: Requirement) -> None:
 def _install_packages(slicer, env: Environment | None) -> None:
     """Install the missing tree, round by round, never touching Slicer's own packages."""
     pip_ensure = getattr(_slicer_packaging(slicer), "pip_ensure", None)  # Slicer 5.12.0 and later
+    before: list[str] = []
     for _ in range(MAX_ROUNDS):
         importlib.invalidate_caches()
         missing = plan(env).packages
         if not missing:
             return
+        if missing == before:
+            raise InstallError(f"pip finished but {', '.join(missing)} is still missing or at another version: "
+                               "restart Slicer and try again")
+        before = missing
         if pip_ensure is not None:
             # the user agreed already; skip_in_testing=False: whether to install under --testing is decided above
             pip_ensure(missing, skip_packages=list(KEEP_SLICERS_OWN), prompt_install=False, skip_in_testing=False,
