@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import atomic_write_text, replacing_file
+from .fileio import atomic_write_text, read_json, replacing_file
 from .metrics import aubc, fg_efficiency, final_dice, pairwise_penalty_matrix, sum_penalty_matrices
 from .project import Project
 from .simulation import collect_results
@@ -93,10 +93,89 @@ def _short(seconds: float) -> str:
     return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
 
 
+class ReportError(ValueError):
+    """A simulation folder a report cannot be made of; the message names the file."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _header_problem(h) -> str | None:
+    """What a report needs of simulation.json that is missing or of the wrong kind, or None."""
+    if not isinstance(h, dict):
+        return f"expected a JSON object, found {type(h).__name__}"
+    s = h.get("settings")
+    if not isinstance(s, dict):
+        return "no 'settings' object"
+    if not isinstance(s.get("methods"), list) or not s["methods"] or not all(isinstance(m, str) for m in s["methods"]):
+        return f"settings.methods {s.get('methods')!r}: expected a list of method names"
+    if not _whole(s.get("loops"), 1):
+        return f"settings.loops {s.get('loops')!r}: expected a whole number of at least 1"
+    if not isinstance(s.get("images"), str):
+        return f"settings.images {s.get('images')!r}: expected a path"
+    for key in ("budget", "budget_rule", "query_size", "profile_tag", "pool_cases", "test_cases"):
+        if key not in h:
+            return f"no {key!r}"
+    if not isinstance(h.get("patch_size"), list) or len(h["patch_size"]) != 3:
+        return f"patch_size {h.get('patch_size')!r}: expected three numbers"
+    if not isinstance(h.get("profile"), dict) or not isinstance(h.get("versions"), dict):
+        return "'profile' and 'versions' must be objects"
+    return None
+
+
+def _record_problem(r) -> str | None:
+    """What a report needs of one loop record that is missing or of the wrong kind, or None."""
+    if not isinstance(r, dict):
+        return f"expected a JSON object, found {type(r).__name__}"
+    if not isinstance(r.get("method"), str):
+        return f"method {r.get('method')!r}: expected a method name"
+    for key in ("seed", "loop", "boxes"):
+        if not _whole(r.get(key)):
+            return f"{key} {r.get(key)!r}: expected a non-negative whole number"
+    for key in ("mean_dice", "foreground_fraction"):
+        if r.get(key) is not None and not _number(r[key]):
+            return f"{key} {r.get(key)!r}: expected a number or null"
+    if "foreground_fraction" not in r or "mean_dice" not in r:
+        return "no 'mean_dice' or 'foreground_fraction'"
+    if not isinstance(r.get("seconds", {}), dict) or not all(v is None or _number(v) for v in r.get("seconds", {}).values()):
+        return "'seconds' must map stages to numbers"
+    return None
+
+
+def check_run_dir(run_dir: Path | str) -> None:
+    """Raise ReportError naming the file when a simulation folder cannot be reported (before anything is drawn)."""
+    run_dir = Path(run_dir)
+    header_path = run_dir / "simulation.json"
+    if not header_path.is_file():
+        raise ReportError(f"{run_dir}: not a simulation folder (no simulation.json)")
+    try:
+        problem = _header_problem(read_json(header_path))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        problem = str(e).replace(f"{header_path}: ", "")
+    if problem:
+        raise ReportError(f"{header_path}: damaged simulation file ({problem})")
+    records = sorted((run_dir / "results").glob("*/seed_*/loop_*.json"))
+    if not records:
+        raise ReportError(f"{run_dir}: no loop records in results/ yet (no seed has finished a loop); nothing to report")
+    for path in records:
+        try:
+            problem = _record_problem(read_json(path))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            problem = str(e).replace(f"{path}: ", "")
+        if problem:
+            raise ReportError(f"{path}: damaged loop record ({problem})")
+
+
 class SettingResults:
     """The records of one simulation folder, arranged per method and seed."""
 
     def __init__(self, run_dir: Path | str):
+        check_run_dir(run_dir)
         data = collect_results(run_dir)
         self.run_dir = Path(run_dir)
         self.header = data["header"]
@@ -459,8 +538,22 @@ def plot_queried_boxes(setting: SettingResults, path: Path, seed: int | None = N
 def write_report(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
     """Write ``report.html`` and ``report.md`` (and the PNGs) into ``out``; returns the HTML path."""
     out = Path(out)
+    settings = [SettingResults(d) for d in run_dirs]  # every folder checked before anything is written
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    settings = [SettingResults(d) for d in run_dirs]
+    before = set(out.iterdir())
+    try:
+        return _write_report(settings, out)
+    except BaseException:  # no half report: the plots this call drew go again
+        for p in set(out.iterdir()) - before:
+            if p.is_file():
+                p.unlink()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _write_report(settings: Sequence[SettingResults], out: Path) -> Path:
     sections: list[tuple[str, list[Table], list[Figure], list[str]]] = []
     ppms = []
     for index, setting in enumerate(settings):

@@ -435,3 +435,68 @@ def test_a_workers_death_message_is_short_even_when_its_log_holds_kilobyte_lines
     status = job.status()
     assert status.state == "failed" and "without finishing" in status.message
     assert len(status.message) < 1500 and "more characters" in status.message
+
+
+# ------------------------------------------------------------------ al3d report
+def _study(root: Path, seeds=(0, 1), loops: int = 2) -> Path:
+    """A simulation folder with hand-written records (no training)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "simulation.json").write_text(json.dumps({
+        "settings": {"methods": ["random", "pe"], "seeds": list(seeds), "loops": loops, "images": "data/imagesTr",
+                     "budget": 60, "start": "random"},
+        "budget": 60, "budget_rule": "given", "query_size": 20, "profile_tag": "test", "patch_size": [20, 20, 20],
+        "pool_cases": 10, "test_cases": 4, "profile": {"name": "test"}, "versions": {}}))
+    for method in ("random", "pe"):
+        for seed in seeds:
+            folder = root / "results" / method / f"seed_{seed}"
+            folder.mkdir(parents=True)
+            for loop in range(loops):
+                (folder / f"loop_{loop:03d}.json").write_text(json.dumps({
+                    "method": method, "seed": seed, "loop": loop, "boxes": 20 * (loop + 1), "foreground_fraction": 0.1,
+                    "mean_dice": 0.5 + 0.1 * loop, "per_class": {}, "seconds": {"train": 3.0}}))
+    return root
+
+
+def _no_report_left(out: Path) -> bool:
+    return not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: shutil.rmtree(r / "results"), "no loop records"),
+    (lambda r: (r / "simulation.json").write_text("{oops"), "simulation.json: damaged simulation file"),
+    (lambda r: (r / "simulation.json").write_text("[]"), "simulation.json: damaged simulation file"),
+    (lambda r: _edit_json(r / "simulation.json", lambda d: d.pop("settings")), "no 'settings'"),
+    (lambda r: _edit_json(r / "simulation.json", lambda d: d["settings"].update(methods="random")), "settings.methods"),
+    (lambda r: _edit_json(r / "simulation.json", lambda d: d["settings"].update(loops="2")), "settings.loops"),
+    (lambda r: _edit_json(r / "simulation.json", lambda d: d.pop("budget")), "no 'budget'"),
+    (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(mean_dice="high")),
+     "loop_001.json: damaged loop record (mean_dice"),
+    (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(seed="1")), "damaged loop record (seed"),
+    (lambda r: (r / "results/pe/seed_0/loop_000.json").write_text("[1]"), "damaged loop record (expected a JSON object"),
+    (lambda r: (r / "results/pe/seed_0/loop_000.json").write_text(""), "damaged loop record"),
+    (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(seconds=[1])), "'seconds'"),
+])
+def test_report_on_a_bad_simulation_folder_is_one_error_and_leaves_no_plots(tmp_path, capsys, damage, message):
+    run = _study(tmp_path / "sim")
+    damage(run)
+    out = tmp_path / "report"
+    assert main(["report", str(run), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert _no_report_left(out)
+
+
+def test_report_failing_midway_removes_the_plots_it_drew(tmp_path, capsys):
+    """A damaged run project is found only while drawing the queried boxes, after the Dice plots."""
+    run = _study(tmp_path / "sim")
+    (run / "seed_0" / "pe").mkdir(parents=True)
+    (run / "seed_0" / "pe" / "project.json").write_text("{damaged")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's own file")
+    assert main(["report", str(run), "--out", str(out)]) == 1
+    assert "project.json" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    shutil.rmtree(run / "seed_0")
+    assert main(["report", str(run), "--out", str(out)]) == 0  # the good folder reports
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
