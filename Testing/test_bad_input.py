@@ -500,3 +500,35 @@ def test_report_failing_midway_removes_the_plots_it_drew(tmp_path, capsys):
     shutil.rmtree(run / "seed_0")
     assert main(["report", str(run), "--out", str(out)]) == 0  # the good folder reports
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+
+
+# ------------------------------------------------------------------ panel.json of a shared project
+def test_panel_json_python_of_a_project_folder_is_never_run(project, tmp_path):
+    """A crafted panel.json named a script as the worker interpreter and the panel's next job ran it."""
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    import os
+    import sys
+
+    from ActiveLearning3DLib.gui import AnnotationController
+    from ActiveLearning3DLib.gui.headless import headless_slicer
+    from ActiveLearning3DLib.jobs import Job
+
+    marker = tmp_path / "script-ran"
+    script = tmp_path / "evil-python"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\nexec {sys.executable} \"$@\"\n")
+    script.chmod(0o755)
+    (project / "panel.json").write_text(json.dumps({"method": "random", "python": str(script), "parallel": 1}))
+    controller = AnnotationController.open_project(headless_slicer(), project)
+    assert controller.settings.method == "random" and controller.settings.parallel == 1  # the rest is kept
+    assert controller.settings.python is None and controller.settings.loop_settings().python is None
+    runner = controller._job_runner()
+    assert runner.settings.python == sys.executable
+    job = Job.create(project / "jobs", "selftest-panel", "selftest", {"steps": 1, "seconds": 0})
+    assert [s.state for s in runner.run([job], timeout=60)] == ["done"]
+    assert not marker.exists()
+    # the user's own choice is used, and never written into the shared folder
+    controller.save_settings(python=sys.executable, method="pe")
+    assert controller.settings.loop_settings().python == sys.executable
+    saved = json.loads((project / "panel.json").read_text())
+    assert saved["method"] == "pe" and "python" not in saved
+    assert os.access(script, os.X_OK)  # the script was there to run all along

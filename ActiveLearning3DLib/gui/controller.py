@@ -28,6 +28,7 @@ from . import mrml
 from .geometry import CaseGrid, box_frame, voxel_at
 
 PANEL_SETTINGS = "panel.json"
+USER_ONLY = ("python",)  # panel settings that come from the user, never from the (untrusted) project folder
 SORT_KEYS = ("loop", "case", "score", "state", "stratum")
 
 
@@ -78,7 +79,9 @@ class PanelSettings:
     profile: str = "auto"
     device: str = "auto"
     parallel: int | None = None
-    python: str | None = None  # worker interpreter; the module sets PythonSlicer
+    # worker interpreter: the module sets PythonSlicer from the user's own settings. Never read from or written to
+    # panel.json (USER_ONLY): a project folder is shared, and one that named an interpreter would run it.
+    python: str | None = None
 
     def loop_settings(self) -> LoopSettings:
         return LoopSettings(profile=self.profile, device=self.device, parallel=self.parallel, method=self.method,
@@ -129,6 +132,11 @@ class LoopProgress:
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+
+def _project_side(settings: PanelSettings) -> dict:
+    """What panel.json keeps: every panel setting but those that come from the user only (see USER_ONLY)."""
+    return {k: v for k, v in asdict(settings).items() if k not in USER_ONLY}
 
 
 def _job_entry(name: str, status: JobStatus) -> dict:
@@ -189,7 +197,7 @@ class AnnotationController:
                                            **project_options)
         settings = PanelSettings(method=method, start_method=start_method or PanelSettings.start_method, query_size=int(query_size),
                                  class_colors={str(k): list(map(float, v)) for k, v in (class_colors or {}).items()})
-        atomic_write_json(logic.project.path / PANEL_SETTINGS, asdict(settings))
+        atomic_write_json(logic.project.path / PANEL_SETTINGS, _project_side(settings))
         controller = cls(ctx, logic, runner)
         controller.begin_starting_budget(settings.start_method, start_count or query_size)
         return controller
@@ -281,8 +289,14 @@ class AnnotationController:
         path = self.logic.project.path / PANEL_SETTINGS
         if not path.is_file():
             return PanelSettings(query_size=self.logic.project.settings.budget.query_size)
-        known = PanelSettings.__dataclass_fields__
-        return PanelSettings(**{k: v for k, v in read_json(path).items() if k in known})
+        known = set(PanelSettings.__dataclass_fields__) - set(USER_ONLY)  # "python" from a project folder runs nothing
+        try:
+            data = read_json(path)
+        except (OSError, ValueError) as e:
+            raise ProjectError(f"{path}: damaged panel settings ({e})") from e
+        if not isinstance(data, dict):
+            raise ProjectError(f"{path}: damaged panel settings (expected a JSON object)")
+        return PanelSettings(**{k: v for k, v in data.items() if k in known})
 
     def save_settings(self, **changes: Any) -> PanelSettings:
         """Change and save panel settings (method, profile, device, parallel, python, ...)."""
@@ -290,7 +304,7 @@ class AnnotationController:
             if key not in PanelSettings.__dataclass_fields__:
                 raise ValueError(f"unknown panel setting {key!r}")
             setattr(self.settings, key, value)
-        atomic_write_json(self.logic.project.path / PANEL_SETTINGS, asdict(self.settings))
+        atomic_write_json(self.logic.project.path / PANEL_SETTINGS, _project_side(self.settings))
         return self.settings
 
     # ------------------------------------------------------------------- table
