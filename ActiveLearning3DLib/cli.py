@@ -101,6 +101,27 @@ def torchscript_file(text: str) -> Path:
     return Path(text)
 
 
+def interpreter(text: str) -> str:
+    """``--python``: an executable that exists (found on PATH or given as a path), checked before any job starts."""
+    found = shutil.which(text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{text}: no such executable (give a Python interpreter's path)")
+    return text
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """``--method`` of a simulation: known query methods, comma separated, at least one, none twice."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"give at least one query method, got {text!r}")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown query method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a method is named twice in {text!r}")
+    return names
+
+
 POSITIVE = at_least(1)
 NON_NEGATIVE = at_least(0)
 
@@ -178,6 +199,9 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     voxels = sum(r.voxels for r in results)
     fg = sum(r.foreground_voxels for r in results)
     print(f"oracle annotated {len(results)} boxes ({voxels} voxels, {fg} foreground)")
+    open_elsewhere = sorted(logic.claims())  # boxes an annotator has open in a view: the oracle leaves them
+    if open_elsewhere:
+        print(f"left {len(open_elsewhere)} boxes open by other annotators: {', '.join(open_elsewhere[:10])}")
     return 0
 
 
@@ -332,7 +356,7 @@ def _csv(text: str) -> list[str]:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     settings = SimulationSettings(
-        images=args.images, labels=args.labels, methods=tuple(_csv(args.method)), out=args.out, budget=args.budget,
+        images=args.images, labels=args.labels, methods=args.method, out=args.out, budget=args.budget,
         loops=args.loops, seeds=args.seeds,
         patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
@@ -416,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default="auto", choices=["auto", *profile_names()],
                        help="training profile (auto: paper with a CUDA GPU, else cpu-small)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        p.add_argument("--python", help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)")
+        p.add_argument("--python", type=interpreter,
+                       help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)")
         if train:
             p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
             p.add_argument("--parallel", type=POSITIVE, help="folds trained at a time (default: 1 on a GPU, CPU cores / 2)")
@@ -445,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="benchmark query methods with an oracle (nnActive protocol)")
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--labels", type=Path, required=True)
-    p.add_argument("--method", required=True, help="query method(s), comma separated: " + ",".join(METHODS))
+    p.add_argument("--method", required=True, type=method_list,
+                   help="query method(s), comma separated: " + ",".join(METHODS))
     p.add_argument("--budget", default="low", type=budget_value, help="low, medium, high (nnActive table, else a rule) or a number of boxes")
     p.add_argument("--loops", type=POSITIVE, default=5,
                    help="loops per run; again with a larger number, a finished folder adds the loops")
@@ -459,10 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=POSITIVE, help="use only the first N cases")
     p.add_argument("--no-reference", action="store_true", help="skip the full-data run (no FG-Eff)")
     p.add_argument("--reference-cache", type=Path, help="folder to share full-data runs between simulations")
-    p.add_argument("--restore-from", type=Path, metavar="DIR",
+    p.add_argument("--restore-from", type=existing_folder, metavar="DIR",
                    help="records of an earlier run of this simulation (a results copy with its simulation.json): "
                    "runs missing here are rebuilt from their recorded boxes and go on from their first unrecorded loop")
-    p.add_argument("--python", help="interpreter of the worker processes")
+    p.add_argument("--python", type=interpreter, help="interpreter of the worker processes")
     p.add_argument("--report", action="store_true", help="write OUT/report when done")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_simulate)

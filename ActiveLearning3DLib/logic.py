@@ -11,6 +11,7 @@ Example (Slicer's Python console or any script)::
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .embeddings import AutoencoderSettings
     from .jobs import JobRunner
     from .pipeline import LoopPipeline, LoopSettings
+from .fileio import atomic_write_json, read_json
+from .locking import holder_gone, owner_info, this_host
 from .partial_labels import MergeResult
-from .project import BoxRecord, LoopFile, Project, ProjectError, now_iso
+from .project import BoxRecord, LoopConflict, LoopFile, Project, ProjectError, now_iso
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
 from .query_methods.base import no_progress
 from .query_methods.clasp import clasp_beta
@@ -35,6 +38,48 @@ from .scores import ScoreStore
 from .uncertainty import FolderProbabilities, ProbabilitySource
 
 ORACLE = "oracle"
+CLAIMS_FILE = "claims.json"
+CLAIM_TTL = 1800.0  # seconds a claim lasts unless refreshed; a holder on this host that ends releases it at once
+
+
+class BoxClaimed(ProjectError):
+    """A box that another annotator has open; choose another box or wait until they submit or close it."""
+
+
+@dataclass(frozen=True)
+class BoxClaim:
+    """A box open in one annotator's view: who (name, host, process), since when, and until when unless refreshed.
+
+    A claim belongs to a process, so the panel and the Python console of one
+    Slicer are one annotator; it ends when the process submits, skips or
+    releases the box, when the process ends (seen at once on its own host) or
+    when it is not refreshed for its time to live (the only test across hosts).
+    """
+
+    box: str
+    annotator: str
+    host: str
+    pid: int
+    since: str
+    expires: float
+    pid_started: str | None = None
+
+    @property
+    def mine(self) -> bool:
+        return self.host == this_host() and self.pid == os.getpid()
+
+    @property
+    def live(self) -> bool:
+        return time.time() < self.expires and not holder_gone({"host": self.host, "pid": self.pid,
+                                                                "pid_started": self.pid_started})
+
+    def describe(self) -> str:
+        return f"{self.annotator!r} (pid {self.pid} on {self.host}) since {self.since}"
+
+    @classmethod
+    def from_json(cls, box: str, d: dict) -> "BoxClaim":
+        return cls(box, str(d["annotator"]), str(d["host"]), int(d["pid"]), str(d.get("since", "")),
+                   float(d["expires"]), d.get("pid_started"))
 
 
 @dataclass
@@ -232,7 +277,18 @@ class ActiveLearningLogic:
             info["beta"] = clasp_beta(loop - 1, total_loops)
         info.update(extra_info)
         loop_file = LoopFile(loop, method, seed, now_iso(), [_record(pick, loop, i, method) for i, pick in enumerate(picks)], info)
-        p.write_loop(loop_file)
+        with p.writing(f"query loop {loop}"):
+            # The query ran without the lock (it may take minutes); what it saw must still hold. Another query
+            # that finished first wins and this one fails, as it would have had it started a moment later
+            # (its boxes would be pending): a second loop file beside it would hold boxes chosen without it.
+            now = (p.loop_indices() or [-1])[-1] + 1
+            if now != loop or p.loop_path(loop).exists():
+                raise LoopConflict(f"{p.path}: loop {now - 1} was written by another process while this query ran; "
+                                   f"this query of loop {loop} is not saved (annotate the new loop first)", now - 1)
+            if [b.box for b in p.all_boxes()] != context.blocked:
+                raise LoopConflict(f"{p.path}: the boxes changed in another process while this query ran; "
+                                   f"this query of loop {loop} is not saved, run it again", now - 1)
+            p.write_loop(loop_file)
         return loop_file
 
     # -------------------------------------------------------------------- jobs
@@ -285,11 +341,15 @@ class ActiveLearningLogic:
         labels = np.asarray(labels)
         if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
             raise ValueError(f"labels: expected an integer label array, got dtype {labels.dtype}")
-        record = self.find_box(box)
-        result = self.project.merge_annotation(record.box, labels)  # on disk before the record changes
-        record.state, record.annotator, record.annotated_at = "annotated", annotator, now_iso()
-        record.seconds = seconds
-        self.project.update_box(record)
+        box_id = box if isinstance(box, str) else box.id
+        with self.project.writing(f"submit box {box_id}"):  # labels and the box's state land together
+            record = self.find_box(box)
+            self._refuse_if_claimed(record, "submit")
+            result = self.project.merge_annotation(record.box, labels)  # on disk before the record changes
+            record.state, record.annotator, record.annotated_at = "annotated", annotator, now_iso()
+            record.seconds = seconds
+            self.project.update_box(record)
+            self._drop_claim(record.id)
         return result
 
     def add_box(self, case: str, center: Sequence[int]) -> BoxRecord:
@@ -313,24 +373,29 @@ class ActiveLearningLogic:
         size = effective_patch_size(p.patch_size, shape)
         corner = centred_corner([int(c) for c in center], size, shape)
         new_box = Box(case, corner, size)
-        clash = next((b for b in p.all_boxes() if b.case == case and b.box.overlaps(new_box)), None)
-        if clash is not None:
-            raise ProjectError(f"{p.path}: a box at {list(corner)} size {list(size)} would overlap box {clash.id} "
-                               f"({clash.state}) of {case!r}; no box may overlap another")
-        loop_file = p.read_loop(loops[-1])
-        record = BoxRecord(Box(case, corner, size), loop_file.loop, len(loop_file.boxes), "annotator",
-                           source="annotator")
-        loop_file.boxes.append(record)
-        p.write_loop(loop_file)
+        with p.writing(f"add a box to {case}"):  # the overlap check and the append see the same loop files
+            clash = next((b for b in p.all_boxes() if b.case == case and b.box.overlaps(new_box)), None)
+            if clash is not None:
+                raise ProjectError(f"{p.path}: a box at {list(corner)} size {list(size)} would overlap box {clash.id} "
+                                   f"({clash.state}) of {case!r}; no box may overlap another")
+            loop_file = p.read_loop(p.loop_indices()[-1])
+            record = BoxRecord(Box(case, corner, size), loop_file.loop, len(loop_file.boxes), "annotator",
+                               source="annotator")
+            loop_file.boxes.append(record)
+            p.write_loop(loop_file)
         return record
 
     def skip(self, box: BoxRecord | str) -> BoxRecord:
         """Mark a pending box skipped (it stays out of the partial labels, and no later box overlaps it)."""
-        record = self.find_box(box)
-        if record.state == "annotated":
-            raise ProjectError(f"box {record.id} is already annotated; submit it again to change its labels")
-        record.state = "skipped"
-        self.project.update_box(record)
+        box_id = box if isinstance(box, str) else box.id
+        with self.project.writing(f"skip box {box_id}"):
+            record = self.find_box(box)
+            if record.state == "annotated":
+                raise ProjectError(f"box {record.id} is already annotated; submit it again to change its labels")
+            self._refuse_if_claimed(record, "skip")
+            record.state = "skipped"
+            self.project.update_box(record)
+            self._drop_claim(record.id)
         return record
 
     def annotate_with_oracle(
@@ -339,6 +404,8 @@ class ActiveLearningLogic:
         """Simulation: copy the ground truth into every pending box (or the given ones), saving each at once.
 
         Resumable: after a crash the boxes already done are annotated and the rest are still pending.
+        Without ``boxes``, a box that another process annotated, skipped or has open
+        (claimed) meanwhile is left to it, so two oracles at once share the work.
         """
         if not self.project.has_ground_truth:
             raise ProjectError(f"{self.project.path}: the oracle needs ground truth; this project was created without labels")
@@ -349,8 +416,94 @@ class ActiveLearningLogic:
             if record.case not in cache:
                 cache.clear()  # boxes come grouped by query order; keep one case in memory
                 cache[record.case] = self.project.read_ground_truth(record.case)
-            results.append(self.submit(record, cache[record.case][record.box.slices], ORACLE))
+            with self.project.writing(f"oracle annotation of box {record.id}"):
+                if boxes is None:
+                    current = self.find_box(record.id)
+                    claim = self.claims().get(record.id)
+                    if current.state != "pending" or (claim is not None and not claim.mine):
+                        continue
+                results.append(self.submit(record, cache[record.case][record.box.slices], ORACLE))
         return results
+
+    # ------------------------------------------------------------------ claims
+    @property
+    def claims_path(self) -> Path:
+        return self.project.path / CLAIMS_FILE
+
+    def claims(self) -> dict[str, BoxClaim]:
+        """The live claims by box id (expired ones and those of ended processes are left out)."""
+        if not self.claims_path.is_file():
+            return {}
+        try:
+            data = read_json(self.claims_path)
+            found = {str(k): BoxClaim.from_json(str(k), v) for k, v in dict(data).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}  # a damaged claims file holds no claim: claims are advisory and renewed while a box is open
+        return {k: c for k, c in found.items() if c.live}
+
+    def claim(self, box: BoxRecord | str, annotator: str = "user", ttl: float = CLAIM_TTL) -> BoxRecord:
+        """Claim a box for this process while it is open in a view (again: refresh); release its other claims.
+
+        Raises :class:`BoxClaimed` naming the holder when another live process has it open.
+        """
+        box_id = box if isinstance(box, str) else box.id
+        with self.project.writing(f"claim box {box_id}"):
+            record = self.find_box(box)
+            claims = self.claims()
+            other = claims.get(record.id)
+            if other is not None and not other.mine:
+                raise BoxClaimed(f"{self.project.path}: box {record.id} is open by {other.describe()}; "
+                                 "choose another box or wait until it is submitted or closed")
+            claims = {k: c for k, c in claims.items() if not c.mine}
+            info = owner_info(f"claim {record.id}")
+            claims[record.id] = BoxClaim(record.id, annotator, info["host"], info["pid"], info["time"],
+                                         time.time() + float(ttl), info["pid_started"])
+            self._write_claims(claims)
+        return record
+
+    def claim_next_pending(self, annotator: str = "user", case: str | None = None, after: str | None = None,
+                           loop: int | None = None, ttl: float = CLAIM_TTL) -> BoxRecord | None:
+        """Claim and return the next pending box nobody else has open (None when there is none).
+
+        Prefers ``case`` (fewer volume loads) and a box other than ``after``; only
+        ``loop``'s boxes when given. Choosing and claiming are one step under the
+        project lock, so two annotators asking at once get different boxes.
+        """
+        with self.project.writing("claim the next pending box"):
+            pending = [b for b in (self.boxes(loop) if loop is not None else self.project.all_boxes())
+                       if b.state == "pending"]
+            claims = self.claims()
+            free = [b for b in pending if b.id not in claims or claims[b.id].mine]
+            if not free:
+                return None
+            same_case = [b for b in free if b.case == case and b.id != after]
+            record = (same_case or [b for b in free if b.id != after] or free)[0]
+            return self.claim(record, annotator, ttl)
+
+    def release(self, box: BoxRecord | str | None = None) -> None:
+        """Release this process's claim of a box (None: all of them), e.g. when its view closes."""
+        box_id = None if box is None else (box if isinstance(box, str) else box.id)
+        with self.project.writing("release claims"):
+            claims = self.claims()
+            kept = {k: c for k, c in claims.items() if not (c.mine and (box_id is None or k == box_id))}
+            if kept != claims:
+                self._write_claims(kept)
+
+    def _refuse_if_claimed(self, record: BoxRecord, action: str) -> None:
+        claim = self.claims().get(record.id)
+        if claim is not None and not claim.mine:
+            raise BoxClaimed(f"{self.project.path}: cannot {action} box {record.id}: it is open by {claim.describe()}; "
+                             "it is free once they submit or close it, or their claim expires")
+
+    def _drop_claim(self, box_id: str) -> None:
+        claims = self.claims()
+        if box_id in claims:
+            del claims[box_id]
+            self._write_claims(claims)
+
+    def _write_claims(self, claims: dict[str, BoxClaim]) -> None:
+        atomic_write_json(self.claims_path, {k: {f: v for f, v in asdict(c).items() if f != "box"}
+                                             for k, c in claims.items()})
 
     def __repr__(self) -> str:
         s = self.status()

@@ -39,7 +39,7 @@ from .jobs import Job, JobRunner, JobStatus, LocalRunner, LocalRunnerSettings
 from .jobs.runner import default_parallel
 from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
-from .project import LoopFile, ProjectError
+from .project import LoopConflict, LoopFile, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
 
 STAGES = ("prepare", "train", "predict", "query")
@@ -370,10 +370,30 @@ class LoopPipeline:
             if self.evaluates and self.evaluation_summary.is_file():
                 info["test_mean_dice"] = read_json(self.evaluation_summary).get("mean_dice")
             s = self.settings
-            self._loop_file = self.logic.query(s.method, s.count, s.seed, scores=self.scores_dir if self.method.needs_model else None,
-                                               info=info)
+            self._loop_file = self._queried_by_another_driver()
+            try:
+                if self._loop_file is None:
+                    self._loop_file = self.logic.query(s.method, s.count, s.seed, info=info,
+                                                       scores=self.scores_dir if self.method.needs_model else None)
+            except LoopConflict:
+                self._loop_file = self._queried_by_another_driver()
+                if self._loop_file is None:
+                    raise
         return self._state("done", "done", 1.0, f"loop {self._loop_file.loop}: {len(self._loop_file.boxes)} boxes by "
                            f"{self._loop_file.method} -> {self.project.loop_path(self._loop_file.loop)}")
+
+    def _queried_by_another_driver(self) -> LoopFile | None:
+        """The next loop's file when another driver of this loop (a second `al3d loop`, the panel) wrote it first.
+
+        Made from this model by this method, it is this run's result too; a loop
+        file from anything else is not adopted (the query then fails plainly).
+        """
+        later = [t for t in self.project.loop_indices() if t > self.loop]
+        if len(later) != 1:
+            return None
+        theirs = self.project.read_loop(later[0])
+        mine = (self.settings.method, str(self.model_folder))
+        return theirs if (theirs.method, theirs.info.get("model")) == mine else None
 
     def run(self, on_update: Callable[[PipelineState], None] | None = None, poll_seconds: float = 0.5,
             timeout: float | None = None) -> PipelineState:

@@ -9,6 +9,8 @@ Layout of a project folder::
     imagesTs/<case>_0000.nii.gz   held-out test images (only with ground truth)
     groundtruth/<case>.nii.gz     dense ground truth, read-only, for simulation and evaluation
     loops/loop_XXX.json           boxes of each loop, nnActive format plus our fields
+    project.lock                  present only while a process writes a change (see ``Project.writing``)
+    claims.json                   boxes open in an annotator's view (see ``ActiveLearningLogic.claim``)
 
 Every file is written atomically; a new project is built in a temporary folder
 and renamed into place, so a crash never leaves a half-made project.
@@ -31,6 +33,7 @@ import SimpleITK as sitk
 
 from .boxes import Box, Shape3
 from .dataset import CaseInfo, GeometryTolerance, read_channel_names, validate_dataset
+from .locking import FileLock
 from .fileio import (
     atomic_copy,
     atomic_write_image,
@@ -47,12 +50,21 @@ PROJECT_FORMAT = "ActiveLearning3D project"
 PROJECT_VERSION = 1
 FILE_ENDING = ".nii.gz"
 LOOP_FILE = re.compile(r"^loop_(\d{3,})\.json$")
+LOCK_FILE = "project.lock"
 
 BOX_STATES = ("pending", "annotated", "skipped")
 
 
 class ProjectError(RuntimeError):
     """A project that cannot be created or opened, or an action it does not allow."""
+
+
+class LoopConflict(ProjectError):
+    """Another process wrote a loop file (or changed the boxes) while a query ran; this query's result is not saved."""
+
+    def __init__(self, message: str, loop: int):
+        super().__init__(message)
+        self.loop = loop
 
 
 def now_iso() -> str:
@@ -212,6 +224,17 @@ class Project:
             for c, v in meta["cases"].items()
         }
         self.has_ground_truth: bool = bool(meta["has_ground_truth"])
+        self.lock = FileLock(path / LOCK_FILE, what=f"project {path}")
+
+    def writing(self, purpose: str):
+        """Hold the project lock while a change is written: ``with project.writing("submit box 000-0001"): ...``.
+
+        Every read-modify-write of the project's state (loop files, label maps,
+        claims, project.json) runs inside it, so two processes never interleave
+        one; it is reentrant, so a change made of smaller changes takes it once.
+        Hold it only while writing, never while waiting for a user.
+        """
+        return self.lock.hold(purpose)
 
     # ----------------------------------------------------------------- creation
     @classmethod
@@ -426,12 +449,13 @@ class Project:
         if self._case(box.case).split != "pool":
             raise ProjectError(f"case {box.case!r} is a test case; only pool cases are annotated")
         path = self.partial_label_path(box.case)
-        image = read_image(path)
-        partial = sitk.GetArrayFromImage(image)
-        result = merge_box_annotation(partial, box, annotation, len(self.classes))
-        out = sitk.GetImageFromArray(partial)
-        out.CopyInformation(image)
-        atomic_write_image(out, path)
+        with self.writing(f"merge labels of {box.case}"):
+            image = read_image(path)
+            partial = sitk.GetArrayFromImage(image)
+            result = merge_box_annotation(partial, box, annotation, len(self.classes))
+            out = sitk.GetImageFromArray(partial)
+            out.CopyInformation(image)
+            atomic_write_image(out, path)
         return result
 
     # ------------------------------------------------------------------- loops
@@ -496,10 +520,11 @@ class Project:
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:8]
 
     def update_box(self, record: BoxRecord) -> None:
-        """Replace one box's record in its loop file (atomically)."""
-        loop_file = self.read_loop(record.loop)
-        loop_file.boxes[record.index] = record
-        self.write_loop(loop_file)
+        """Replace one box's record in its loop file (atomically, under the project lock)."""
+        with self.writing(f"update box {record.id}"):
+            loop_file = self.read_loop(record.loop)
+            loop_file.boxes[record.index] = record
+            self.write_loop(loop_file)
 
     def plan_loops(self, loops: int) -> None:
         """Change the planned number of loops, e.g. when a run is extended.
@@ -511,8 +536,10 @@ class Project:
             raise ProjectError(f"{self.path}: a project needs at least 1 loop, got {loops}")
         if int(loops) == self.settings.budget.loops:
             return
-        meta = {**self._meta, "budget": {**self._meta.get("budget", {}), "loops": int(loops)}}
-        atomic_write_json(self.path / "project.json", meta)
+        with self.writing("plan loops"):
+            meta = {**read_json(self.path / "project.json")}  # as on disk now, not as opened
+            meta["budget"] = {**meta.get("budget", {}), "loops": int(loops)}
+            atomic_write_json(self.path / "project.json", meta)
         self._meta, self.settings.budget.loops = meta, int(loops)
 
     def __repr__(self) -> str:

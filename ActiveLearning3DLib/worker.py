@@ -34,8 +34,12 @@ def run_job(job_dir: Path | str) -> int:
         print(f"{job.path}: already {job.status().state}; nothing to do", flush=True)
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    job.update(state="running", pid=os.getpid(), started=now_iso(), ended=None, message="", progress=0.0, exit_code=None,
-               earlier=job.status().attempts_before_restart())  # run again by hand: the earlier attempt still counts
+    with job.lock.hold("worker start"):  # after the runner that started this worker has marked the job running
+        status = job.status()
+        launched = status.state == "running" and status.pid in (os.getpid(), os.getppid())  # by a runner, just now
+        job.update(state="running", pid=os.getpid(), started=status.started if launched else now_iso(), ended=None,
+                   message="", progress=0.0, exit_code=None,
+                   earlier=status.earlier if launched else status.attempts_before_restart())  # run by hand: it counts
     print(f"[{now_iso()}] {spec.kind} job {job.name} on {sys.executable} (pid {os.getpid()})", flush=True)
     report = Reporter(job)
     try:

@@ -87,6 +87,13 @@ BAD_OPTIONS = [
     (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
       "--parallel", "-1"], "--parallel"),
     (["demo", "--max-cases", "0"], "--max-cases"),
+    (["loop", "{p}", "--python", "{tmp}/no-such-python"], "--python"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "", "--out", "{tmp}/o"], "--method"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random,nope", "--out", "{tmp}/o"], "--method"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--restore-from", "{tmp}/missing"], "--restore-from"),
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--python", "{tmp}/no-such-python"], "--python"),
 ]
 
 

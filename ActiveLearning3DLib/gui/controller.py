@@ -20,7 +20,7 @@ import numpy as np
 
 from ..fileio import atomic_write_json, read_json
 from ..jobs import Job, JobStatus
-from ..logic import ActiveLearningLogic
+from ..logic import CLAIM_TTL, ActiveLearningLogic
 from ..pipeline import LoopPipeline, LoopSettings, PipelineState
 from ..project import BoxRecord, BudgetSettings, ProjectError
 from ..query_methods import DEFAULT_METHOD
@@ -183,6 +183,8 @@ class AnnotationController:
         self._watched: tuple[Job, str, Callable[[], str]] | None = None  # one job outside a loop (embeddings, predictions)
         self._shown_at: float | None = None
         self._labels_changed = False
+        self.annotator = "user"  # the name other annotators of a shared project see on the box this one has open
+        self._claimed_at: float | None = None
 
     # ---------------------------------------------------------------- projects
     @classmethod
@@ -337,17 +339,32 @@ class AnnotationController:
         return counts
 
     def next_pending(self, after: str | None = None) -> BoxRecord | None:
-        """The next pending box of the current loop, preferring the current case (fewer volume loads)."""
-        pending = [b for b in self.logic.boxes(self.current_loop()) if b.state == "pending"] if self.current_loop() is not None else []
-        if not pending:
+        """The next pending box of the current loop, preferring the current case (fewer volume loads).
+
+        It is claimed for this annotator at once (and shown next by the caller): an
+        annotator beside this one on a shared project gets another box.
+        """
+        loop = self.current_loop()
+        if loop is None:
             return None
-        same_case = [b for b in pending if b.case == self.case and b.id != after]
-        return (same_case or [b for b in pending if b.id != after] or pending)[0]
+        try:
+            return self.logic.claim_next_pending(self.annotator, case=self.case, after=after, loop=loop)
+        except OSError:  # a read-only project: nothing can be claimed (or submitted), the boxes can still be looked at
+            pending = [b for b in self.logic.boxes(loop) if b.state == "pending"]
+            same_case = [b for b in pending if b.case == self.case and b.id != after]
+            return (same_case or [b for b in pending if b.id != after] or pending or [None])[0]
 
     # -------------------------------------------------------------- navigation
     def go_to_box(self, box_id: str) -> BoxRecord:
-        """Show a box: its case's volume and partial labels, all its boxes, the views centred, empty segments."""
-        record = self.logic.find_box(box_id)
+        """Show a box: its case's volume and partial labels, all its boxes, the views centred, empty segments.
+
+        The box is claimed first (BoxClaimed names the annotator who has it open), and this view's earlier box released.
+        """
+        try:
+            record = self.logic.claim(box_id, self.annotator)
+            self._claimed_at = time.monotonic()
+        except OSError:  # a read-only project (someone else's, on a share) can still be looked at
+            record, self._claimed_at = self.logic.find_box(box_id), None
         if record.case != self.case or self.volume is None:
             self._load_case(record.case)
         elif self._labels_changed:
@@ -412,6 +429,10 @@ class AnnotationController:
         projects while this one is :attr:`busy`.
         """
         self.close_case()
+        try:
+            self.logic.release()  # the boxes this view had open are free for other annotators
+        except OSError:  # a read-only project holds no claim of ours
+            pass
         for node in self.prediction_nodes.values():
             if node is not None and node.GetScene() is not None:
                 self.ctx.scene.RemoveNode(node)
@@ -548,6 +569,12 @@ class AnnotationController:
 
     def poll(self) -> LoopProgress | None:
         """Advance what runs in the background (never blocks); None when nothing runs."""
+        if self.current is not None and self._claimed_at is not None and time.monotonic() - self._claimed_at > CLAIM_TTL / 3:
+            self._claimed_at = time.monotonic()
+            try:
+                self.logic.claim(self.current.id, self.annotator)  # the open box stays claimed while it is open
+            except (ProjectError, OSError):  # taken over after expiring, or unwritable: submit says so plainly
+                pass
         if self._watched is not None:
             return self._poll_watched()
         if self.pipeline is None:

@@ -99,15 +99,18 @@ class LocalRunner:
         files; it counts against ``max_parallel`` until it ends, so a restarted
         driver does not start a second training beside it.
         """
-        status = job.refresh()
-        if status.state == "done" or job.path in self._running or any(q.path == job.path for q in self._queue):
+        if job.path in self._running or any(q.path == job.path for q in self._queue):
             return
-        if status.state == "running":
-            self._adopted[job.path] = job
-            return
-        if status.state != "queued":
-            job.update(state="queued", progress=0.0, message="", pid=None, started=None, ended=None, exit_code=None,
-                       earlier=status.attempts_before_restart())
+        with job.lock.hold("queue the job"):  # never re-queue a job another runner is starting right now
+            status = job.refresh()
+            if status.state == "done":
+                return
+            if status.state == "running":
+                self._adopted[job.path] = job
+                return
+            if status.state != "queued":
+                job.update(state="queued", progress=0.0, message="", pid=None, started=None, ended=None, exit_code=None,
+                           earlier=status.attempts_before_restart())
         self._queue.append(job)
 
     def active(self) -> list[Job]:
@@ -173,14 +176,29 @@ class LocalRunner:
         return ranks.index(min(ranks))
 
     def _start(self, job: Job) -> None:
-        job.threads_path.unlink(missing_ok=True)  # an earlier run's allotment; _share_cores writes this run's
-        with open(job.log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [self.settings.python, "-m", "ActiveLearning3DLib.worker", str(job.path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.child_environment(job),
-                cwd=str(job.path), start_new_session=True,  # its own process group: cancel kills the whole tree
-            )
-        self._running[job.path] = (job, proc)  # the worker itself marks the job running, with its pid
+        """Start the job's worker, unless another runner started it since it was queued (then watch that one).
+
+        Looking and starting are one step under the job's lock, and the job is
+        marked running with the worker's pid before the lock is let go, so a
+        second runner (another `al3d loop`, the panel) never starts it twice.
+        """
+        with job.lock.hold("start the job"):
+            status = job.refresh()
+            if status.state == "running":
+                self._adopted[job.path] = job
+                return
+            if status.final:
+                return
+            job.threads_path.unlink(missing_ok=True)  # an earlier run's allotment; _share_cores writes this run's
+            with open(job.log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [self.settings.python, "-m", "ActiveLearning3DLib.worker", str(job.path)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.child_environment(job),
+                    cwd=str(job.path), start_new_session=True,  # its own process group: cancel kills the whole tree
+                )
+            self._running[job.path] = (job, proc)
+            job.update(state="running", pid=proc.pid, started=now_iso(), ended=None, message="starting",
+                       progress=0.0, exit_code=None)  # the worker takes it over with its own pid
 
     def cancel(self, job: Job) -> JobStatus:
         """Cancel a queued or running job (and every process it started)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..fileio import atomic_write_json, read_json
+from ..locking import FileLock
 from ..project import now_iso
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -88,6 +89,15 @@ class Job:
 
     def __init__(self, path: Path | str):
         self.path = Path(path).absolute()
+        self._lock: FileLock | None = None
+
+    @property
+    def lock(self) -> FileLock:
+        """Held while the job is created, started or found dead, so two drivers (two `al3d loop`, the panel and a
+        console) create and start it once: the second finds it running and watches it."""
+        if self._lock is None:
+            self._lock = FileLock(self.path / "job.lock", what=f"job {self.path}")
+        return self._lock
 
     @property
     def name(self) -> str:
@@ -135,19 +145,20 @@ class Job:
             raise JobError(f"job name {name!r} may hold only letters, digits, '.', '_' and '-'")
         job = cls(Path(root) / name)
         spec = JobSpec(kind, dict(inputs or {}), env={str(k): str(v) for k, v in (env or {}).items()})
-        if job.spec_path.is_file():
-            old = job.spec()
-            if (old.kind, old.inputs) == (spec.kind, json.loads(json.dumps(spec.inputs))):
-                if old.env != spec.env and job.status().state not in ("running", "done"):  # a rerun gets the new env
-                    atomic_write_json(job.spec_path, {**asdict(spec), "created": old.created})
-                return job
-            if job.status().state == "done":
-                raise JobError(f"{job.path}: a finished job with other inputs exists; remove it to run new ones")
-            if job.status().state == "running":
-                raise JobError(f"{job.path}: a running job with other inputs exists; cancel it first")
         job.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(job.spec_path, asdict(spec))
-        atomic_write_json(job.status_path, asdict(JobStatus(updated=now_iso())))
+        with job.lock.hold(f"create job {name}"):  # a second creator finds the first one's job, never resets it
+            if job.spec_path.is_file():
+                old = job.spec()
+                if (old.kind, old.inputs) == (spec.kind, json.loads(json.dumps(spec.inputs))):
+                    if old.env != spec.env and job.status().state not in ("running", "done"):  # a rerun gets the new env
+                        atomic_write_json(job.spec_path, {**asdict(spec), "created": old.created})
+                    return job
+                if job.status().state == "done":
+                    raise JobError(f"{job.path}: a finished job with other inputs exists; remove it to run new ones")
+                if job.status().state == "running":
+                    raise JobError(f"{job.path}: a running job with other inputs exists; cancel it first")
+            atomic_write_json(job.spec_path, asdict(spec))
+            atomic_write_json(job.status_path, asdict(JobStatus(updated=now_iso())))
         return job
 
     def spec(self) -> JobSpec:
@@ -215,9 +226,12 @@ class Job:
         It ended when it was last heard of, not when the death is noticed (perhaps in a session hours later)."""
         status = self.status()
         if status.state == "running" and (status.pid is None or not process_alive(status.pid, self.path)):
-            tail = self.log_summary()
-            status = self.update(state="failed", ended=status.updated or now_iso(),
-                                 message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
+            with self.lock.hold("mark a dead worker failed"):
+                status = self.status()  # again under the lock: another runner may have started it just now
+                if status.state == "running" and (status.pid is None or not process_alive(status.pid, self.path)):
+                    tail = self.log_summary()
+                    status = self.update(state="failed", ended=status.updated or now_iso(),
+                                         message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
         return status
 
     def cancel(self, grace_seconds: float = 5.0, reap: Callable[[], object] | None = None) -> JobStatus:
