@@ -47,6 +47,14 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def pid_namespace() -> str | None:
+    """Linux's pid namespace of this process: two containers with one host name do not see each other's pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except (OSError, AttributeError):
+        return None
+
+
 def process_start_time(pid: int) -> str | None:
     """The start time of a process where the system tells it cheaply (Linux), to tell a reused pid from its holder."""
     try:
@@ -95,15 +103,22 @@ def pid_alive(pid: int) -> bool:
 def owner_info(purpose: str) -> dict:
     """Who takes a lock or a claim: host, pid, process start time, purpose, time (UTC and epoch) and a random token."""
     return {
-        "host": this_host(), "pid": os.getpid(), "pid_started": process_start_time(os.getpid()), "purpose": purpose,
+        "host": this_host(), "pid": os.getpid(), "pid_started": process_start_time(os.getpid()),
+        "pid_namespace": pid_namespace(), "purpose": purpose,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "epoch": time.time(),
         "token": os.urandom(8).hex(),
     }
 
 
 def holder_gone(info: dict) -> bool:
-    """True when the owner recorded in ``info`` is a process of this host that has ended (or whose pid was reused)."""
+    """True when the owner recorded in ``info`` is a process of this host that has ended (or whose pid was reused).
+
+    A process of another host, or of another pid namespace (a container with the same host name), cannot be
+    seen from here: only its age tells (see ``LockSettings.stale_after``).
+    """
     if info.get("host") != this_host():
+        return False
+    if info.get("pid_namespace") and pid_namespace() and info["pid_namespace"] != pid_namespace():
         return False
     try:
         pid = int(info["pid"])

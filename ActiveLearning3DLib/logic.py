@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .jobs import JobRunner
     from .pipeline import LoopPipeline, LoopSettings
 from .fileio import atomic_write_json, read_json
-from .locking import holder_gone, owner_info, this_host
+from .locking import holder_gone, owner_info, pid_namespace, this_host
 from .partial_labels import MergeResult
 from .project import BoxRecord, LoopConflict, LoopFile, Project, ProjectError, now_iso
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
@@ -63,15 +63,17 @@ class BoxClaim:
     since: str
     expires: float
     pid_started: str | None = None
+    pid_namespace: str | None = None
 
     @property
     def mine(self) -> bool:
-        return self.host == this_host() and self.pid == os.getpid()
+        return self.host == this_host() and self.pid == os.getpid() and self.pid_namespace == pid_namespace()
 
     @property
     def live(self) -> bool:
         return time.time() < self.expires and not holder_gone({"host": self.host, "pid": self.pid,
-                                                                "pid_started": self.pid_started})
+                                                                "pid_started": self.pid_started,
+                                                                "pid_namespace": self.pid_namespace})
 
     def describe(self) -> str:
         return f"{self.annotator!r} (pid {self.pid} on {self.host}) since {self.since}"
@@ -79,7 +81,7 @@ class BoxClaim:
     @classmethod
     def from_json(cls, box: str, d: dict) -> "BoxClaim":
         return cls(box, str(d["annotator"]), str(d["host"]), int(d["pid"]), str(d.get("since", "")),
-                   float(d["expires"]), d.get("pid_started"))
+                   float(d["expires"]), d.get("pid_started"), d.get("pid_namespace"))
 
 
 @dataclass
@@ -457,7 +459,7 @@ class ActiveLearningLogic:
             claims = {k: c for k, c in claims.items() if not c.mine}
             info = owner_info(f"claim {record.id}")
             claims[record.id] = BoxClaim(record.id, annotator, info["host"], info["pid"], info["time"],
-                                         time.time() + float(ttl), info["pid_started"])
+                                         time.time() + float(ttl), info["pid_started"], info["pid_namespace"])
             self._write_claims(claims)
         return record
 

@@ -30,7 +30,7 @@ from ActiveLearning3DLib.project import ProjectError
 from conftest import make_dataset
 
 BOXES = 150
-ROUNDS = 4  # rounds of the 150-box races (the issue lost boxes in every run)
+ROUNDS = 3  # rounds of the 150-box races (the issue lost boxes in every run; so did each round here before the lock)
 QUERY_ROUNDS = 12  # two queries at once (the issue saw one replaced loop file in 6 runs)
 JOB_ROUNDS = 3
 
@@ -222,7 +222,7 @@ def annotate_claimed_boxes(path: str, annotator: str) -> list[str]:
 
 
 def test_two_annotators_get_different_boxes_and_both_submissions_land(pair, template, tmp_path):
-    for n in range(2):
+    for n in range(1):  # each round is 150 claims raced for, one at a time
         path = _copy(template, tmp_path / f"p{n}")
         results = pair.race(annotate_claimed_boxes, (str(path), "ann"), (str(path), "bob"))
         assert [r[0] for r in results] == ["ok", "ok"], results
