@@ -15,6 +15,11 @@ written (milliseconds to seconds), never while a user thinks, so a generous
 ``stale_after`` costs nothing while the holder lives. Breaking is itself
 serialised by a second lock file, and the lock is removed only when it still
 holds the token judged stale, so two waiters never break a fresh lock.
+
+Waiting is fair enough that a process writing box after box (the oracle, a
+script) cannot starve another: a waiter touches ``<lock>.waiting``, and a
+holder that finds it on release steps aside for a moment before its next
+acquisition. No clocks are compared, so hosts with skewed clocks behave alike.
 """
 from __future__ import annotations
 
@@ -40,7 +45,9 @@ class LockSettings:
 
     timeout: float = 60.0  # seconds to wait before giving up with LockTimeout
     stale_after: float = 600.0  # a lock older than this is broken (a holder on another host cannot be checked otherwise)
-    poll: float = 0.01  # first wait between tries; doubles up to 0.2 s
+    poll: float = 0.01  # first wait between tries; doubles up to max_poll
+    max_poll: float = 0.05
+    step_aside: float = 0.15  # a holder that kept others waiting waits this long before taking the lock again
 
 
 def this_host() -> str:
@@ -150,6 +157,11 @@ class FileLock:
         self._thread_lock = threading.RLock()  # threads of this process wait here, not on the file
         self._depth = 0
         self._token: str | None = None
+        self._step_aside = False  # someone waited for our last hold: let them go first
+
+    @property
+    def waiting_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".waiting")
 
     @property
     def held(self) -> bool:
@@ -167,6 +179,9 @@ class FileLock:
             self._depth += 1
             return
         try:
+            if self._step_aside:
+                self._step_aside = False
+                time.sleep(min(self.settings.step_aside, max(0.0, deadline - time.monotonic())))
             self._token = self._acquire_file(purpose, deadline, timeout)
         except BaseException:
             self._thread_lock.release()
@@ -182,6 +197,9 @@ class FileLock:
                 holder = self.read_holder()
                 if holder and holder.get("token") == self._token:  # a lock broken as stale meanwhile is not ours
                     _unlink(self.path)
+                if self.waiting_path.exists():  # another process waited: it goes before our next hold
+                    self._step_aside = True
+                    _unlink(self.waiting_path)
             finally:
                 self._token = None
                 self._thread_lock.release()
@@ -210,7 +228,8 @@ class FileLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
-                self._break_if_stale()
+                if not self._break_if_stale():
+                    _touch(self.waiting_path)
             except PermissionError:
                 if sys.platform != "win32" or not self.path.parent.is_dir():
                     raise  # a folder we may not write: no waiting helps
@@ -228,7 +247,7 @@ class FileLock:
                     f"If that process is gone, delete {self.path}"
                 )
             time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-            wait = min(wait * 2, 0.2)
+            wait = min(wait * 2, self.settings.max_poll)
 
     def _stale(self, holder: dict | None) -> bool:
         if holder is None:
@@ -273,6 +292,14 @@ class FileLock:
 
     def __repr__(self) -> str:
         return f"<FileLock {self.path} {'held' if self.held else 'free'}>"
+
+
+def _touch(path: Path) -> None:
+    """Create ``path`` if missing (the waiters' sign); a failure only costs fairness."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+    except OSError:
+        pass
 
 
 def _unlink(path: Path, tries: int = 50) -> None:
