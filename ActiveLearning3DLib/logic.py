@@ -29,7 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import LoopPipeline, LoopSettings
 from .fileio import atomic_write_json, read_json
 from .locking import holder_gone, owner_info, pid_namespace, this_host
+from .nnunet.paths import NnunetPaths
 from .partial_labels import MergeResult
+from .prefill import box_effort, effort_totals, prefill_model, read_prediction_box
 from .project import BoxRecord, LoopConflict, LoopFile, Project, ProjectError, now_iso
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
 from .query_methods.base import no_progress
@@ -120,7 +122,8 @@ class ProjectStatus:
             f"{self.skipped} skipped); annotated voxels: {self.annotated_voxels}",
         ]
         for loop in self.per_loop:
-            lines.append(f"    loop {loop['loop']}: {loop['method']}, {loop['boxes']} boxes, {loop['pending']} pending")
+            lines.append(f"    loop {loop['loop']}: {loop['method']}, {loop['boxes']} boxes, {loop['pending']} pending"
+                         + describe_effort(loop.get("effort")))
         lines.append(f"  next: {self.next_step}")
         return "\n".join(lines)
 
@@ -186,7 +189,7 @@ class ActiveLearningLogic:
             boxes=len(records), pending=count["pending"], annotated=count["annotated"], skipped=count["skipped"],
             annotated_voxels=sum(b.box.voxels for b in records if b.state == "annotated"), next_step=next_step,
             per_loop=[{"loop": l.loop, "method": l.method, "boxes": len(l.boxes), "pending": l.count("pending"),
-                       "annotated": l.count("annotated")} for l in loops],
+                       "annotated": l.count("annotated"), "effort": effort_totals(l.boxes)} for l in loops],
         )
 
     def annotated_foreground_fraction(self) -> float:
@@ -327,19 +330,27 @@ class ActiveLearningLogic:
 
     # -------------------------------------------------------------- annotating
     def submit(
-        self, box: BoxRecord | str, labels: np.ndarray, annotator: str = "user", seconds: float | None = None
+        self, box: BoxRecord | str, labels: np.ndarray, annotator: str = "user", seconds: float | None = None,
+        prefill_shown: bool | None = None,
     ) -> MergeResult:
         """Merge an annotation of a box into the partial map, save it, and mark the box annotated.
 
         ``labels`` is the box's label array (its size) or a label array of the whole
         image (only the box is taken; painted voxels outside are counted in
         ``dropped_outside``). Submitting an annotated box again replaces its labels.
+
+        The box's record keeps what was changed against the start (``effort``,
+        see :func:`~.prefill.box_effort`): the pre-fill when ``prefill_shown``
+        (None: shown whenever a model predicted the box, as :meth:`prefill`
+        gives it; the oracle's case), else an empty box.
         """
         if not isinstance(annotator, str) or not annotator.strip():
             raise ValueError(f"annotator: expected a non-empty name, got {annotator!r}")
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                     or not np.isfinite(seconds) or seconds < 0):
             raise ValueError(f"seconds: expected a non-negative number of seconds or None, got {seconds!r}")
+        if prefill_shown is not None and not isinstance(prefill_shown, (bool, np.bool_)):
+            raise ValueError(f"prefill_shown: expected True, False or None, got {prefill_shown!r}")
         labels = np.asarray(labels)
         if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
             raise ValueError(f"labels: expected an integer label array, got dtype {labels.dtype}")
@@ -350,9 +361,45 @@ class ActiveLearningLogic:
             result = self.project.merge_annotation(record.box, labels)  # on disk before the record changes
             record.state, record.annotator, record.annotated_at = "annotated", annotator, now_iso()
             record.seconds = seconds
+            record.effort = self._effort(record, labels, prefill_shown)
             self.project.update_box(record)
             self._drop_claim(record.id)
         return result
+
+    # --------------------------------------------------------------- pre-fill
+    def prefill_model(self, box: BoxRecord | str) -> Path | None:
+        """The model folder whose stored pool prediction pre-fills ``box``: the newest trained before the box's loop
+        that predicted its image (None for a loop-0 box, or before any model scored the pool)."""
+        record = self.find_box(box)
+        return prefill_model(NnunetPaths.for_project(self.project).results_root, record.case, record.loop)
+
+    def prefill(self, box: BoxRecord | str) -> np.ndarray:
+        """The labels ``box`` opens with (its size): the newest model's prediction inside it, zeros without a model.
+
+        Paint your corrections into a copy and :meth:`submit` it; the box's record
+        then counts the voxels you changed.
+        """
+        record = self.find_box(box)
+        labels, _ = self._prefill(record)
+        return np.zeros(record.box.size, dtype=np.uint8) if labels is None else labels
+
+    def _prefill(self, record: BoxRecord) -> tuple[np.ndarray | None, str | None]:
+        model = prefill_model(NnunetPaths.for_project(self.project).results_root, record.case, record.loop)
+        if model is None:
+            return None, None
+        return read_prediction_box(model, record.box, self.project.cases[record.case].shape), model.name
+
+    def _effort(self, record: BoxRecord, labels: np.ndarray, shown: bool | None) -> dict:
+        """The effort record of a submitted box (its labels, whole image or box): changes against the start."""
+        inside = labels[record.box.slices] if labels.shape != tuple(record.box.size) else labels
+        prefill, model = self._prefill(record)
+        shown = prefill is not None if shown is None else bool(shown) and prefill is not None
+        start = prefill if shown else np.zeros(inside.shape, dtype=np.uint8)
+        return box_effort(start, inside, prefill, self.project.foreground_classes, shown, model)
+
+    def effort_per_loop(self) -> list[dict]:
+        """Per loop, totals of the annotated boxes' effort records (:func:`~.prefill.effort_totals`)."""
+        return [{"loop": loop.loop, **effort_totals(loop.boxes)} for loop in self.project.loops()]
 
     def add_box(self, case: str, center: Sequence[int]) -> BoxRecord:
         """Add a pending box of the patch size centred on voxel ``center`` (k, j, i) to the current loop.
@@ -511,6 +558,19 @@ class ActiveLearningLogic:
         s = self.status()
         return (f"<ActiveLearningLogic {s.name!r}: {s.pool_cases} pool cases, {s.loops} loops, "
                 f"{s.annotated}/{s.boxes} boxes annotated, next: {s.next_step}>")
+
+
+def describe_effort(totals: dict | None) -> str:
+    """A loop's effort totals for the status line ('' when no box recorded any)."""
+    if not totals or not totals.get("boxes_with_effort"):
+        return ""
+    text = (f"; corrected {totals['corrected_voxels']} of {totals['box_voxels']} voxels, "
+            f"pre-filled {totals['prefill_shown']} of {totals['boxes_with_effort']}")
+    if totals.get("mean_prefill_dice") is not None:
+        text += f", pre-fill Dice {totals['mean_prefill_dice']:.3f}"
+    if totals.get("seconds") is not None:
+        text += f", {totals['seconds']:.0f} s recorded"
+    return text
 
 
 def _whole(value, minimum: int) -> bool:

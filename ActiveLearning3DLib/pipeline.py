@@ -20,7 +20,8 @@ Stages and their jobs (``<model>`` = ``loop_<t>_<profile>_<annotation key>``,
     query      (in this process)         the next loop file from the stored scores
 
 Everything a model produces lives in its folder ``<project>/nnunet/results/<model>/``
-(``fold_<k>/``, ``scores/``, ``uncertainty/``, ``evaluation/``); the test summary
+(``fold_<k>/``, ``scores/``, ``uncertainty/``, ``pool_prediction/``,
+``evaluation/``); the test summary
 is also copied to ``<project>/evaluation/loop_<t>.json``.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .jobs import Job, JobRunner, JobStatus, LocalRunner, LocalRunnerSettings
 from .jobs.runner import default_parallel
 from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
+from .prefill import PREDICTION_FOLDER
 from .project import LoopConflict, LoopFile, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
 
@@ -96,6 +98,8 @@ class LoopSettings:
     score: bool = True  # pool scores, when the query method needs a model
     extra_maps: tuple[str, ...] = ()  # maps to score besides the method's: one pass serves the methods of a shared loop
     uncertainty_maps: bool = True  # write the predictive entropy of each pool image for the heat map
+    pool_prediction: bool = True  # keep the ensemble's predicted labels of each pool image: boxes open pre-filled
+    predict_pool: bool = False  # score even for a method that needs no model, for the predicted labels (simulation)
     stride: tuple[int, int, int] | None = None
     python: str | None = None  # worker interpreter (PythonSlicer in Slicer); default: this one
     background: bool = False  # its jobs start only when no other queued job waits (a simulation's full-data run)
@@ -182,6 +186,10 @@ class LoopPipeline:
         return self.model_folder / "uncertainty"
 
     @property
+    def pool_prediction_dir(self) -> Path:
+        return self.model_folder / PREDICTION_FOLDER
+
+    @property
     def evaluation_dir(self) -> Path:
         return self.model_folder / "evaluation"
 
@@ -199,7 +207,8 @@ class LoopPipeline:
 
     @property
     def scores(self) -> bool:
-        return self.settings.score and self.method.needs_model
+        return self.settings.score and (self.method.needs_model or (self.settings.predict_pool
+                                                                    and self.settings.pool_prediction))
 
     @property
     def method(self):
@@ -282,6 +291,7 @@ class LoopPipeline:
                     "model": str(self.model_folder), "maps": self.score_job_maps(),
                     "scores_dir": str(self.scores_dir),
                     "uncertainty_dir": str(self.uncertainty_dir) if self.settings.uncertainty_maps else None,
+                    "prediction_dir": str(self.pool_prediction_dir) if self.settings.pool_prediction else None,
                     "stride": list(self.settings.stride) if self.settings.stride else None, **common}))
             return jobs
         raise ValueError(f"stage {stage!r} has no jobs")

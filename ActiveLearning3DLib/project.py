@@ -122,6 +122,7 @@ class BoxRecord:
     annotated_at: str | None = None
     seconds: float | None = None
     source: str = "query"  # "query" or "annotator" (a box the annotator placed by hand)
+    effort: dict | None = None  # at submit: voxels changed against the pre-fill, its Dice (prefill.box_effort)
 
     @property
     def id(self) -> str:
@@ -138,6 +139,8 @@ class BoxRecord:
             stratum=self.stratum, state=self.state, annotator=self.annotator, annotated_at=self.annotated_at,
             seconds=self.seconds, source=self.source,
         )
+        if self.effort is not None:
+            d["effort"] = self.effort
         return d
 
     @classmethod
@@ -151,6 +154,7 @@ class BoxRecord:
             score=d.get("score"), priority=d.get("priority"), stratum=d.get("stratum"),
             state=str(d.get("state", "annotated")), annotator=d.get("annotator"), annotated_at=d.get("annotated_at"),
             seconds=d.get("seconds"), source=str(d.get("source", "query")),
+            effort=dict(d["effort"]) if isinstance(d.get("effort"), Mapping) else None,
         )
 
     def __repr__(self) -> str:

@@ -57,6 +57,7 @@ from .fileio import atomic_copy, atomic_write_json, read_json
 from .jobs import Job, busy_seconds
 from .logic import ActiveLearningLogic
 from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, local_runner, profile_tag
+from .prefill import effort_totals
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
 from .query_methods import get_method
 from .query_methods.base import no_progress
@@ -118,6 +119,7 @@ class SimulationSettings:
     python: str | None = None
     reductions: tuple[str, ...] = ()  # what a reduced run (the demo) changed against the protocol, for the report
     restore_from: Path | None = None  # records of an earlier run of this simulation (with their boxes) to rebuild from
+    prefill: bool = True  # every model predicts the pool, so each box records its corrections against the pre-fill
 
     def __post_init__(self) -> None:
         self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out).absolute()
@@ -183,7 +185,7 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
 # leaves the other runs' file as it was.
 _SHARED_FOLDERS = ("imagesTr", "imagesTs", "groundtruth")
 _SHARED_PREPROCESSED = (".b2nd", ".pkl")
-_SHARED_MODEL_OUTPUTS = ("scores", "uncertainty")
+_SHARED_MODEL_OUTPUTS = ("scores", "uncertainty", "pool_prediction")
 
 
 def _shares(relative: Path) -> bool:
@@ -221,12 +223,16 @@ def _copy_project(source: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def shared_scoring(methods: Iterable[str], foreground_classes: Iterable[int]) -> dict:
+def shared_scoring(methods: Iterable[str], foreground_classes: Iterable[int], predict_pool: bool = False) -> dict:
     """Loop settings that score the pool once with a seed's shared loop-0 model, beside its evaluation, with the
-    maps of every method that needs a model: each run's copy then finds its loop-0 scores done."""
+    maps of every method that needs a model: each run's copy then finds its loop-0 scores done.
+
+    With ``predict_pool`` a grid of methods that need no model still scores
+    it, for the predicted labels alone (the pre-fill of loop 1's boxes)."""
+    methods = list(methods)
     needing = [m for m in methods if get_method(m).needs_model]
     if not needing:
-        return {"score": False}
+        return {"score": True, "method": methods[0]} if predict_pool and methods else {"score": False}
     classes = list(foreground_classes)
     extra = tuple(n for m in needing[1:] for n in get_method(m).map_names(classes))
     return {"score": True, "method": needing[0], "extra_maps": extra}
@@ -245,7 +251,7 @@ class Simulation:
         self.profile_name = auto_profile(s.device) if s.profile == "auto" else s.profile
         self.parallel = s.parallel or default_job_parallel(s.device)
         self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
-                                          parallel=self.parallel, python=s.python)
+                                          parallel=self.parallel, python=s.python, predict_pool=s.prefill)
         self.runner = local_runner(s.python, self.parallel)
         self.base = self._base_project()
         if not self.base.test_cases or not self.base.has_ground_truth:
@@ -451,7 +457,8 @@ class Simulation:
 
         logic = self._loop0_logic(self.start_dir(seed), starting_budget)
         state = self._pipeline(("start", seed), logic, stages=("prepare", "train", "predict"), seed=seed,
-                               **shared_scoring(self.settings.methods, logic.project.foreground_classes)).advance()
+                               **shared_scoring(self.settings.methods, logic.project.foreground_classes,
+                                               self.settings.prefill)).advance()
         return self._check(state, f"seed {seed} start")
 
     def _check(self, state, what: str) -> bool:
@@ -530,6 +537,7 @@ class Simulation:
             "foreground_voxels": inside, "foreground_fraction": inside / project.pool_foreground_voxels,
             "mean_dice": summary["mean_dice"], "per_class": summary["per_class"], "model": pipeline.model_name,
             "seconds": seconds, "loop_method": loop_file.method, "written": now_iso(), "loop_file": loop_file.to_json(),
+            "effort": effort_totals(loop_file.boxes),  # the oracle's labels against the pre-fill, box by box
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)

@@ -20,8 +20,9 @@ import numpy as np
 
 from ..fileio import atomic_write_json, read_json
 from ..jobs import Job, JobStatus
-from ..logic import CLAIM_TTL, ActiveLearningLogic
+from ..logic import CLAIM_TTL, ActiveLearningLogic, describe_effort
 from ..pipeline import LoopPipeline, LoopSettings, PipelineState
+from ..prefill import effort_totals
 from ..project import BoxRecord, BudgetSettings, ProjectError
 from ..query_methods import DEFAULT_METHOD
 from . import mrml
@@ -79,6 +80,7 @@ class PanelSettings:
     profile: str = "auto"
     device: str = "auto"
     parallel: int | None = None
+    prefill: bool = True  # a box opens with the newest model's prediction painted inside it, when there is one
     # worker interpreter: the module sets PythonSlicer from the user's own settings. Never read from or written to
     # panel.json (USER_ONLY): a project folder is shared, and one that named an interpreter would run it.
     python: str | None = None
@@ -183,6 +185,7 @@ class AnnotationController:
         self._watched: tuple[Job, str, Callable[[], str]] | None = None  # one job outside a loop (embeddings, predictions)
         self._shown_at: float | None = None
         self._labels_changed = False
+        self.prefill_shown = False  # whether the box on screen opened with the model's prediction (recorded at submit)
         self.annotator = "user"  # the name other annotators of a shared project see on the box this one has open
         self._claimed_at: float | None = None
 
@@ -402,13 +405,21 @@ class AnnotationController:
         self._labels_changed = False
 
     def _reset_annotation(self, record: BoxRecord) -> None:
-        """Empty segments for a new box, edits masked to it; an annotated box starts from its saved labels."""
+        """Empty segments for a new box, edits masked to it; an annotated box starts from its saved labels, another
+        from the newest model's prediction inside it when there is one and the ``prefill`` setting is on."""
         mrml.reset_class_segments(self.annotation, self._foreground_classes(), self._colors())
         mrml.restrict_editing_to_box(self.ctx, self.annotation, self.volume, self.grid, record.box, self.editor_node)
+        self.prefill_shown = False
+        inside = None
         if record.state == "annotated":
             partial = self.logic.project.read_partial_labels(record.case)
             inside = np.zeros(partial.shape, np.uint8)
             inside[record.box.slices] = partial[record.box.slices]
+        elif self.settings.prefill and self.logic.prefill_model(record) is not None:
+            inside = np.zeros(self.logic.project.cases[record.case].shape, np.uint8)
+            inside[record.box.slices] = self.logic.prefill(record)
+            self.prefill_shown = True
+        if inside is not None:
             for value in self._foreground_classes():
                 if (inside == value).any():
                     mrml.paint_segment(self.ctx, self.annotation, self.volume, value, inside == value, self.grid)
@@ -461,7 +472,8 @@ class AnnotationController:
         if seconds is None and self._shown_at is not None:
             seconds = round(time.monotonic() - self._shown_at, 1)
         started = time.perf_counter()
-        result = self.logic.submit(record, self.painted_labels(), annotator=annotator, seconds=seconds)
+        result = self.logic.submit(record, self.painted_labels(), annotator=annotator, seconds=seconds,
+                                   prefill_shown=self.prefill_shown)
         self._labels_changed = True
         self.box_nodes.set_state(record.id, "annotated")
         self.current = self.logic.find_box(record.id)
@@ -471,6 +483,18 @@ class AnnotationController:
             self.go_to_box(following.id)
         return SubmitResult(self.logic.find_box(record.id), result.voxels, result.foreground_voxels,
                             result.dropped_outside, following, elapsed)
+
+    def effort(self, loop: int | None = None) -> dict:
+        """A loop's effort totals (default: the current loop): corrected voxels, pre-fills shown, their Dice, seconds."""
+        loop = self.current_loop() if loop is None else loop
+        found = [t for t in self.logic.effort_per_loop() if t["loop"] == loop]
+        return found[0] if found else {"loop": loop, **effort_totals([])}
+
+    def effort_text(self, loop: int | None = None) -> str:
+        """The effort line under the table ('' before a box of the loop recorded any)."""
+        totals = self.effort(loop)
+        text = describe_effort(totals)
+        return f"loop {totals['loop']}: {totals['boxes']} boxes annotated" + text if text else ""
 
     def skip(self, advance: bool = True) -> BoxRecord | None:
         """Skip the current box and show the next pending one (returned; None when the loop is done)."""

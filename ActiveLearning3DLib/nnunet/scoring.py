@@ -10,8 +10,14 @@ computed, aggregated into candidate box scores and saved in a
 member's probabilities to disk and reads them back; ``benchmarks/bench_loop.py``
 compares the two on the same models.
 
-Resumable: a case whose scores are stored (and whose uncertainty image exists,
-when asked for) is not scored again.
+Resumable: a case whose scores are stored (and whose uncertainty image and
+predicted labels exist, when asked for) is not scored again.
+
+With ``prediction_dir`` (the pipeline gives ``<model>/pool_prediction``) the
+class of the highest mean probability is saved per image, in the image's grid
+(:mod:`~ActiveLearning3DLib.prefill`): the annotator's boxes open pre-filled
+with it. It costs an argmax and a compressed write per image; the mean is
+computed anyway.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import SimpleITK as sitk
 
 from ..aggregation import default_stride
 from ..fileio import atomic_write_image
+from ..prefill import PREDICTION_ENDING, prediction_labels, write_pool_prediction
 from ..project import Project
 from ..scores import ScoreStore, score_maps
 from ..uncertainty import EnsembleAccumulator, needs_expected_entropy
@@ -42,6 +49,7 @@ class ScoringSettings:
     scores_dir: Path
     uncertainty_dir: Path | None = None  # write <case>.nii.gz predictive entropy here, for the GUI
     stride: tuple[int, int, int] | None = None
+    prediction_dir: Path | None = None  # write <case>.nii.gz predicted labels here (<model>/pool_prediction), for pre-fills
 
 
 def uncertainty_image(values: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -68,7 +76,9 @@ def score_pool_with_ensemble(
     started = time.perf_counter()
     for i, case in enumerate(todo_all):
         image_out = uncertainty / f"{case}.nii.gz" if uncertainty else None
-        if store.has(case, names) and (image_out is None or image_out.is_file()):
+        labels_out = Path(settings.prediction_dir) / f"{case}{PREDICTION_ENDING}" if settings.prediction_dir else None
+        if ((not names or store.has(case, names)) and (image_out is None or image_out.is_file())
+                and (labels_out is None or labels_out.is_file())):
             skipped.append(case)
             continue
         shape = project.cases[case].shape
@@ -85,10 +95,13 @@ def score_pool_with_ensemble(
         scores = score_maps(case, maps, names, project.patch_size, settings.stride or default_stride(project.patch_size, shape))
         seconds["aggregate"] += time.perf_counter() - t
         t = time.perf_counter()
-        store.write(case, scores)
+        if names:  # none: a run that scores only for the predicted labels (a simulation's random runs)
+            store.write(case, scores)
         if image_out is not None:
             image_out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_image(uncertainty_image(maps.map(UNCERTAINTY_MAP), project.read_image(case)), image_out)
+        if labels_out is not None:
+            write_pool_prediction(settings.prediction_dir, case, prediction_labels(maps.mean), project.read_image(case))
         seconds["save"] += time.perf_counter() - t
         scored.append(case)
         if progress:
@@ -99,6 +112,7 @@ def score_pool_with_ensemble(
     return {
         "cases": len(todo_all), "scored": len(scored), "already_scored": len(skipped), "members": ensemble.members,
         "maps": names, "scores_dir": str(settings.scores_dir), "uncertainty_dir": str(uncertainty) if uncertainty else None,
+        "prediction_dir": str(settings.prediction_dir) if settings.prediction_dir else None,
         "seconds": round(total, 3), "seconds_per_case": round(total / max(1, len(scored)), 4),
         "seconds_by_step": {k: round(v, 3) for k, v in seconds.items()},
     }

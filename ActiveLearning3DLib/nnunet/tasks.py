@@ -69,7 +69,8 @@ def score_task(inputs: dict, report: Reporter) -> dict:
     stride = inputs.get("stride")
     settings = ScoringSettings(tuple(inputs["maps"]), Path(inputs["scores_dir"]),
                                Path(inputs["uncertainty_dir"]) if inputs.get("uncertainty_dir") else None,
-                               tuple(stride) if stride else None)
+                               tuple(stride) if stride else None,
+                               Path(inputs["prediction_dir"]) if inputs.get("prediction_dir") else None)
     return score_pool_with_ensemble(Project.open(inputs["project"]), ensemble, settings,
                                     progress=_relay(report, "scoring"))
 
