@@ -112,6 +112,7 @@ def box_effort(start: np.ndarray, submitted: np.ndarray, prefill: np.ndarray | N
             total = int(np.count_nonzero(p)) + int(np.count_nonzero(s))
             dice[str(int(c))] = None if total == 0 else round(2.0 * np.count_nonzero(p & s) / total, 6)
     return {"prefill_shown": bool(shown), "prefill_model": model, "voxels": int(submitted.size),
+            "foreground": int(np.count_nonzero(now)),  # what painting the box from nothing would have corrected
             "added": added, "removed": removed, "relabelled": relabelled, "corrected": added + removed + relabelled,
             "prefill_dice": dice}
 
@@ -164,9 +165,10 @@ class EffortModel:
 
 
 def effort_totals(records: Iterable) -> dict:
-    """Totals of annotated boxes' effort records (BoxRecords or their JSON): boxes, corrected voxels, pre-fills shown,
-    mean pre-fill Dice (over boxes where it is defined), recorded seconds."""
-    boxes = with_effort = shown = corrected = voxels = 0
+    """Totals of annotated boxes' effort records (BoxRecords or their JSON): boxes, corrected voxels, their foreground
+    voxels (the corrections without a pre-fill), pre-fills shown, mean pre-fill Dice (over boxes where it is
+    defined), recorded seconds."""
+    boxes = with_effort = shown = corrected = voxels = foreground = 0
     seconds, dice = [], []
     for r in records:
         state = r.get("state") if isinstance(r, Mapping) else r.state
@@ -183,9 +185,10 @@ def effort_totals(records: Iterable) -> dict:
         shown += bool(effort.get("prefill_shown"))
         corrected += int(effort.get("corrected", 0))
         voxels += int(effort.get("voxels", 0))
+        foreground += int(effort.get("foreground", 0))
         d = mean_dice(effort.get("prefill_dice"))
         if d is not None:
             dice.append(d)
     return {"boxes": boxes, "boxes_with_effort": with_effort, "prefill_shown": shown, "corrected_voxels": corrected,
-            "box_voxels": voxels, "mean_prefill_dice": float(np.mean(dice)) if dice else None,
+            "box_voxels": voxels, "foreground_voxels": foreground, "mean_prefill_dice": float(np.mean(dice)) if dice else None,
             "seconds": round(sum(seconds), 3) if seconds else None, "boxes_with_seconds": len(seconds)}

@@ -11,7 +11,13 @@ For each simulation folder (a setting: dataset, budget, profile):
   one standard deviation), Dice against the annotated foreground fraction
   with the fitted FG-Eff curves;
 - for a few cases, the boxes each method queried drawn over one slice of the
-  image (like nnActive's figures 10 and 12).
+  image (like nnActive's figures 10 and 12);
+- where the records hold each box's corrections against the model's pre-fill
+  (:mod:`~ActiveLearning3DLib.prefill`): Dice against the corrected voxels
+  beside Dice against boxes, per loop the corrected voxels per box, the
+  pre-fill's Dice inside the queried boxes (are the boxes a method picks the
+  ones where the model is wrong?) and the annotator minutes that an
+  :class:`~ActiveLearning3DLib.prefill.EffortModel` estimates from them.
 
 Folders that differ only in their starting budget (the cold-start benchmark,
 one folder per start) are also compared with each other: Dice after loop 0,
@@ -34,6 +40,7 @@ import SimpleITK as sitk
 
 from .fileio import atomic_write_text, read_json, replacing_file
 from .metrics import aubc, fg_efficiency, final_dice, pairwise_penalty_matrix, sum_penalty_matrices
+from .prefill import EffortModel
 from .project import Project
 from .simulation import collect_results
 
@@ -297,6 +304,52 @@ class SettingResults:
                      "rows of one method can average different seeds.")
 
 
+    # ------------------------------------------------------------------ effort
+    @property
+    def has_effort(self) -> bool:
+        """Whether the records hold the boxes' corrections (simulations run since pre-filled boxes exist)."""
+        return any((r.get("effort") or {}).get("boxes_with_effort") for r in self.records)
+
+    def effort_curve(self, method: str, seed: int, key: str = "corrected_voxels") -> list[float] | None:
+        """A run's effort total per loop, cumulative (the loop-t model learnt from loops 0..t), or None while it
+        has not finished every loop or a loop lacks effort records."""
+        rows = self.run_records(method, seed)
+        if len(rows) < self.loops or not all((r.get("effort") or {}).get("boxes_with_effort") for r in rows):
+            return None
+        return list(np.cumsum([float(r["effort"][key]) for r in rows[: self.loops]]))
+
+    def effort_table(self, model: EffortModel) -> Table:
+        rows = []
+        for m in self.methods:
+            for t in range(self.loops):
+                rs = [r for r in self.loop_records(m, t) if (r.get("effort") or {}).get("boxes_with_effort")]
+                if not rs:
+                    continue
+                e = [r["effort"] for r in rs]
+                per_box = [x["corrected_voxels"] / x["boxes_with_effort"] for x in e]
+                painted = [x.get("foreground_voxels", 0) / x["boxes_with_effort"] for x in e]
+                unpainted = [1 - x["corrected_voxels"] / x["box_voxels"] for x in e if x["box_voxels"]]
+                saved = [1 - x["corrected_voxels"] / x["foreground_voxels"] for x in e if x.get("foreground_voxels")]
+                dice = [x["mean_prefill_dice"] for x in e if x.get("mean_prefill_dice") is not None]
+                minutes = [model.seconds(x["corrected_voxels"], x["boxes_with_effort"]) / 60 for x in e]
+                empty = [model.seconds(x.get("foreground_voxels", 0), x["boxes_with_effort"]) / 60 for x in e]
+                shown = sum(x["prefill_shown"] for x in e)
+                rows.append([m, str(t), _seed_ids(r["seed"] for r in rs), f"{shown}/{sum(x['boxes_with_effort'] for x in e)}",
+                             _pm(per_box, 1, 0), _pm(painted, 1, 0), _pm(saved, digits=1) if saved else "n/a",
+                             _pm(unpainted, digits=1), _pm(dice, digits=1) if dice else "n/a",
+                             _pm(minutes, 1, 1), _pm(empty, 1, 1)])
+        note = ("Corrected voxels: added, removed and relabelled against the model's pre-fill (loop 0: no model, so "
+                "every painted voxel). Painted without pre-fill: the foreground voxels of the same boxes. Saved: the "
+                "share of that painting the pre-fill spared; box voxels not painted: 1 - corrected / box voxels. "
+                "Pre-fill Dice: mean over the queried boxes and the classes present, x 100. Minutes are ESTIMATES "
+                f"from the effort model ({model.describe()}), not measured annotator time; mean ± sd over seeds.")
+        return Table("Annotation effort per loop", ["method", "loop", "seeds", "pre-filled boxes",
+                                                    "corrected voxels per box", "painted per box without pre-fill",
+                                                    "painting saved (%)", "box voxels not painted (%)",
+                                                    "pre-fill Dice in queried boxes", "est. minutes",
+                                                    "est. minutes without pre-fill"], rows, note)
+
+
 class StartComparison:
     """Run folders that differ only in their starting budget, each start then queried by the same method(s).
 
@@ -413,6 +466,39 @@ def draw_dice_vs_boxes(ax, setting: SettingResults) -> None:
                 ax.plot([r["boxes"] for r in rows], [100 * r["mean_dice"] for r in rows], linestyle="--",
                         marker="s^vD<>"[i % 6], markersize=4,
                         color=colours[m], label=f"{m} seed {s}, running ({len(rows)} of {setting.loops} loops)")
+
+
+def plot_dice_vs_corrections(setting: SettingResults, path: Path) -> None:
+    """Two panels: Dice against boxes, and Dice against the corrected voxels so far (mean over seeds, band ± 1 sd
+    of the Dice; x: the seeds' mean cumulative corrected voxels)."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    draw_dice_vs_boxes(left, setting)
+    left.set_xlabel("annotated boxes")
+    left.set_ylabel("test Mean Dice (x 100)")
+    left.set_title("against boxes")
+    colours = _colours(setting.methods)
+    for m in setting.methods:
+        seeds = [s for s in setting.complete_seeds(m) if setting.effort_curve(m, s) is not None]
+        if not seeds:
+            continue
+        y = 100 * np.asarray([setting.curve(m, s) for s in seeds])
+        x = np.mean([setting.effort_curve(m, s) for s in seeds], axis=0) / 1000
+        mean = np.nanmean(y, axis=0)
+        right.plot(x, mean, marker="o", color=colours[m], label=f"{m} ({len(seeds)} seed{'' if len(seeds) == 1 else 's'})")
+        if len(seeds) > 1:
+            sd = np.nanstd(y, axis=0, ddof=1)
+            right.fill_between(x, mean - sd, mean + sd, color=colours[m], alpha=0.2)
+    right.set_title("against corrected voxels (pre-filled boxes)")
+    for ax in (left, right):
+        if setting.y_full() is not None:
+            ax.axhline(100 * setting.y_full(), color="k", linestyle="--", linewidth=1, label="full data")
+        ax.grid(alpha=0.3)
+    right.set_xlabel("corrected voxels so far, thousands (added + removed + relabelled)")
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7)
+    _save(fig, path)
 
 
 def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
@@ -535,15 +621,20 @@ def plot_queried_boxes(setting: SettingResults, path: Path, seed: int | None = N
 
 
 # ------------------------------------------------------------------------ pages
-def write_report(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
-    """Write ``report.html`` and ``report.md`` (and the PNGs) into ``out``; returns the HTML path."""
+def write_report(run_dirs: Sequence[Path | str], out: Path | str, effort_model: EffortModel | None = None) -> Path:
+    """Write ``report.html`` and ``report.md`` (and the PNGs) into ``out``; returns the HTML path.
+
+    ``effort_model`` turns corrected voxels into estimated minutes (default: :class:`EffortModel`'s parameters).
+    """
     out = Path(out)
+    if effort_model is not None and not isinstance(effort_model, EffortModel):
+        raise ValueError(f"effort_model: expected an EffortModel, got {type(effort_model).__name__}")
     settings = [SettingResults(d) for d in run_dirs]  # every folder checked before anything is written
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.iterdir())
     try:
-        return _write_report(settings, out)
+        return _write_report(settings, out, effort_model or EffortModel())
     except BaseException:  # no half report: the plots this call drew go again
         for p in set(out.iterdir()) - before:
             if p.is_file():
@@ -553,7 +644,7 @@ def write_report(run_dirs: Sequence[Path | str], out: Path | str) -> Path:
         raise
 
 
-def _write_report(settings: Sequence[SettingResults], out: Path) -> Path:
+def _write_report(settings: Sequence[SettingResults], out: Path, effort_model: EffortModel) -> Path:
     sections: list[tuple[str, list[Table], list[Figure], list[str]]] = []
     ppms = []
     for index, setting in enumerate(settings):
@@ -568,8 +659,17 @@ def _write_report(settings: Sequence[SettingResults], out: Path) -> Path:
         plot_dice_vs_foreground(setting, p)
         figures.append(Figure("Dice against annotated foreground", p,
                               "Every seed and loop; lines: FG-Eff fits (need the full-data reference)."))
-        ppm = setting.penalty_matrix()
         notes = []
+        if setting.has_effort:
+            tables.append(setting.effort_table(effort_model))
+            p = out / f"{prefix}_dice_vs_corrections.png"
+            plot_dice_vs_corrections(setting, p)
+            figures.append(Figure("Dice against corrected voxels, beside Dice against boxes", p,
+                                  "Right: x is the mean over seeds of the voxels corrected against the model's "
+                                  "pre-fill so far; band ± 1 sd of the Dice over seeds."))
+        else:
+            notes.append("Annotation effort: these records hold no per-box corrections (run before pre-filled boxes).")
+        ppm = setting.penalty_matrix()
         if ppm is not None:
             ppms.append(ppm)
             tables.append(penalty_table(ppm, "Pairwise penalty matrix"))

@@ -104,6 +104,7 @@ def test_counts_of_known_changes(project):
     logic.submit(box.id, whole)
     effort = logic.find_box(box.id).effort
     assert (effort["added"], effort["removed"], effort["relabelled"], effort["corrected"]) == (3, 5, 4, 12)
+    assert effort["foreground"] == 4 * 64 - 5 + 3
     ones_before, ones_after = 3 * 64, 3 * 64 - 5 - 4
     twos_before, twos_after = 64, 64 + 3 + 4
     assert effort["prefill_dice"]["1"] == pytest.approx(2 * ones_after / (ones_before + ones_after), abs=1e-6)
@@ -154,7 +155,7 @@ def test_loop0_box_opens_empty_and_records_painting_from_nothing(project):
     effort = logic.find_box(loop0.id).effort  # the oracle's submit, before any model
     ground_truth = logic.project.read_ground_truth(loop0.case)[loop0.box.slices]
     assert effort["prefill_shown"] is False and effort["prefill_model"] is None and effort["prefill_dice"] is None
-    assert effort["corrected"] == effort["added"] == int(np.count_nonzero(ground_truth))
+    assert effort["corrected"] == effort["added"] == effort["foreground"] == int(np.count_nonzero(ground_truth))
 
 
 def test_prefill_of_an_unknown_box_names_it(project):
@@ -207,3 +208,59 @@ def test_submit_refuses_a_prefill_flag_that_is_not_a_bool(project):
     with pytest.raises(ValueError, match="prefill_shown"):
         project.submit(box, np.zeros(box.box.size, np.uint8), prefill_shown="yes")
     assert project.find_box(box.id).state == "pending"
+
+
+def _effort_study(root: Path, with_effort: bool = True) -> Path:
+    """A simulation folder written by hand: two seeds of one method, 2 loops, 10 boxes of 1000 voxels per loop."""
+    from ActiveLearning3DLib.fileio import atomic_write_json
+
+    root.mkdir(parents=True)
+    atomic_write_json(root / "simulation.json", {
+        "settings": {"methods": ["random"], "seeds": [0, 1], "loops": 2, "images": "data/imagesTr", "budget": 20,
+                     "start": "random"},
+        "budget": 20, "budget_rule": "given", "query_size": 10, "profile_tag": "test", "patch_size": [10, 10, 10],
+        "pool_cases": 10, "test_cases": 4, "profile": {"name": "test"}, "versions": {}})
+    for seed in (0, 1):
+        for loop in (0, 1):
+            corrected = 4000 if loop == 0 else 1000 * (seed + 1)  # seed 0: 1000, seed 1: 2000 in loop 1
+            effort = {"boxes": 10, "boxes_with_effort": 10, "prefill_shown": 10 * loop, "corrected_voxels": corrected,
+                      "box_voxels": 10000, "foreground_voxels": 4000, "seconds": None, "boxes_with_seconds": 0,
+                      "mean_prefill_dice": None if loop == 0 else 0.5 + 0.1 * seed}
+            record = {"method": "random", "seed": seed, "loop": loop, "boxes": 10 * (loop + 1), "annotated_voxels": 0,
+                      "foreground_voxels": 0, "foreground_fraction": 0.1 * (loop + 1), "mean_dice": 0.3 + 0.1 * loop,
+                      "per_class": {}, "seconds": {}}
+            if with_effort:
+                record["effort"] = effort
+            path = root / "results" / "random" / f"seed_{seed}" / f"loop_{loop:03d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, record)
+    return root
+
+
+def test_report_shows_corrections_prefill_dice_and_estimated_minutes(tmp_path):
+    from ActiveLearning3DLib.report import SettingResults, write_report
+
+    study = _effort_study(tmp_path / "study")
+    setting = SettingResults(study)
+    assert setting.effort_curve("random", 1) == [4000.0, 6000.0]  # cumulative: the loop-1 model learnt both loops
+    rows = {r[1]: r for r in setting.effort_table(EffortModel(box_seconds=6, seconds_per_voxel=0.06)).rows}
+    # loop 1: 150 ± 71 corrected voxels per box, 400 painted without; saved 62.5 ± 17.7 %; Dice 55.0 ± 7.1
+    assert rows["1"][4] == "150 ± 71" and rows["1"][5] == "400 ± 0" and rows["1"][6] == "62.5 ± 17.7"
+    assert rows["1"][8] == "55.0 ± 7.1" and rows["0"][8] == "n/a" and rows["0"][3] == "0/20"
+    # minutes = (10 boxes x 6 s + 0.06 s x corrected) / 60: seeds 2.0 and 3.0
+    assert rows["1"][9] == "2.5 ± 0.7" and rows["1"][10] == "5.0 ± 0.0"
+    page = write_report([study], tmp_path / "report", EffortModel(box_seconds=6, seconds_per_voxel=0.06))
+    md = (page.parent / "report.md").read_text()
+    assert "Annotation effort per loop" in md and "ESTIMATES" in md and "6 per box + 0.06 per corrected voxel" in md
+    assert (page.parent / "setting1_dice_vs_corrections.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="effort_model"):
+        write_report([study], tmp_path / "bad", effort_model={"box_seconds": 1})
+
+
+def test_report_of_records_without_corrections_says_so(tmp_path):
+    from ActiveLearning3DLib.report import write_report
+
+    page = write_report([_effort_study(tmp_path / "old", with_effort=False)], tmp_path / "report")
+    md = (page.parent / "report.md").read_text()
+    assert "hold no per-box corrections" in md and "Annotation effort per loop" not in md
+    assert not (page.parent / "setting1_dice_vs_corrections.png").exists()
