@@ -564,8 +564,10 @@ def describe_effort(totals: dict | None) -> str:
     """A loop's effort totals for the status line ('' when no box recorded any)."""
     if not totals or not totals.get("boxes_with_effort"):
         return ""
-    text = (f"; corrected {totals['corrected_voxels']} of {totals['box_voxels']} voxels, "
-            f"pre-filled {totals['prefill_shown']} of {totals['boxes_with_effort']}")
+    text = f"; corrected {totals['corrected_voxels']} of {totals['box_voxels']} voxels"
+    if totals.get("foreground_voxels") and totals.get("prefill_shown"):
+        text += f" ({totals['foreground_voxels']} painting from empty)"
+    text += f", pre-filled {totals['prefill_shown']} of {totals['boxes_with_effort']}"
     if totals.get("mean_prefill_dice") is not None:
         text += f", pre-fill Dice {totals['mean_prefill_dice']:.3f}"
     if totals.get("seconds") is not None:
