@@ -266,6 +266,7 @@ class Project:
         """
         from .dicom.series import converted_dicom_input
 
+        _check_create_arguments(patch_size, test_fraction, seed, classes, budget, max_cases)  # before any work
         path = Path(path).absolute()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ProjectError(f"{path}: exists and is not an empty folder; open it instead or choose another path")
@@ -602,6 +603,31 @@ def _split_cases(cases: Sequence[str], test_fraction: float, seed: int) -> dict[
     rng = np.random.default_rng(seed)
     test = set(rng.choice(sorted(cases), size=n_test, replace=False).tolist()) if n_test else set()
     return {c: ("test" if c in test else "pool") for c in cases}
+
+
+def _check_create_arguments(patch_size, test_fraction, seed, classes, budget, max_cases) -> None:
+    """Project.create's arguments, as strictly as ``al3d init`` checks its options (one error naming the argument)."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 <= test_fraction < 1:
+        raise ProjectError(f"test fraction (test_fraction) must be a number in [0, 1), got {test_fraction!r}")
+    if patch_size is not None and (isinstance(patch_size, (str, bytes)) or len(patch_size) != 3
+                                   or not all(_whole(int(p) if isinstance(p, np.integer) else p, 1) for p in patch_size)):
+        raise ProjectError(f"patch size (patch_size) must be three positive whole numbers (Z Y X), got {patch_size!r}")
+    if not _whole(int(seed) if isinstance(seed, np.integer) else seed, 0):
+        raise ProjectError(f"seed: must be a non-negative whole number, got {seed!r}")
+    if max_cases is not None and not _whole(max_cases, 1):
+        raise ProjectError(f"max_cases: must be a whole number of at least 1 (or None: all cases), got {max_cases!r}")
+    if classes is not None and (not isinstance(classes, Mapping) or not all(
+            _whole(k, 0) and isinstance(v, str) and v.strip() for k, v in classes.items())):
+        raise ProjectError(f"classes: must map class values 0, 1, ... to names, got {classes!r}")
+    if budget is not None:
+        if not isinstance(budget, BudgetSettings):
+            raise ProjectError(f"budget: expected BudgetSettings, got {type(budget).__name__}")
+        for name in ("query_size", "total"):
+            value = getattr(budget, name)
+            if value is not None and not _whole(value, 1):
+                raise ProjectError(f"budget.{name}: must be a whole number of at least 1 (or None), got {value!r}")
+        if not _whole(budget.loops, 1):
+            raise ProjectError(f"budget.loops: must be a whole number of at least 1, got {budget.loops!r}")
 
 
 def _first_overlap(records: Sequence[BoxRecord]) -> tuple[BoxRecord, BoxRecord] | None:

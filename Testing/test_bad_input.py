@@ -539,3 +539,17 @@ def test_panel_json_python_of_a_project_folder_is_never_run(project, tmp_path):
     saved = json.loads((project / "panel.json").read_text())
     assert saved["method"] == "pe" and "python" not in saved
     assert os.access(script, os.X_OK)  # the script was there to run all along
+
+
+def test_api_project_create_checks_its_arguments_before_any_work(tmp_path):
+    from ActiveLearning3DLib.project import BudgetSettings
+
+    data = make_dataset(tmp_path / "source", n_cases=3)
+    for kwargs, name in [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"max_cases": 0}, "max_cases"),
+                         ({"patch_size": (4, 4)}, "patch_size"), ({"patch_size": "444"}, "patch_size"),
+                         ({"test_fraction": True}, "test_fraction"), ({"classes": {0: "bg", 1: ""}}, "classes"),
+                         ({"budget": BudgetSettings(query_size=0)}, "budget.query_size"),
+                         ({"budget": BudgetSettings(loops=0)}, "budget.loops"), ({"budget": {"loops": 3}}, "budget")]:
+        with pytest.raises(ProjectError, match=name):
+            Project.create(tmp_path / "p", data.images, data.labels, **kwargs)
+        assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))
