@@ -79,6 +79,15 @@ def test_scoring_stores_one_candidate_list_per_pool_image_and_uncertainty_images
         assert heat.GetSize() == image.GetSize() and np.allclose(heat.GetOrigin(), image.GetOrigin())
         values = sitk.GetArrayFromImage(heat)
         assert 0 <= values.min() and values.max() <= math.log(len(project.classes)) + 1e-5
+        # the ensemble's predicted labels, kept for pre-filled boxes: the image's grid, classes only
+        predicted = sitk.ReadImage(str(pipeline.pool_prediction_dir / f"{case}.nii.gz"))
+        assert predicted.GetSize() == image.GetSize() and np.allclose(predicted.GetDirection(), image.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= set(project.classes)
+    # the next loop's boxes open pre-filled from this model
+    box = logic.project.read_loop(1).boxes[0]
+    assert logic.prefill_model(box) == pipeline.model_folder
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(pipeline.pool_prediction_dir / f"{box.case}.nii.gz")))
+    np.testing.assert_array_equal(logic.prefill(box), stored[box.box.slices])
     result = read_json(Job(pipeline.jobs_dir / f"{pipeline.model_name}-score").path / "result.json")
     assert result["members"] == ["fold_0", "fold_1"] and result["scored"] == len(project.pool_cases)
 
@@ -197,8 +206,14 @@ def test_one_pass_scoring_equals_scoring_from_each_members_saved_probabilities(l
     reference = ScoreStore(tmp_path / "reference")
     score_pool(MemoryProbabilities(arrays), {c: project.cases[c].shape for c in cases}, len(project.classes), names,
                project.patch_size, reference)
-    summary = score_pool_with_ensemble(project, ensemble, ScoringSettings(tuple(names), tmp_path / "one-pass"), cases)
+    summary = score_pool_with_ensemble(project, ensemble, ScoringSettings(tuple(names), tmp_path / "one-pass",
+                                                                          prediction_dir=tmp_path / "labels"), cases)
     assert summary["scored"] == 2 and summary["members"] == ["fold_0", "fold_1"]
+    for case in cases:  # the kept prediction is the class of the highest mean probability
+        mean = (arrays["fold_0"][case].astype(np.float32) + arrays["fold_1"][case]) / 2
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels" / f"{case}.nii.gz")))
+        ties = np.sort(mean, axis=0)[-1] - np.sort(mean, axis=0)[-2] < 1e-5  # float order may differ at a tie
+        np.testing.assert_array_equal(stored[~ties], np.argmax(mean, axis=0)[~ties])
     one_pass = ScoreStore(tmp_path / "one-pass")
     for case in cases:
         for name in names:
