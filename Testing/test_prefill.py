@@ -264,3 +264,23 @@ def test_report_of_records_without_corrections_says_so(tmp_path):
     md = (page.parent / "report.md").read_text()
     assert "hold no per-box corrections" in md and "Annotation effort per loop" not in md
     assert not (page.parent / "setting1_dice_vs_corrections.png").exists()
+
+
+def test_a_simulation_scores_for_the_prediction_also_where_the_method_needs_no_model(project):
+    from ActiveLearning3DLib.pipeline import LoopSettings
+    from ActiveLearning3DLib.simulation import shared_scoring
+
+    logic = project
+    plain = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", method="random"))
+    assert not plain.scores  # the panel's random loop: no model pass over the pool
+    simulated = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", method="random", predict_pool=True))
+    assert simulated.scores and simulated.score_maps == []
+    job = next(j for j in simulated.jobs("predict") if j.name.endswith("-score"))
+    assert job.spec().inputs["prediction_dir"] == str(simulated.model_folder / "pool_prediction")
+    assert job.spec().inputs["maps"] == []
+    off = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", method="random", predict_pool=True,
+                                           pool_prediction=False))
+    assert not off.scores
+    classes = logic.project.foreground_classes
+    assert shared_scoring(("random", "random_fg66"), classes, predict_pool=True) == {"score": True, "method": "random"}
+    assert shared_scoring(("random",), classes) == {"score": False}
