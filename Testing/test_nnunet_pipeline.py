@@ -300,6 +300,31 @@ def test_a_checkpoint_that_runs_code_is_refused_and_a_real_one_loads(tmp_path, p
     assert not marker.exists()
 
 
+def test_a_crafted_preprocessed_pickle_is_refused_before_nnunet_unpickles_it(tmp_path, prepared):
+    """nnU-Net's data loaders ``pickle.load`` each case's properties; a shared project's must be plain data."""
+    import pickle
+
+    from ActiveLearning3DLib.nnunet.checkpoints import UnsafeCheckpoint, check_plain_pickles
+
+    project, _ = prepared
+    real = NnunetPaths.for_project(project).preprocessed_dataset
+    assert check_plain_pickles(real) == len(list(real.rglob("*.pkl"))) > 0  # what nnU-Net wrote passes
+    copy = tmp_path / "project"
+    shutil.copytree(project.path, copy, symlinks=True)
+    marker = tmp_path / "code-ran"
+    victim = sorted(NnunetPaths.for_project(Project.open(copy)).preprocessed_dataset.rglob("*.pkl"))[0]
+    with open(victim, "rb") as f:
+        properties = pickle.load(f)
+    properties["extra"] = _RunsCode(marker)
+    with open(victim, "wb") as f:
+        pickle.dump(properties, f)
+    with pytest.raises(UnsafeCheckpoint, match=f"{victim.name}: refused to load: .*open"):
+        check_plain_pickles(victim.parent)
+    with pytest.raises(TrainingError, match="refused to load"):
+        train_fold(copy, 0, "test", tmp_path / "model", "cpu")
+    assert not marker.exists() and not (tmp_path / "model" / "fold_0" / "checkpoint_final.pth").exists()
+
+
 def test_a_model_folder_of_other_data_is_not_reused(tmp_path, prepared):
     project, _ = prepared
     fold_dir = tmp_path / "model" / "fold_0"

@@ -60,3 +60,41 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
     if not isinstance(data, dict) or "network_weights" not in data:
         raise UnsafeCheckpoint(f"{path}: not an nnU-Net checkpoint (no network_weights)")
     return data
+
+
+# What nnU-Net's preprocessed case properties (``<case>.pkl``) hold: dicts and lists of NumPy arrays and scalars.
+_PROPERTY_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds only NumPy arrays, scalars and dtypes besides plain Python data; any other global is refused."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) in _PROPERTY_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+
+def check_plain_pickles(folder: Path | str, pattern: str = "*.pkl") -> int:
+    """Refuse (UnsafeCheckpoint naming the file) any pickle below ``folder`` that holds more than plain data.
+
+    nnU-Net's data loaders read the preprocessed case properties with ``pickle.load``, which runs whatever a
+    crafted file in a shared project names; each file is read here first with an unpickler that can only build
+    plain data and NumPy arrays. Returns how many files were checked.
+    """
+    count = 0
+    for path in sorted(Path(folder).rglob(pattern)):
+        try:
+            with open(path, "rb") as f:
+                _PlainDataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpoint(f"{path}: refused to load: the file holds objects other than plain data, which "
+                                   f"could run code ({e})") from None
+        except Exception as e:  # noqa: BLE001 - a truncated pickle raises EOFError, ValueError, ...
+            raise UnsafeCheckpoint(f"{path}: unreadable preprocessed case properties ({type(e).__name__}: {e})") from e
+        count += 1
+    return count

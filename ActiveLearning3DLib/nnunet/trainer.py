@@ -56,7 +56,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from ..fileio import atomic_write_json, read_json, replacing_file
-from .checkpoints import UnsafeCheckpoint, load_checkpoint
+from .checkpoints import UnsafeCheckpoint, check_plain_pickles, load_checkpoint
 from .paths import NnunetPaths
 from .profiles import TrainingProfile, resolve_device, resolve_profile
 from .sampling import RegionSamplingDataLoader
@@ -365,6 +365,10 @@ def train_fold(
     current, why = preprocessing_is_current(project, configuration)
     if not current:
         raise TrainingError(f"{project.path}: preprocessing is not current ({why}); prepare the project first")
+    try:  # nnU-Net unpickles the case properties while training: a shared project's must be plain data
+        check_plain_pickles(paths.preprocessed_dataset)
+    except UnsafeCheckpoint as e:
+        raise TrainingError(str(e)) from e
     data_key = training_data_key(project, configuration)
     if output_dir is None:
         loop = (project.loop_indices() or [0])[-1]
