@@ -6,12 +6,14 @@ either the old file or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import time
@@ -69,8 +71,6 @@ def make_staging_dir(parent: Path, prefix: str, stale_after: float = 3600.0) -> 
     ``stale_after`` seconds (another host's, or one without an owner in its name; a live run
     writes into its folder all the time).
     """
-    import shutil
-
     now = time.time()
     host = _host_tag()
     owned = re.compile(re.escape(prefix) + r"([0-9a-f]{8})-(\d+)-[0-9a-f]{12}$")
@@ -167,8 +167,38 @@ def read_json(path: Path | str) -> Any:
 
 
 def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = True) -> None:
+    """Write an image atomically, and only once the written file is known to be whole.
+
+    SimpleITK's writer reports no error when the disk fills up: it leaves an empty
+    or cut file, which the rename would put in place of a good one (a label map
+    lost). The temporary file is synced and read back before it replaces ``path``.
+    """
     with replacing_file(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # a write the filesystem only now finds no room for fails here
+        problem = _written_image_problem(tmp, image)
+        if problem:
+            full = shutil.disk_usage(tmp.parent).free < (1 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          f"{path}: the image was not written ({problem})"
+                          + ("; No space left on device" if full else "") + "; the previous file is kept")
+
+
+def _written_image_problem(path: Path, image: sitk.Image) -> str | None:
+    """Why a file SimpleITK just wrote does not hold ``image`` whole (empty, cut, another size), or None."""
+    if path.stat().st_size == 0:
+        return "empty file"
+    problem = nifti_truncation(path)
+    if problem:
+        return problem
+    try:
+        written = read_image_information(path)
+    except ValueError as e:
+        return str(e).replace(f"{path}: ", "")
+    if tuple(written.GetSize()) != tuple(image.GetSize()):
+        return f"size {written.GetSize()} instead of {image.GetSize()}"
+    return None
 
 
 def atomic_copy(source: Path | str, target: Path | str) -> None:

@@ -162,8 +162,8 @@ def tiny_filesystem(tmp_path):
 
 
 def _content(project: Path) -> dict[str, str]:
-    """Checksums of the project's files, less the empty lock file a writer may create (it holds no data)."""
-    return {k: v for k, v in checksums(project).items() if not k.endswith(".lock")}
+    """Checksums of the project's files, less the lock files a writer may create (they hold no data)."""
+    return {k: v for k, v in checksums(project).items() if ".lock" not in Path(k).name}
 
 
 def _fill(folder: Path) -> Path:
@@ -220,3 +220,24 @@ def test_a_full_disk_leaves_the_project_readable_and_unchanged(tmp_path, tiny_fi
     assert (annotated, lost) == (8, 0)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(project / "labelsTr" / f"{reopened.project.pool_cases[0]}.nii.gz")))
     assert labels.shape == (20, 20, 20)
+
+
+def test_an_image_write_on_a_full_disk_keeps_the_previous_file(tiny_filesystem):
+    """SimpleITK's writer says nothing when the disk is full and leaves an empty file: the rename put it in place
+    of the label map (found by the full-disk test at 82390f7, where `al3d annotate` then reported success)."""
+    import errno
+
+    from ActiveLearning3DLib.fileio import atomic_write_image
+
+    target = tiny_filesystem / "labels.nii.gz"
+    first = np.arange(20 * 20 * 20, dtype=np.uint16).reshape(20, 20, 20) % 3
+    atomic_write_image(sitk.GetImageFromArray(first), target)
+    kept = target.read_bytes()
+    filler = _fill(tiny_filesystem)
+    with pytest.raises(OSError, match="No space left on device") as error:
+        atomic_write_image(sitk.GetImageFromArray(np.ones((20, 20, 20), np.uint16)), target)
+    assert error.value.errno == errno.ENOSPC and str(target) in str(error.value)
+    assert target.read_bytes() == kept and sorted(p.name for p in tiny_filesystem.iterdir()) == ["filler", "labels.nii.gz"]
+    filler.unlink()
+    atomic_write_image(sitk.GetImageFromArray(np.ones((20, 20, 20), np.uint16)), target)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(target))).sum() == 8000
