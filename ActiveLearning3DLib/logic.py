@@ -163,9 +163,7 @@ class ActiveLearningLogic:
 
     def find_box(self, box: BoxRecord | str) -> BoxRecord:
         """The current record of a box, by record or by id ``"LLL-IIII"``."""
-        if not isinstance(box, (str, BoxRecord)):
-            raise ValueError(f"box: expected a box record or an id such as '000-0003', got {type(box).__name__}")
-        box_id = box if isinstance(box, str) else box.id
+        box_id = _box_id(box)
         try:
             loop, index = (int(x) for x in box_id.split("-"))
             return self.project.read_loop(loop).boxes[index]
@@ -354,7 +352,7 @@ class ActiveLearningLogic:
         labels = np.asarray(labels)
         if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
             raise ValueError(f"labels: expected an integer label array, got dtype {labels.dtype}")
-        box_id = box if isinstance(box, str) else box.id
+        box_id = _box_id(box)
         with self.project.writing(f"submit box {box_id}"):  # labels and the box's state land together
             record = self.find_box(box)
             self._refuse_if_claimed(record, "submit")
@@ -436,7 +434,7 @@ class ActiveLearningLogic:
 
     def skip(self, box: BoxRecord | str) -> BoxRecord:
         """Mark a pending box skipped (it stays out of the partial labels, and no later box overlaps it)."""
-        box_id = box if isinstance(box, str) else box.id
+        box_id = _box_id(box)
         with self.project.writing(f"skip box {box_id}"):
             record = self.find_box(box)
             if record.state == "annotated":
@@ -495,7 +493,7 @@ class ActiveLearningLogic:
 
         Raises :class:`BoxClaimed` naming the holder when another live process has it open.
         """
-        box_id = box if isinstance(box, str) else box.id
+        box_id = _box_id(box)
         with self.project.writing(f"claim box {box_id}"):
             record = self.find_box(box)
             claims = self.claims()
@@ -573,6 +571,13 @@ def describe_effort(totals: dict | None) -> str:
     if totals.get("seconds") is not None:
         text += f", {totals['seconds']:.0f} s recorded"
     return text
+
+
+def _box_id(box) -> str:
+    """The id of a box given as a record or an id; anything else is refused naming the argument."""
+    if not isinstance(box, (str, BoxRecord)):
+        raise ValueError(f"box: expected a box record or an id such as '000-0003', got {type(box).__name__}")
+    return box if isinstance(box, str) else box.id
 
 
 def _whole(value, minimum: int) -> bool:

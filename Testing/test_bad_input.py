@@ -227,6 +227,10 @@ def test_api_submit_checks_its_arguments(project):
         with pytest.raises((ValueError, ProjectError), match=name):
             logic.submit(**args)
         assert checksums(project) == before, kwargs
+    for call in (logic.skip, logic.find_box, getattr(logic, "claim", logic.skip)):
+        with pytest.raises(ValueError, match="box: expected a box record or an id"):
+            call(5)
+    assert checksums(project) == before
     logic.submit(box, good, annotator="me", seconds=3.5)
     assert logic.find_box(box.id).state == "annotated"
 
