@@ -92,3 +92,35 @@ def test_panel_check_passes_in_the_slicer_desktop(tmp_path):
                           capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert json.loads((out / "summary.json").read_text())["passed"]
+
+
+def check_panel_check_runs_every_step_with_slicers_own_python(desk):
+    """Run by the stand-in harness (slicer_desktop_standins.py): the script's steps on Slicer's real Python files,
+    real MRML and real worker processes; only the Qt widgets and the application object are stand-ins."""
+    check = _panel_check()
+    desk.app.topLevelWidgets = lambda: []  # --no-main-window: no module selector; the script enters the module
+    desk.app.applicationVersion = f"{desk.version} (Slicer's Python files, stand-in application)"
+    desk.open_panel(enter=False)  # what widgetRepresentation() builds; the script calls enter()
+    options = check.Options(desk.work / "check", cases=6, query_size=3)
+    steps, summary = check.PanelCheck(options), check.Summary()
+    for name in check.STEPS:
+        summary.run(name, getattr(steps, name), check.NEEDS.get(name, ()))
+        if name == "panel" and steps.widget is not None:
+            steps.widget._parameterNode.python = sys.executable  # the workers' Python (PythonSlicer in Slicer)
+    assert summary.passed, summary.format()
+    assert not desk.dialogs, desk.dialogs  # no error or warning box on the way
+
+
+def test_panel_check_steps_pass_with_slicers_own_python(tmp_path):
+    """The desktop script's steps, run where Slicer's desktop is not: see the check above (2 to 3 minutes)."""
+    pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
+    version = "v5.12.3"
+    if not (REPO.parent / "shared" / "vendor" / "slicer" / version / "Base" / "Python" / "slicer").is_dir():
+        pytest.skip(f"needs Slicer's Python sources in ../shared/vendor/slicer/{version} (CI has them)")
+    out = tmp_path / "results.json"
+    name = "check_panel_check_runs_every_step_with_slicers_own_python"
+    done = subprocess.run([sys.executable, str(REPO / "Testing" / "slicer_desktop_standins.py"), version, __file__,
+                           str(out), name], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and out.is_file(), done.stderr[-3000:]
+    result = json.loads(out.read_text())[name]
+    assert result["ok"], result["error"][-3000:]

@@ -17,7 +17,7 @@ reported PASS, FAIL (with a one-line reason) or SKIP (with what it needed):
    through the panel's own button handler;
 4. boxes: the starting boxes are in the table and in the scene as ROIs;
 5. submit: one box is painted (the phantom's class 1 inside it) and submitted;
-   its label file on disk changes; the other boxes are skipped;
+   its label file on disk changes; the other boxes are painted and submitted too;
 6. loop: one loop with the ``test`` profile on the CPU (train, score, query)
    through the panel's Start button, until the next boxes are in the table;
 7. export: the model is exported as a zip that stock nnU-Net loads.
@@ -135,18 +135,6 @@ class Summary:
 
 
 # ----------------------------------------------------------------- inside Slicer only
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Let Slicer's event loop run (the panel's timer polls the jobs) until ``condition`` holds."""
-    import slicer
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not done after {timeout:.0f} s")
-        slicer.app.processEvents()
-        time.sleep(0.05)
-
-
 class PanelCheck:
     """The steps, run against the real panel in the running Slicer."""
 
@@ -213,29 +201,44 @@ class PanelCheck:
         return f"{rows} boxes in the table, {rois} ROIs in the scene"
 
     def submit(self) -> str:
-        import numpy as np
-        import SimpleITK as sitk
-
         from ActiveLearning3DLib.gui import mrml
 
         c = self.widget.controller
         box = c.current or c.go_to_box(c.next_pending().id)
         project = c.logic.project
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(self.options.out / "phantoms" / "labelsTr")
-                                                          / f"{box.case}.nii.gz")))
+        truth = self._truth(box.case)
         self.label_file = next(project.path.glob(f"labels*/{box.case}.nii.gz"), None)
         self.label_before = self.label_file.read_bytes() if self.label_file else b""
-        mrml.paint_segment(c.ctx, c.annotation, c.volume, 1, (truth == 1).astype(np.uint8), c.grid)
+        mrml.paint_segment(c.ctx, c.annotation, c.volume, 1, self._inside(box, truth == 1), c.grid)
         self.widget.onSubmit()
         if c.counts()["annotated"] != 1:
             raise RuntimeError(f"after Submit: {c.counts()}")
         after = next(project.path.glob(f"labels*/{box.case}.nii.gz"), None)
         if after is None or after.read_bytes() == self.label_before:
             raise RuntimeError(f"the partial labels of {box.case} on disk did not change")
-        for row in [r for r in c.table() if r.state == "pending"]:
+        for row in [r for r in c.table() if r.state == "pending"]:  # the others too: training needs a few
             c.go_to_box(row.id)
-            self.widget.onSkip()
-        return f"box {box.id} of {box.case} annotated and saved; {c.counts()}"
+            mrml.paint_segment(c.ctx, c.annotation, c.volume, 1, self._inside(c.current, self._truth(row.case) == 1), c.grid)
+            self.widget.onSubmit()
+        if c.counts()["pending"]:
+            raise RuntimeError(f"boxes left pending after Submit: {c.counts()}")
+        return f"box {box.id} of {box.case} painted, submitted and saved; then the rest: {c.counts()}"
+
+    @staticmethod
+    def _inside(box, mask):
+        """``mask`` inside the box only, as an annotator paints (a stroke outside it makes the panel warn)."""
+        import numpy as np
+
+        box = getattr(box, "box", box)  # a BoxRecord holds its Box
+        region = tuple(slice(c, c + n) for c, n in zip(box.coords, box.size))
+        inside = np.zeros(mask.shape, np.uint8)
+        inside[region] = mask[region]
+        return inside
+
+    def _truth(self, case: str):
+        import SimpleITK as sitk
+
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(self.options.out / "phantoms" / "labelsTr" / f"{case}.nii.gz")))
 
     def loop(self) -> str:
         p = self.widget._parameterNode
@@ -243,12 +246,29 @@ class PanelCheck:
         c = self.widget.controller
         loops_before = len(c.logic.project.loop_indices())
         self.widget.onStartOrCancel()
-        self.widget.waitUntilIdle(600)
-        _wait(lambda: not (c.busy or self.widget._working()), self.options.loop_timeout, "the loop")
+        self._drive(lambda: not (c.busy or self.widget._pending is not None), self.options.loop_timeout, "the loop")
         loops = len(c.logic.project.loop_indices())
         if loops != loops_before + 1:
             raise RuntimeError(f"no new loop ({self.widget.ui.stageLabel.text})")
         return f"loop {loops - 1} queried; {self.widget.ui.boxTable.rowCount} rows; {self.widget.ui.stageLabel.text}"
+
+    def _drive(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        """Tick the panel's timer work (as its ``waitUntilIdle`` does) and Slicer's events until ``done``."""
+        import concurrent.futures
+
+        import slicer
+
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not done after {timeout:.0f} s ({self.widget.ui.stageLabel.text})")
+            pending = self.widget._pending
+            if pending is not None:
+                concurrent.futures.wait([pending[0]], timeout=0.2)
+            else:
+                time.sleep(0.2)
+            self.widget.onPoll()
+            slicer.app.processEvents()
 
     def export(self) -> str:
         target = self.widget.controller.export_model(self.options.out / "model.zip")
