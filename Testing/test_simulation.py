@@ -409,8 +409,8 @@ def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
         assert row, f"no summary row for {method}"
         assert 0 <= float(row.group(1)) <= 100 and 0 <= float(row.group(2)) <= 100
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
-    assert pngs == ["setting1_dice_vs_boxes.png", "setting1_dice_vs_foreground.png", "setting1_penalty_matrix.png",
-                    "setting1_queried_boxes.png"]
+    assert pngs == ["setting1_dice_vs_boxes.png", "setting1_dice_vs_corrections.png", "setting1_dice_vs_foreground.png",
+                    "setting1_penalty_matrix.png", "setting1_queried_boxes.png"]
     for png in pngs:
         assert f"({png})" in md and (tmp_path / "report" / png).stat().st_size > 5000
     assert page.count("data:image/png;base64,") == 4 and "src='http" not in page  # self-contained
