@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .locking import pid_alive
+
 TMP_PREFIX = ".al3d-tmp-"
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".seg.nrrd")
@@ -92,34 +94,6 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def pid_alive(pid: int) -> bool:
-    """True when a process ``pid`` exists on this machine (POSIX and Windows; a zombie counts as gone)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        try:
-            code = ctypes.c_ulong()
-            return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    stat_file = Path(f"/proc/{pid}/stat")
-    try:
-        if stat_file.is_file():
-            return stat_file.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -91,13 +91,15 @@ def pid_alive(pid: int) -> bool:
             return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
         finally:
             kernel32.CloseHandle(handle)
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass  # no /proc (macOS): ask the kernel
+    if os.path.isdir("/proc/self"):  # Linux: the state letter tells a zombie from a live process
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
+    # no /proc (macOS): ask the kernel
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

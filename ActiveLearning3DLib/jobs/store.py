@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..fileio import atomic_write_json, read_json
-from ..locking import FileLock
+from ..locking import FileLock, pid_alive
 from ..project import now_iso
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -323,23 +323,15 @@ def process_alive(pid: int, job_dir: Path | None = None) -> bool:
 
     Checking the command line guards against a recycled pid after a reboot or a long pause.
     """
-    proc = Path(f"/proc/{pid}")
-    if proc.is_dir():
-        try:
-            if (proc / "stat").read_text().split(")")[-1].split()[0] == "Z":
-                return False
-            if job_dir is not None:
-                return str(job_dir) in (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
-            return True
-        except OSError:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if job_dir is None or not cmdline.parent.is_dir():
         return True
-    return True
+    try:
+        return str(job_dir) in cmdline.read_bytes().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return False
 
 
 def kill_process_group(pid: int, grace_seconds: float = 5.0, reap: Callable[[], object] | None = None) -> None:
