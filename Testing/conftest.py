@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,16 @@ SPACING = (1.0, 1.0, 1.0)  # (x, y, z) as SimpleITK takes it
 ORIGIN = (0.0, 0.0, 0.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 CLASS_NAMES = {0: "background", 1: "anterior", 2: "posterior"}
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """A rotation matrix about one array axis, for test images with an oblique direction."""
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
 
 
 def write_image(

@@ -8,7 +8,6 @@ its normal is.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +15,10 @@ from typing import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from conftest import rotation
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    a = math.radians(degrees)
-    c, s = math.cos(a), math.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 OBLIQUE = tuple((rotation(2, 20) @ rotation(0, 10)).ravel())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ast
-import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
 
-from conftest import make_dataset, read_array  # noqa: E402
+from conftest import make_dataset, read_array, rotation  # noqa: E402
 
 from ActiveLearning3DLib.gui import AnnotationController  # noqa: E402
 from ActiveLearning3DLib.gui import mrml  # noqa: E402
@@ -28,20 +27,11 @@ SHAPE = (20, 24, 22)
 PATCH = (6, 8, 5)
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    a = math.radians(degrees)
-    c, s = math.cos(a), math.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 GEOMETRIES = {
     "scaled-shifted": dict(spacing=(0.8, 1.25, 2.0), origin=(12.0, -30.0, 7.5), direction=None),
     "flipped-axis": dict(spacing=(0.7, 0.9, 1.5), origin=(-5.0, 4.0, 20.0), direction=tuple(np.diag([1.0, -1.0, 1.0]).ravel())),
     "oblique": dict(spacing=(1.1, 0.6, 1.7), origin=(3.0, 2.0, -8.0),
-                    direction=tuple((_rotation(2, 25) @ _rotation(0, 15)).ravel())),
+                    direction=tuple((rotation(2, 25) @ rotation(0, 15)).ravel())),
 }
 
 
