@@ -1,4 +1,4 @@
-"""Box scores from voxel maps and greedy non-overlapping selection (ALGORITHMS.md section 3).
+"""Box scores from voxel maps and greedy non-overlapping selection (docs/METHODS.md section 3).
 
 The score of a box is the mean of a voxel map over it, computed exactly for
 every corner of a strided grid with a summed-area table (O(voxels)). The last

@@ -1,4 +1,4 @@
-"""Evaluation metrics for active-learning runs (algorithms reference, section 6).
+"""Evaluation metrics for active-learning runs (docs/METHODS.md section 6).
 
 Everything here is pure numpy/scipy and stateless so that the same code scores a
 benchmark run on a cluster and a session inside 3D Slicer.

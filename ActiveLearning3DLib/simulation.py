@@ -3,7 +3,7 @@
 A simulation runs every query method with every seed for ``loops`` loops on one
 dataset, through the same :class:`~.logic.ActiveLearningLogic` and
 :class:`~.pipeline.LoopPipeline` the GUI uses; the oracle copies the ground
-truth into each queried box. The protocol (ALGORITHMS.md sections 5 to 7):
+truth into each queried box. The protocol (docs/METHODS.md sections 5 to 7):
 
 - one 75 / 25 pool / test split for every method and seed (split seed fixed);
 - the starting budget (loop 0, ``nnactive_start`` by default) is made once per
@@ -62,7 +62,7 @@ from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError,
 from .query_methods import get_method
 from .query_methods.base import no_progress
 
-# nnActive's budgets (ALGORITHMS.md section 7): query patch -> low / medium / high, in boxes
+# nnActive's budgets (docs/METHODS.md section 7): query patch -> low / medium / high, in boxes
 NNACTIVE_BUDGETS: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (20, 20, 20): (100, 200, 300),  # Hippocampus
     (4, 40, 40): (150, 300, 450),  # ACDC

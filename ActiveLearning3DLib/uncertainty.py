@@ -1,4 +1,4 @@
-"""Voxel uncertainty of an ensemble (ALGORITHMS.md section 3), with members streamed one at a time.
+"""Voxel uncertainty of an ensemble (docs/METHODS.md section 3), with members streamed one at a time.
 
 Only the running mean of the probabilities and, when BALD is wanted, the running
 mean of the member entropies are kept, so memory does not grow with the number

@@ -1,4 +1,4 @@
-"""Known-answer tests for box aggregation, greedy selection (ALGORITHMS.md section 3) and boxes."""
+"""Known-answer tests for box aggregation, greedy selection (docs/METHODS.md section 3) and boxes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known answers for the label-free selection math and PE with spatial diversity (ALGORITHMS.md section 5)."""
+"""Known answers for the label-free selection math and PE with spatial diversity (docs/METHODS.md section 5)."""
 from __future__ import annotations
 
 import itertools

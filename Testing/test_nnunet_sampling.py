@@ -1,4 +1,4 @@
-"""Region sampling (ALGORITHMS.md section 2) in our subclass of nnU-Net's data loader.
+"""Region sampling (docs/METHODS.md section 2) in our subclass of nnU-Net's data loader.
 
 The loader runs on in-memory cases whose sample locations come from nnU-Net's
 own preprocessing function, exactly as they are stored for a dataset with an

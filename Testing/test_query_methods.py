@@ -1,4 +1,4 @@
-"""Known-answer and property tests for the query methods (ALGORITHMS.md sections 4 and 5)."""
+"""Known-answer and property tests for the query methods (docs/METHODS.md sections 4 and 5)."""
 
 from __future__ import annotations
 

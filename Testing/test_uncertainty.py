@@ -1,4 +1,4 @@
-"""Known-answer tests for ActiveLearning3DLib.uncertainty (ALGORITHMS.md section 3: PE, EE, BALD, U_c)."""
+"""Known-answer tests for ActiveLearning3DLib.uncertainty (docs/METHODS.md section 3: PE, EE, BALD, U_c)."""
 
 from __future__ import annotations
 

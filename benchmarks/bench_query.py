@@ -1,4 +1,4 @@
-"""Benchmark: uncertainty + aggregation + selection, as seconds and peak memory (ALGORITHMS.md section 3).
+"""Benchmark: uncertainty + aggregation + selection, as seconds and peak memory (docs/METHODS.md section 3).
 
 Two settings from the foundation issue:
 - the Hippocampus pool: 195 cases (the real case shapes when the shared data is

@@ -2,7 +2,7 @@
 
 Every candidate box is cut from its z-scored image, resampled to a fixed
 16 x 16 x 16 cube and encoded; its embedding is the bottleneck averaged over
-space, its difficulty the mean squared reconstruction error (ALGORITHMS.md
+space, its difficulty the mean squared reconstruction error (docs/METHODS.md
 section 5, project choice). Training samples random boxes of the patch size
 from the pool, seeded, for a few minutes of CPU at most. A user may give a
 TorchScript encoder instead (``(N, 1, 16, 16, 16) -> (N, E)``); the

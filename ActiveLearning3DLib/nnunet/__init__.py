@@ -8,7 +8,7 @@ One module per stage, as in nnU-Net itself:
 - :mod:`.planning`      nnU-Net's ExperimentPlanner on the project (plans made once, kept for later loops)
 - :mod:`.preprocessing` nnU-Net's DefaultPreprocessor, re-run only for cases whose labels changed
 - :mod:`.splits`        class-aware k-fold splits over the images that have annotated boxes
-- :mod:`.sampling`      the region-sampling data loader (ALGORITHMS.md section 2)
+- :mod:`.sampling`      the region-sampling data loader (docs/METHODS.md section 2)
 - :mod:`.prepare`       plan (once) + preprocess (changed cases) + splits: the step before the folds
 - :mod:`.trainer`       ``nnUNetTrainerPartial`` and :func:`~.trainer.train_fold`
 - ``python -m ActiveLearning3DLib.nnunet {env,prepare,train}``: one step in a worker process

@@ -1,6 +1,6 @@
 """Region sampling for partial labels (nnActive), as a subclass of nnU-Net's 3D data loader.
 
-The rule (ALGORITHMS.md section 2): a training patch must contain at least one
+The rule (docs/METHODS.md section 2): a training patch must contain at least one
 annotated voxel, but not at its centre. Pick an annotated voxel v at random,
 shift it along each axis d by an integer drawn uniformly from
 [-min(v_d, P_d // 2), min(D_d - v_d, P_d // 2)), centre the training patch on the

@@ -1,4 +1,4 @@
-"""Class-aware, seeded k-fold splits over the images that have annotated boxes (ALGORITHMS.md section 2).
+"""Class-aware, seeded k-fold splits over the images that have annotated boxes (docs/METHODS.md section 2).
 
 Rule: every class annotated in at least two images appears in the validation
 set of at least two folds. Each image is in exactly one validation set, so a

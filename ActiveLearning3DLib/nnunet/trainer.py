@@ -3,7 +3,7 @@
 What it changes against ``nnUNetTrainer`` (2.8.1), and what it keeps:
 
 - Sampling: :class:`~.sampling.RegionSamplingDataLoader` (region sampling of
-  ALGORITHMS.md section 2; a third of each batch forced onto a random
+  docs/METHODS.md section 2; a third of each batch forced onto a random
   annotated foreground class) for training and validation batches.
 - Loss: nnU-Net's own ``DC_and_CE_loss`` as its ``_build_loss`` makes it when
   dataset.json has an ``ignore`` label: cross-entropy with

@@ -1,4 +1,4 @@
-"""The query methods of ALGORITHMS.md sections 4 and 5, by name.
+"""The query methods of docs/METHODS.md sections 4 and 5, by name.
 
 ``get_method(name)`` returns a :class:`QueryMethod` that says what it needs
 (a model, the ground truth) and refuses to run without it.

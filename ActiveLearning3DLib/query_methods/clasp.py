@@ -1,4 +1,4 @@
-"""ClaSP PE: class-stratified predictive entropy with a decaying power-noise schedule (ALGORITHMS.md section 4)."""
+"""ClaSP PE: class-stratified predictive entropy with a decaying power-noise schedule (docs/METHODS.md section 4)."""
 from __future__ import annotations
 
 from collections import defaultdict

@@ -1,4 +1,4 @@
-"""Label-free selection on box embeddings (``cluster``, ``cscs``) and PE with spatial diversity (ALGORITHMS.md 5).
+"""Label-free selection on box embeddings (``cluster``, ``cscs``) and PE with spatial diversity (docs/METHODS.md 5).
 
 The selection math works on plain arrays: one embedding row and one
 difficulty per candidate box. Where embeddings come from (the pool

@@ -159,7 +159,7 @@ select_random_fg66 = _select_fg(AREAS_FG66, "random_fg66")
 
 
 def select_nnactive_start(ctx: QueryContext, count: int) -> list[Pick]:
-    """nnActive's simulated starting budget (ALGORITHMS.md section 5).
+    """nnActive's simulated starting budget (docs/METHODS.md section 5).
 
     For every label including background, rarest first (by voxels in the pool:
     ``label_counts``, or counted in the ground truth when not given), two boxes
