@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .fileio import read_json
-from .jobs import Job, JobRunner, JobStatus, LocalRunner, LocalRunnerSettings
+from .jobs import Job, JobRunner, JobStatus, RunnerSettings, make_runner
 from .jobs.runner import default_parallel
 from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
@@ -71,11 +71,6 @@ def default_job_parallel(device: str | None = "auto") -> int:
     return 1 if resolve_device(device) == "cuda" else default_parallel()
 
 
-def local_runner(python: str | None, parallel: int) -> LocalRunner:
-    """A local runner with this worker interpreter (default: this one) and parallelism."""
-    return LocalRunner(LocalRunnerSettings(**({"python": python} if python else {}), max_parallel=parallel))
-
-
 def auto_profile(device: str | None = "auto") -> str:
     """``paper`` where a CUDA GPU is there, else ``cpu-small`` (``paper`` takes about a day per fold on a CPU)."""
     return "paper" if resolve_device(device) == "cuda" else "cpu-small"
@@ -93,6 +88,7 @@ class LoopSettings:
     method: str = DEFAULT_METHOD  # query method: decides which maps scoring computes
     count: int | None = None  # boxes to query; default: the project's query size
     seed: int | None = None
+    training_seed: int | None = None  # base seed of training (per loop and fold); default: seed, else the project's
     stages: tuple[str, ...] = STAGES
     evaluate: bool = True  # the test split, when the project has ground truth and test cases
     score: bool = True  # pool scores, when the query method needs a model
@@ -103,6 +99,7 @@ class LoopSettings:
     stride: tuple[int, int, int] | None = None
     python: str | None = None  # worker interpreter (PythonSlicer in Slicer); default: this one
     background: bool = False  # its jobs start only when no other queued job waits (a simulation's full-data run)
+    runner: RunnerSettings | None = None  # which backend runs the jobs; default: local, with python and parallel
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -113,8 +110,10 @@ class LoopSettings:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
                 raise ValueError(f"{name}: expected a whole number of at least 1 (or None for the default), got {value!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or self.seed < 0):
-            raise ValueError(f"seed: expected a non-negative whole number, got {self.seed!r}")
+        for name in ("seed", "training_seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 0):
+                raise ValueError(f"{name}: expected a non-negative whole number, got {value!r}")
         get_method(self.method)  # an unknown method fails here, with the known ones
         if self.stride is not None and (len(self.stride) != 3 or not all(isinstance(v, Integral) and v >= 1 for v in self.stride)):
             raise ValueError(f"stride: expected three positive whole numbers (Z Y X), got {self.stride!r}")
@@ -158,7 +157,8 @@ class LoopPipeline:
         self.profile = resolve_profile(name, folds=s.folds, device=device)
         self.parallel = s.parallel or default_job_parallel(self.profile.device)
         self.threads = s.threads or max(1, (os.cpu_count() or 1) // self.parallel)
-        self.runner = runner or local_runner(s.python, self.parallel)
+        self.runner = runner or make_runner((s.runner or RunnerSettings()).with_defaults(python=s.python,
+                                                                                       max_parallel=self.parallel))
         annotated = [b for b in self.project.all_boxes() if b.state == "annotated"]
         if not annotated:
             raise ProjectError(f"{self.project.path}: no annotated boxes yet; query the starting budget (loop 0) "
@@ -220,6 +220,12 @@ class LoopPipeline:
         names = self.method.map_names(self.project.foreground_classes) + list(self.settings.extra_maps)
         return list(dict.fromkeys(names))
 
+    @property
+    def training_seed(self) -> int:
+        """Base seed of the folds' training (each fold derives its own from it, the loop and the fold)."""
+        s = self.settings
+        return int(next(v for v in (s.training_seed, s.seed, self.project.settings.seed) if v is not None))
+
     # --------------------------------------------------------------------- jobs
     def _job(self, suffix: str, kind: str, inputs: dict) -> Job:
         """The stage's job; one that is done or running is taken as it is.
@@ -230,7 +236,7 @@ class LoopPipeline:
         """
         name = f"{self.model_name}-{suffix}"
         existing = Job(self.jobs_dir / name)
-        if existing.spec_path.is_file() and existing.refresh().state in ("done", "running"):
+        if existing.spec_path.is_file() and self.runner.refresh(existing).state in ("done", "running"):
             return existing
         background = {"background": True} if self.settings.background else {}
         return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs, **background},
@@ -256,7 +262,7 @@ class LoopPipeline:
         job = Job(self.jobs_dir / f"{self.model_name}-score")
         if job.spec_path.is_file():
             had = [str(m) for m in job.spec().inputs.get("maps", [])]
-            if job.refresh().state == "done" and not set(maps) <= set(had):
+            if self.runner.refresh(job).state == "done" and not set(maps) <= set(had):
                 job.set_aside()  # bookkeeping only: the score files stay and are rescored in place
                 self._submitted.discard(job.name)
             maps = list(dict.fromkeys(had + maps))
@@ -275,7 +281,8 @@ class LoopPipeline:
             if folds is None:
                 raise FileNotFoundError(f"{self.model_name}: prepare has not finished")
             return [self._job(f"fold_{k}", "nnunet_train", {"fold": k, "profile": self.profile.to_json(),
-                                                             "output": str(self.model_folder), **common})
+                                                             "output": str(self.model_folder),
+                                                             "seed": self.training_seed, "loop": self.loop, **common})
                     for k in range(folds)]
         if stage == "predict":
             jobs = []
@@ -333,7 +340,7 @@ class LoopPipeline:
             if stage == "query":
                 return self._query()
             jobs = self.jobs(stage)
-            statuses = [job.refresh() for job in jobs]
+            statuses = [self.runner.refresh(job) for job in jobs]
             if all(s.state == "done" for s in statuses):
                 done_weight += _WEIGHTS[stage]
                 continue
@@ -344,7 +351,7 @@ class LoopPipeline:
                     self._submitted.add(job.name)
                     self.runner.submit(job)
             self.runner.poll()
-            statuses = [job.refresh() for job in jobs]
+            statuses = [self.runner.refresh(job) for job in jobs]
             listed = [(job.name, s) for job, s in zip(jobs, statuses)]
             fraction = done_weight + _WEIGHTS[stage] * sum(1.0 if s.state == "done" else s.progress for s in statuses) / len(jobs)
             bad = [(job, s) for job, s in zip(jobs, statuses) if s.state in ("failed", "cancelled")]
@@ -368,7 +375,7 @@ class LoopPipeline:
                 return False
             names = [f"fold_{k}" for k in range(folds)]
         jobs = [Job(self.jobs_dir / f"{self.model_name}-{n}") for n in names]
-        return all(j.spec_path.is_file() and j.refresh().state == "done" for j in jobs)
+        return all(j.spec_path.is_file() and self.runner.refresh(j).state == "done" for j in jobs)
 
     def _state(self, stage: str, state: str, progress: float, message: str) -> PipelineState:
         return PipelineState(stage, state, progress, message, [(j.name, j.status()) for j in self.all_jobs()],
@@ -423,7 +430,7 @@ class LoopPipeline:
         """Cancel every job of this loop that has not ended (whole process trees)."""
         cancelled = []
         for job in self.all_jobs():
-            if not job.refresh().final:
+            if not self.runner.refresh(job).final:
                 self.runner.cancel(job)
                 cancelled.append(job)
         return cancelled

@@ -54,9 +54,10 @@ import numpy as np
 from . import __version__
 from .boxes import Box
 from .fileio import atomic_copy, atomic_write_json, read_json
-from .jobs import Job, busy_seconds
+from .jobs import Job, RunnerSettings, busy_seconds, make_runner
 from .logic import ActiveLearningLogic
-from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, local_runner, profile_tag
+from .nnunet.determinism import model_determinism
+from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, profile_tag
 from .prefill import effort_totals
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
 from .query_methods import get_method
@@ -120,6 +121,7 @@ class SimulationSettings:
     reductions: tuple[str, ...] = ()  # what a reduced run (the demo) changed against the protocol, for the report
     restore_from: Path | None = None  # records of an earlier run of this simulation (with their boxes) to rebuild from
     prefill: bool = True  # every model predicts the pool, so each box records its corrections against the pre-fill
+    training_seed: int | None = None  # base seed of every training; None: each run's seed (the reference: its project's, 0)
 
     def __post_init__(self) -> None:
         self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out).absolute()
@@ -135,6 +137,9 @@ class SimulationSettings:
             raise ValueError("seeds: give at least one seed (e.g. 0,1,2)")
         if min(self.seeds) < 0:
             raise ValueError(f"seeds: must be non-negative, got {list(self.seeds)}")
+        if self.training_seed is not None and (isinstance(self.training_seed, bool) or not isinstance(self.training_seed, int)
+                                               or self.training_seed < 0):
+            raise ValueError(f"training_seed: expected a non-negative whole number, got {self.training_seed!r}")
         for name in ("loops", "folds", "parallel", "max_cases"):
             value = getattr(self, name)
             if (value is not None or name == "loops") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -251,8 +256,9 @@ class Simulation:
         self.profile_name = auto_profile(s.device) if s.profile == "auto" else s.profile
         self.parallel = s.parallel or default_job_parallel(s.device)
         self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
-                                          parallel=self.parallel, python=s.python, predict_pool=s.prefill)
-        self.runner = local_runner(s.python, self.parallel)
+                                          parallel=self.parallel, python=s.python, predict_pool=s.prefill,
+                                          training_seed=s.training_seed)
+        self.runner = make_runner(RunnerSettings(python=s.python, max_parallel=self.parallel))
         self.base = self._base_project()
         if not self.base.test_cases or not self.base.has_ground_truth:
             raise ProjectError(f"{s.images}: a simulation needs ground truth and a test split (test fraction > 0)")
@@ -538,6 +544,7 @@ class Simulation:
             "mean_dice": summary["mean_dice"], "per_class": summary["per_class"], "model": pipeline.model_name,
             "seconds": seconds, "loop_method": loop_file.method, "written": now_iso(), "loop_file": loop_file.to_json(),
             "effort": effort_totals(loop_file.boxes),  # the oracle's labels against the pre-fill, box by box
+            "determinism": model_determinism(pipeline.model_folder),  # reproducible bit for bit, and why (not)
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)
@@ -578,6 +585,7 @@ class Simulation:
         summary = read_json(pipeline.evaluation_summary)
         atomic_write_json(result, {"mean_dice": summary["mean_dice"], "per_class": summary["per_class"],
                                    "model": pipeline.model_name, "profile": self.loop_settings_profile().to_json(),
+                                   "determinism": model_determinism(pipeline.model_folder),
                                    "seconds": stage_seconds(pipeline), "written": now_iso()})
         self.echo(f"full-data reference: test Mean Dice {summary['mean_dice']}")
         return True
@@ -593,11 +601,8 @@ class Simulation:
         """
         folders = [*self.out.glob("seed_*/*/jobs/*"), *(self.out / "base" / "jobs").glob("*"),
                    *(self.reference_dir() / "project" / "jobs").glob("*")]
-        live = [job for job in (Job(f) for f in sorted(folders) if (f / "status.json").is_file())
-                if job.refresh().state == "running"]  # refresh: a worker that died is marked failed, not adopted
-        for job in live:
-            self.runner.submit(job)
-        return live
+        # a worker that died is marked failed on the way, not adopted
+        return [job for job in (Job(f) for f in sorted(folders) if (f / "status.json").is_file()) if self.runner.adopt(job)]
 
     def step(self) -> bool:
         """Advance every run (and the reference) once; True when everything has finished or failed."""

@@ -11,6 +11,7 @@ One module per stage, as in nnU-Net itself:
 - :mod:`.sampling`      the region-sampling data loader (docs/METHODS.md section 2)
 - :mod:`.prepare`       plan (once) + preprocess (changed cases) + splits: the step before the folds
 - :mod:`.trainer`       ``nnUNetTrainerPartial`` and :func:`~.trainer.train_fold`
+- :mod:`.determinism`   fold seeds, random states in checkpoints: seeded CPU training is reproducible
 - ``python -m ActiveLearning3DLib.nnunet {env,prepare,train}``: one step in a worker process
 
 Only planning needs nnU-Net's environment variables; it must run in a child

@@ -3,7 +3,7 @@
     python -m ActiveLearning3DLib.nnunet env PROJECT [--profile NAME]      print nnunet_environment() as JSON
     python -m ActiveLearning3DLib.nnunet prepare PROJECT [--folds N] [--replan] [--processes N]
     python -m ActiveLearning3DLib.nnunet train PROJECT --fold K [--profile NAME] [--output DIR] [--device D]
-        [--epochs N] [--iterations N]
+        [--epochs N] [--iterations N] [--seed S [--loop T]]
 
 The parent starts it with ``env={**os.environ, **nnunet_environment(project)}``
 (needed by ``prepare`` when it has to plan). Progress goes to stdout as lines
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--device", choices=("auto", "cpu", "cuda"))
     train.add_argument("--epochs", type=int)
     train.add_argument("--iterations", type=int, help="iterations per epoch")
+    train.add_argument("--seed", type=int, help="base seed: a reproducible training (on the CPU bit for bit)")
+    train.add_argument("--loop", type=int, help="loop the fold's seed is derived for (default: the project's last)")
     args = parser.parse_args(argv)
 
     if args.command == "env":
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import train_fold
 
         profile = resolve_profile(args.profile, epochs=args.epochs, iterations_per_epoch=args.iterations)
-        result = train_fold(args.project, args.fold, profile, args.output, args.device, _print_progress)
+        result = train_fold(args.project, args.fold, profile, args.output, args.device, _print_progress,
+                            seed=args.seed, loop=args.loop)
     print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
     return 0
 

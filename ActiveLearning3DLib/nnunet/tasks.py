@@ -56,7 +56,8 @@ def train_task(inputs: dict, report: Reporter) -> dict:
     fold = int(inputs["fold"])
     report(stage=f"train fold {fold}", message="starting", force=True)
     return train_fold(inputs["project"], fold, TrainingProfile.from_json(inputs["profile"]), inputs["output"],
-                      inputs.get("device"), _relay(report, f"train fold {fold}"))
+                      inputs.get("device"), _relay(report, f"train fold {fold}"), seed=inputs.get("seed"),
+                      loop=inputs.get("loop"))
 
 
 def score_task(inputs: dict, report: Reporter) -> dict:

@@ -33,6 +33,13 @@ What it changes against ``nnUNetTrainer`` (2.8.1), and what it keeps:
   keeps its previous ``checkpoint_latest.pth`` to resume from, never leaves a
   torn ``checkpoint_final.pth`` that would count as done, and a project copy
   that hard-links a checkpoint keeps its own when this one is written again.
+- Seeded (``train_fold(seed=...)``): Python, NumPy and torch are seeded with the
+  fold's seed before the network is built, augmentation runs in the training
+  process on the CPU, torch's deterministic algorithms are on, cuDNN benchmark
+  off, and every checkpoint carries the random states (``al3d_rng``), which a
+  resumed fold restores once its data loaders exist: on the CPU a killed and
+  resumed fold ends with the same weights as one that ran through
+  (determinism.py, docs/REPRODUCIBILITY.md).
 - No final validation on the validation split by default (it predicts whole
   images with a process pool of 8 and compares with partial labels); the
   per-epoch pseudo Dice on annotated voxels of validation patches is logged as usual.
@@ -51,12 +58,15 @@ from typing import Any, Callable, Mapping
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from torch._dynamo import OptimizedModule
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from ..fileio import atomic_write_json, read_json, replacing_file
 from .checkpoints import UnsafeCheckpoint, check_plain_pickles, load_checkpoint
+from .determinism import (RNG_KEY, Determinism, assess, capture_rng_state, deterministic_torch, fold_seed,
+                          restore_rng_state, seed_everything)
 from .paths import NnunetPaths
 from .profiles import TrainingProfile, resolve_device, resolve_profile
 from .sampling import RegionSamplingDataLoader
@@ -139,6 +149,11 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         run = plans.pop(RUN_KEY, None) or {}
         self.profile: TrainingProfile | None = TrainingProfile.from_json(run["profile"]) if run.get("profile") else None
         self.progress_callback: Progress | None = run.get("progress")
+        self.seed: int | None = run.get("seed")  # this fold's seed (determinism.fold_seed); None: not seeded
+        self._al3d_seeding = {k: run.get(k) for k in ("base_seed", "loop")}
+        self._al3d_resume_rng: dict | None = None
+        self._al3d_resumed_without_rng = False
+        self._al3d_processes = 0
         if self.profile is not None and (self.profile.changes_network or self.profile.batch_size is not None):
             plans.update(plans_for_profile(plans, configuration, self.profile))
         if run.get("preprocessed") and run.get("output"):
@@ -182,6 +197,11 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             return bool(self.profile.compile) and self.device.type == "cuda"
         return super()._do_i_compile()
 
+    def initialize(self):
+        if not self.was_initialized and self.seed is not None:
+            seed_everything(self.seed)  # before the network's weights are drawn
+        super().initialize()
+
     def _build_loss(self):
         loss = super()._build_loss()
         inner = loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss
@@ -220,6 +240,11 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
             processes = get_allowed_n_proc_DA()
+        if self.seed is not None and self.device.type == "cpu":
+            # NonDetMultiThreadedAugmenter's workers draw from their own generators and deliver batches in
+            # arrival order: a seeded CPU run augments in this process, in order, from the seeded generators
+            processes = 0
+        self._al3d_processes = processes
         if processes == 0:
             mt_gen_train = SingleThreadedAugmenter(dl_tr, None)
             mt_gen_val = SingleThreadedAugmenter(dl_val, None)
@@ -245,6 +270,26 @@ class nnUNetTrainerPartial(nnUNetTrainer):
 
     def plot_network_architecture(self):
         pass  # nnU-Net tries the 'hiddenlayer' package, which is not installed, and logs the failure
+
+    def on_train_start(self):
+        super().on_train_start()  # builds the data loaders, which draw a first batch each
+        if self._al3d_resume_rng is not None:
+            # continue with the random numbers the interrupted run would have drawn next
+            restore_rng_state(self._al3d_resume_rng, self._loaders())
+            self._al3d_resume_rng = None
+
+    def _loaders(self) -> list:
+        """The batchgenerators data loaders behind the augmenters (their shuffling generators are checkpointed)."""
+        return [getattr(g, "data_loader", None) for g in (self.dataloader_train, self.dataloader_val) if g is not None]
+
+    def determinism(self) -> Determinism:
+        """Whether this run is reproducible bit for bit (see determinism.assess)."""
+        if self._al3d_resumed_without_rng:
+            ok, reason = False, "resumed from a checkpoint without random states"
+        else:
+            ok, reason = assess(self.device.type, self.seed, self._al3d_processes, isinstance(self.network, OptimizedModule),
+                                torch.get_num_threads() if self.device.type == "cpu" else None)
+        return Determinism(ok, reason, self.seed, self._al3d_seeding.get("base_seed"), self._al3d_seeding.get("loop"))
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -276,7 +321,27 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)  # writes nothing
         with replacing_file(filename) as tmp:
-            super().save_checkpoint(str(tmp))
+            if self.seed is None:
+                super().save_checkpoint(str(tmp))
+            else:
+                torch.save(self._checkpoint_with_rng(), tmp)
+
+    def _checkpoint_with_rng(self) -> dict:
+        """nnU-Net 2.8.1's checkpoint dict (``nnUNetTrainer.save_checkpoint``) plus the random states (``al3d_rng``)."""
+        mod = self.network.module if self.is_ddp else self.network
+        mod = getattr(mod, "_orig_mod", mod)
+        return {
+            "network_weights": mod.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            RNG_KEY: capture_rng_state(self._loaders()),
+        }
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """Resume from a checkpoint read weights-only (nnU-Net's own reader unpickles anything; see checkpoints.py).
@@ -305,6 +370,8 @@ class nnUNetTrainerPartial(nnUNetTrainer):
                                                                self.inference_allowed_mirroring_axes)
         network.load_state_dict(weights)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        self._al3d_resume_rng = checkpoint.get(RNG_KEY)
+        self._al3d_resumed_without_rng = self._al3d_resume_rng is None
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
@@ -335,6 +402,8 @@ def train_fold(
     progress: Progress | None = None,
     configuration: str | None = None,
     resume: bool = True,
+    seed: int | None = None,
+    loop: int | None = None,
 ) -> dict:
     """Train one fold of the project's ensemble with :class:`nnUNetTrainerPartial`, in this process.
 
@@ -351,6 +420,11 @@ def train_fold(
     the fold folder); a folder holding a model of other data is an error, never
     silently reused. Returns a summary with the checkpoint path, final losses and
     seconds per iteration (training iterations alone, and overall).
+
+    ``seed``: the base seed; the fold trains with ``fold_seed(seed, loop, fold)``
+    (``loop``: default the project's last loop), and on the CPU ends with the same
+    weights every time, resumed or not. The summary's ``determinism`` says
+    whether the run was reproducible and why (see determinism.py).
     """
     from ..project import Project
     from .planning import load_plans, project_dataset_json
@@ -370,9 +444,10 @@ def train_fold(
     except UnsafeCheckpoint as e:
         raise TrainingError(str(e)) from e
     data_key = training_data_key(project, configuration)
+    last_loop = (project.loop_indices() or [0])[-1]
+    loop = last_loop if loop is None else int(loop)
     if output_dir is None:
-        loop = (project.loop_indices() or [0])[-1]
-        output_dir = paths.results_root / f"loop_{loop:03d}_{profile.name}"
+        output_dir = paths.results_root / f"loop_{last_loop:03d}_{profile.name}"
     output = Path(output_dir)
     fold_dir = output / f"fold_{fold}"
     final = fold_dir / "checkpoint_final.pth"
@@ -393,14 +468,17 @@ def train_fold(
     if resume_from is not None:
         plans["continue_training"] = True
     plans[RUN_KEY] = {"profile": profile.to_json(), "progress": progress,
-                      "preprocessed": str(paths.preprocessed_dataset), "output": str(output)}
+                      "preprocessed": str(paths.preprocessed_dataset), "output": str(output),
+                      "seed": None if seed is None else fold_seed(seed, loop, fold),
+                      "base_seed": seed, "loop": loop}
     torch_device = torch.device(resolve_device(profile.device))
     trainer = nnUNetTrainerPartial(plans, configuration, fold, project_dataset_json(project), torch_device)
     if resume_from is not None:
         trainer.load_checkpoint(str(resume_from))
     started = time.perf_counter()
     start_epoch = trainer.current_epoch
-    trainer.run_training()
+    with deterministic_torch(torch_device.type, seed is not None):
+        trainer.run_training()
     seconds = time.perf_counter() - started
     iterations = (trainer.num_epochs - start_epoch) * trainer.num_iterations_per_epoch
     get = trainer.logger.get_value
@@ -414,6 +492,7 @@ def train_fold(
         "final_pseudo_dice": [float(d) for d in get("dice_per_class_or_region", step=-1)],
         "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
         "batch_size": int(trainer.batch_size), "data_key": data_key,
+        "determinism": trainer.determinism().to_json(),
     }
     for key in ("final_train_loss", "final_val_loss"):
         if not math.isfinite(summary[key]):
