@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -19,6 +20,7 @@ from .fileio import read_json
 from .jobs import JobError
 from .logic import ActiveLearningLogic
 from .nnunet.profiles import ProfileError, profile_names
+from .prefill import EffortModel
 from .pipeline import STAGES, LoopSettings, PipelineState
 from .project import BudgetSettings, ProjectError
 from .query_methods import DEFAULT_METHOD, METHODS
@@ -120,6 +122,17 @@ def method_list(text: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"a method is named twice in {text!r}")
     return names
+
+
+def seconds_value(text: str) -> float:
+    """``--box-seconds``, ``--seconds-per-voxel``: a finite non-negative number of seconds (the effort model's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds of at least 0, got {text}")
+    return value
 
 
 POSITIVE = at_least(1)
@@ -322,7 +335,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_simulation(settings: SimulationSettings, report_dir: Path | None) -> int:
+def _run_simulation(settings: SimulationSettings, report_dir: Path | None, effort_model: EffortModel | None = None) -> int:
     simulation = Simulation(settings, echo=print, progress=progress)
     print(f"simulation in {settings.out}: {len(simulation.runs)} runs ({', '.join(settings.methods)} x seeds "
           f"{', '.join(map(str, settings.seeds))}), budget {simulation.budget} boxes ({simulation.budget_rule}), "
@@ -346,7 +359,7 @@ def _run_simulation(settings: SimulationSettings, report_dir: Path | None) -> in
         print(f"failed: {what}: {message}", file=sys.stderr)
     print(f"{len(results['records'])} loop records in {settings.out / 'results'}")
     if report_dir is not None:
-        print(f"report: {write_report([settings.out], report_dir)}")
+        print(f"report: {write_report([settings.out], report_dir, effort_model)}")
     return 1 if results["failed"] else 0
 
 
@@ -354,7 +367,29 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _effort_model(args: argparse.Namespace) -> EffortModel | None:
+    """The effort model of the options (None: EffortModel's own defaults); only the report's estimates use it."""
+    given = {k: v for k, v in (("box_seconds", args.box_seconds), ("seconds_per_voxel", args.seconds_per_voxel))
+             if v is not None}
+    return EffortModel(**given) if given else None
+
+
+def _add_effort_options(p: argparse.ArgumentParser) -> None:
+    defaults = EffortModel()
+    p.add_argument("--box-seconds", type=seconds_value, metavar="S",
+                   help="effort model: estimated annotator seconds per box whatever its content (navigating to it, "
+                   f"checking its slices; default {defaults.box_seconds:g})")
+    p.add_argument("--seconds-per-voxel", type=seconds_value, metavar="S",
+                   help="effort model: estimated seconds per corrected voxel (painting; default "
+                   f"{defaults.seconds_per_voxel:g}); the report's minutes are box seconds x boxes + this x corrected voxels")
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    effort_model = _effort_model(args)
+    if effort_model is not None and not args.report:
+        print("al3d simulate: error: --box-seconds and --seconds-per-voxel change only the report's estimated minutes; "
+              "add --report (or give them to al3d report)", file=sys.stderr)
+        return 2
     settings = SimulationSettings(
         images=args.images, labels=args.labels, methods=args.method, out=args.out, budget=args.budget,
         loops=args.loops, seeds=args.seeds,
@@ -362,11 +397,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
         reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
         restore_from=args.restore_from)
-    return _run_simulation(settings, args.out / "report" if args.report else None)
+    return _run_simulation(settings, args.out / "report" if args.report else None, effort_model)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    print(f"report: {write_report(args.run_dirs, args.out)}")
+    print(f"report: {write_report(args.run_dirs, args.out, _effort_model(args))}")
     return 0
 
 
@@ -490,12 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs missing here are rebuilt from their recorded boxes and go on from their first unrecorded loop")
     p.add_argument("--python", type=interpreter, help="interpreter of the worker processes")
     p.add_argument("--report", action="store_true", help="write OUT/report when done")
+    _add_effort_options(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("report", help="HTML and Markdown report of one or more simulation folders")
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
+    _add_effort_options(p)
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="the main job: a small simulation on the default data, then its report")

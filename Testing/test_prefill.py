@@ -5,6 +5,7 @@ so these tests write it directly instead of training a model.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,89 @@ def test_a_simulation_scores_for_the_prediction_also_where_the_method_needs_no_m
     classes = logic.project.foreground_classes
     assert shared_scoring(("random", "random_fg66"), classes, predict_pool=True) == {"score": True, "method": "random"}
     assert shared_scoring(("random",), classes) == {"score": False}
+
+
+# ------------------------------------------------------------------ command line: effort model options, status
+def _effort_row(report_md: str, loop: int) -> list[str]:
+    """The cells of the report's effort table row of method random, loop ``loop``."""
+    table = report_md[report_md.index("Annotation effort per loop"):]
+    row = next(line for line in table.splitlines() if line.startswith(f"| random | {loop} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_report_command_effort_options_change_the_estimated_minutes(tmp_path, capsys):
+    from ActiveLearning3DLib.cli import main
+
+    study = _effort_study(tmp_path / "study")
+    assert main(["report", str(study), "--out", str(tmp_path / "default")]) == 0
+    assert main(["report", str(study), "--out", str(tmp_path / "custom"), "--box-seconds", "6",
+                 "--seconds-per-voxel", "0.06"]) == 0
+    assert main(["report", str(study), "--out", str(tmp_path / "boxes-only"), "--box-seconds", "0"]) == 0
+    default, custom, boxes_only = ((tmp_path / name / "report.md").read_text()
+                                   for name in ("default", "custom", "boxes-only"))
+    # loop 1, 10 boxes, 1000 / 2000 corrected voxels (seeds 0, 1), 4000 painted without pre-fill:
+    # default 20 s per box + 0.02 s per voxel: (200 + 20) / 60 and (200 + 40) / 60 minutes; (200 + 80) / 60 without
+    assert _effort_row(default, 1)[9:11] == ["3.8 ± 0.2", "4.7 ± 0.0"]
+    assert "20 per box + 0.02 per corrected voxel" in default
+    assert _effort_row(custom, 1)[9:11] == ["2.5 ± 0.7", "5.0 ± 0.0"]  # (60 + 60) / 60, (60 + 120) / 60; (60 + 240) / 60
+    assert "6 per box + 0.06 per corrected voxel" in custom
+    # only the per-box term given: the voxel term keeps its default (0 + 0.02 x 1000) / 60 = 0.33, 0.67
+    assert _effort_row(boxes_only, 1)[9] == "0.5 ± 0.2" and "0 per box + 0.02 per corrected voxel" in boxes_only
+    assert _effort_row(default, 1)[:9] == _effort_row(custom, 1)[:9]  # the measured columns do not change
+
+
+SIMULATE = ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o"]
+
+
+@pytest.mark.parametrize("command", ["report", "simulate"])
+@pytest.mark.parametrize("option,value", [("--box-seconds", "-1"), ("--box-seconds", "nan"), ("--box-seconds", "x"),
+                                          ("--seconds-per-voxel", "inf"), ("--seconds-per-voxel", "-0.5")])
+def test_effort_options_refuse_bad_values_in_one_line_naming_the_option(tmp_path, capsys, command, option, value):
+    from ActiveLearning3DLib.cli import main
+
+    study = _effort_study(tmp_path / "study")
+    head = (["report", str(study), "--out", str(tmp_path / "o")] if command == "report"
+            else [a.format(tmp=tmp_path) for a in SIMULATE] + ["--report"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(head + [option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and option in err and value in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_simulate_refuses_effort_options_without_a_report_before_anything_runs(tmp_path, capsys):
+    from ActiveLearning3DLib.cli import main
+
+    data = make_dataset(tmp_path / "data", n_cases=4, shape=(8, 8, 8))
+    argv = ["simulate", "--images", str(data.images), "--labels", str(data.labels), "--method", "random",
+            "--out", str(tmp_path / "o"), "--box-seconds", "5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--report" in err and "--box-seconds" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_status_command_shows_each_loops_effort_totals(project, capsys):
+    from ActiveLearning3DLib.cli import main
+
+    logic = project
+    box = loop_box(logic, 1)
+    predicted = np.zeros(logic.project.cases[box.case].shape, dtype=np.uint8)
+    predicted[box.box.slices] = 1
+    store_prediction(logic, "loop_000_test_aaaa", box.case, predicted)
+    labels = logic.prefill(box)
+    labels[0] = 0  # one slice of the box (64 voxels) removed from the pre-fill
+    logic.submit(box, labels, seconds=40.0)
+    assert main(["status", str(logic.project.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    loop0 = [line for line in lines if line.strip().startswith("loop 0:")]
+    loop1 = [line for line in lines if line.strip().startswith("loop 1:")]
+    totals0 = next(t for t in logic.effort_per_loop() if t["loop"] == 0)
+    assert loop0 and f"corrected {totals0['corrected_voxels']} of {totals0['box_voxels']} voxels" in loop0[0]
+    assert loop1 and "corrected 64 of 512 voxels" in loop1[0] and "pre-filled 1 of 1" in loop1[0]
+    assert "pre-fill Dice 0.933" in loop1[0] and "40 s recorded" in loop1[0]  # 2 x 448 / (512 + 448)
+    assert main(["status", str(logic.project.path), "--json"]) == 0
+    per_loop = json.loads(capsys.readouterr().out)["per_loop"]
+    assert [p["effort"] for p in per_loop] == [{k: v for k, v in t.items() if k != "loop"}
+                                               for t in logic.effort_per_loop()]
