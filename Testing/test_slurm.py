@@ -1,0 +1,237 @@
+"""The Slurm runner against a real single-node Slurm cluster (slurmctld + slurmd + munge on this machine).
+
+The cluster comes from ``.ci/services/slurm.sh``: ``.ci/run`` starts it and
+sets ``AL3D_TEST_SLURM`` to its env file (then it must work); otherwise the
+session starts its own, and the cluster tests skip, saying why, only where it
+cannot start (no Slurm packages, not root). The settings checks and the batch
+script need no cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ActiveLearning3DLib.jobs import Job
+from ActiveLearning3DLib.jobs.slurm import (SlurmError, SlurmRunner, SlurmSettings, load_project_settings,
+                                            save_project_settings)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / ".ci" / "services" / "slurm.sh"
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            env[key.strip()] = value.strip()
+    return env
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory):
+    """The scheduler variables (SLURM_CONF) of a running test cluster: CI's, or one started for this session."""
+    given = os.environ.get("AL3D_TEST_SLURM")
+    if given:
+        path = Path(given)
+        assert path.is_file(), f"AL3D_TEST_SLURM={given}: no such env file (did .ci/services/slurm.sh start?)"
+        yield _read_env(path)
+        return
+    if shutil.which("bash") is None:
+        pytest.skip("no bash to run .ci/services/slurm.sh")
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], capture_output=True, text=True,
+                             timeout=120, check=False)
+    if started.returncode != 0:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], capture_output=True, timeout=60, check=False)
+        reason = (started.stderr.strip().splitlines() or ["no reason given"])[-1]
+        pytest.skip(f"the test Slurm cluster could not start here: {reason}")
+    try:
+        yield _read_env(Path(started.stdout.strip().splitlines()[-1]))
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], capture_output=True, timeout=60, check=False)
+
+
+def _settings(slurm_env, **kw) -> SlurmSettings:
+    return SlurmSettings(scheduler_env=dict(slurm_env), poll_seconds=0.2, settle_seconds=2.0, **kw)
+
+
+def _slurm(slurm_env, *args: str) -> str:
+    env = {**os.environ, **slurm_env}
+    return subprocess.run(list(args), capture_output=True, text=True, env=env, check=True, timeout=60).stdout
+
+
+def _batch_state(slurm_env, job_id: str) -> str:
+    return _slurm(slurm_env, "squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%T").strip()
+
+
+def _wait_for(predicate, timeout=60.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _running(runner: SlurmRunner, job: Job) -> str:
+    """Poll until the job's worker runs on the node; its batch job id."""
+    _wait_for(lambda: runner.poll() is not None and job.status().state == "running" and job.status().iteration,
+              what=f"{job.name} to run")
+    return runner.record(job)["job_id"]
+
+
+# ---------------------------------------------------------------------- without a cluster
+def test_settings_refuse_what_slurm_would_with_one_line_naming_the_option():
+    for kw, words in [({"time_limit": "an hour"}, "time_limit"), ({"mem": "lots"}, "mem"),
+                      ({"cpus_per_task": 0}, "cpus_per_task"), ({"partition": "a\nb"}, "partition"),
+                      ({"extra_args": ["constraint=a100"]}, "extra sbatch argument"),
+                      ({"env": {"1X": "y"}}, "env"), ({"max_submitted": 0}, "max_submitted")]:
+        with pytest.raises(SlurmError) as e:
+            SlurmSettings(**kw)
+        assert words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SlurmError, match=r"slurm.json: unknown Slurm setting\(s\) 'partitoin'"):
+        SlurmSettings.from_json({"partitoin": "gpu"}, where="slurm.json")
+
+
+def test_project_settings_are_saved_once_and_read_back(tmp_path):
+    assert load_project_settings(tmp_path) is None
+    settings = SlurmSettings(partition="gpu", account="lab", time_limit="2:00:00", gpus="1", mem="32G",
+                             setup=["module load cuda/12.1", "source /shared/venv/bin/activate"], python="python")
+    save_project_settings(tmp_path, settings)
+    assert load_project_settings(tmp_path) == settings
+    assert load_project_settings(tmp_path).merged(partition="debug", qos=None).partition == "debug"
+    (tmp_path / "slurm.json").write_text('{"time_limit": "soon"}')
+    with pytest.raises(SlurmError, match="slurm.json: time_limit 'soon'"):
+        load_project_settings(tmp_path)
+
+
+def test_batch_script_holds_the_options_setup_and_environment_and_runs_the_worker(tmp_path):
+    job = Job.create(tmp_path, "train", "selftest", {"threads": 3}, env={"nnUNet_results": "/shared/it's here"})
+    runner = SlurmRunner(SlurmSettings(partition="gpu", account="lab", qos="normal", time_limit="1-00:00:00",
+                                       gres="gpu:1", mem="16G", extra_args=["--constraint=a100"],
+                                       setup=["module load cuda"], python="/opt/venv/bin/python",
+                                       env={"OMP_PROC_BIND": "close"}))
+    script = runner.batch_script(job)
+    lines = script.splitlines()
+    for option in ("--partition=gpu", "--account=lab", "--qos=normal", "--time=1-00:00:00", "--gres=gpu:1",
+                   "--mem=16G", "--constraint=a100", "--cpus-per-task=3", "--export=NONE",
+                   f"--output={job.log_path}", f"--chdir={job.path}"):
+        assert f"#SBATCH {option}" in lines, option
+    assert lines.index("module load cuda") < lines.index("export OMP_PROC_BIND=close")
+    assert "export nnUNet_results='/shared/it'\"'\"'s here'" in lines  # quoted for the shell
+    assert "export AL3D_RUNNER=slurm" in lines
+    assert lines[-1] == f"exec /opt/venv/bin/python -m ActiveLearning3DLib.worker {job.path}"
+    out = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+def test_runner_settings_fill_what_the_slurm_settings_leave_open():
+    from ActiveLearning3DLib.jobs import RunnerSettings, make_runner
+
+    runner = make_runner(RunnerSettings(kind="slurm", python="/x/python", env={"A": "1"}, poll_seconds=0.3,
+                                        slurm=SlurmSettings(partition="p", env={"B": "2"})))
+    assert isinstance(runner, SlurmRunner) and runner.kind == "slurm"
+    assert (runner.settings.python, runner.settings.env, runner.settings.poll_seconds) == ("/x/python", {"A": "1", "B": "2"}, 0.3)
+    assert runner.settings.partition == "p"
+
+
+# ---------------------------------------------------------------------- against the cluster
+def test_selftest_job_runs_as_one_batch_job(slurm_env, tmp_path):
+    job = Job.create(tmp_path, "one", "selftest", {"steps": 3, "seconds": 0.05, "print_env": "AL3D_TEST_VALUE"})
+    runner = SlurmRunner(_settings(slurm_env, env={"AL3D_TEST_VALUE": "worker-only"}, time_limit="5"))
+    environ = dict(os.environ)
+    [status] = runner.run([job], timeout=120)
+    assert (status.state, status.progress, status.iteration, status.exit_code) == ("done", 1.0, 3, 0), status.message
+    record = runner.record(job)
+    assert (status.runner, status.runner_id) == ("slurm", record["job_id"])
+    assert _batch_state(slurm_env, record["job_id"]) == "COMPLETED"
+    log = job.log_path.read_text()
+    assert "step 3/3" in log and "AL3D_TEST_VALUE=worker-only" in log
+    assert json.loads((job.path / "result.json").read_text())["steps"] == 3
+    assert dict(os.environ) == environ and "AL3D_TEST_VALUE" not in os.environ
+    assert "#SBATCH --time=5" in (job.path / "slurm.sh").read_text()
+    # submitting a done job again submits nothing
+    again = SlurmRunner(_settings(slurm_env))
+    again.submit(job)
+    assert again.active() == [] and again.scheduler_calls == 0 and runner.record(job)["job_id"] == record["job_id"]
+
+
+def test_cancel_scancels_the_batch_job(slurm_env, tmp_path):
+    job = Job.create(tmp_path, "long", "selftest", {"steps": 600, "seconds": 0.1, "spawn_child": True})
+    runner = SlurmRunner(_settings(slurm_env))
+    runner.submit(job)
+    job_id = _running(runner, job)
+    pid = job.status().pid
+    status = runner.cancel(job)
+    assert status.state == "cancelled"
+    _wait_for(lambda: _batch_state(slurm_env, job_id) == "CANCELLED", what="Slurm to cancel the batch job")
+    psutil = pytest.importorskip("psutil")
+    _wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+              timeout=30, what="the worker process to end")
+    assert runner.active() == [] and runner.poll() == []
+    assert job.status().state == "cancelled"  # not turned into a failure afterwards
+
+
+def test_batch_job_killed_by_the_scheduler_is_failed_with_its_reason_and_runs_again(slurm_env, tmp_path):
+    job = Job.create(tmp_path, "killed", "selftest", {"steps": 30, "seconds": 0.1})
+    runner = SlurmRunner(_settings(slurm_env))
+    runner.submit(job)
+    first = _running(runner, job)
+    _slurm(slurm_env, "scancel", "--signal=KILL", first)  # as an administrator would; the worker cannot say a word
+    ended = _wait_for(lambda: runner.poll(), what="the runner to notice the killed batch job")
+    assert [j.path for j in ended] == [job.path]
+    status = job.status()
+    assert status.state == "failed"
+    assert f"Slurm batch job {first} ended CANCELLED" in status.message and "without the worker finishing" in status.message
+    assert "log:" in status.message and "step" in status.message  # the log's tail
+    # running it again submits a new batch job, which finishes; the killed attempt is kept in the status
+    [status] = runner.run([job], timeout=120)
+    assert status.state == "done", status.message
+    second = runner.record(job)
+    assert second["job_id"] != first and second["replaced"] == first
+    assert len(status.earlier) == 1 and status.earlier[0][0]
+
+
+def test_job_over_its_time_limit_is_failed_as_timeout(slurm_env, tmp_path):
+    job = Job.create(tmp_path, "slow", "selftest", {"steps": 300, "seconds": 1})
+    runner = SlurmRunner(_settings(slurm_env, time_limit="1"))
+    runner.submit(job)
+    job_id = _running(runner, job)
+    assert runner.wait([job], timeout=240)
+    status = job.status()
+    assert status.state == "failed"
+    assert f"Slurm batch job {job_id} ended TIMEOUT" in status.message
+    assert "SIGTERM" in status.message  # the worker had written 'cancelled' on Slurm's SIGTERM: not taken for a cancel
+    assert 30 <= status.iteration < 300
+
+
+def test_a_second_runner_adopts_a_running_batch_job_instead_of_submitting_it_again(slurm_env, tmp_path):
+    jobs = [Job.create(tmp_path, f"j{i}", "selftest", {"steps": 100, "seconds": 0.1}) for i in range(2)]
+    first = SlurmRunner(_settings(slurm_env))
+    for job in jobs:
+        first.submit(job)
+    ids = [_running(first, jobs[0]), first.record(jobs[1])["job_id"]]
+    del first  # the CLI or Slicer went away; its batch jobs go on
+
+    restarted = SlurmRunner(_settings(slurm_env))
+    for job in jobs:
+        restarted.submit(job)
+    assert restarted.scheduler_calls == 0  # nothing submitted; the next poll asks about both at once
+    restarted.poll()
+    assert restarted.scheduler_calls == 1
+    assert sorted(j.path for j in restarted.active()) == sorted(j.path for j in jobs)
+    third = SlurmRunner(_settings(slurm_env))
+    assert all(third.adopt(job) for job in jobs) and third.scheduler_calls == 1  # one squeue for all adoptions
+    assert restarted.wait(jobs, timeout=120)
+    assert [j.status().state for j in jobs] == ["done", "done"]
+    assert [restarted.record(j)["job_id"] for j in jobs] == ids
+    assert [j.status().runner_id for j in jobs] == ids  # each ran once, as the batch job first submitted
+    assert all(j.log_path.read_text().count("selftest job") == 1 for j in jobs)
