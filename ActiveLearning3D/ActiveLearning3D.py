@@ -77,10 +77,12 @@ class ActiveLearning3D(ScriptedLoadableModule):
 Active learning for 3D segmentation with nnU-Net. Instead of painting whole volumes, paint the small
 3D boxes the software chooses; nnU-Net trains on these partial labels and picks the next boxes.
 <ol>
-<li>Create a project from an image folder (or open one): the starting boxes are chosen, without labels by
+<li>Create a project from an image folder, the volumes loaded in the scene or the series selected in the DICOM
+module (or open one): the starting boxes are chosen, without labels by
 <i>cscs</i> or <i>cluster</i> (a small autoencoder learns the pool's patches first, a few minutes) or at random.</li>
 <li>Click a box in the table: its volume is shown with the box; paint the classes inside the box with
-the segment editor below, then <b>Submit box</b> (saved at once) or <b>Skip box</b>.</li>
+the segment editor below, then <b>Submit box</b> (saved at once) or <b>Skip box</b>. Once a model exists a box
+opens pre-filled with its prediction (a checkbox turns this off); the voxels you correct are counted per loop.</li>
 <li>When every box is done, <b>Start next loop</b>: training, evaluation, scoring and the next query run in
 background processes; the button turns into Cancel.</li>
 </ol>
@@ -120,6 +122,8 @@ class ActiveLearning3DParameterNode:
     device: Annotated[str, Choice(list(CHOICES.devices))] = CHOICES.device
     profile: Annotated[str, Choice(list(CHOICES.profiles))] = CHOICES.profile
     parallel: Annotated[int, WithinRange(0, 5)] = 0
+    prefill: bool = True  # a box opens with the model's prediction inside it (the project's PanelSettings.prefill)
+    exportPartialLabels: bool = False  # Export DICOM SEG also writes the annotations
 
 
 class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -160,16 +164,22 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setMRMLScene(slicer.mrmlScene)
 
         self.ui.createProjectButton.connect("clicked(bool)", self.onCreateProject)
+        self.ui.createFromSceneButton.connect("clicked(bool)", self.onCreateFromScene)
+        self.ui.createFromDicomButton.connect("clicked(bool)", self.onCreateFromDicom)
         self.ui.openProjectButton.connect("clicked(bool)", self.onOpenProject)
         self.ui.boxTable.connect("cellClicked(int,int)", self.onBoxClicked)
         self.ui.submitButton.connect("clicked(bool)", self.onSubmit)
         self.ui.skipButton.connect("clicked(bool)", self.onSkip)
         self.ui.addBoxButton.connect("clicked(bool)", self.onAddBox)
+        # clicked, not toggled: only the user's click changes the project's setting, never the parameter node
+        # being bound again (a scene close resets it to the default while the project stays open)
+        self.ui.prefillCheckBox.connect("clicked(bool)", self.onPrefillClicked)
         self.ui.uncertaintyButton.connect("clicked(bool)", self.onShowUncertainty)
         self.ui.startButton.connect("clicked(bool)", self.onStartOrCancel)
         self.ui.predictButton.connect("clicked(bool)", self.onPredict)
         self.ui.loadPredictionsButton.connect("clicked(bool)", self.onLoadPredictions)
         self.ui.exportModelButton.connect("clicked(bool)", self.onExportModel)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
@@ -377,8 +387,12 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         return True
 
-    def _creationRequest(self):
-        """The fields of a new project, checked here so that a bad one is reported before anything is written."""
+    def _creationRequest(self, fromFolders=True):
+        """The fields of a new project, checked here so that a bad one is reported before anything is written.
+
+        ``fromFolders``: the images (and labels) come from the folder fields; else from the scene or the DICOM
+        database, and the request holds no ``images`` or ``labels``.
+        """
         from ActiveLearning3DLib.gui.controller import parse_classes, parse_patch_size
         from ActiveLearning3DLib.query_methods import get_method
 
@@ -386,17 +400,19 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path, images, labels = _chosenPath(p.projectPath), _chosenPath(p.imagesPath), _chosenPath(p.labelsPath)
         if path is None:
             raise ValueError("Project folder: choose a folder for the new project")
-        if images is None:
+        if fromFolders and images is None:
             raise ValueError("Images: choose the folder with the images")
-        if not os.path.isdir(images):
+        if fromFolders and not os.path.isdir(images):
             raise ValueError(f"Images: {images} is not a folder")
-        if labels is None and get_method(p.startMethod).needs_ground_truth:
+        if (labels is None or not fromFolders) and get_method(p.startMethod).needs_ground_truth:
             raise ValueError(f"Starting boxes: {p.startMethod} reads the ground truth (simulation only); "
-                             "choose a labels folder or another method")
+                             + ("choose a labels folder or another method" if fromFolders else "choose another method"))
         names, colors = parse_classes(p.classNames)
-        return dict(path=path, images=images, labels=labels, class_names=names, class_colors=colors,
-                    patch_size=parse_patch_size(p.patchSize), method=p.method, query_size=p.querySize,
-                    start_method=p.startMethod)
+        request = dict(path=path, class_names=names, class_colors=colors, patch_size=parse_patch_size(p.patchSize),
+                       method=p.method, query_size=p.querySize, start_method=p.startMethod)
+        if fromFolders:
+            request.update(images=images, labels=labels)
+        return request
 
     def onCreateProject(self):
         if not self._mayReplaceProject():
@@ -410,6 +426,64 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runInBackground("Creating the project",
                               lambda: AnnotationController.create_project(ctx, runner=runner, **request),
                               lambda controller: self._projectOpened(controller, created=True))
+
+    def onCreateFromScene(self):
+        """A project of the scene's grey-scale volumes: written on this thread (storage nodes are scene work), the
+        project then made on the worker."""
+        if not self._mayReplaceProject():
+            return
+        request = self._guard(self._creationRequest, False)
+        if request is None or not self.logic.ensureDependencies():
+            return
+        from ActiveLearning3DLib.gui import AnnotationController
+
+        ctx, runner, path = self.logic.context(), self.runner, request.pop("path")
+        staged = self._guard(AnnotationController.stage_scene_volumes, ctx, path, self.sceneVolumes())
+        if staged is None:
+            return
+        self._runInBackground("Creating the project from the scene volumes",
+                              lambda: AnnotationController.create_project_from_staged(ctx, path, staged, runner=runner,
+                                                                                      **request),
+                              lambda controller: self._projectOpened(controller, created=True))
+
+    def sceneVolumes(self):
+        """The scene's grey-scale volumes but this project's own (its case on screen, its uncertainty map)."""
+        from ActiveLearning3DLib.gui import mrml
+
+        c = self.controller
+        own = {n.GetID() for n in ((c.volume, c.heat_map) if c else ()) if n is not None}
+        return [n for n in mrml.nodes_of_class(slicer.mrmlScene, "vtkMRMLScalarVolumeNode")
+                if not n.IsA("vtkMRMLLabelMapVolumeNode") and n.GetID() not in own]
+
+    def onCreateFromDicom(self):
+        """A project of the series selected in the DICOM module's browser: their file lists are read from the
+        database on this thread (its SQL connection belongs to it), the project made on the worker."""
+        if not self._mayReplaceProject():
+            return
+        request = self._guard(self._creationRequest, False)
+        if request is None or not self.logic.ensureDependencies():
+            return
+        files = self._guard(self.dicomSelection)
+        if files is None:
+            return
+        from ActiveLearning3DLib.gui import AnnotationController
+
+        ctx, runner, path = self.logic.context(), self.runner, request.pop("path")
+        self._runInBackground("Creating the project from the DICOM series",
+                              lambda: AnnotationController.create_project_from_dicom_files(ctx, path, files,
+                                                                                           runner=runner, **request),
+                              lambda controller: self._projectOpened(controller, created=True))
+
+    def dicomSelection(self):
+        """Series UID -> files of the series selected in the DICOM module's browser (Slicer's DICOM database)."""
+        database = getattr(slicer, "dicomDatabase", None)
+        browser = getattr(getattr(slicer.modules, "DICOMWidget", None), "browserWidget", None)
+        if database is None or browser is None:
+            raise ProjectError("DICOM: open the DICOM module, import the series and select them in its browser first")
+        uids = [str(uid) for uid in browser.dicomBrowser.dicomTableManager().currentSeriesSelection()]
+        if not uids:
+            raise ProjectError("DICOM: no series selected; select the series in the DICOM module's browser first")
+        return {uid: [str(f) for f in database.filesForSeries(uid)] for uid in uids}
 
     def onOpenProject(self):
         if not self._mayReplaceProject():
@@ -452,7 +526,8 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _saveSettings(self):
         p = self._parameterNode
         return self.controller.save_settings(method=p.method, query_size=p.querySize, python=p.python or None,
-                                      device=p.device, profile=p.profile, parallel=p.parallel or None)
+                                      device=p.device, profile=p.profile, parallel=p.parallel or None,
+                                      prefill=bool(p.prefill))
 
     def _loadSettings(self):
         """An opened project's own settings come into the fields (those the lists offer)."""
@@ -465,6 +540,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if s.query_size:
             p.querySize = int(s.query_size)
         p.parallel = int(s.parallel or 0)
+        p.prefill = bool(s.prefill)
 
     # ------------------------------------------------------------------ boxes
     def refreshTable(self):
@@ -485,6 +561,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.countsLabel.text = (f"{counts['total']} boxes: {counts['pending']} pending, "
                                         f"{counts['annotated']} annotated, {counts['skipped']} skipped")
             self.ui.projectStatusLabel.text = str(self.controller.logic.status().next_step)
+        self.ui.effortLabel.text = self.controller.effort_summary() if self.controller else ""
 
     def onBoxClicked(self, row, column):
         self.goToBox(self.ui.boxTable.item(row, 0).text())
@@ -523,6 +600,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._guard(add):
             self.bindSegmentEditor()
         self.refreshTable()
+
+    def onPrefillClicked(self, checked):
+        """Pre-filling ticked or cleared: saved with the project at once; the next box opened follows it."""
+        if self.controller is not None:
+            self._guard(lambda: self.controller.save_settings(prefill=bool(checked)))
 
     def onShowUncertainty(self):
         self._guard(self.controller.show_uncertainty, None)
@@ -570,15 +652,16 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         has = self.controller is not None
         working = self._working()
         running = has and self.controller.busy
-        self.ui.createProjectButton.enabled = not working
-        self.ui.openProjectButton.enabled = not working
+        for button in (self.ui.createProjectButton, self.ui.createFromSceneButton, self.ui.createFromDicomButton,
+                       self.ui.openProjectButton):
+            button.enabled = not working
         self.ui.startButton.text = "Cancel" if running else "Start next loop"
         self.ui.startButton.enabled = (running and not self._cancelRequested and not working) or (
             has and not running and not working and self.controller.can_start_next_loop())
         for button in (self.ui.submitButton, self.ui.skipButton, self.ui.addBoxButton):
             button.enabled = has and self.controller.current is not None and not running and not working
         for button in (self.ui.uncertaintyButton, self.ui.predictButton, self.ui.loadPredictionsButton,
-                       self.ui.exportModelButton):
+                       self.ui.exportModelButton, self.ui.exportDicomSegButton):
             button.enabled = has and not running and not working
 
     # ---------------------------------------------------------------- results
@@ -596,6 +679,20 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             target = self._guard(self.controller.export_model, path)
             if target is not None:
                 self.ui.stageLabel.text = f"Model saved to {target}"
+
+
+    def onExportDicomSeg(self):
+        partial = bool(self._parameterNode.exportPartialLabels)
+        self._runInBackground("Writing DICOM SEG objects",
+                              lambda: self.controller.export_dicom_seg(None, partial_labels=partial), self._segsWritten)
+
+    def _segsWritten(self, result):
+        """Say what the export wrote; the reasons of the cases left out go to the log field."""
+        text = f"DICOM SEG: {len(result.written)} written, {len(result.up_to_date)} up to date"
+        if result.skipped:
+            text += f", {len(result.skipped)} left out: {result.skipped[0]}"
+        self.ui.stageLabel.text = text
+        self.ui.logTextEdit.setPlainText("\n".join([*map(str, result.files), *result.skipped]))
 
 
 class ActiveLearning3DLogic(ScriptedLoadableModuleLogic):
@@ -695,8 +792,13 @@ class _NoRunner:
     def poll(self):
         return []
 
+    def refresh(self, job):
+        return job.status()
+
     def cancel(self, job):
-        return job.cancel()
+        from ActiveLearning3DLib.project import now_iso
+
+        return job.status() if job.status().final else job.update(state="cancelled", ended=now_iso(), message="cancelled")
 
     def active(self):
         return []

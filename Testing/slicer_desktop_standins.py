@@ -232,6 +232,41 @@ class QPushButton(QWidget):
             self.clicked.emit(False)
 
 
+class QCheckBox(QWidget):
+    """``checked`` set in code emits ``toggled`` and ``stateChanged`` (what Slicer's connector hears); ``click()``, the
+    user's click, also emits ``clicked``."""
+
+    def __init__(self, *args):
+        parent = next((a for a in args if isinstance(a, QObject)), None)
+        super().__init__(parent)
+        self.text = next((a for a in args if isinstance(a, str)), "")
+        self._checked = False
+        self.toggled, self.stateChanged, self.clicked = Signal(), Signal(), Signal()
+
+    @property
+    def checked(self):
+        return self._checked
+
+    @checked.setter
+    def checked(self, value):
+        value = bool(value)
+        if value != self._checked:
+            self._checked = value
+            self.toggled.emit(value)
+            self.stateChanged.emit(2 if value else 0)  # Qt::Checked, Qt::Unchecked
+
+    def isChecked(self):
+        return self._checked
+
+    def setChecked(self, value):
+        self.checked = value
+
+    def click(self):
+        if self.enabled:
+            self.checked = not self._checked
+            self.clicked.emit(self._checked)
+
+
 class QLineEdit(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -552,7 +587,7 @@ class ctkMessageBox(QWidget):
 
 
 # Classes that Slicer's connectors name (``type(widget) in (...)``) and that the panel does not use.
-QT_UNUSED = ("QCheckBox", "QSlider", "QDoubleSpinBox", "QTextEdit", "QToolButton", "QMenu", "QAction", "QDialog")
+QT_UNUSED = ("QSlider", "QDoubleSpinBox", "QTextEdit", "QToolButton", "QMenu", "QAction", "QDialog")
 CTK_UNUSED = ("ctkCheckBox", "ctkCheckablePushButton", "ctkSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox",
               "ctkComboBox", "ctkRangeWidget", "ctkDoubleRangeSlider", "ctkDirectoryButton", "ctkColorPickerButton")
 SLICER_UNUSED = ("qMRMLNodeComboBox", "qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLRangeWidget", "qSlicerWidget")
@@ -786,9 +821,9 @@ def install(version: str) -> types.ModuleType:
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: Slicer's Python sources are needed")
     qt = types.ModuleType("qt")
-    for cls in (QObject, QWidget, QVBoxLayout, QHBoxLayout, QFormLayout, QLabel, QPushButton, QLineEdit, QComboBox,
-                QSpinBox, QProgressBar, QPlainTextEdit, QTableWidget, QTableWidgetItem, QAbstractItemView, QTimer, Qt,
-                QMessageBox, QFile, QIcon, QColor, QSettings, QFileDialog, QUiLoader):
+    for cls in (QObject, QWidget, QVBoxLayout, QHBoxLayout, QFormLayout, QLabel, QPushButton, QCheckBox, QLineEdit,
+                QComboBox, QSpinBox, QProgressBar, QPlainTextEdit, QTableWidget, QTableWidgetItem, QAbstractItemView,
+                QTimer, Qt, QMessageBox, QFile, QIcon, QColor, QSettings, QFileDialog, QUiLoader):
         setattr(qt, cls.__name__, cls)
     ctk = types.ModuleType("ctk")
     for cls in (ctkPathLineEdit, ctkCollapsibleButton, ctkMessageBox):
@@ -842,6 +877,7 @@ class Desktop:
         QFileDialog.answer = ""
         self.dialogs = ctkMessageBox.shown
         slicer.app, slicer.mrmlScene = self.app, self.scene
+        vars(slicer).pop("dicomDatabase", None)  # the desktop's DICOM database: a check that needs one sets it
         logics = {name.lower(): types.SimpleNamespace(logic=(lambda logic=logic: logic))
                   for name, logic in self.ctx.module_logics.items()}
         slicer.modules = types.SimpleNamespace(**logics)

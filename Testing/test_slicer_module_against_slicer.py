@@ -25,7 +25,7 @@ import pytest
 from slicer_desktop_standins import MODULE_FILE, PYTHON_STACK, REPO, UI_FILE, VERSIONS, vendored_python
 
 HARNESS = Path(__file__).with_name("slicer_desktop_standins.py")
-VALUE_SIGNALS = ("currentPathChanged", "currentIndexChanged", "valueChanged", "textChanged")
+VALUE_SIGNALS = ("currentPathChanged", "currentIndexChanged", "valueChanged", "textChanged", "stateChanged")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -41,7 +41,8 @@ def _connections(widget) -> int:
 def _shown(widget) -> str:
     kind = type(widget).__name__
     return {"ctkPathLineEdit": lambda: widget.currentPath, "QComboBox": lambda: widget.currentText,
-            "QSpinBox": lambda: str(widget.value), "QLineEdit": lambda: widget.text}[kind]()
+            "QSpinBox": lambda: str(widget.value), "QLineEdit": lambda: widget.text,
+            "QCheckBox": lambda: str(widget.checked)}[kind]()
 
 
 def _change(widget, work: Path) -> str:
@@ -53,6 +54,8 @@ def _change(widget, work: Path) -> str:
         widget.currentIndex = (widget.currentIndex + 1) % widget.count()
     elif kind == "QSpinBox":
         widget.value = widget.value + 1 if widget.value < widget.maximum else widget.value - 1
+    elif kind == "QCheckBox":
+        widget.checked = not widget.checked
     else:
         widget.text = widget.text + "1"
     return _shown(widget)
@@ -83,7 +86,7 @@ def check_every_parameter_widget_binds_through_slicers_connectors(desk):
     fields = desk.parameter_widgets(panel)
     in_ui = {p.findtext("string") for p in ET.parse(UI_FILE).getroot().iter("property")
              if p.get("name") == "SlicerParameterName"}
-    assert set(fields) == in_ui and len(in_ui) == 12, sorted(fields)
+    assert set(fields) == in_ui and len(in_ui) == 14, sorted(fields)
     node = panel._parameterNode
     mrml = node.parameterNode
     assert mrml.GetScene() is desk.scene and mrml.GetAttribute("ModuleName") == "ActiveLearning3D"
@@ -97,6 +100,8 @@ def check_every_parameter_widget_binds_through_slicers_connectors(desk):
         choices.method, choices.start_method, choices.device, choices.profile)
     for name, (low, high) in _ui_spin_box_ranges().items():  # Slicer widens an unbounded spin box
         assert (fields[name].minimum, fields[name].maximum) == (low, high), name
+    assert node.prefill is True and fields["prefill"].checked  # on by default
+    assert node.exportPartialLabels is False and not fields["exportPartialLabels"].checked
     for name, widget in fields.items():
         assert _connections(widget) == 1, f"{name}: {_connections(widget)} connections"
         old = getattr(node, name)
@@ -385,6 +390,293 @@ def check_unloading_the_module_disconnects_the_panel(desk):
     assert not panel._timer.isActive() and not panel.Observations
 
 
+# ----------------------------------------------------- pre-fill, effort, other project sources, DICOM SEG
+def _spy(owner, name, calls):
+    """Let ``owner.name`` run as before, recording its thread and arguments; returns what undoes it."""
+    import threading
+
+    original = getattr(owner, name)
+    saved = vars(owner).get(name) if isinstance(owner, type) else None
+
+    def recorded(*args, **kwargs):
+        calls.append((name, threading.current_thread(), args, kwargs))
+        return original(*args, **kwargs)
+
+    setattr(owner, name, recorded)
+    return lambda: setattr(owner, name, saved) if saved is not None else delattr(owner, name)
+
+
+def _paint_inside(c, voxels: int = 4):
+    """Paint class 1 in the first ``voxels`` voxels of the shown box's first row (inside only: no warning)."""
+    import numpy as np
+
+    from ActiveLearning3DLib.gui import mrml
+
+    mask = np.zeros(c.logic.project.cases[c.current.case].shape, bool)
+    k, j, i = c.current.box.coords
+    mask[k, j, i:i + voxels] = True
+    mrml.paint_segment(c.ctx, c.annotation, c.volume, 1, mask, c.grid)
+    return int(mask.sum())
+
+
+def check_the_prefill_checkbox_sets_the_projects_setting_and_the_next_box_follows_it(desk):
+    import numpy as np
+
+    from ActiveLearning3DLib.gui import AnnotationController
+    from ActiveLearning3DLib.nnunet.paths import NnunetPaths
+    from ActiveLearning3DLib.prefill import write_pool_prediction
+
+    panel = desk.open_panel()
+    data = desk.dataset()
+    fields = desk.parameter_widgets(panel)
+    fields["labelsPath"].currentPath = str(data.labels)  # the oracle annotates loop 0 below
+    box = panel.ui.prefillCheckBox
+    assert box is fields["prefill"] and box.checked
+    desk.create_project(panel, data=data)
+    c = panel.controller
+    assert c.settings.prefill is True
+    # a model of loop 0 predicted the pool; loop 1 is queried
+    c.logic.annotate_with_oracle()
+    shape = c.logic.project.cases[c.logic.project.pool_cases[0]].shape
+    predicted = np.random.default_rng(3).integers(0, 2, size=shape).astype(np.uint8)
+    folder = NnunetPaths.for_project(c.logic.project).results_root / "loop_000_test_abcd" / "pool_prediction"
+    for case in c.logic.project.pool_cases:
+        write_pool_prediction(folder, case, predicted, c.logic.project.read_image(case))
+    c.logic.query("random", 2, seed=4)
+    panel.refreshTable()
+
+    def opened():
+        panel.onBoxClicked(0, 0)
+        inside = np.zeros(shape, bool)
+        inside[c.current.box.slices] = True
+        return c.current.loop, c.prefill_shown, c.painted_labels(), inside
+
+    loop, shown, painted, inside = opened()
+    assert loop == 1 and shown and (painted[inside] == predicted[inside]).all() and not painted[~inside].any()
+    box.click()  # off
+    assert not box.checked and panel._parameterNode.prefill is False and c.settings.prefill is False
+    assert AnnotationController.open_project(c.ctx, c.logic.project.path).settings.prefill is False  # saved
+    loop, shown, painted, inside = opened()
+    assert loop == 1 and not shown and not painted.any()
+    # a closed scene resets the field to its default; the open project keeps its own setting
+    desk.close_scene()
+    assert box.checked and c.settings.prefill is False
+    fields["projectPath"].currentPath = str(c.logic.project.path)
+    panel.ui.openProjectButton.click()  # opened again: the field shows the project's setting
+    assert panel.controller.settings.prefill is False and not box.checked
+    box.click()
+    assert panel.controller.settings.prefill is True
+    assert AnnotationController.open_project(c.ctx, c.logic.project.path).settings.prefill is True
+    assert not desk.dialogs, desk.dialogs
+
+
+def check_the_effort_label_shows_the_controllers_totals_after_a_submit_and_after_a_loop(desk):
+    import numpy as np
+
+    from ActiveLearning3DLib.gui.controller import LoopProgress
+
+    panel = desk.open_panel()
+    desk.create_project(panel)
+    c = panel.controller
+    label = panel.ui.effortLabel
+    assert label.text == "" == c.effort_summary()  # nothing recorded yet
+    painted = _paint_inside(c)
+    record = c.current
+    panel.ui.submitButton.click()
+    assert c.logic.find_box(record.id).state == "annotated"
+    assert label.text == c.effort_summary() == c.effort_text(0) != ""
+    assert label.text.startswith("loop 0: 1 boxes annotated")
+    assert f"corrected {painted} of {record.box.voxels} voxels" in label.text and "s recorded" in label.text, label.text
+    before = label.text
+
+    def loop_poll():  # the loop's last poll: the other boxes were annotated in another view, the query ran
+        for other in [b for b in c.logic.boxes(0) if b.state == "pending"]:
+            labels = np.zeros(other.box.size, np.uint8)
+            labels[0, 0, :3] = 1
+            c.logic.submit(other, labels, seconds=12.0)
+        c.logic.query("random", 2, seed=5)
+        c.pipeline = None
+        return LoopProgress("query", "done", 100.0, "loop 1: 2 boxes", [], "")
+
+    c.poll, c.pipeline = loop_poll, "running"
+    panel._timer.start()
+    _tick_until(panel, lambda: not panel._timer.isActive())
+    assert c.current_loop() == 1 and label.text != before
+    assert label.text == c.effort_summary() and label.text.startswith("loop 0: 3 boxes annotated")
+    assert f"corrected {painted + 3 * 2} of" in label.text  # a loop's totals stay in view in the next loop
+    assert not desk.dialogs, desk.dialogs
+
+
+def _fill_creation_fields(desk, panel, name):
+    fields = desk.parameter_widgets(panel)
+    fields["projectPath"].currentPath = str(desk.work / name)
+    fields["patchSize"].text = "4 5 6"
+    fields["querySize"].value = 2
+    fields["startMethod"].currentIndex = [fields["startMethod"].itemText(i)
+                                          for i in range(fields["startMethod"].count())].index("random")
+    panel.logic.ensureDependencies = lambda: True
+
+
+def check_create_from_scene_volumes_writes_them_on_the_gui_thread_and_creates_on_the_worker(desk):
+    import threading
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from conftest import write_image
+
+    from ActiveLearning3DLib.gui import AnnotationController, mrml
+
+    panel = desk.open_panel()
+    arrays, nodes = {}, []
+    for n, name in enumerate(["CT chest", "MR T1"]):
+        arrays[name] = np.random.default_rng(n).normal(0, 50, (10, 12, 14)).astype(np.int16)
+        path = write_image(desk.work / "files" / f"v{n}.nii.gz", arrays[name], spacing=(0.8, 1.1, 2.0 + n))
+        nodes.append(mrml.load_volume(desk.ctx, path, name))
+    labels = write_image(desk.work / "files" / "labels.nii.gz", np.zeros((10, 12, 14), np.uint8))
+    mrml.load_volume(desk.ctx, labels, "my labels", labelmap=True)  # not an image: left out
+    assert panel.sceneVolumes() == nodes
+    _fill_creation_fields(desk, panel, "from-scene")
+    calls = []
+    undo = [_spy(AnnotationController, name, calls) for name in ("stage_scene_volumes", "create_project_from_staged")]
+    try:
+        panel.ui.createFromSceneButton.click()
+        panel.waitUntilIdle(120)
+    finally:
+        for u in undo:
+            u()
+    assert not desk.dialogs, desk.dialogs
+    (stage, stage_thread, stage_args, _), (create, create_thread, create_args, options) = calls
+    assert stage == "stage_scene_volumes" and stage_thread is threading.main_thread()  # storage nodes: scene work
+    assert stage_args[1:] == (str(desk.work / "from-scene"), nodes)
+    assert create == "create_project_from_staged" and create_thread is not threading.main_thread()
+    assert create_args[1] == str(desk.work / "from-scene") and not Path(create_args[2]).exists()  # staging removed
+    assert (options["query_size"], options["start_method"], options["patch_size"]) == (2, "random", [4, 5, 6])
+    c = panel.controller
+    assert sorted(c.logic.project.cases) == ["CT-chest", "MR-T1"] and panel.ui.boxTable.rowCount == 2
+    for case, name in (("CT-chest", "CT chest"), ("MR-T1", "MR T1")):
+        assert (sitk.GetArrayFromImage(c.logic.project.read_image(case)) == arrays[name]).all()
+    assert c.volume is not None and c.volume not in panel.sceneVolumes()  # the project's own case is left out
+    assert panel.sceneVolumes() == nodes
+
+
+class _DicomDatabase:
+    """Stands in for ``slicer.dicomDatabase`` (a CTK database, desktop only): the series' real files, by UID; records
+    the threads that read it (its SQL connection belongs to the GUI thread)."""
+
+    def __init__(self, series):
+        import threading
+
+        self.series, self.threads, self._current = series, [], threading.current_thread
+
+    def filesForSeries(self, uid):
+        self.threads.append(self._current())
+        return [str(f) for f in self.series[uid].files]
+
+
+def _dicom_browser(selection):
+    """``slicer.modules.DICOMWidget`` as far as the panel reads it: the series selected in the DICOM browser."""
+    import types
+
+    manager = types.SimpleNamespace(currentSeriesSelection=lambda: list(selection))
+    browser = types.SimpleNamespace(dicomTableManager=lambda: manager)
+    return types.SimpleNamespace(browserWidget=types.SimpleNamespace(dicomBrowser=browser))
+
+
+def _dicom_project(desk, panel):
+    """A project of a CT series and a secondary capture selected in the (stand-in) DICOM browser."""
+    from dicom_data import OBLIQUE, hu_volume, write_ct_series, write_secondary_capture
+
+    volume = hu_volume((10, 12, 14))
+    ct = write_ct_series(desk.work / "database", volume, (0.7, 0.8, 2.0), (1.0, 2.0, 3.0), OBLIQUE, nested=False)
+    sc = write_secondary_capture(desk.work / "database" / "sc")
+    database = _DicomDatabase({ct.series_uid: ct, sc.series_uid: sc})
+    desk.slicer.dicomDatabase = database
+    desk.slicer.modules.DICOMWidget = _dicom_browser([ct.series_uid, sc.series_uid])
+    _fill_creation_fields(desk, panel, "from-dicom")
+    panel.ui.createFromDicomButton.click()
+    panel.waitUntilIdle(120)
+    return ct, sc, volume, database
+
+
+def check_create_from_the_dicom_selection_reads_the_database_on_the_gui_thread(desk):
+    import threading
+
+    import SimpleITK as sitk
+
+    from ActiveLearning3DLib.gui import AnnotationController
+
+    panel = desk.open_panel()
+    _fill_creation_fields(desk, panel, "from-dicom")
+    panel.ui.createFromDicomButton.click()  # no DICOM module opened
+    desk.slicer.dicomDatabase = _DicomDatabase({})
+    desk.slicer.modules.DICOMWidget = _dicom_browser([])
+    panel.ui.createFromDicomButton.click()  # nothing selected
+    messages = [d["text"] for d in desk.dialogs]
+    assert len(messages) == 2 and "open the DICOM module" in messages[0] and "no series selected" in messages[1]
+    assert all("\n" not in m for m in messages) and not (desk.work / "from-dicom").exists()
+    del desk.dialogs[:]
+    calls = []
+    undo = _spy(AnnotationController, "create_project_from_dicom_files", calls)
+    try:
+        ct, sc, volume, database = _dicom_project(desk, panel)
+    finally:
+        undo()
+    assert not desk.dialogs, desk.dialogs
+    assert database.threads and all(t is threading.main_thread() for t in database.threads)
+    [(_, thread, args, options)] = calls
+    assert thread is not threading.main_thread() and args[1] == str(desk.work / "from-dicom")
+    assert args[2] == {ct.series_uid: [str(f) for f in ct.files], sc.series_uid: [str(f) for f in sc.files]}
+    assert (options["query_size"], options["start_method"]) == (2, "random")
+    project = panel.controller.logic.project
+    [case] = project.cases
+    assert (sitk.GetArrayFromImage(project.read_image(case)) == volume).all()
+    assert len(project.dicom_skipped) == 1 and "secondary capture" in project.dicom_skipped[0]
+
+
+def check_export_dicom_seg_writes_off_the_gui_thread_and_says_what_it_wrote(desk):
+    import threading
+
+    import highdicom as hd
+    import numpy as np
+    import SimpleITK as sitk
+
+    panel = desk.open_panel()
+    ct, _, _, _ = _dicom_project(desk, panel)
+    c = panel.controller
+    project = c.logic.project
+    [case] = project.cases
+    panel.ui.exportDicomSegButton.click()  # no predictions yet, annotations not asked for
+    panel.waitUntilIdle(60)
+    assert [d["text"] for d in desk.dialogs] == ["no predictions yet: predict all cases first"]
+    del desk.dialogs[:]
+    labels = np.zeros((10, 12, 14), np.uint8)
+    labels[2:5, 4:9, 3:7] = 1
+    prediction = sitk.GetImageFromArray(labels)
+    prediction.CopyInformation(project.read_image(case))
+    folder = project.path / "nnunet" / "results" / "loop_000" / "predictions"
+    folder.mkdir(parents=True)
+    sitk.WriteImage(prediction, str(folder / f"{case}.nii.gz"))
+    panel.ui.exportPartialLabelsCheckBox.click()
+    assert panel._parameterNode.exportPartialLabels is True
+    calls = []
+    undo = _spy(c, "export_dicom_seg", calls)
+    try:
+        panel.ui.exportDicomSegButton.click()
+        panel.waitUntilIdle(120)
+    finally:
+        undo()
+    assert not desk.dialogs, desk.dialogs
+    [(_, thread, args, options)] = calls
+    assert thread is not threading.main_thread() and args == (None,) and options == {"partial_labels": True}
+    assert panel.ui.stageLabel.text == "DICOM SEG: 2 written, 0 up to date"
+    seg_file = folder / f"{case}.seg.dcm"
+    assert str(seg_file) in panel.ui.logTextEdit.toPlainText()
+    seg = hd.seg.segread(seg_file)
+    assert (seg.get_pixels_by_source_instance(ct.sop_uids, combine_segments=True, skip_overlap_checks=True)
+            == labels).all()
+
+
 # --------------------------------------------------------- checks run without torch, nnunetv2, scipy, matplotlib
 def check_the_panel_opens_without_the_python_stack(desk):
     import importlib.util
@@ -500,3 +792,19 @@ def test_extension_urls_name_files_in_the_repository_and_the_license_is_there():
     license_text = (REPO / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+
+
+def test_every_interactive_widget_of_the_ui_file_is_bound():
+    """A button, checkbox or field in the .ui file that the module neither connects nor binds does nothing."""
+    source = MODULE_FILE.read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    interactive = ("QPushButton", "QCheckBox", "QComboBox", "QSpinBox", "QLineEdit", "ctkPathLineEdit", "QTableWidget")
+    unbound = []
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        named = any(p.get("name") == "SlicerParameterName" for p in widget.findall("property"))
+        if widget.get("class") in interactive and not named and widget.get("name") not in used:
+            unbound.append(widget.get("name"))
+    assert not unbound, f"widgets in the .ui file that nothing binds: {unbound}"
+    for button in ("createFromSceneButton", "createFromDicomButton", "exportDicomSegButton", "prefillCheckBox"):
+        assert re.search(rf'self\.ui\.{button}\.connect\("clicked\(bool\)"', source), button
+    assert "self.ui.effortLabel.text" in source

@@ -151,6 +151,12 @@ def _node_name(node: Any) -> str:
     return f"volume {node.GetName()!r}" if hasattr(node, "GetName") else repr(node)
 
 
+def _effort_line(totals: dict) -> str:
+    """One loop's effort totals in a line ('' when no box of the loop recorded any)."""
+    text = describe_effort(totals)
+    return f"loop {totals['loop']}: {totals['boxes']} boxes annotated" + text if text else ""
+
+
 def _unique_case_id(name: str, used: set[str]) -> str:
     """A case id from a node name: letters, digits, '.', '-' kept, never a channel suffix, unique among ``used``."""
     import re
@@ -217,6 +223,16 @@ class AnnotationController:
         holds, geometry included); the staging folder goes once the project
         exists or fails. ``options`` are those of :meth:`create_project`.
         """
+        return cls.create_project_from_staged(ctx, path, cls.stage_scene_volumes(ctx, path, volume_nodes), **options)
+
+    @classmethod
+    def stage_scene_volumes(cls, ctx: mrml.SlicerContext, path: Path | str, volume_nodes: Sequence[Any]) -> Path:
+        """Write scene volumes into a new staging folder beside ``path`` (one case each, named after the node).
+
+        This half of :meth:`create_project_from_scene` adds storage nodes to the
+        scene, so in Slicer it runs on the GUI thread; the other half,
+        :meth:`create_project_from_staged`, may run on a background thread.
+        """
         import shutil
 
         from ..fileio import make_staging_dir
@@ -232,7 +248,19 @@ class AnnotationController:
             for node in volume_nodes:
                 case = _unique_case_id(node.GetName(), used)
                 mrml.write_volume(ctx, node, staging / f"{case}_0000.nii.gz")
-            return cls.create_project(ctx, path, staging, **options)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
+
+    @classmethod
+    def create_project_from_staged(cls, ctx: mrml.SlicerContext, path: Path | str, staging: Path | str,
+                                   **options: Any) -> "AnnotationController":
+        """:meth:`create_project` of a staging folder, which goes afterwards whether the project was made or not."""
+        import shutil
+
+        try:
+            return cls.create_project(ctx, Path(path).absolute(), staging, **options)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -491,10 +519,13 @@ class AnnotationController:
         return found[0] if found else {"loop": loop, **effort_totals([])}
 
     def effort_text(self, loop: int | None = None) -> str:
-        """The effort line under the table ('' before a box of the loop recorded any)."""
-        totals = self.effort(loop)
-        text = describe_effort(totals)
-        return f"loop {totals['loop']}: {totals['boxes']} boxes annotated" + text if text else ""
+        """The effort line of a loop (default: the current one; '' before a box of the loop recorded any)."""
+        return _effort_line(self.effort(loop))
+
+    def effort_summary(self) -> str:
+        """The effort line of every loop that recorded any, oldest first (the panel's effort label; '' before any):
+        a loop's totals stay in view after the next loop is queried."""
+        return "\n".join(line for line in map(_effort_line, self.logic.effort_per_loop()) if line)
 
     def skip(self, advance: bool = True) -> BoxRecord | None:
         """Skip the current box and show the next pending one (returned; None when the loop is done)."""
