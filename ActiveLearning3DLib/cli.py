@@ -285,7 +285,7 @@ def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
         state = pipeline.run(live)
     except KeyboardInterrupt:
         live.close()
-        running = [j.name for j in pipeline.all_jobs() if j.refresh().state == "running"]
+        running = [j.name for j in pipeline.all_jobs() if pipeline.runner.refresh(j).state == "running"]
         print(f"interrupted: {len(running)} job(s) go on in the background ({', '.join(running)}); "
               f"`al3d cancel {args.project}` stops them, running this command again resumes", file=sys.stderr)
         return 130

@@ -74,11 +74,24 @@ def process_start_time(pid: int) -> str | None:
 def pid_alive(pid: int) -> bool:
     """True when a process with this pid runs on this host (zombies count as dead).
 
-    On Windows ``os.kill(pid, 0)`` would terminate the process, so the process
-    is opened and its exit code read instead.
+    It asks psutil, as the job runners do (``jobs.local.worker_alive``); where
+    psutil is not installed yet (the Slicer panel before its dependencies), the
+    system directly. On Windows ``os.kill(pid, 0)`` would terminate the
+    process, so the process is opened and its exit code read instead.
     """
     if pid <= 0:
         return False
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # a ZombieProcess is one too
+            return False
+        except psutil.AccessDenied:  # another user's process: it exists
+            return True
     if sys.platform == "win32":
         import ctypes
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .aggregation import Pick
 from .boxes import Box, Shape3, centred_corner, effective_patch_size
-from .jobs import Job
+from .jobs import Job, make_runner
 
 if TYPE_CHECKING:  # pragma: no cover
     from .embeddings import AutoencoderSettings
@@ -299,13 +299,15 @@ class ActiveLearningLogic:
     def jobs_dir(self) -> Path:
         return self.project.path / "jobs"
 
-    def jobs(self) -> list[Job]:
-        """The project's background jobs, oldest first, each checked for a worker that died silently."""
+    def jobs(self, runner: "JobRunner | None" = None) -> list[Job]:
+        """The project's background jobs, oldest first, each checked by ``runner`` (default: a local one) for a
+        worker that died silently."""
         if not self.jobs_dir.is_dir():
             return []
+        runner = runner or _default_runner()
         jobs = [Job(p) for p in sorted(self.jobs_dir.iterdir()) if (p / "job.json").is_file()]
         for job in jobs:
-            job.refresh()
+            runner.refresh(job)
         return sorted(jobs, key=lambda j: j.spec().created)
 
     def loop_pipeline(self, settings: "LoopSettings | None" = None, runner: "JobRunner | None" = None) -> "LoopPipeline":
@@ -317,12 +319,14 @@ class ActiveLearningLogic:
 
         return LoopPipeline(self, settings, runner)
 
-    def cancel_jobs(self) -> list[Job]:
-        """Cancel every queued or running job of the project (whole process trees); returns those cancelled."""
+    def cancel_jobs(self, runner: "JobRunner | None" = None) -> list[Job]:
+        """Cancel every queued or running job of the project through ``runner`` (default: a local one, which
+        kills whole process trees by the pids in the job folders); returns those cancelled."""
+        runner = runner or _default_runner()
         cancelled = []
-        for job in self.jobs():
+        for job in self.jobs(runner):
             if not job.status().final:
-                job.cancel()
+                runner.cancel(job)
                 cancelled.append(job)
         return cancelled
 
@@ -603,3 +607,8 @@ def _check_query_arguments(count, seed, stride, n_per_image, min_distance, dista
 
 def _record(pick: Pick, loop: int, index: int, method: str) -> BoxRecord:
     return BoxRecord(pick.box, loop, index, method, score=pick.score, priority=pick.priority, stratum=pick.stratum)
+
+
+def _default_runner() -> "JobRunner":
+    """The runner that judges and cancels jobs when the caller names none: a local one (it starts nothing here)."""
+    return make_runner()

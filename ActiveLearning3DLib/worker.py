@@ -10,17 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
-from .fileio import atomic_write_json
-from .jobs.store import Job, summarise
-from .jobs.tasks import Reporter, resolve_task
-from .project import now_iso
+from .jobs.store import Job
+from .jobs.tasks import Cancelled
+from .jobs.work import execute
 
-
-class Cancelled(BaseException):
-    """Raised in the worker by SIGTERM, so that the task unwinds and the job ends as cancelled."""
+__all__ = ["Cancelled", "execute", "main", "run_job"]
 
 
 def _on_sigterm(signum, frame):  # noqa: ANN001
@@ -28,36 +24,18 @@ def _on_sigterm(signum, frame):  # noqa: ANN001
 
 
 def run_job(job_dir: Path | str) -> int:
+    """Run the job in this process (its main thread), as the worker of the runner named by ``AL3D_RUNNER``.
+
+    A runner passes ``AL3D_RUNNER`` (and ``AL3D_RUNNER_ID``, e.g. the Slurm job
+    id) to the worker's environment so the status says which backend judges
+    it; a worker started by hand is a local process.
+    """
     job = Job(job_dir)
-    spec = job.spec()
     if job.status().state in ("done", "cancelled"):
         print(f"{job.path}: already {job.status().state}; nothing to do", flush=True)
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
-    with job.lock.hold("worker start"):  # after the runner that started this worker has marked the job running
-        status = job.status()
-        launched = status.state == "running" and status.pid in (os.getpid(), os.getppid())  # by a runner, just now
-        job.update(state="running", pid=os.getpid(), started=status.started if launched else now_iso(), ended=None,
-                   message="", progress=0.0, exit_code=None,
-                   earlier=status.earlier if launched else status.attempts_before_restart())  # run by hand: it counts
-    print(f"[{now_iso()}] {spec.kind} job {job.name} on {sys.executable} (pid {os.getpid()})", flush=True)
-    report = Reporter(job)
-    try:
-        result = resolve_task(spec.kind)(spec.inputs, report)
-        report.flush()
-    except Cancelled:
-        job.update(state="cancelled", ended=now_iso(), message="cancelled")
-        return 143
-    except BaseException as e:  # noqa: BLE001 - every failure must end the job as failed, never 'running'
-        traceback.print_exc()
-        sys.stdout.flush()
-        job.update(state="failed", ended=now_iso(), exit_code=1,
-                   message=f"{type(e).__name__}: {summarise(str(e), 300, 600)}\n{job.log_summary()}")
-        return 1
-    atomic_write_json(job.path / "result.json", result)
-    job.update(state="done", progress=1.0, ended=now_iso(), exit_code=0, message="done")
-    print(f"[{now_iso()}] done", flush=True)
-    return 0
+    return execute(job, os.environ.get("AL3D_RUNNER") or "local", os.environ.get("AL3D_RUNNER_ID") or None)
 
 
 def main(argv: list[str] | None = None) -> int:

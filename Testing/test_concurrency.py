@@ -134,13 +134,13 @@ def query(path: str, seed: int) -> tuple[int, list]:
 def start_jobs(root: str, names: list[str]) -> list[str]:
     """What `al3d loop` does for a stage: take a done or running job as it is, else create it, then run them all."""
     jobs = []
+    runner = LocalRunner(LocalRunnerSettings(max_parallel=len(names), poll_seconds=0.05))
     for name in names:
         existing = Job(Path(root) / name)
-        if existing.spec_path.is_file() and existing.refresh().state in ("done", "running"):
+        if existing.spec_path.is_file() and runner.refresh(existing).state in ("done", "running"):
             jobs.append(existing)
         else:
             jobs.append(Job.create(root, name, "selftest", {"steps": 2, "seconds": 0.3}))
-    runner = LocalRunner(LocalRunnerSettings(max_parallel=len(names), poll_seconds=0.05))
     return [s.state for s in runner.run(jobs, timeout=60)]
 
 

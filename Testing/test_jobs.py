@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ActiveLearning3DLib.jobs import Job, JobError, LocalRunner, LocalRunnerSettings, busy_seconds
-from ActiveLearning3DLib.jobs.store import process_alive
+from ActiveLearning3DLib.jobs.local import worker_alive as process_alive
 from ActiveLearning3DLib.worker import run_job
 
 
@@ -110,7 +110,7 @@ def test_dead_worker_is_detected_by_a_new_runner_without_the_process_handle(tmp_
     pid = job.status().pid
     os.kill(pid, signal.SIGKILL)
     first._running[job.path][1].wait()  # reap it, as the old process's exit would
-    status = Job(job.path).refresh()
+    status = _runner().refresh(Job(job.path))
     assert status.state == "failed" and "died" in status.message
 
 
@@ -126,7 +126,7 @@ def test_a_job_resumed_after_its_worker_died_keeps_the_time_its_first_attempt_ra
     first._running[job.path][1].wait()
     last_heard = job.status().updated
     time.sleep(2.1)  # the pause between the sessions
-    died = Job(job.path).refresh()
+    died = _runner().refresh(Job(job.path))
     assert died.state == "failed" and died.ended == last_heard
     first_attempt = [died.started, last_heard]
 

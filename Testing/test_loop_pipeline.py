@@ -20,7 +20,7 @@ from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
 from ActiveLearning3DLib.jobs import Job
-from ActiveLearning3DLib.jobs.store import process_alive
+from ActiveLearning3DLib.jobs.local import worker_alive as process_alive
 from ActiveLearning3DLib.nnunet.profiles import resolve_profile
 from ActiveLearning3DLib.pipeline import LoopSettings
 from ActiveLearning3DLib.query_methods import get_method
@@ -170,7 +170,7 @@ def test_cancel_kill_and_resume(tmp_path_factory):
     latest = pipeline.model_folder / "fold_0" / "checkpoint_latest.pth"
     status = _wait(lambda: fold0_training(latest.is_file), what="a checkpoint")
     os.kill(status.pid, signal.SIGKILL)
-    _wait(lambda: fold0.refresh().state == "failed", what="the killed job to be failed")
+    _wait(lambda: pipeline.runner.refresh(fold0).state == "failed", what="the killed job to be failed")
     message = fold0.status().message
     assert "exited" in message or "died" in message
     assert "log:" in message and len(message.splitlines()) > 1  # the last lines of its log
@@ -305,7 +305,7 @@ def test_final_predictions_job_segments_cases_on_their_grid_as_the_ensemble_does
     job = pipeline.prediction_job(cases)
     pipeline.runner.submit(job)
     assert pipeline.runner.wait([job], timeout=600)
-    assert job.refresh().state == "done", job.log_tail(20)
+    assert pipeline.runner.refresh(job).state == "done", job.log_tail(20)
     ensemble = load_evaluation_ensemble(pipeline.model_folder, "cpu", mirroring=pipeline.profile.evaluation_mirroring)
     for case in cases:
         written = sitk.ReadImage(str(pipeline.predictions_dir / f"{case}.nii.gz"))
@@ -316,7 +316,7 @@ def test_final_predictions_job_segments_cases_on_their_grid_as_the_ensemble_does
         np.testing.assert_array_equal(sitk.GetArrayFromImage(written), ensemble.segment(project.image_paths(case)))
     # a second run finds every case written and redoes nothing
     stamp = (pipeline.predictions_dir / f"{cases[0]}.nii.gz").stat().st_mtime_ns
-    assert pipeline.prediction_job(cases).refresh().state == "done"
+    assert pipeline.runner.refresh(pipeline.prediction_job(cases)).state == "done"
     assert (pipeline.predictions_dir / f"{cases[0]}.nii.gz").stat().st_mtime_ns == stamp
 
 

@@ -237,7 +237,10 @@ class _RecordingRunner:
     """Starts a sleeping stand-in worker per job: the controller's wiring, not nnU-Net, is under test here."""
 
     def __init__(self):
+        from ActiveLearning3DLib.jobs import make_runner
+
         self.submitted, self.cancelled, self.processes = [], [], []
+        self.local = make_runner()  # judges and kills the stand-in workers by their pids, as any local job's
 
     def submit(self, job):
         import subprocess
@@ -252,9 +255,12 @@ class _RecordingRunner:
     def poll(self):
         return []
 
+    def refresh(self, job):
+        return self.local.refresh(job)
+
     def cancel(self, job):
         self.cancelled.append(job.name)
-        return job.cancel(reap=lambda: [p.poll() for p in self.processes])
+        return self.local.cancel(job)
 
     def active(self):
         return []

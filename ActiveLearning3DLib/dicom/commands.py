@@ -52,8 +52,12 @@ def add_export_parser(sub: Any, project_command: Callable) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..cli import progress
+    from tqdm import tqdm  # as the CLI's progress bars (cli.progress; importing cli here would close a cycle)
+
     from ..project import Project, ProjectError
+
+    def progress(items, desc: str):
+        return tqdm(items, desc=desc, disable=None, leave=False, dynamic_ncols=True)
 
     project = Project.open(args.project)
     predictions = args.predictions

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..boxes import Box, any_overlap
 from ..fileio import atomic_write_json, read_json, replacing_file
-from ..jobs import Job, LocalRunner
+from ..jobs import Job, JobRunner, RunnerSettings, make_runner
 from .autoencoder import AutoencoderSettings
 
 
@@ -70,18 +70,19 @@ def embedding_job(project, settings: AutoencoderSettings, threads: int | None = 
     return Job.create(project.path / "jobs", f"embeddings-{folder.name}", "pool_embeddings", inputs)
 
 
-def pool_embeddings(project, settings: AutoencoderSettings | None = None, runner=None, python: str | None = None) -> EmbeddingSet:
-    """The pool's embeddings: from the cache, else made by a background job (waited for) and cached."""
+def pool_embeddings(project, settings: AutoencoderSettings | None = None, runner: JobRunner | None = None,
+                    python: str | None = None) -> EmbeddingSet:
+    """The pool's embeddings: from the cache, else made by a background job (waited for) and cached.
+
+    Without a ``runner``, a local one with one job at a time (``python``: the worker interpreter)."""
     settings = settings or AutoencoderSettings(seed=project.settings.seed)
     path = embeddings_dir(project, settings) / "embeddings.npz"
     if not path.is_file():
-        from ..pipeline import local_runner
-
-        runner = runner or local_runner(python, 1)
-        job = embedding_job(project, settings, runner.slot_threads() if isinstance(runner, LocalRunner) else None)
+        runner = runner or make_runner(RunnerSettings(python=python, max_parallel=1))
+        job = embedding_job(project, settings, runner.slot_threads())
         runner.submit(job)
         runner.wait([job])
-        status = job.refresh()
+        status = runner.refresh(job)
         if status.state != "done":
             raise RuntimeError(f"{job.path}: making the pool embeddings {status.state}: {status.message}")
     return EmbeddingSet.load(path)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..fileio import atomic_write_json, read_json
-from ..jobs import Job, JobStatus
+from ..jobs import Job, JobRunner, JobStatus, RunnerSettings, make_runner
 from ..logic import CLAIM_TTL, ActiveLearningLogic, describe_effort
 from ..pipeline import LoopPipeline, LoopSettings, PipelineState
 from ..prefill import effort_totals
@@ -576,11 +576,9 @@ class AnnotationController:
 
         return self._watch(embedding_job(self.logic.project, settings), "embeddings", query)
 
-    def _job_runner(self):
+    def _job_runner(self) -> JobRunner:
         if self.runner is None:
-            from ..pipeline import local_runner
-
-            self.runner = local_runner(self.settings.python, 1)
+            self.runner = make_runner(RunnerSettings(python=self.settings.python, max_parallel=1))
         return self.runner
 
     def _watch(self, job: Job, stage: str, when_done: Callable[[], str]) -> LoopProgress:
@@ -592,7 +590,7 @@ class AnnotationController:
     def _poll_watched(self) -> LoopProgress:
         job, stage, when_done = self._watched
         self._job_runner().poll()
-        status = job.refresh()
+        status = self._job_runner().refresh(job)
         entry = [_job_entry(job.name, status)]
         if status.state == "done":
             self._watched = None
@@ -657,7 +655,7 @@ class AnnotationController:
             self._job_runner().cancel(self._watched[0])
             cancelled = [self._watched[0]]
         else:
-            cancelled = self.logic.cancel_jobs()
+            cancelled = self.logic.cancel_jobs(self.runner)
         self.pipeline = self._watched = None
         return [job.name for job in cancelled]
 

@@ -37,8 +37,8 @@ MIN_PYTHON = (3, 10)  # nnunetv2 2.8 (Requires-Python >=3.10) and this library (
 # The nnU-Net version tested (requirements.lock); older ones lack what the workers use (blosc2 data, lazy paths).
 NNUNET_REQUIREMENT = "nnunetv2>=2.8.1"
 # What the library imports at run time beyond nnunetv2's requirements (DICOM support is optional in Slicer:
-# Slicer ships its own pydicom, which must not be replaced).
-REQUIREMENTS = (NNUNET_REQUIREMENT,)
+# Slicer ships its own pydicom, which must not be replaced); psutil: the job runner's process handling.
+REQUIREMENTS = (NNUNET_REQUIREMENT, "psutil>=5.9")
 KEEP_SLICERS_OWN = ("torch", "torchvision", "SimpleITK", "numpy", "requests")
 MAX_ROUNDS = 8  # install rounds: each installs what the metadata read so far names
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from ..fileio import atomic_write_json, read_json
-from ..locking import FileLock, pid_alive
+from ..locking import FileLock
 from ..project import now_iso
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -45,6 +43,11 @@ class JobStatus:
     ended: str | None = None
     updated: str | None = None
     exit_code: int | None = None
+    # who runs the worker, so each backend judges only its own jobs (all None in files written before they existed):
+    host: str | None = None  # the host of ``pid``
+    pid_started: float | None = None  # the process's create time (psutil): a reused pid is not the worker
+    runner: str | None = None  # the runner kind that started it ("local", "inprocess", "slurm"); None: local
+    runner_id: str | None = None  # the backend's own id of the job (a Slurm job id), where it has one
     # [started, last heard of] of earlier attempts that did not finish, so the time a job resumed in a later
     # session really ran is not lost when its new attempt overwrites ``started``
     earlier: list[list[str | None]] = field(default_factory=list)
@@ -85,7 +88,12 @@ class JobSpec:
 
 
 class Job:
-    """One job folder."""
+    """One job folder: its spec, status and log, the same for every backend.
+
+    Whether a "running" job's worker still lives, and how to stop it, is the
+    business of the runner that started it (``JobRunner.refresh``/``cancel``):
+    a local process, a thread of this process or a Slurm batch job.
+    """
 
     def __init__(self, path: Path | str):
         self.path = Path(path).absolute()
@@ -220,33 +228,6 @@ class Job:
             text = f.read().decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def refresh(self) -> JobStatus:
-        """Detect a worker that died without saying so: a 'running' job whose process is gone becomes failed.
-
-        It ended when it was last heard of, not when the death is noticed (perhaps in a session hours later)."""
-        status = self.status()
-        if status.state == "running" and (status.pid is None or not process_alive(status.pid, self.path)):
-            with self.lock.hold("mark a dead worker failed"):
-                status = self.status()  # again under the lock: another runner may have started it just now
-                if status.state == "running" and (status.pid is None or not process_alive(status.pid, self.path)):
-                    tail = self.log_summary()
-                    status = self.update(state="failed", ended=status.updated or now_iso(),
-                                         message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
-        return status
-
-    def cancel(self, grace_seconds: float = 5.0, reap: Callable[[], object] | None = None) -> JobStatus:
-        """Kill the job's whole process tree (its process group) and mark it cancelled.
-
-        ``reap`` is called while waiting, so a parent holding the worker's handle can
-        collect it (a zombie leader keeps its process group alive).
-        """
-        status = self.status()
-        if status.final:
-            return status
-        if status.state == "running" and status.pid and process_alive(status.pid, self.path):
-            kill_process_group(status.pid, grace_seconds, reap)
-        return self.update(state="cancelled", ended=now_iso(), message="cancelled")
-
     def set_aside(self) -> "Job":
         """Move a finished job's folder under ``<root>/.superseded/`` so a job with new inputs can take its name.
 
@@ -292,6 +273,9 @@ def _status_problem(status: JobStatus) -> str | None:
         return "message or earlier attempts of the wrong type"
     if status.pid is not None and (isinstance(status.pid, bool) or not isinstance(status.pid, int)):
         return f"pid {status.pid!r} is not a process id"
+    if status.pid_started is not None and (isinstance(status.pid_started, bool)
+                                           or not isinstance(status.pid_started, (int, float))):
+        return f"pid_started {status.pid_started!r} is not a time"
     return None
 
 
@@ -316,40 +300,3 @@ def busy_seconds(intervals: Iterable[tuple[str | None, str | None]]) -> float | 
         else:
             end = max(end, b)
     return total + (end - start).total_seconds()
-
-
-def process_alive(pid: int, job_dir: Path | None = None) -> bool:
-    """True when ``pid`` runs (not a zombie) and, where /proc tells, is the worker of ``job_dir``.
-
-    Checking the command line guards against a recycled pid after a reboot or a long pause.
-    """
-    if not pid_alive(pid):
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if job_dir is None or not cmdline.parent.is_dir():
-        return True
-    try:
-        return str(job_dir) in cmdline.read_bytes().decode(errors="replace").replace("\0", " ")
-    except OSError:
-        return False
-
-
-def kill_process_group(pid: int, grace_seconds: float = 5.0, reap: Callable[[], object] | None = None) -> None:
-    """SIGTERM the process group led by ``pid`` (worker and its data loaders), SIGKILL what is left after a grace."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        if reap is not None:
-            reap()
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -26,6 +26,11 @@ TASKS: dict[str, str] = {
 }
 
 
+class Cancelled(BaseException):
+    """Raised in a task when its job is cancelled (SIGTERM in a worker process, the in-process runner's request),
+    so that the task unwinds and the job ends as cancelled."""
+
+
 class Reporter:
     """Writes progress into the job's status.json, at most every ``min_interval`` seconds unless forced.
 
@@ -37,9 +42,10 @@ class Reporter:
     more threads while the job runs alone) applied whenever it writes progress.
     """
 
-    def __init__(self, job: Job, min_interval: float = 0.5):
+    def __init__(self, job: Job, min_interval: float = 0.5, stop: Callable[[], bool] | None = None):
         self.job = job
         self.min_interval = min_interval
+        self.stop = stop  # asked at every report: True raises Cancelled (a task in a thread cannot be killed)
         self._last = 0.0
         self._pending: dict[str, Any] = {}
         self._apply_threads: Callable[[int], Any] | None = None
@@ -60,6 +66,8 @@ class Reporter:
             self._apply_threads(threads)
 
     def __call__(self, force: bool = False, **status: Any) -> None:
+        if self.stop is not None and self.stop():
+            raise Cancelled()
         self._pending.update(status)
         if force or time.monotonic() - self._last >= self.min_interval:
             self.flush()
