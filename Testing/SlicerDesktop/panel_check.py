@@ -18,8 +18,11 @@ reported PASS, FAIL (with a one-line reason) or SKIP (with what it needed):
 4. boxes: the starting boxes are in the table and in the scene as ROIs;
 5. submit: one box is painted (the phantom's class 1 inside it) and submitted;
    its label file on disk changes; the other boxes are painted and submitted too;
+   the effort label shows the loop's totals (boxes, corrected voxels, seconds);
 6. loop: one loop with the ``test`` profile on the CPU (train, score, query)
    through the panel's Start button, until the next boxes are in the table;
+   the next box opens pre-filled with the new model's prediction (the
+   pre-fill checkbox is on);
 7. export: the model is exported as a zip that stock nnU-Net loads.
 
 The summary is printed and written to ``OUT/summary.json``; Slicer exits with
@@ -222,7 +225,10 @@ class PanelCheck:
             self.widget.onSubmit()
         if c.counts()["pending"]:
             raise RuntimeError(f"boxes left pending after Submit: {c.counts()}")
-        return f"box {box.id} of {box.case} painted, submitted and saved; then the rest: {c.counts()}"
+        effort = self.widget.ui.effortLabel.text
+        if not effort or effort != c.effort_summary():
+            raise RuntimeError(f"the effort label shows {effort!r}, the project {c.effort_summary()!r}")
+        return f"box {box.id} of {box.case} painted, submitted and saved; then the rest: {c.counts()}; {effort}"
 
     @staticmethod
     def _inside(box, mask):
@@ -250,7 +256,11 @@ class PanelCheck:
         loops = len(c.logic.project.loop_indices())
         if loops != loops_before + 1:
             raise RuntimeError(f"no new loop ({self.widget.ui.stageLabel.text})")
-        return f"loop {loops - 1} queried; {self.widget.ui.boxTable.rowCount} rows; {self.widget.ui.stageLabel.text}"
+        if not (self.widget.ui.prefillCheckBox.checked and c.current is not None and c.prefill_shown):
+            raise RuntimeError(f"the next box {getattr(c.current, 'id', None)} did not open pre-filled with the "
+                               "new model's prediction")
+        return (f"loop {loops - 1} queried; {self.widget.ui.boxTable.rowCount} rows; box {c.current.id} opened "
+                f"pre-filled; {self.widget.ui.stageLabel.text}")
 
     def _drive(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         """Tick the panel's timer work (as its ``waitUntilIdle`` does) and Slicer's events until ``done``."""
