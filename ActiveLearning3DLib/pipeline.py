@@ -99,6 +99,7 @@ class LoopSettings:
     stride: tuple[int, int, int] | None = None
     python: str | None = None  # worker interpreter (PythonSlicer in Slicer); default: this one
     background: bool = False  # its jobs start only when no other queued job waits (a simulation's full-data run)
+    fixed_threads: bool = False  # jobs keep their torch threads (no idle-core sharing): same numbers every run
     runner: RunnerSettings | None = None  # which backend runs the jobs; default: local, with python and parallel
 
     def __post_init__(self) -> None:
@@ -271,7 +272,8 @@ class LoopPipeline:
 
     def jobs(self, stage: str) -> list[Job]:
         """The jobs of a stage (created on first use; the folds once ``prepare`` is done)."""
-        common = {"device": self.profile.device, "threads": self.threads}
+        common = {"device": self.profile.device, "threads": self.threads,
+                  **({"fixed_threads": True} if self.settings.fixed_threads else {})}
         if stage == "prepare":
             return [self._job("prepare", "nnunet_prepare", {"configuration": self.profile.configuration,
                                                              "folds": self.profile.folds, "seed": self.project.settings.seed,

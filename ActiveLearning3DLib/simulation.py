@@ -257,7 +257,7 @@ class Simulation:
         self.parallel = s.parallel or default_job_parallel(s.device)
         self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
                                           parallel=self.parallel, python=s.python, predict_pool=s.prefill,
-                                          training_seed=s.training_seed)
+                                          training_seed=s.training_seed, fixed_threads=True)  # records reproducible
         self.runner = make_runner(RunnerSettings(python=s.python, max_parallel=self.parallel))
         self.base = self._base_project()
         if not self.base.test_cases or not self.base.has_ground_truth:

@@ -54,8 +54,8 @@ def assess(device_type: str, seed: int | None, augmentation_processes: int, comp
     if seed is None:
         return False, "no seed given"
     if device_type != "cpu":
-        return False, (f"{device_type}: GPU kernels (cuDNN convolution backward, atomic adds) are not bitwise "
-                       f"reproducible; seeded, cuDNN benchmark off, deterministic algorithms where torch has them")
+        return False, (f"{device_type}: GPU kernels (atomic adds in convolution backward and reductions, "
+                       f"torch.compile) are not bitwise reproducible; seeded, cuDNN deterministic, benchmark off")
     if augmentation_processes:
         return False, f"{augmentation_processes} augmentation processes deliver batches in arrival order"
     if compiled:
@@ -141,18 +141,22 @@ def model_determinism(model_folder: Path | str) -> dict:
 
 @contextmanager
 def deterministic_torch(device_type: str, enabled: bool) -> Iterator[None]:
-    """torch's deterministic algorithms on and cuDNN benchmark off while training; the settings before are put back.
+    """While a seeded fold trains: on the CPU torch's deterministic algorithms, on a GPU cuDNN's deterministic
+    kernels without benchmarking; the settings before are put back.
 
     ``warn_only``: an operation without a deterministic implementation warns instead of failing the training
-    (none is hit by nnU-Net's CPU training, which the tests check bit for bit).
+    (nnU-Net's CPU training hits none; the tests compare its weights bit for bit). On a GPU the global switch is
+    left alone: it would fail cuBLAS without ``CUBLAS_WORKSPACE_CONFIG`` and slow down kernels without making the
+    run reproducible (docs/REPRODUCIBILITY.md).
     """
     import torch
 
     cudnn = torch.backends.cudnn
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               cudnn.benchmark, cudnn.deterministic)
-    if enabled:
+    if enabled and device_type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    elif enabled:
         cudnn.benchmark = False
         cudnn.deterministic = True
     try:

@@ -37,6 +37,21 @@ def _relay(report: Reporter, stage: str) -> Callable[[dict], None]:
     return relay
 
 
+def _threads(inputs: dict, report: Reporter) -> None:
+    """The job's torch threads: fixed where the job asks for it (``fixed_threads``), else shared as the runner allots.
+
+    Results of torch on the CPU depend on the number of threads (the sums are split differently), and the runner's
+    allotment changes with the jobs that run beside: a run that must give the same numbers every time (a
+    simulation) keeps the count it was started with.
+    """
+    if inputs.get("fixed_threads") and inputs.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(inputs["threads"]))
+    else:
+        torch_threads(inputs, report)
+
+
 def prepare_task(inputs: dict, report: Reporter) -> dict:
     """Plan (once), preprocess the cases whose labels changed, write the splits."""
     from .prepare import prepare
@@ -52,7 +67,7 @@ def train_task(inputs: dict, report: Reporter) -> dict:
     """Train one fold with ``nnUNetTrainerPartial`` (resumes from its latest checkpoint)."""
     from .trainer import train_fold
 
-    torch_threads(inputs, report)
+    _threads(inputs, report)
     fold = int(inputs["fold"])
     report(stage=f"train fold {fold}", message="starting", force=True)
     return train_fold(inputs["project"], fold, TrainingProfile.from_json(inputs["profile"]), inputs["output"],
@@ -64,7 +79,7 @@ def score_task(inputs: dict, report: Reporter) -> dict:
     """Score the pool with every member of the model (resumes: scored cases are skipped)."""
     from .scoring import ScoringSettings, load_scoring_ensemble, score_pool_with_ensemble
 
-    torch_threads(inputs, report)
+    _threads(inputs, report)
     report(stage="scoring", message="loading the ensemble", force=True)
     ensemble = load_scoring_ensemble(inputs["model"], resolve_device(inputs.get("device")))
     stride = inputs.get("stride")
@@ -81,7 +96,7 @@ def evaluate_task(inputs: dict, report: Reporter) -> dict:
     from ..fileio import atomic_copy
     from .evaluation import evaluate_test_split, load_evaluation_ensemble
 
-    torch_threads(inputs, report)
+    _threads(inputs, report)
     report(stage="evaluation", message="loading the ensemble", force=True)
     ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")),
                                         mirroring=bool(inputs.get("mirroring", True)))
@@ -100,7 +115,7 @@ def predict_task(inputs: dict, report: Reporter) -> dict:
     from ..fileio import atomic_write_image, read_image
     from .evaluation import load_evaluation_ensemble
 
-    torch_threads(inputs, report)
+    _threads(inputs, report)
     project = Project.open(inputs["project"])
     cases = list(inputs.get("cases") or project.cases)
     output = Path(inputs["output"])

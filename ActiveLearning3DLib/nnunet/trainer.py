@@ -154,6 +154,7 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         self._al3d_resume_rng: dict | None = None
         self._al3d_resumed_without_rng = False
         self._al3d_processes = 0
+        self._al3d_threads: set[int] = set()  # torch threads seen in the training steps (results depend on them)
         if self.profile is not None and (self.profile.changes_network or self.profile.batch_size is not None):
             plans.update(plans_for_profile(plans, configuration, self.profile))
         if run.get("preprocessed") and run.get("output"):
@@ -286,6 +287,9 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         """Whether this run is reproducible bit for bit (see determinism.assess)."""
         if self._al3d_resumed_without_rng:
             ok, reason = False, "resumed from a checkpoint without random states"
+        elif len(self._al3d_threads) > 1:
+            ok, reason = False, (f"torch threads changed while training ({', '.join(map(str, sorted(self._al3d_threads)))}; "
+                                 f"the runner's idle-core sharing)")
         else:
             ok, reason = assess(self.device.type, self.seed, self._al3d_processes, isinstance(self.network, OptimizedModule),
                                 torch.get_num_threads() if self.device.type == "cpu" else None)
@@ -304,6 +308,7 @@ class nnUNetTrainerPartial(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
+        self._al3d_threads.add(torch.get_num_threads())
         self._al3d_iteration += 1
         self._report(loss=float(result["loss"]))
         return result
