@@ -73,3 +73,120 @@ def test_cmake_resources_exist_and_icons_are_128_square():
     assert "EXTENSION_DEPENDS" in (REPO / "CMakeLists.txt").read_text()
     for icon in (REPO / "ActiveLearning3D.png", MODULE / "Resources" / "Icons" / "ActiveLearning3D.png"):
         assert sitk.ReadImage(str(icon)).GetSize()[:2] == (128, 128)
+
+
+# ------------------------------------------------------------------ layers
+# What the jobs layer may not know of: it runs any task by name, so it never imports the code its tasks run.
+ABOVE_JOBS = ("pipeline", "logic", "gui", "simulation", "query_methods", "embeddings", "cli", "nnunet", "report")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _library_imports(path: Path) -> set[str]:
+    """Every ActiveLearning3DLib module ``path`` imports, at module level or inside functions (a lazy import
+    still closes a cycle), resolving relative imports; ``if TYPE_CHECKING:`` blocks do not count (never run)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    named: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                named.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    module = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    module = child.module or ""
+                named.add(module)
+                named.update(f"{module}.{a.name}" for a in child.names)  # `from . import x`: x may be a module
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return named
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the library modules it imports; importing ``a.b.c`` runs ``a.b`` (its __init__) too, except the
+    module's own enclosing packages, which are being imported already."""
+    modules = {_module_name(p): p for p in LIB.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for imported in _library_imports(path):
+            parts = imported.split(".")
+            for i in range(1, len(parts) + 1):
+                target = ".".join(parts[:i])
+                if target in modules and target != name and not name.startswith(target + "."):
+                    deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return found
+
+
+def test_the_import_graph_is_read_from_the_sources():
+    """The checks below are only as good as the graph: it must see known edges, lazy and relative ones too."""
+    graph = _import_graph()
+    assert "ActiveLearning3DLib.jobs" in graph["ActiveLearning3DLib.pipeline"]
+    assert "ActiveLearning3DLib.pipeline" in graph["ActiveLearning3DLib.logic"]  # imported inside loop_pipeline()
+    assert "ActiveLearning3DLib.jobs.store" in graph["ActiveLearning3DLib.jobs.local"]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_jobs_layer_imports_nothing_that_runs_on_top_of_it():
+    graph = _import_graph()
+    for module, deps in graph.items():
+        if module == "ActiveLearning3DLib.jobs" or module.startswith("ActiveLearning3DLib.jobs."):
+            above = sorted(d for d in deps if d.split(".")[1] in ABOVE_JOBS)
+            assert not above, f"{module} imports {above}: the jobs layer must stay below them"
+
+
+def test_embeddings_do_not_import_the_pipeline():
+    """embeddings -> pipeline -> query_methods -> embeddings was a cycle; runners come from jobs.make_runner."""
+    graph = _import_graph()
+    for module, deps in graph.items():
+        if module.startswith("ActiveLearning3DLib.embeddings"):
+            assert "ActiveLearning3DLib.pipeline" not in deps, f"{module} imports the pipeline"
+
+
+def test_no_import_cycle_among_the_library_modules():
+    assert _cycles(_import_graph()) == []

@@ -9,13 +9,19 @@ import time
 
 import pytest
 
-from ActiveLearning3DLib.jobs import Job, JobError, LocalRunner, LocalRunnerSettings, busy_seconds
+from ActiveLearning3DLib.jobs import (InProcessRunner, InProcessRunnerSettings, Job, JobError, LocalRunner,
+                                      LocalRunnerSettings, busy_seconds)
 from ActiveLearning3DLib.jobs.local import worker_alive as process_alive
 from ActiveLearning3DLib.worker import run_job
 
 
 def _runner(**kw) -> LocalRunner:
     return LocalRunner(LocalRunnerSettings(poll_seconds=0.05, **kw))
+
+
+def _threads() -> InProcessRunner:
+    """For tests of the job folders alone (no process handling): the same protocol without a worker's start-up."""
+    return InProcessRunner(InProcessRunnerSettings(poll_seconds=0.02))
 
 
 def _wait_for(predicate, timeout=20.0):
@@ -159,13 +165,13 @@ def test_finished_jobs_are_not_rerun(tmp_path):
 
 def test_a_finished_job_set_aside_keeps_its_files_and_frees_its_name(tmp_path):
     job = Job.create(tmp_path, "score", "selftest", {"steps": 1, "seconds": 0})
-    _runner().run([job], timeout=60)
+    _threads().run([job], timeout=60)
     log, status = job.log_path.read_text(), job.status()
     first = job.set_aside()
     assert first.path == tmp_path / ".superseded" / "score.1" and not job.path.exists()
     assert first.log_path.read_text() == log and first.status() == status and first.spec().inputs["steps"] == 1
     job = Job.create(tmp_path, "score", "selftest", {"steps": 2, "seconds": 0})  # the name is free for new inputs
-    _runner().run([job], timeout=60)
+    _threads().run([job], timeout=60)
     assert job.set_aside().path.name == "score.2" and first.log_path.read_text() == log
     assert sorted(p.name for p in tmp_path.iterdir() if (p / "job.json").is_file()) == []
     queued = Job.create(tmp_path, "score", "selftest", {"steps": 3})
@@ -176,11 +182,11 @@ def test_a_finished_job_set_aside_keeps_its_files_and_frees_its_name(tmp_path):
 
 def test_failed_job_is_rerun_on_submit(tmp_path):
     job = Job.create(tmp_path, "retry", "selftest", {"steps": 2, "seconds": 0, "fail_at": 0})
-    _runner().run([job], timeout=60)
+    _threads().run([job], timeout=60)
     assert job.status().state == "failed"
     # a new attempt with fixed inputs replaces the failed job
     job = Job.create(tmp_path, "retry", "selftest", {"steps": 2, "seconds": 0})
-    [status] = _runner().run([job], timeout=60)
+    [status] = _threads().run([job], timeout=60)
     assert status.state == "done"
 
 

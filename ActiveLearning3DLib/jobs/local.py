@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from ..locking import this_host
 from ..project import now_iso
 from .runner import PACKAGE_ROOT, BaseRunner, default_parallel, start_rank
-from .store import Job, JobStatus
+from .store import Job, JobError, JobStatus
 
 # runner kinds whose workers are processes of the host that ran them (None: status files written before
 # ``runner`` was recorded): their liveness is a pid and a create time, judged on that host
@@ -149,6 +149,14 @@ def judged_here(status: JobStatus) -> bool:
     return status.runner in LOCAL_KINDS and status.host in (None, this_host())
 
 
+def runs_elsewhere(status: JobStatus) -> bool:
+    """A job another backend or host has in hand (running there, or queued with a batch id): watched, never started
+    or killed here, and holding no local slot."""
+    if status.final or judged_here(status):
+        return False
+    return status.state == "running" or bool(status.runner_id)
+
+
 def mark_dead_worker_failed(job: Job, alive: Callable[[JobStatus], bool]) -> JobStatus:
     """The job's status; a "running" job whose worker ``alive`` says is gone becomes failed (checked again under
     the job's lock). It ended when it was last heard of, not when the death is noticed (perhaps hours later)."""
@@ -187,6 +195,7 @@ class LocalRunner(BaseRunner):
         self._queue: list[Job] = []
         self._running: dict[Path, tuple[Job, Any]] = {}  # started here: the job and its handle (a Popen)
         self._adopted: dict[Path, Job] = {}  # alive, started by another runner: they hold a slot until they end
+        self._foreign: dict[Path, Job] = {}  # in another backend's or host's hands: watched through their files only
         self._asked: dict[Path, int | None] = {}  # threads each live job asked for (its inputs, read once)
         self._allotted: dict[Path, int] = {}  # threads last allotted to each live job
 
@@ -215,6 +224,9 @@ class LocalRunner(BaseRunner):
         env.pop("AL3D_RUNNER_ID", None)
         return env
 
+    def _settled(self, path: Path) -> bool:
+        return path not in self._running  # poll() reaps it (its exit code, a death without a word)
+
     # --------------------------------------------------------------- liveness
     def _alive(self, status: JobStatus, job: Job) -> bool:
         """Whether a "running" job's worker lives, as far as this host can tell (others' jobs count as alive)."""
@@ -241,11 +253,15 @@ class LocalRunner(BaseRunner):
         through its files; it counts against ``max_parallel`` until it ends, so a
         restarted driver does not start a second training beside it.
         """
-        if job.path in self._running or job.path in self._adopted or any(q.path == job.path for q in self._queue):
+        if job.path in self._running or job.path in self._adopted or job.path in self._foreign \
+                or any(q.path == job.path for q in self._queue):
             return
         with job.lock.hold("queue the job"):  # never re-queue a job another runner is starting right now
             status = self.refresh(job)
             if status.state == "done":
+                return
+            if runs_elsewhere(status):  # a Slurm batch job, a worker on another host: not started twice
+                self._foreign[job.path] = job
                 return
             if status.state == "running":
                 self._adopted[job.path] = job
@@ -262,15 +278,20 @@ class LocalRunner(BaseRunner):
         True when adopted (it holds a slot until it ends); a job not running,
         or whose worker died (then marked failed), is not.
         """
-        if job.path in self._running or job.path in self._adopted:
+        if job.path in self._running or job.path in self._adopted or job.path in self._foreign:
             return True
-        if self.refresh(job).state != "running":
+        status = self.refresh(job)
+        if runs_elsewhere(status):
+            self._foreign[job.path] = job
+            return True
+        if status.state != "running":
             return False
         self._adopted[job.path] = job
         return True
 
     def active(self) -> list[Job]:
-        return [j for j, _ in self._running.values()] + list(self._adopted.values()) + list(self._queue)
+        return ([j for j, _ in self._running.values()] + list(self._adopted.values()) + list(self._queue)
+                + list(self._foreign.values()))
 
     def poll(self) -> list[Job]:
         """Reap finished workers, fail the ones that died silently, start queued jobs; returns jobs that ended."""
@@ -291,6 +312,10 @@ class LocalRunner(BaseRunner):
         for path, job in list(self._adopted.items()):
             if self.refresh(job).state != "running":  # refresh marks a worker that died without a word as failed
                 del self._adopted[path]
+                ended.append(job)
+        for path, job in list(self._foreign.items()):
+            if not runs_elsewhere(job.status()):  # ended there (or handed back): no longer watched
+                del self._foreign[path]
                 ended.append(job)
         while self._queue and len(self._running) + len(self._adopted) < self.settings.max_parallel:
             job = self._queue.pop(self._next_index())
@@ -341,6 +366,9 @@ class LocalRunner(BaseRunner):
         """
         with job.lock.hold("start the job"):
             status = self.refresh(job)
+            if runs_elsewhere(status):
+                self._foreign[job.path] = job
+                return
             if status.state == "running":
                 self._adopted[job.path] = job
                 return
@@ -368,6 +396,7 @@ class LocalRunner(BaseRunner):
         """Cancel a queued or running job (and every process it started)."""
         self._queue = [q for q in self._queue if q.path != job.path]
         self._adopted.pop(job.path, None)
+        self._foreign.pop(job.path, None)
         entry = self._running.pop(job.path, None)
         if entry is not None:
             code = self._stop(entry[0], entry[1])
@@ -375,13 +404,13 @@ class LocalRunner(BaseRunner):
         status = job.status()
         if status.final:
             return status
+        if runs_elsewhere(status):
+            raise JobError(f"{job.path}: it runs under the {status.runner or 'local'} runner"
+                           + (f" on {status.host}" if status.host else "") + "; cancel it with that runner")
         if status.state == "running" and judged_here(status) and status.pid != os.getpid() \
                 and worker_alive(status.pid, status.pid_started, job.path):
             kill_tree(status.pid, self.settings.grace_seconds, status.pid_started)
         # a job of the in-process runner in this process reads "cancelled" at its next report and stops
-        elif status.state == "running" and not judged_here(status):
-            raise RuntimeError(f"{job.path}: its worker runs under the {status.runner or 'local'} runner on "
-                               f"{status.host or 'an unknown host'}; cancel it with that runner")
         return job.update(state="cancelled", ended=now_iso(), message="cancelled")
 
     def _stop(self, job: Job, handle: Any) -> int | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from .store import Job, JobStatus
+from .store import Job, JobError, JobStatus
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds ActiveLearning3DLib
 
@@ -110,11 +110,22 @@ class BaseRunner:
     def slot_threads(self) -> int | None:
         return None
 
+    def _settled(self, path: Path) -> bool:
+        """Whether this runner is done with the job at ``path`` (a worker it started has been reaped)."""
+        return True
+
     def cancel_all(self) -> list[Job]:
-        jobs = self.active()  # type: ignore[attr-defined]
-        for job in jobs:
-            self.cancel(job)  # type: ignore[attr-defined]
-        return jobs
+        """Cancel every active job; one this backend may not stop (another's) is named in one error at the end."""
+        cancelled, refused = [], []
+        for job in self.active():  # type: ignore[attr-defined]
+            try:
+                self.cancel(job)  # type: ignore[attr-defined]
+                cancelled.append(job)
+            except JobError as e:
+                refused.append(str(e))
+        if refused:
+            raise JobError(f"cancelled {len(cancelled)} jobs; not {len(refused)}: " + "; ".join(refused))
+        return cancelled
 
     def wait(self, jobs: Sequence[Job] | None = None, timeout: float | None = None,
              on_poll: Callable[[list[Job]], None] | None = None) -> bool:
@@ -125,7 +136,7 @@ class BaseRunner:
             self.poll()  # type: ignore[attr-defined]
             if on_poll is not None:
                 on_poll([Job(p) for p in watched])
-            if all(self.refresh(Job(p)).final for p in watched):  # type: ignore[attr-defined]
+            if all(self._settled(p) and self.refresh(Job(p)).final for p in watched):  # type: ignore[attr-defined]
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
