@@ -528,6 +528,11 @@ def check_create_from_scene_volumes_writes_them_on_the_gui_thread_and_creates_on
     from ActiveLearning3DLib.gui import AnnotationController, mrml
 
     panel = desk.open_panel()
+    _fill_creation_fields(desk, panel, "from-scene")
+    panel.ui.createFromSceneButton.click()  # nothing loaded yet
+    assert [d["text"] for d in desk.dialogs] == ["scene volumes: no grey-scale volume given (load one into the scene)"]
+    assert sorted(p.name for p in desk.work.iterdir()) == []  # no project, no staging folder
+    del desk.dialogs[:]
     arrays, nodes = {}, []
     for n, name in enumerate(["CT chest", "MR T1"]):
         arrays[name] = np.random.default_rng(n).normal(0, 50, (10, 12, 14)).astype(np.int16)
@@ -536,7 +541,6 @@ def check_create_from_scene_volumes_writes_them_on_the_gui_thread_and_creates_on
     labels = write_image(desk.work / "files" / "labels.nii.gz", np.zeros((10, 12, 14), np.uint8))
     mrml.load_volume(desk.ctx, labels, "my labels", labelmap=True)  # not an image: left out
     assert panel.sceneVolumes() == nodes
-    _fill_creation_fields(desk, panel, "from-scene")
     calls = []
     undo = [_spy(AnnotationController, name, calls) for name in ("stage_scene_volumes", "create_project_from_staged")]
     try:

@@ -240,7 +240,7 @@ class AnnotationController:
         path = Path(path).absolute()
         problems = [f"{_node_name(n)}: {p}" for n in volume_nodes if (p := mrml.scalar_volume_problem(n))]
         if not volume_nodes or problems:
-            raise ProjectError("scene volumes: " + ("; ".join(problems) or "select at least one volume"))
+            raise ProjectError("scene volumes: " + ("; ".join(problems) or "no grey-scale volume given (load one into the scene)"))
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = make_staging_dir(path.parent, f".{path.name}.scene-")
         try:
