@@ -175,6 +175,9 @@ def test_a_second_runner_adopts_a_running_job_without_starting_it_twice(tmp_path
     first.poll()
     assert _wait_for(lambda: job.status().state == "running" and (job.status().iteration or 0) >= 1)
     worker = job.status().pid
+    running = job.status()  # the worker says who runs it, so a later runner can judge it
+    assert (running.runner, running.host, running.runner_id) == ("local", this_host(), None)
+    assert running.pid_started == process_create_time(worker)
 
     second = _local(max_parallel=1)
     assert second.adopt(Job(job.path)) and [j.path for j in second.active()] == [job.path]
