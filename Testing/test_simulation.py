@@ -417,6 +417,31 @@ def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
     assert "<table>" in page and "Versions:" in page and "nnunetv2 2.8.1" in page
 
 
+def test_simulate_report_estimates_minutes_with_the_effort_options(simulated, tmp_path):
+    """The finished simulation run again with --report and an effort model: nothing trains again, and the report's
+    estimated minutes are the corrected voxels / 60 (0 s per box, 1 s per corrected voxel)."""
+    settings, _, _, _ = simulated
+    done = _job_endings(settings.out)
+    argv = _command(settings)[3:] + ["--report", "--box-seconds", "0", "--seconds-per-voxel", "1"]
+    assert al3d(argv) == 0
+    assert _job_endings(settings.out) == done
+    custom = (settings.out / "report" / "report.md").read_text()
+    assert "0 per box + 1 per corrected voxel" in custom
+    assert al3d(["report", str(settings.out), "--out", str(tmp_path / "default")]) == 0
+    default = (tmp_path / "default" / "report.md").read_text()
+    assert "20 per box + 0.02 per corrected voxel" in default
+    for loop in range(settings.loops):
+        [row] = [line for line in custom.splitlines() if line.startswith(f"| random | {loop} |")
+                 and line in custom[custom.index("Annotation effort per loop"):]]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        corrected = [read_json(p)["effort"]["corrected_voxels"] / 60
+                     for p in sorted(settings.out.glob(f"results/random/seed_*/loop_{loop:03d}.json"))]
+        assert cells[9].startswith(f"{np.mean(corrected):.1f} ± "), (cells, corrected)
+        [before] = [line for line in default.splitlines() if line.startswith(f"| random | {loop} |")
+                    and line in default[default.index("Annotation effort per loop"):]]
+        assert before.split("|")[:10] == row.split("|")[:10] and before != row  # only the estimates differ
+
+
 def test_a_stage_counts_the_attempt_of_a_fold_cut_short_by_the_end_of_a_session(tmp_path):
     """Folds 0-3 trained 02:33-02:42, fold 4 from 02:42 until the session ended at 02:46, and again after the
     pause from 05:24 to 05:26: training took 9 + 4 + 2 minutes, not 9 + 2 or 9 + 2 h 53 min."""
