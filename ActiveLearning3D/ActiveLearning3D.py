@@ -228,6 +228,8 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.removeViewObservations()
 
     def onSceneEndClose(self, caller, event):
+        if self.controller:  # the project stays open: the reset fields show its settings again, not the defaults
+            self._loadSettings(self.logic.getParameterNode())
         if self.parent.isEntered:
             self.initializeParameterNode()
             self.selectSegmentEditorNode()
@@ -529,9 +531,9 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                       device=p.device, profile=p.profile, parallel=p.parallel or None,
                                       prefill=bool(p.prefill))
 
-    def _loadSettings(self):
+    def _loadSettings(self, parameterNode=None):
         """An opened project's own settings come into the fields (those the lists offer)."""
-        s, p = self.controller.settings, self._parameterNode
+        s, p = self.controller.settings, parameterNode if parameterNode is not None else self._parameterNode
         values = {"method": (s.method, CHOICES.methods), "device": (s.device, CHOICES.devices),
                   "profile": (s.profile, CHOICES.profiles)}
         for name, (value, allowed) in values.items():

@@ -458,9 +458,12 @@ def check_the_prefill_checkbox_sets_the_projects_setting_and_the_next_box_follow
     assert AnnotationController.open_project(c.ctx, c.logic.project.path).settings.prefill is False  # saved
     loop, shown, painted, inside = opened()
     assert loop == 1 and not shown and not painted.any()
-    # a closed scene resets the field to its default; the open project keeps its own setting
+    # a closed scene resets the parameter node; the project stays open and the field shows its setting again
     desk.close_scene()
-    assert box.checked and c.settings.prefill is False
+    assert not box.checked and panel._parameterNode.prefill is False and c.settings.prefill is False
+    box.click()
+    assert c.settings.prefill is True
+    box.click()
     fields["projectPath"].currentPath = str(c.logic.project.path)
     panel.ui.openProjectButton.click()  # opened again: the field shows the project's setting
     assert panel.controller.settings.prefill is False and not box.checked
