@@ -281,3 +281,17 @@ def test_an_in_process_job_cancelled_by_another_runner_stops_at_its_next_report(
     assert _local().cancel(Job(job.path)).state == "cancelled"
     assert runner.wait([job], timeout=10) and runner.active() == []
     assert job.status().state == "cancelled"
+
+
+def test_refresh_by_the_runner_that_started_a_worker_sees_its_death_without_a_poll(tmp_path):
+    """A pipeline asks its runner about a job between polls: a killed worker must read as failed, with its exit code."""
+    job = Job.create(tmp_path, "oom", "selftest", {"steps": 1000, "seconds": 0.05})
+    runner = _local()
+    runner.submit(job)
+    runner.poll()
+    assert _wait_for(lambda: job.status().state == "running" and job.status().iteration)
+    psutil.Process(job.status().pid).kill()  # as the out-of-memory killer would
+    assert _wait_for(lambda: runner.refresh(job).state == "failed", timeout=10)
+    status = job.status()
+    assert status.exit_code not in (None, 0) and "without finishing" in status.message and runner.active() == []
+    assert runner.poll() == [job] and runner.poll() == []  # reported as ended once

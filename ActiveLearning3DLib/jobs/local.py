@@ -196,6 +196,7 @@ class LocalRunner(BaseRunner):
         self._running: dict[Path, tuple[Job, Any]] = {}  # started here: the job and its handle (a Popen)
         self._adopted: dict[Path, Job] = {}  # alive, started by another runner: they hold a slot until they end
         self._foreign: dict[Path, Job] = {}  # in another backend's or host's hands: watched through their files only
+        self._reaped: list[Job] = []  # ended workers refresh() reaped since the last poll (poll returns them)
         self._asked: dict[Path, int | None] = {}  # threads each live job asked for (its inputs, read once)
         self._allotted: dict[Path, int] = {}  # threads last allotted to each live job
 
@@ -241,8 +242,27 @@ class LocalRunner(BaseRunner):
         has the exit code); a job of another backend or host is left to it.
         """
         if job.path in self._running:
+            self._reap(job.path)
             return job.status()
         return mark_dead_worker_failed(job, lambda status: self._alive(status, job))
+
+    def _reap(self, path: Path) -> bool:
+        """If the worker this runner started for ``path`` has ended, forget it; one that ended without a word (SIGKILL,
+        out of memory) is marked failed with its exit code and log tail. True when it ended."""
+        job, handle = self._running[path]
+        code = handle.poll()
+        if code is None:
+            return False
+        del self._running[path]
+        status = job.status()
+        if not status.final:  # killed before it could say so
+            tail = job.log_summary()
+            job.update(state="failed", ended=now_iso(), exit_code=code,
+                       message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""))
+        elif status.state == "failed" and status.exit_code is None:  # another runner saw it die first (refresh)
+            job.update(exit_code=code)
+        self._reaped.append(job)
+        return True
 
     # ------------------------------------------------------------- submitting
     def submit(self, job: Job) -> None:
@@ -295,20 +315,9 @@ class LocalRunner(BaseRunner):
 
     def poll(self) -> list[Job]:
         """Reap finished workers, fail the ones that died silently, start queued jobs; returns jobs that ended."""
-        ended = []
-        for path, (job, handle) in list(self._running.items()):
-            code = handle.poll()
-            if code is None:
-                continue
-            del self._running[path]
-            status = job.status()
-            if not status.final:  # killed before it could say so (SIGKILL, out of memory)
-                tail = job.log_summary()
-                job.update(state="failed", ended=now_iso(), exit_code=code,
-                           message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""))
-            elif status.state == "failed" and status.exit_code is None:  # a watcher saw it die first (refresh)
-                job.update(exit_code=code)
-            ended.append(job)
+        for path in list(self._running):
+            self._reap(path)
+        ended, self._reaped = self._reaped, []
         for path, job in list(self._adopted.items()):
             if self.refresh(job).state != "running":  # refresh marks a worker that died without a word as failed
                 del self._adopted[path]
