@@ -17,7 +17,7 @@ from . import __version__
 from .aggregation import NotEnoughCandidates
 from .dataset import DatasetError
 from .fileio import read_json
-from .jobs import JobError
+from .jobs import JobError, RunnerSettings, make_runner
 from .logic import ActiveLearningLogic
 from .nnunet.profiles import ProfileError, profile_names
 from .prefill import EffortModel
@@ -219,7 +219,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = ActiveLearningLogic.open(args.project).jobs()
+    jobs = ActiveLearningLogic.open(args.project).jobs(_project_runner(args))
     if args.json:
         print(json.dumps([{"name": j.name, "kind": j.spec().kind, **asdict(j.status())} for j in jobs], indent=2))
         return 0
@@ -234,9 +234,15 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    cancelled = ActiveLearningLogic.open(args.project).cancel_jobs()
+    cancelled = ActiveLearningLogic.open(args.project).cancel_jobs(_project_runner(args))
     print(f"cancelled {len(cancelled)} jobs" + (": " + ", ".join(j.name for j in cancelled) if cancelled else ""))
     return 0
+
+
+def _project_runner(args: argparse.Namespace):
+    """The runner that judges and cancels the project's jobs: the one --runner names, else the project's saved one."""
+    settings = _runner_settings(args, args.project, save=False)
+    return make_runner(settings) if settings is not None else None
 
 
 class LiveProgress:
@@ -269,10 +275,59 @@ class LiveProgress:
             self.stream.flush()
 
 
+# --slurm-* option -> SlurmSettings field
+SLURM_OPTIONS = {"slurm_partition": "partition", "slurm_account": "account", "slurm_qos": "qos",
+                 "slurm_time": "time_limit", "slurm_gpus": "gpus", "slurm_gres": "gres", "slurm_cpus": "cpus_per_task",
+                 "slurm_mem": "mem", "slurm_arg": "extra_args", "slurm_setup": "setup", "slurm_python": "python"}
+
+
+def _add_runner_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where jobs run (a project saves the runner and its Slurm settings: give them once)")
+    g.add_argument("--runner", choices=["local", "slurm"],
+                   help="local worker processes, or one Slurm batch job per job (the project folder must be on the "
+                   "cluster's shared filesystem); default: the project's saved choice, else local")
+    g.add_argument("--slurm-partition", metavar="NAME")
+    g.add_argument("--slurm-account", metavar="NAME")
+    g.add_argument("--slurm-qos", metavar="NAME")
+    g.add_argument("--slurm-time", metavar="TIME", help="time limit per batch job (minutes, H:MM:SS, D-HH:MM:SS)")
+    g.add_argument("--slurm-gpus", metavar="N", help="sbatch --gpus, e.g. 1 or a100:1")
+    g.add_argument("--slurm-gres", metavar="SPEC", help="sbatch --gres, e.g. gpu:1")
+    g.add_argument("--slurm-cpus", type=POSITIVE, metavar="N", help="CPUs per batch job (default: the job's threads)")
+    g.add_argument("--slurm-mem", metavar="SIZE", help="memory per batch job, e.g. 32G")
+    g.add_argument("--slurm-arg", action="append", metavar="OPTION",
+                   help="another sbatch option, e.g. --slurm-arg=--constraint=a100 (repeatable)")
+    g.add_argument("--slurm-setup", action="append", metavar="LINE",
+                   help="shell line run before the worker, e.g. 'module load cuda' or 'source /shared/venv/bin/activate' "
+                   "(repeatable; replaces the saved lines)")
+    g.add_argument("--slurm-python", metavar="PATH", help="the worker's interpreter as the nodes see it (default: this one)")
+
+
+def _runner_settings(args: argparse.Namespace, project: Path | None = None, save: bool = True) -> RunnerSettings | None:
+    """The runner the options name, filled from (and saved into) the project's runner.json; None: local.
+
+    The kind defaults to the project's saved one; --slurm-* options change the
+    saved Slurm settings, so later commands and the Slicer panel use them too.
+    """
+    from .jobs.slurm import SlurmError, SlurmSettings, load_project_runner, save_project_runner
+
+    given = {field: getattr(args, option) for option, field in SLURM_OPTIONS.items() if getattr(args, option, None)}
+    saved_kind, saved = load_project_runner(project) if project is not None else (None, None)
+    kind = getattr(args, "runner", None) or saved_kind or "local"
+    if given and kind != "slurm":
+        names = ", ".join("--" + o.replace("_", "-") for o in SLURM_OPTIONS if getattr(args, o, None))
+        raise SlurmError(f"{names} need --runner slurm")
+    slurm = (saved or SlurmSettings()).merged(**given) if kind == "slurm" else saved
+    if (save and project is not None and (project / "project.json").is_file() and (getattr(args, "runner", None) or given)
+            and (kind, slurm) != (saved_kind, saved)):
+        path = save_project_runner(project, kind, slurm)
+        print(f"runner: {kind}, saved in {path}")
+    return RunnerSettings(kind="slurm", slurm=slurm) if kind == "slurm" else None
+
+
 def _loop_settings(args: argparse.Namespace, stages: tuple[str, ...], **extra) -> LoopSettings:
     return LoopSettings(profile=args.profile, folds=getattr(args, "folds", None), device=args.device,
                         parallel=getattr(args, "parallel", None), python=getattr(args, "python", None), stages=stages,
-                        **extra)
+                        runner=_runner_settings(args, args.project), **extra)
 
 
 def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
@@ -396,7 +451,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
         reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
-        restore_from=args.restore_from)
+        restore_from=args.restore_from, runner=_runner_settings(args))
     return _run_simulation(settings, args.out / "report" if args.report else None, effort_model)
 
 
@@ -467,9 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _project_command(sub, "annotate", "annotate pending boxes (--oracle copies the ground truth)", _cmd_annotate)
     p.add_argument("--oracle", action="store_true")
-    _project_command(sub, "jobs", "list a project's background jobs with their progress", _cmd_jobs, json=True)
-    _project_command(sub, "cancel", "cancel a project's queued and running jobs (and every process they started)",
-                     _cmd_cancel)
+    p = _project_command(sub, "jobs", "list a project's background jobs with their progress", _cmd_jobs, json=True)
+    p.add_argument("--runner", choices=["local", "slurm"], help="the runner that judges the jobs (default: the project's)")
+    p = _project_command(sub, "cancel", "cancel a project's queued and running jobs (and every process they started)",
+                         _cmd_cancel)
+    p.add_argument("--runner", choices=["local", "slurm"],
+                   help="the runner that cancels the jobs (slurm: scancel; default: the project's)")
 
     def training_options(p: argparse.ArgumentParser, train: bool = True) -> None:
         p.add_argument("--profile", default="auto", choices=["auto", *profile_names()],
@@ -480,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         if train:
             p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
             p.add_argument("--parallel", type=POSITIVE, help="folds trained at a time (default: 1 on a GPU, CPU cores / 2)")
+        _add_runner_options(p)
 
     p = _project_command(sub, "train", "train the nnU-Net ensemble on the annotated boxes (background jobs)", _cmd_train)
     training_options(p)
@@ -524,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records of an earlier run of this simulation (a results copy with its simulation.json): "
                    "runs missing here are rebuilt from their recorded boxes and go on from their first unrecorded loop")
     p.add_argument("--python", type=interpreter, help="interpreter of the worker processes")
+    _add_runner_options(p)
     p.add_argument("--report", action="store_true", help="write OUT/report when done")
     _add_effort_options(p)
     p.add_argument("--out", type=Path, required=True)

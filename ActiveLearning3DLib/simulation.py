@@ -122,6 +122,7 @@ class SimulationSettings:
     restore_from: Path | None = None  # records of an earlier run of this simulation (with their boxes) to rebuild from
     prefill: bool = True  # every model predicts the pool, so each box records its corrections against the pre-fill
     training_seed: int | None = None  # base seed of every training; None: each run's seed (the reference: its project's, 0)
+    runner: RunnerSettings | None = None  # which backend runs the jobs (default: local); not part of the records
 
     def __post_init__(self) -> None:
         self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out).absolute()
@@ -152,6 +153,7 @@ class SimulationSettings:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d.pop("runner")  # how the jobs ran, not what they computed: a grid through Slurm records what a local one does
         for key in ("images", "labels", "out", "reference_cache", "restore_from"):
             d[key] = None if d[key] is None else str(d[key])
         return d
@@ -258,7 +260,7 @@ class Simulation:
         self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
                                           parallel=self.parallel, python=s.python, predict_pool=s.prefill,
                                           training_seed=s.training_seed, fixed_threads=True)  # records reproducible
-        self.runner = make_runner(RunnerSettings(python=s.python, max_parallel=self.parallel))
+        self.runner = make_runner((s.runner or RunnerSettings()).with_defaults(python=s.python, max_parallel=self.parallel))
         self.base = self._base_project()
         if not self.base.test_cases or not self.base.has_ground_truth:
             raise ProjectError(f"{s.images}: a simulation needs ground truth and a test split (test fraction > 0)")

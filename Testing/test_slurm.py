@@ -104,12 +104,16 @@ def test_settings_refuse_what_slurm_would_with_one_line_naming_the_option():
 def test_project_settings_are_saved_once_and_read_back(tmp_path):
     assert load_project_settings(tmp_path) is None
     settings = SlurmSettings(partition="gpu", account="lab", time_limit="2:00:00", gpus="1", mem="32G",
-                             setup=["module load cuda/12.1", "source /shared/venv/bin/activate"], python="python")
+                             setup=["module load cuda/12.1", "source /shared/venv/bin/activate"], python="python",
+                             scheduler_env={"SLURM_CONF": "/here/only"})
     save_project_settings(tmp_path, settings)
-    assert load_project_settings(tmp_path) == settings
+    assert load_project_settings(tmp_path) == SlurmSettings(**{**settings.to_json(), "scheduler_env": {}})
     assert load_project_settings(tmp_path).merged(partition="debug", qos=None).partition == "debug"
-    (tmp_path / "slurm.json").write_text('{"time_limit": "soon"}')
-    with pytest.raises(SlurmError, match="slurm.json: time_limit 'soon'"):
+    (tmp_path / "runner.json").write_text('{"kind": "slurm", "slurm": {"time_limit": "soon"}}')
+    with pytest.raises(SlurmError, match="runner.json: slurm: time_limit 'soon'"):
+        load_project_settings(tmp_path)
+    (tmp_path / "runner.json").write_text('{"kind": "slurm", "slurm": {"partitoin": "gpu"}}')
+    with pytest.raises(SlurmError, match=r"runner.json: slurm: unknown Slurm setting\(s\) 'partitoin'"):
         load_project_settings(tmp_path)
 
 
@@ -152,7 +156,8 @@ def test_selftest_job_runs_as_one_batch_job(slurm_env, tmp_path):
     assert (status.state, status.progress, status.iteration, status.exit_code) == ("done", 1.0, 3, 0), status.message
     record = runner.record(job)
     assert (status.runner, status.runner_id) == ("slurm", record["job_id"])
-    assert _batch_state(slurm_env, record["job_id"]) == "COMPLETED"
+    # the runner reports it done from the folder; the batch job ends a moment later as the worker exits
+    _wait_for(lambda: _batch_state(slurm_env, record["job_id"]) == "COMPLETED", timeout=30, what="COMPLETED")
     log = job.log_path.read_text()
     assert "step 3/3" in log and "AL3D_TEST_VALUE=worker-only" in log
     assert json.loads((job.path / "result.json").read_text())["steps"] == 3
@@ -235,3 +240,111 @@ def test_a_second_runner_adopts_a_running_batch_job_instead_of_submitting_it_aga
     assert [restarted.record(j)["job_id"] for j in jobs] == ids
     assert [j.status().runner_id for j in jobs] == ids  # each ran once, as the batch job first submitted
     assert all(j.log_path.read_text().count("selftest job") == 1 for j in jobs)
+
+
+# ---------------------------------------------------------------------- nnU-Net loops through Slurm
+def _project(tmp_path_factory, name: str):
+    from conftest import default_data_dir
+
+    from ActiveLearning3DLib import ActiveLearningLogic
+
+    data = default_data_dir(tmp_path_factory, phantom_cases=LOOP_CASES)
+    path = tmp_path_factory.mktemp(name) / "project"
+    logic = ActiveLearningLogic.create(path, data / "imagesTr", data / "labelsTr", max_cases=LOOP_CASES, seed=1)
+    logic.query("nnactive_start", 8)
+    logic.annotate_with_oracle()
+    return logic
+
+
+LOOP_CASES = 16
+
+
+@pytest.mark.slow
+def test_al3d_loop_through_slurm_survives_a_restart_and_queries_what_the_local_runner_queries(slurm_env, tmp_path_factory):
+    """`al3d loop --runner slurm` (a `test`-profile loop: prepare, 2 folds side by side, evaluation, query) killed
+    while its batch jobs run, then run again without the options (the project saved them): the second adopts the
+    batch jobs instead of submitting them twice, and the next boxes of the model-free method are those of the same
+    loop through the local runner."""
+    import signal
+    import sys
+
+    from ActiveLearning3DLib.cli import main as al3d
+    from ActiveLearning3DLib.fileio import read_json
+
+    here, there = _project(tmp_path_factory, "local"), _project(tmp_path_factory, "slurm")
+    loop = ["--profile", "test", "--device", "cpu", "--method", "random", "--count", "5"]
+    assert al3d(["loop", str(here.project.path), *loop]) == 0
+
+    command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "loop", str(there.project.path), *loop]
+    env = {**os.environ, **slurm_env}  # the cluster's SLURM_CONF, for the command only
+    first = subprocess.Popen([*command, "--runner", "slurm", "--slurm-time", "20"], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jobs_dir = there.jobs_dir
+
+    def fold_jobs():
+        found = sorted(jobs_dir.glob("*-fold_*/slurm.json")) if jobs_dir.is_dir() else []
+        return [Job(p.parent) for p in found] if len(found) == 2 else None
+
+    try:
+        folds = _wait_for(fold_jobs, timeout=300, what="the folds' batch jobs")
+    finally:
+        first.send_signal(signal.SIGKILL)  # the terminal closed; the batch jobs go on
+        output = first.communicate()[0]
+    assert "runner: slurm, saved in" in output
+    saved = json.loads((there.project.path / "runner.json").read_text())
+    assert saved["kind"] == "slurm" and saved["slurm"]["time_limit"] == "20"
+    probe = SlurmRunner(_settings(slurm_env))
+    submitted = [probe.record(f)["job_id"] for f in folds]
+    assert all("--time=20" in (f.path / "slurm.sh").read_text() for f in folds)
+    unfinished = [f.name for f in folds if not f.status().final]
+    assert unfinished, "both folds ended before the restart; nothing was left to adopt"
+
+    again = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [probe.record(f)["job_id"] for f in folds] == submitted  # adopted, not submitted again
+    for fold in folds:
+        assert fold.status().state == "done" and fold.status().runner == "slurm"
+        assert fold.log_path.read_text().count(f"nnunet_train job {fold.name} ") == 1
+    jobs = [Job(p.parent) for p in jobs_dir.glob("*/job.json")]
+    assert {j.name.rsplit("-", 1)[-1] for j in jobs} >= {"prepare", "fold_0", "fold_1", "evaluate"}
+    ids = {probe.record(j)["job_id"] for j in jobs}
+    assert len(ids) == len(jobs)  # one batch job each, none submitted twice
+    assert {s.state for s in probe.batch_states(ids).values()} == {"COMPLETED"}
+
+    def loop_one(logic):
+        d = read_json(logic.project.loop_path(1))
+        return d["method"], d["seed"], d["patches"]
+
+    assert loop_one(there) == loop_one(here)
+    assert len(loop_one(there)[2]) == 5
+
+
+@pytest.mark.slow
+def test_training_over_its_time_limit_is_timeout_and_resumes_from_its_checkpoint(slurm_env, tmp_path_factory):
+    """A fold whose batch job hits the time limit is failed as TIMEOUT; run again, it goes on from its last
+    checkpoint instead of starting over."""
+    from ActiveLearning3DLib.fileio import read_json
+    from ActiveLearning3DLib.nnunet.profiles import resolve_profile
+    from ActiveLearning3DLib.pipeline import LoopSettings
+
+    logic = _project(tmp_path_factory, "timeout")
+    settings = LoopSettings(profile=resolve_profile("test", epochs=400, save_every=1), device="cpu", folds=1,
+                            parallel=1, stages=("prepare", "train"), evaluate=False, method="random")
+    short = SlurmRunner(_settings(slurm_env, time_limit="1"))
+    pipeline = logic.loop_pipeline(settings, short)
+    state = pipeline.run(timeout=400)
+    fold = Job(pipeline.jobs_dir / f"{pipeline.model_name}-fold_0")
+    assert state.state == "failed" and fold.name in state.message, state.message
+    status = fold.status()
+    assert status.state == "failed" and "ended TIMEOUT" in status.message, status.message
+    latest = pipeline.model_folder / "fold_0" / "checkpoint_latest.pth"
+    assert latest.is_file()
+    stopped_at = status.epoch
+    assert stopped_at and stopped_at > 1
+
+    longer = SlurmRunner(_settings(slurm_env))  # the user gives it more time and runs the loop again
+    state = logic.loop_pipeline(settings, longer).run(timeout=900)
+    assert state.state == "done", state.message
+    result = read_json(fold.path / "result.json")
+    assert result["resumed_from_epoch"] > 0
+    assert len(fold.status().earlier) == 1  # the timed-out attempt is kept

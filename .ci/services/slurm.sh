@@ -8,6 +8,9 @@
 #                        this cluster) and exits 0; exits non-zero with the reason if any part does not start
 #   slurm.sh stop DIR    cancels the cluster's jobs and stops the daemons started in DIR
 #
+# SLURM_EXTRA_CONF (optional): lines added at the end of slurm.conf, e.g. "SchedulerParameters=batch_sched_delay=0"
+# (benchmarks/slurm_overhead.py compares that with Slurm's default of scheduling batch jobs every 3 s).
+#
 # Needs Debian's slurm-wlm and munge packages (apt-get install slurm-wlm munge) and root (the daemons and the jobs
 # run as root). No cgroups in a container: processes are tracked by /proc (proctrack/linuxproc), no task plugin,
 # memory is not a consumable (CR_Core), so jobs share the node's memory. There is no slurmdbd, so `sacct` has no
@@ -114,6 +117,9 @@ SlurmdTimeout=60
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
+    if [[ -n "${SLURM_EXTRA_CONF:-}" ]]; then
+      printf '%s\n' "$SLURM_EXTRA_CONF" >>"$dir/slurm.conf"
+    fi
     printf 'SLURM_CONF=%s\n' "$dir/slurm.conf" >"$dir/env"
     export SLURM_CONF="$dir/slurm.conf"
 

@@ -175,6 +175,10 @@ class AnnotationController:
     def __init__(self, ctx: mrml.SlicerContext, logic: ActiveLearningLogic, runner=None):
         self.ctx = ctx
         self.logic = logic
+        if runner is None:  # a project set to run its jobs on Slurm (al3d ... --runner slurm) submits from here too
+            from ..jobs.slurm import project_runner
+
+            runner = project_runner(logic.project.path)
         self.runner = runner
         self.settings = self._read_settings()
         self.box_nodes = mrml.BoxNodes(ctx)

@@ -146,26 +146,54 @@ class SlurmSettings:
         return SlurmSettings.from_json(values)
 
 
-PROJECT_SETTINGS = "slurm.json"
+PROJECT_RUNNER = "runner.json"  # in a project folder: {"kind": "local" | "slurm", "slurm": {...SlurmSettings}}
 
 
-def load_project_settings(project_path: Path | str) -> SlurmSettings | None:
-    """The Slurm settings saved in a project folder (``slurm.json``), or None where none were saved."""
-    path = Path(project_path) / PROJECT_SETTINGS
+def load_project_runner(project_path: Path | str) -> tuple[str | None, SlurmSettings | None]:
+    """The runner kind and Slurm settings saved in a project folder ((None, None) where none were saved)."""
+    path = Path(project_path) / PROJECT_RUNNER
     if not path.is_file():
-        return None
+        return None, None
     try:
         data = read_json(path)
     except (OSError, ValueError) as e:
-        raise SlurmError(f"{path}: unreadable Slurm settings ({e})") from None
-    return SlurmSettings.from_json(data, where=str(path))
+        raise SlurmError(f"{path}: unreadable runner settings ({e})") from None
+    if not isinstance(data, dict) or data.get("kind") not in ("local", "slurm"):
+        raise SlurmError(f"{path}: expected {{\"kind\": \"local\" or \"slurm\", \"slurm\": {{...}}}}")
+    slurm = data.get("slurm")
+    return data["kind"], None if slurm is None else SlurmSettings.from_json(slurm, where=f"{path}: slurm")
+
+
+def load_project_settings(project_path: Path | str) -> SlurmSettings | None:
+    """The Slurm settings saved in a project folder, or None where none were saved."""
+    return load_project_runner(project_path)[1]
+
+
+def save_project_runner(project_path: Path | str, kind: str, slurm: SlurmSettings | None) -> Path:
+    """Save the runner kind and Slurm settings in the project, so later commands (and the panel) need not repeat
+    them. The scheduler's environment and poll intervals are the caller's and are not saved."""
+    if kind not in ("local", "slurm"):
+        raise SlurmError(f"runner kind {kind!r}: a project saves local or slurm")
+    path = Path(project_path) / PROJECT_RUNNER
+    saved = None
+    if slurm is not None:
+        saved = slurm.to_json()
+        for key in ("scheduler_env", "poll_seconds", "settle_seconds", "command_timeout"):
+            saved.pop(key)
+    atomic_write_json(path, {"kind": kind, "slurm": saved})
+    return path
+
+
+def project_runner(project_path: Path | str) -> "SlurmRunner | None":
+    """A Slurm runner built from the project's saved settings when the project chose Slurm (``al3d ... --runner
+    slurm``), else None (the caller's local default). The Slicer panel uses this to submit to the cluster."""
+    kind, slurm = load_project_runner(project_path)
+    return SlurmRunner(slurm or SlurmSettings()) if kind == "slurm" else None
 
 
 def save_project_settings(project_path: Path | str, settings: SlurmSettings) -> Path:
-    """Save the settings in the project folder, so later commands and the panel need not repeat them."""
-    path = Path(project_path) / PROJECT_SETTINGS
-    atomic_write_json(path, settings.to_json())
-    return path
+    """Save Slurm settings in the project (the runner kind becomes slurm)."""
+    return save_project_runner(project_path, "slurm", settings)
 
 
 @dataclass(frozen=True)
@@ -203,6 +231,7 @@ class SlurmRunner:
         self._foreign: dict[Path, Job] = {}  # running under another backend (a local worker): watched by its files
         self._ended_at: dict[Path, float] = {}  # when the scheduler was first seen to have ended the batch job
         self._user_states: tuple[float, dict[str, BatchState]] | None = None  # adopt's one squeue, kept a poll long
+        self._last_query: float | None = None  # when poll last asked squeue
         self.scheduler_calls = 0  # Slurm commands run (the benchmark and the tests count them)
 
     @property
@@ -422,7 +451,12 @@ class SlurmRunner:
                 + list(self._waiting))
 
     def poll(self) -> list[Job]:
-        """Follow the batch jobs (one squeue for those whose folder has not ended); returns the jobs that ended."""
+        """Follow the batch jobs; returns the jobs that ended.
+
+        Job folders are read at every call; the scheduler is asked (one squeue
+        for every job whose folder has not ended) at most once per
+        ``poll_seconds``, however often a caller polls.
+        """
         ended: list[Job] = []
         need: dict[Path, str] = {}
         for path, job in list(self._tracked.items()):
@@ -438,7 +472,12 @@ class SlurmRunner:
             job_id = self.record(job).get("job_id")
             if job_id:
                 need[path] = str(job_id)
+        due = self._last_query is None or time.monotonic() - self._last_query >= 0.9 * self.settings.poll_seconds
+        if need and not due and not self._unsure:  # callers may poll often; the scheduler is asked once an interval
+            return ended + self._poll_foreign_and_waiting()
         states = self.batch_states(need.values()) if need else {}
+        if need:
+            self._last_query = time.monotonic()
         for path, (job, resubmit) in list(self._unsure.items()):
             del self._unsure[path]
             state = states.get(need.get(path, ""))
@@ -470,6 +509,11 @@ class SlurmRunner:
             del self._tracked[path]
             self._ended_at.pop(path, None)
             ended.append(job)
+        return ended + self._poll_foreign_and_waiting()
+
+    def _poll_foreign_and_waiting(self) -> list[Job]:
+        """Jobs of another backend that ended; held-back jobs submitted where ``max_submitted`` allows."""
+        ended = []
         for path, job in list(self._foreign.items()):
             if self.refresh(job).state != "running":
                 del self._foreign[path]

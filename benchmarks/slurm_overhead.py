@@ -1,0 +1,156 @@
+"""Benchmark: what Slurm adds per job against the local runner, and 100 jobs submitted at once.
+
+On one machine, the same ``selftest`` jobs (one step, no sleep: the worker's
+own time is Python's start and our imports) run
+1. one after another through the local runner and through the Slurm runner,
+   both polling every ``--poll`` seconds: the time from submit until the
+   runner reports the job done, median over ``--jobs`` jobs. The difference is
+   what Slurm adds beyond the worker's own time (sbatch, scheduling, slurmd
+   starting the batch step, squeue);
+2. ``--burst`` jobs (0.2 s each) submitted at once through Slurm, and the same
+   through the local runner at ``--parallel`` at a time: wall time, jobs per
+   minute, and a count of lost or doubled jobs (each must end done, with one
+   worker start in its log, one batch job id of its own, and Slurm reporting
+   that batch job COMPLETED).
+
+The cluster is the one ``AL3D_TEST_SLURM`` names (an env file of
+``.ci/services/slurm.sh``), else one started here with that script (root and
+Debian's slurm-wlm and munge needed); ``--extra-conf LINE`` starts one here
+with that line added to its slurm.conf (e.g.
+``SchedulerParameters=batch_sched_delay=0``: Slurm's default schedules batch
+jobs in batches up to 3 s apart, which is most of its per-job latency here).
+
+    .venv/bin/python benchmarks/slurm_overhead.py [--jobs 10] [--burst 100] [--poll 0.5] [--parallel 2] [--extra-conf LINE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ActiveLearning3DLib.jobs import Job, RunnerSettings, make_runner  # noqa: E402
+from ActiveLearning3DLib.jobs.slurm import SlurmRunner, SlurmSettings  # noqa: E402
+
+SCRIPT = REPO / ".ci" / "services" / "slurm.sh"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def latency(runner, root: Path, name: str) -> float:
+    """Seconds from submitting one quick selftest job until the runner reports it done."""
+    job = Job.create(root, name, "selftest", {"steps": 1, "seconds": 0})
+    started = time.perf_counter()
+    runner.submit(job)
+    runner.wait([job], timeout=300)
+    seconds = time.perf_counter() - started
+    assert job.status().state == "done", f"{job.name}: {job.status().state}: {job.status().message}"
+    return seconds
+
+
+def burst(runner, root: Path, count: int) -> tuple[float, float, list[Job]]:
+    """Submit ``count`` selftest jobs at once and wait: (seconds to submit them all, wall seconds, the jobs)."""
+    jobs = [Job.create(root, f"b{i:03d}", "selftest", {"steps": 1, "seconds": 0.2}) for i in range(count)]
+    started = time.perf_counter()
+    for job in jobs:
+        runner.submit(job)
+    submitted = time.perf_counter() - started
+    assert runner.wait(jobs, timeout=3600), "the burst did not finish within an hour"
+    return submitted, time.perf_counter() - started, jobs
+
+
+def lost_or_doubled(jobs: list[Job], slurm: SlurmRunner | None) -> list[str]:
+    """What is wrong with the burst's jobs: not done, started more or less than once, a shared or unfinished batch job."""
+    problems = []
+    for job in jobs:
+        status = job.status()
+        starts = job.log_path.read_text().count(f"selftest job {job.name} ")
+        if status.state != "done" or starts != 1:
+            problems.append(f"{job.name}: {status.state}, {starts} worker starts")
+    if slurm is not None:
+        ids = [slurm.record(job).get("job_id") for job in jobs]
+        if len(set(ids)) != len(jobs) or any(slurm.record(job).get("replaced") for job in jobs):
+            problems.append(f"{len(set(ids))} batch job ids for {len(jobs)} jobs (or a job submitted twice)")
+        states = slurm.batch_states(ids)
+        bad = {i: s.state for i, s in states.items() if s.state != "COMPLETED"}
+        if bad or len(states) != len(ids):
+            problems.append(f"batch jobs not COMPLETED: {bad or 'some unknown to squeue'}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=10, help="jobs one after another per runner (latency)")
+    parser.add_argument("--burst", type=int, default=100, help="jobs submitted at once")
+    parser.add_argument("--poll", type=float, default=0.5, help="poll interval of both runners, seconds")
+    parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="local runner's jobs at a time")
+    parser.add_argument("--extra-conf", action="append", default=[], metavar="LINE",
+                        help="start a cluster here with this slurm.conf line added (repeatable)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="al3d-slurm-bench-"))
+    cluster = None
+    try:
+        if os.environ.get("AL3D_TEST_SLURM") and not args.extra_conf:
+            scheduler_env = read_env(Path(os.environ["AL3D_TEST_SLURM"]))
+        else:
+            cluster = work / "cluster"
+            out = subprocess.run(["bash", str(SCRIPT), "start", str(cluster)], capture_output=True, text=True, check=False,
+                                 env={**os.environ, "SLURM_EXTRA_CONF": "\n".join(args.extra_conf)})
+            if out.returncode != 0:
+                print(f"the Slurm cluster did not start: {out.stderr.strip()}", file=sys.stderr)
+                return 1
+            scheduler_env = read_env(Path(out.stdout.strip().splitlines()[-1]))
+        conf = scheduler_env.get("SLURM_CONF", "")
+        cpus = next((w.split("=")[1] for w in Path(conf).read_text().split() if w.startswith("CPUs=")), "?") if conf else "?"
+        slurm_settings = SlurmSettings(scheduler_env=scheduler_env, poll_seconds=args.poll)
+        version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, check=False,
+                                 env={**os.environ, **scheduler_env}).stdout.strip()
+        print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; {version}, "
+              f"one node ({cpus} CPUs), one CPU per job; extra slurm.conf: {'; '.join(args.extra_conf) or 'none'}; "
+              f"both runners poll every {args.poll:g} s")
+
+        local = make_runner(RunnerSettings(kind="local", max_parallel=1, poll_seconds=args.poll))
+        slurm = SlurmRunner(slurm_settings)
+        for runner, tag in ((local, "local"), (slurm, "slurm")):  # warm up: file caches, the first batch step
+            latency(runner, work / "warm", f"warm-{tag}")
+        local_s = [latency(local, work / "latency", f"local{i}") for i in range(args.jobs)]
+        slurm_s = [latency(slurm, work / "latency", f"slurm{i}") for i in range(args.jobs)]
+        lm, sm = statistics.median(local_s), statistics.median(slurm_s)
+        print(f"one job at a time ({args.jobs} jobs each), submit until reported done: local median {lm:.2f} s "
+              f"(min {min(local_s):.2f}, max {max(local_s):.2f}), Slurm median {sm:.2f} s "
+              f"(min {min(slurm_s):.2f}, max {max(slurm_s):.2f}); Slurm adds {sm - lm:.2f} s per job")
+
+        burst_runner = SlurmRunner(slurm_settings)
+        submitted, wall, jobs = burst(burst_runner, work / "burst-slurm", args.burst)
+        problems = lost_or_doubled(jobs, slurm)
+        print(f"{args.burst} jobs at once through Slurm: submitted in {submitted:.1f} s "
+              f"({1000 * submitted / args.burst:.0f} ms per sbatch), all ended after {wall:.1f} s "
+              f"({60 * args.burst / wall:.0f} jobs/min), {burst_runner.scheduler_calls - args.burst} squeue calls "
+              f"in all; lost or doubled: {len(problems)}"
+              + "".join(f"\n  {p}" for p in problems))
+        local_burst = make_runner(RunnerSettings(kind="local", max_parallel=args.parallel, poll_seconds=args.poll))
+        _, local_wall, local_jobs = burst(local_burst, work / "burst-local", args.burst)
+        local_problems = lost_or_doubled(local_jobs, None)
+        print(f"{args.burst} jobs at once through the local runner ({args.parallel} at a time): all ended after "
+              f"{local_wall:.1f} s ({60 * args.burst / local_wall:.0f} jobs/min); lost or doubled: {len(local_problems)}")
+        return 1 if problems or local_problems else 0
+    finally:
+        if cluster is not None:
+            subprocess.run(["bash", str(SCRIPT), "stop", str(cluster)], capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
