@@ -327,7 +327,7 @@ def _runner_settings(args: argparse.Namespace, project: Path | None = None, save
 def _loop_settings(args: argparse.Namespace, stages: tuple[str, ...], **extra) -> LoopSettings:
     return LoopSettings(profile=args.profile, folds=getattr(args, "folds", None), device=args.device,
                         parallel=getattr(args, "parallel", None), python=getattr(args, "python", None), stages=stages,
-                        runner=_runner_settings(args, args.project), **extra)
+                        runner=_runner_settings(args, args.project), init=getattr(args, "init", "scratch"), **extra)
 
 
 def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
@@ -429,6 +429,12 @@ def _effort_model(args: argparse.Namespace) -> EffortModel | None:
     return EffortModel(**given) if given else None
 
 
+def _add_init_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", default="scratch", choices=["scratch", "warm"],
+                   help="how each loop's members start: scratch (random weights, the full schedule) or warm (member k "
+                   "of the previous loop, the profile's shorter warm schedule, folds kept); a separate model name")
+
+
 def _add_effort_options(p: argparse.ArgumentParser) -> None:
     defaults = EffortModel()
     p.add_argument("--box-seconds", type=seconds_value, metavar="S",
@@ -451,7 +457,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
         reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
-        restore_from=args.restore_from, runner=_runner_settings(args))
+        restore_from=args.restore_from, runner=_runner_settings(args), init=args.init)
     return _run_simulation(settings, args.out / "report" if args.report else None, effort_model)
 
 
@@ -533,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default="auto", choices=["auto", *profile_names()],
                        help="training profile (auto: paper with a CUDA GPU, else cpu-small)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        _add_init_option(p)
         p.add_argument("--python", type=interpreter,
                        help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)")
         if train:
@@ -574,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="auto", choices=["auto", *profile_names()])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
+    _add_init_option(p)
     p.add_argument("--parallel", type=POSITIVE, help="jobs at a time over the whole grid")
     p.add_argument("--start", default="nnactive_start", choices=list(METHODS), help="starting budget method (loop 0)")
     p.add_argument("--max-cases", type=POSITIVE, help="use only the first N cases")

@@ -11,7 +11,8 @@ whose worker still runs is watched, failed and cancelled ones are started again
 once.
 
 Stages and their jobs (``<model>`` = ``loop_<t>_<profile>_<annotation key>``,
-``t`` the last loop whose annotations the model learns from)::
+``t`` the last loop whose annotations the model learns from; ``loop_<t>_<profile>-warm_<key>``
+for warm-started models, ``LoopSettings.init``)::
 
     prepare    <model>-prepare           plan once, preprocess changed cases, splits
     train      <model>-fold_<k>          one job per fold, up to ``parallel`` at a time
@@ -23,6 +24,13 @@ Everything a model produces lives in its folder ``<project>/nnunet/results/<mode
 (``fold_<k>/``, ``scores/``, ``uncertainty/``, ``pool_prediction/``,
 ``evaluation/``); the test summary
 is also copied to ``<project>/evaluation/loop_<t>.json``.
+
+Warm start (``init="warm"``): member k starts from member k of the previous
+loop's model (:meth:`LoopPipeline.previous_model`: the model that queried this
+loop's boxes, else the newest finished one of loop ``t - 1`` with this profile,
+warm first) and keeps its folds (stable splits from that model's
+``splits_final.json``). Loop 0, or no previous model, trains from scratch; the
+fold jobs say so (trainer.py). Scratch models keep their names and fresh splits.
 """
 from __future__ import annotations
 
@@ -45,25 +53,30 @@ from .project import LoopConflict, LoopFile, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
 
 STAGES = ("prepare", "train", "predict", "query")
+INITS = ("scratch", "warm")  # how a loop's members start (trainer.INITS; not imported: that module needs torch)
 _WEIGHTS = {"prepare": 0.05, "train": 0.75, "predict": 0.2, "query": 0.0}
 
 
-def profile_tag(profile: TrainingProfile) -> str:
+def profile_tag(profile: TrainingProfile, init: str = "scratch") -> str:
     """The profile's name, plus a short hash when settings that change the model differ from the named profile's.
 
     Device, data-loader processes and the description do not change the model,
     so they are left out; a ``test`` profile with more epochs is ``test-1a2b3c``.
+    ``init="warm"`` adds ``-warm`` (and the warm schedule counts); a scratch
+    model's tag is what it was before warm starts existed.
     """
     def model_settings(p: TrainingProfile) -> dict:
         d = p.to_json()
-        for key in ("device", "num_workers", "description", "compile"):
+        for key in ("device", "num_workers", "description", "compile",
+                    *(("warm_fraction", "warm_initial_lr") if init != "warm" else ())):
             d.pop(key, None)
         return d
 
     mine = model_settings(profile)
+    suffix = "-warm" if init == "warm" else ""
     if profile.name in PROFILES and model_settings(PROFILES[profile.name]) == mine:
-        return profile.name
-    return f"{profile.name}-{hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:6]}"
+        return profile.name + suffix
+    return f"{profile.name}-{hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:6]}{suffix}"
 
 
 def default_job_parallel(device: str | None = "auto") -> int:
@@ -101,6 +114,7 @@ class LoopSettings:
     background: bool = False  # its jobs start only when no other queued job waits (a simulation's full-data run)
     fixed_threads: bool = False  # jobs keep their torch threads (no idle-core sharing): same numbers every run
     runner: RunnerSettings | None = None  # which backend runs the jobs; default: local, with python and parallel
+    init: str = "scratch"  # "warm": members start from the previous loop's (shorter schedule, stable folds)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
@@ -116,6 +130,8 @@ class LoopSettings:
             if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 0):
                 raise ValueError(f"{name}: expected a non-negative whole number, got {value!r}")
         get_method(self.method)  # an unknown method fails here, with the known ones
+        if self.init not in INITS:
+            raise ValueError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
         if self.stride is not None and (len(self.stride) != 3 or not all(isinstance(v, Integral) and v >= 1 for v in self.stride)):
             raise ValueError(f"stride: expected three positive whole numbers (Z Y X), got {self.stride!r}")
 
@@ -166,7 +182,8 @@ class LoopPipeline:
                                "and annotate it before training")
         self.loop = max(b.loop for b in annotated)
         self.annotation_key = self.project.annotation_key()  # read once: advance() runs every poll
-        self.model_name = f"loop_{self.loop:03d}_{profile_tag(self.profile)}_{self.annotation_key}"
+        self.model_name = f"loop_{self.loop:03d}_{profile_tag(self.profile, s.init)}_{self.annotation_key}"
+        self._previous: tuple[Path | None, str] | None = None
         self.paths = NnunetPaths.for_project(self.project)
         self.env = nnunet_environment(self.project, self.profile)
         self._submitted: set[str] = set()
@@ -227,6 +244,41 @@ class LoopPipeline:
         s = self.settings
         return int(next(v for v in (s.training_seed, s.seed, self.project.settings.seed) if v is not None))
 
+    def previous_model(self) -> tuple[Path | None, str]:
+        """The model a warm start starts from, and how it was found (or why there is none). Decided once.
+
+        Loop ``t`` starts from a finished model of loop ``t - 1`` with the same
+        profile: the one whose scores queried loop ``t`` (its loop file says
+        which), else the newest warm one, else the newest scratch one (a project
+        switched to warm starts). None for loop 0 and for scratch models.
+        """
+        if self._previous is not None:
+            return self._previous
+        if self.settings.init != "warm":
+            self._previous = (None, "scratch requested")
+            return self._previous
+        if self.loop == 0:
+            self._previous = (None, "loop 0 has no previous loop")
+            return self._previous
+        root = self.paths.results_root
+        prefixes = [f"loop_{self.loop - 1:03d}_{profile_tag(self.profile, init)}_" for init in ("warm", "scratch")]
+
+        def finished(folder: Path) -> bool:
+            return folder.is_dir() and any(folder.glob("fold_*/checkpoint_final.pth"))
+
+        queried_by = self.project.read_loop(self.loop).info.get("model")
+        if queried_by and any(Path(queried_by).name.startswith(p) for p in prefixes) and finished(root / Path(queried_by).name):
+            self._previous = (root / Path(queried_by).name, "the model that queried this loop's boxes")
+            return self._previous
+        for prefix in prefixes:
+            found = [f for f in root.glob(prefix + "*") if finished(f)] if root.is_dir() else []
+            if found:
+                newest = max(found, key=lambda f: max(p.stat().st_mtime_ns for p in f.glob("fold_*/checkpoint_final.pth")))
+                self._previous = (newest, f"the newest finished {prefix}* model")
+                return self._previous
+        self._previous = (None, f"no finished model of loop {self.loop - 1} with profile {profile_tag(self.profile)} in {root}")
+        return self._previous
+
     # --------------------------------------------------------------------- jobs
     def _job(self, suffix: str, kind: str, inputs: dict) -> Job:
         """The stage's job; one that is done or running is taken as it is.
@@ -275,16 +327,24 @@ class LoopPipeline:
         common = {"device": self.profile.device, "threads": self.threads,
                   **({"fixed_threads": True} if self.settings.fixed_threads else {})}
         if stage == "prepare":
+            previous, _ = self.previous_model()
+            stable = {"previous_splits": str(previous / "splits_final.json")} if previous is not None else {}
             return [self._job("prepare", "nnunet_prepare", {"configuration": self.profile.configuration,
                                                              "folds": self.profile.folds, "seed": self.project.settings.seed,
-                                                             "threads": self.threads})]
+                                                             "threads": self.threads, "model_folder": str(self.model_folder),
+                                                             **stable})]
         if stage == "train":
             folds = self._prepared_folds()
             if folds is None:
                 raise FileNotFoundError(f"{self.model_name}: prepare has not finished")
+            warm = {}
+            if self.settings.init == "warm":
+                previous, how = self.previous_model()
+                warm = {"init": "warm", "warm_from": None if previous is None else str(previous), "warm_note": how}
             return [self._job(f"fold_{k}", "nnunet_train", {"fold": k, "profile": self.profile.to_json(),
                                                              "output": str(self.model_folder),
-                                                             "seed": self.training_seed, "loop": self.loop, **common})
+                                                             "seed": self.training_seed, "loop": self.loop, **warm,
+                                                             **common})
                     for k in range(folds)]
         if stage == "predict":
             jobs = []

@@ -123,6 +123,7 @@ class SimulationSettings:
     prefill: bool = True  # every model predicts the pool, so each box records its corrections against the pre-fill
     training_seed: int | None = None  # base seed of every training; None: each run's seed (the reference: its project's, 0)
     runner: RunnerSettings | None = None  # which backend runs the jobs (default: local); not part of the records
+    init: str = "scratch"  # "warm": loops after 0 start from the previous loop's members (LoopSettings.init)
 
     def __post_init__(self) -> None:
         self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out).absolute()
@@ -150,6 +151,8 @@ class SimulationSettings:
         if not 0 <= self.test_fraction < 1:
             raise ValueError(f"test_fraction: must be in [0, 1), got {self.test_fraction}")
         resolve_budget(self.budget, (1, 1, 1), 1)  # low/medium/high or a number of boxes: refused now, not after the reference
+        if self.init not in ("scratch", "warm"):
+            raise ValueError(f"init: expected scratch or warm, got {self.init!r}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -245,6 +248,21 @@ def shared_scoring(methods: Iterable[str], foreground_classes: Iterable[int], pr
     return {"score": True, "method": needing[0], "extra_maps": extra}
 
 
+def model_training(model_folder: Path | str) -> dict:
+    """How a model's folds were trained, from their summaries: init (warm / scratch / mixed), per fold how and
+    why, and the training iterations of all folds together (the compute a warm start saves)."""
+    folds = {}
+    iterations = 0
+    for path in sorted(Path(model_folder).glob("fold_*/al3d_summary.json")):
+        summary = read_json(path)
+        start = summary.get("init") or {"init": "scratch", "reason": "not recorded"}
+        folds[path.parent.name] = {"init": start.get("init"), "reason": start.get("reason"), "epochs": summary.get("epochs")}
+        iterations += int(summary.get("epochs") or 0) * int(summary.get("iterations_per_epoch") or 0)
+    kinds = sorted({f["init"] for f in folds.values()})
+    return {"init": kinds[0] if len(kinds) == 1 else ("mixed" if kinds else None), "folds": folds,
+            "iterations": iterations}
+
+
 class Simulation:
     """Runs (or resumes) a simulation grid; :meth:`run` blocks, :meth:`step` advances everything once."""
 
@@ -259,7 +277,8 @@ class Simulation:
         self.parallel = s.parallel or default_job_parallel(s.device)
         self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
                                           parallel=self.parallel, python=s.python, predict_pool=s.prefill,
-                                          training_seed=s.training_seed, fixed_threads=True)  # records reproducible
+                                          training_seed=s.training_seed, fixed_threads=True,  # records reproducible
+                                          init=s.init)
         self.runner = make_runner((s.runner or RunnerSettings()).with_defaults(python=s.python, max_parallel=self.parallel))
         self.base = self._base_project()
         if not self.base.test_cases or not self.base.has_ground_truth:
@@ -317,6 +336,10 @@ class Simulation:
                     if old.get(key) != json.loads(json.dumps(header[key])):
                         raise ProjectError(f"{path}: this folder holds a simulation with {key} {old.get(key)}; "
                                            f"the new settings give {header[key]}. Use another --out")
+                if old["settings"].get("init", "scratch") != self.settings.init:  # records of both would mix
+                    raise ProjectError(f"{path}: this folder holds a simulation with --init "
+                                       f"{old['settings'].get('init', 'scratch')}; use another --out for --init "
+                                       f"{self.settings.init}")
                 header["settings"]["methods"] = list(dict.fromkeys([*old["settings"]["methods"], *header["settings"]["methods"]]))
                 header["settings"]["seeds"] = sorted(set(old["settings"]["seeds"]) | set(header["settings"]["seeds"]))
         header.setdefault("created", now_iso())
@@ -368,6 +391,9 @@ class Simulation:
             if old.get(key) != self.header.get(key):
                 raise ProjectError(f"{path}: recorded {key} {old.get(key)} differs from this simulation's "
                                    f"{self.header.get(key)}; these records cannot be restored here")
+        if old.get("settings", {}).get("init", "scratch") != self.settings.init:
+            raise ProjectError(f"{path}: recorded init {old.get('settings', {}).get('init', 'scratch')} differs from this "
+                               f"simulation's {self.settings.init}; these records cannot be restored here")
 
     def _restore_reference(self, folder: Path) -> None:
         """A recorded full-data result is as good as a new one: copy it where this simulation looks for it."""
@@ -547,6 +573,7 @@ class Simulation:
             "seconds": seconds, "loop_method": loop_file.method, "written": now_iso(), "loop_file": loop_file.to_json(),
             "effort": effort_totals(loop_file.boxes),  # the oracle's labels against the pre-fill, box by box
             "determinism": model_determinism(pipeline.model_folder),  # reproducible bit for bit, and why (not)
+            "training": model_training(pipeline.model_folder),  # warm or scratch per fold, iterations
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)
@@ -577,7 +604,8 @@ class Simulation:
 
         logic = self._loop0_logic(root / "project", whole_images)
         pipeline = self._pipeline("reference", logic, stages=("prepare", "train", "predict"), score=False,
-                                  background=True)  # it fills idle slots; the runs' loops go first
+                                  background=True,  # it fills idle slots; the runs' loops go first
+                                  init="scratch")  # one loop: nothing to start from (shared with scratch simulations)
         state = pipeline.advance()
         if state.state == "failed":
             self.failed["reference"] = state.message

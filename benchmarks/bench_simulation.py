@@ -14,6 +14,7 @@ so that finished figures can be committed, and the report is written there.
     .venv/bin/python benchmarks/bench_simulation.py [--run-dir /work/al3d-runs/hippocampus-low-cpu-small]
         [--methods random_fg66,clasp_pe] [--seeds 0,1,2] [--profile cpu-small] [--sync-only]
         [--start nnactive_start] [--reference-cache DIR] [--no-reference] [--loops 5] [--parallel 2]
+        [--init scratch|warm]
 
 The cold-start benchmark is one run folder per starting budget, e.g.
 ``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``;
@@ -53,6 +54,9 @@ def main() -> int:
     parser.add_argument("--no-reference", action="store_true",
                         help="leave the full-data run (FG-Eff) out; with it, its jobs wait behind the runs' jobs and "
                         "fill the slots they leave idle")
+    parser.add_argument("--init", default="scratch", choices=["scratch", "warm"],
+                        help="warm: each loop after 0 starts from the previous loop's members (issue 30's study; give it "
+                        "its own --run-dir, e.g. .../hippocampus-low-cpu-small-warm)")
     parser.add_argument("--sync-only", action="store_true", help="only copy finished records and write the report")
     args = parser.parse_args()
     name = args.run_dir.name
@@ -64,7 +68,7 @@ def main() -> int:
         command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data / "imagesTr"),
                    "--labels", str(data / "labelsTr"), "--method", args.methods, "--budget", "low", "--loops", str(args.loops),
                    "--seeds", args.seeds, "--profile", args.profile, "--device", "cpu", "--parallel",
-                   str(args.parallel), "--start", args.start, "--out", str(args.run_dir)]
+                   str(args.parallel), "--start", args.start, "--init", args.init, "--out", str(args.run_dir)]
         if (target / "simulation.json").is_file():
             # the committed records carry their boxes: a fresh machine rebuilds the runs instead of training again
             command += ["--restore-from", str(target)]

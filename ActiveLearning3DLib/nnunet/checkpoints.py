@@ -62,6 +62,24 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
     return data
 
 
+def weights_digest(weights: Any) -> str:
+    """SHA-256 of a state dict (names, dtypes, shapes and bytes of every tensor): equal digests, equal weights.
+
+    A warm-started fold records the digest of its network just before its first step, so anyone can check it
+    against the previous member's ``checkpoint_final.pth`` without keeping a copy of the weights.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        tensor = weights[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # What nnU-Net's preprocessed case properties (``<case>.pkl``) hold: dicts and lists of NumPy arrays and scalars.
 _PROPERTY_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),

@@ -48,12 +48,20 @@ Three named profiles:
     stage), patch 16 x 16 x 16, batch size 2, 2 epochs x 3 iterations, 1 validation
     iteration, 2 folds, no worker processes, checkpoint every epoch.
 
+Warm start (``--init warm``, docs: README "Warm-started loops"): member k of loop t starts from member k of
+loop t-1 and trains a shorter schedule, ``warm_fraction`` of the epochs (rounded up, at least 1) from the
+starting learning rate ``warm_initial_lr`` with nnU-Net's poly decay over those epochs. Unset (``None``) they
+are a third of the epochs and a tenth of ``initial_lr`` (1e-3 for ``paper`` and ``cpu-small``) for every
+profile: untested defaults until the warm-start study (issue 30) has measured them. Unset fields are left out
+of :meth:`TrainingProfile.to_json`, so profiles (and the names and keys made from them) stay as they were.
+
 Use :func:`resolve_profile` to get one with overrides, e.g.
 ``resolve_profile("cpu-small", epochs=10, device="cpu")``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -88,6 +96,8 @@ class TrainingProfile:
     compile: bool | None = None  # torch.compile; None = nnU-Net's default (on for cuda, off for cpu)
     evaluation_mirroring: bool = True  # test-time mirroring when evaluating on the test split (nnActive: on)
     description: str = ""
+    warm_fraction: float | None = None  # warm-started member: share of the epochs; None: a third (untested default)
+    warm_initial_lr: float | None = None  # warm-started member: starting learning rate; None: initial_lr / 10
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iterations_per_epoch", "folds", "save_every"):
@@ -110,10 +120,30 @@ class TrainingProfile:
                 raise ProfileError(f"profile {self.name!r}: {name} must be at least 1, got {value}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ProfileError(f"profile {self.name!r}: num_workers must be >= 0, got {self.num_workers}")
+        if self.warm_fraction is not None and not 0 < float(self.warm_fraction) <= 1:
+            raise ProfileError(f"profile {self.name!r}: warm_fraction must be in (0, 1], got {self.warm_fraction}")
+        if self.warm_initial_lr is not None and not float(self.warm_initial_lr) > 0:
+            raise ProfileError(f"profile {self.name!r}: warm_initial_lr must be positive, got {self.warm_initial_lr}")
 
     @property
     def total_iterations(self) -> int:
         return self.epochs * self.iterations_per_epoch
+
+    @property
+    def warm_epochs(self) -> int:
+        """Epochs of a warm-started member: ``warm_fraction`` (default a third) of ``epochs``, rounded up."""
+        fraction = 1 / 3 if self.warm_fraction is None else float(self.warm_fraction)
+        return max(1, math.ceil(self.epochs * fraction - 1e-9))
+
+    @property
+    def warm_lr(self) -> float:
+        """Starting learning rate of a warm-started member (default a tenth of ``initial_lr``)."""
+        return float(self.initial_lr) / 10 if self.warm_initial_lr is None else float(self.warm_initial_lr)
+
+    @property
+    def warm_save_every(self) -> int:
+        """Checkpoint interval of a warm-started member: as many resume points per schedule as a full training."""
+        return max(1, min(self.save_every, math.ceil(self.save_every * self.warm_epochs / self.epochs)))
 
     @property
     def changes_network(self) -> bool:
@@ -131,6 +161,9 @@ class TrainingProfile:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
+        for key in ("warm_fraction", "warm_initial_lr"):  # unset: left out, so older profiles read the same
+            if d[key] is None:
+                del d[key]
         if self.patch_size is not None:
             d["patch_size"] = list(self.patch_size)
         return d

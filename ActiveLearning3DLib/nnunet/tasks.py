@@ -60,7 +60,8 @@ def prepare_task(inputs: dict, report: Reporter) -> dict:
     report(stage="prepare", message="planning and preprocessing", force=True)
     return prepare(Project.open(inputs["project"]), inputs.get("configuration", "3d_fullres"), int(inputs.get("folds", 5)),
                    seed=inputs.get("seed"), num_processes=int(inputs.get("processes", 1)),
-                   progress=_relay(report, "prepare"))
+                   progress=_relay(report, "prepare"), previous_splits=inputs.get("previous_splits"),
+                   model_folder=inputs.get("model_folder"))
 
 
 def train_task(inputs: dict, report: Reporter) -> dict:
@@ -70,9 +71,17 @@ def train_task(inputs: dict, report: Reporter) -> dict:
     _threads(inputs, report)
     fold = int(inputs["fold"])
     report(stage=f"train fold {fold}", message="starting", force=True)
+    relay = _relay(report, f"train fold {fold}")
+
+    def progress(event: dict) -> None:
+        if event.get("event") == "init":  # warm or scratch, and why: into the job's log as well
+            print(event["message"], flush=True)
+        relay(event)
+
     return train_fold(inputs["project"], fold, TrainingProfile.from_json(inputs["profile"]), inputs["output"],
-                      inputs.get("device"), _relay(report, f"train fold {fold}"), seed=inputs.get("seed"),
-                      loop=inputs.get("loop"))
+                      inputs.get("device"), progress, seed=inputs.get("seed"), loop=inputs.get("loop"),
+                      init=inputs.get("init", "scratch"), warm_from=inputs.get("warm_from"),
+                      warm_note=inputs.get("warm_note"))
 
 
 def score_task(inputs: dict, report: Reporter) -> dict:

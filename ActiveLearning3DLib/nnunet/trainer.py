@@ -40,6 +40,16 @@ What it changes against ``nnUNetTrainer`` (2.8.1), and what it keeps:
   resumed fold restores once its data loaders exist: on the CPU a killed and
   resumed fold ends with the same weights as one that ran through
   (determinism.py, docs/REPRODUCIBILITY.md).
+- Warm start (``train_fold(init="warm", warm_from=<previous model>)``): the fold
+  loads member k of the previous loop's model (weights only, read with
+  checkpoints.py's safe reader; optimizer, epochs and logs start fresh) into its
+  network before the first step, after checking that the plans identifier, the
+  network and the labels are the same, and trains the profile's warm schedule
+  (``warm_epochs`` from ``warm_lr`` with the usual poly decay). No previous
+  member, or another network: it trains from scratch with the full schedule and
+  says so (job log, ``al3d_init.json`` and the fold's summary). The decision is
+  recorded before the first step; a killed fold resumes from its own checkpoint
+  with the recorded schedule, never from the previous loop's.
 - No final validation on the validation split by default (it predicts whole
   images with a process pool of 8 and compares with partial labels); the
   per-epoch pseudo Dice on annotated voxels of validation patches is logged as usual.
@@ -64,7 +74,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from ..fileio import atomic_write_json, read_json, replacing_file
-from .checkpoints import UnsafeCheckpoint, check_plain_pickles, load_checkpoint
+from .checkpoints import UnsafeCheckpoint, check_plain_pickles, load_checkpoint, weights_digest
 from .determinism import (RNG_KEY, Determinism, assess, capture_rng_state, deterministic_torch, fold_seed,
                           restore_rng_state, seed_everything)
 from .paths import NnunetPaths
@@ -72,6 +82,8 @@ from .profiles import TrainingProfile, resolve_device, resolve_profile
 from .sampling import RegionSamplingDataLoader
 
 RUN_KEY = "al3d_run"
+INITS = ("scratch", "warm")  # how a loop's members start: random weights, or the previous loop's members
+INIT_FILE = "al3d_init.json"  # in the fold folder: how the fold started (warm or scratch, from what, why)
 Progress = Callable[[dict], None]
 
 
@@ -155,6 +167,9 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         self._al3d_resumed_without_rng = False
         self._al3d_processes = 0
         self._al3d_threads: set[int] = set()  # torch threads seen in the training steps (results depend on them)
+        self.warm = bool(run.get("warm"))  # the warm schedule (set before the optimizer is made)
+        self.warm_loaded_digest: str | None = None  # digest of the network at the first step of a warm start
+        self._al3d_warm_loaded = False
         if self.profile is not None and (self.profile.changes_network or self.profile.batch_size is not None):
             plans.update(plans_for_profile(plans, configuration, self.profile))
         if run.get("preprocessed") and run.get("output"):
@@ -180,6 +195,8 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             self.initial_lr = p.initial_lr
             self.save_every = p.save_every
             self.enable_deep_supervision = p.deep_supervision
+            if self.warm:
+                self.num_epochs, self.initial_lr, self.save_every = p.warm_epochs, p.warm_lr, p.warm_save_every
         self.run_final_validation = False
         # nnU-Net redraws progress.png (a 30 x 54 inch figure, about a second) after every epoch; with short CPU
         # epochs that is a large share of the time. Draw it when a checkpoint is written and after the last epoch.
@@ -272,8 +289,47 @@ class nnUNetTrainerPartial(nnUNetTrainer):
     def plot_network_architecture(self):
         pass  # nnU-Net tries the 'hiddenlayer' package, which is not installed, and logs the failure
 
+    def warm_start(self, checkpoint_path: Path | str) -> str | None:
+        """Load a previous member's weights (weights only) into the network; None, or why it could not.
+
+        Names and shapes are compared before anything is loaded, so a refused
+        checkpoint leaves the freshly initialised network as it was.
+        """
+        if not self.was_initialized:
+            self.initialize()
+        try:
+            checkpoint = load_checkpoint(checkpoint_path, map_location=self.device)
+        except UnsafeCheckpoint as e:
+            return str(e)
+        network = self.network.module if self.is_ddp else self.network
+        network = getattr(network, "_orig_mod", network)
+        own = network.state_dict()
+        weights = {k[7:] if k not in own and k.startswith("module.") else k: v
+                   for k, v in checkpoint["network_weights"].items()}
+        if weights.keys() != own.keys():
+            return f"{checkpoint_path}: another network (layer names differ)"
+        wrong = [k for k in own if tuple(own[k].shape) != tuple(weights[k].shape)]
+        if wrong:
+            return (f"{checkpoint_path}: another network ({wrong[0]}: {list(weights[wrong[0]].shape)} instead of "
+                    f"{list(own[wrong[0]].shape)})")
+        network.load_state_dict(weights)
+        self._al3d_warm_loaded = True
+        return None
+
+    def use_full_schedule(self) -> None:
+        """Back to the profile's full schedule (a warm start that fell back to scratch), before the first step."""
+        if self.profile is None:
+            return
+        self.warm = False
+        self.num_epochs, self.initial_lr, self.save_every = self.profile.epochs, self.profile.initial_lr, self.profile.save_every
+        if self.was_initialized:
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
     def on_train_start(self):
         super().on_train_start()  # builds the data loaders, which draw a first batch each
+        if self._al3d_warm_loaded:  # what the first step starts from: the previous member's weights
+            network = self.network.module if self.is_ddp else self.network
+            self.warm_loaded_digest = weights_digest(getattr(network, "_orig_mod", network).state_dict())
         if self._al3d_resume_rng is not None:
             # continue with the random numbers the interrupted run would have drawn next
             restore_rng_state(self._al3d_resume_rng, self._loaders())
@@ -409,6 +465,9 @@ def train_fold(
     resume: bool = True,
     seed: int | None = None,
     loop: int | None = None,
+    init: str = "scratch",
+    warm_from: Path | str | None = None,
+    warm_note: str | None = None,
 ) -> dict:
     """Train one fold of the project's ensemble with :class:`nnUNetTrainerPartial`, in this process.
 
@@ -430,7 +489,15 @@ def train_fold(
     (``loop``: default the project's last loop), and on the CPU ends with the same
     weights every time, resumed or not. The summary's ``determinism`` says
     whether the run was reproducible and why (see determinism.py).
+
+    ``init="warm"``: start from ``warm_from/fold_<fold>/checkpoint_final.pth``
+    (the previous loop's model) with the profile's warm schedule, or from
+    scratch when that member is missing or has other plans or another network
+    (``warm_note``: why the caller found no previous model). The summary's
+    ``init`` says which, from what and why; see the module docstring.
     """
+    if init not in INITS:
+        raise TrainingError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     from ..project import Project
     from .planning import load_plans, project_dataset_json
     from .preprocessing import preprocessing_is_current, training_data_key
@@ -472,14 +539,35 @@ def train_fold(
     resume_from = latest if resume and latest.is_file() else None
     if resume_from is not None:
         plans["continue_training"] = True
+    init_file = fold_dir / INIT_FILE
+    if resume_from is not None:  # a resumed fold keeps how it started; its own checkpoint holds its weights
+        start = read_json(init_file) if init_file.is_file() else {
+            "requested": init, "init": "scratch", "from": None,
+            "reason": "resumed from its own checkpoint, written before warm starts were recorded"}
+    else:
+        start = _start_decision(project, configuration, profile, fold, init, warm_from, warm_note, plans)
     plans[RUN_KEY] = {"profile": profile.to_json(), "progress": progress,
                       "preprocessed": str(paths.preprocessed_dataset), "output": str(output),
                       "seed": None if seed is None else fold_seed(seed, loop, fold),
-                      "base_seed": seed, "loop": loop}
+                      "base_seed": seed, "loop": loop, "warm": start["init"] == "warm"}
     torch_device = torch.device(resolve_device(profile.device))
     trainer = nnUNetTrainerPartial(plans, configuration, fold, project_dataset_json(project), torch_device)
     if resume_from is not None:
         trainer.load_checkpoint(str(resume_from))
+    elif start["init"] == "warm":
+        refused = trainer.warm_start(start["from"])
+        if refused is not None:
+            trainer.use_full_schedule()
+            start = {**start, "init": "scratch", "reason": f"warm start refused, trained from scratch: {refused}"}
+    if resume_from is None:
+        start["epochs"] = int(trainer.num_epochs)
+        start["initial_lr"] = float(trainer.initial_lr)
+        atomic_write_json(init_file, start)
+    if init == "warm" and progress is not None:
+        said = (f"fold {fold}: warm start from {start['from']} ({start['epochs']} epochs from learning rate "
+                f"{start['initial_lr']:g})" if start["init"] == "warm" else f"fold {fold}: {start['reason']}")
+        progress({"event": "init", "stage": "training", "fold": fold,
+                  "message": ("resumed from its own checkpoint; " if resume_from is not None else "") + said})
     started = time.perf_counter()
     start_epoch = trainer.current_epoch
     with deterministic_torch(torch_device.type, seed is not None):
@@ -498,6 +586,7 @@ def train_fold(
         "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
         "batch_size": int(trainer.batch_size), "data_key": data_key,
         "determinism": trainer.determinism().to_json(),
+        "init": {**start, **({"initial_weights_sha256": trainer.warm_loaded_digest} if trainer.warm_loaded_digest else {})},
     }
     for key in ("final_train_loss", "final_val_loss"):
         if not math.isfinite(summary[key]):
@@ -505,3 +594,51 @@ def train_fold(
     atomic_write_json(fold_dir / "al3d_summary.json", summary)
     return summary
 
+
+
+def _plans_differ(previous: Path, plans: Mapping, dataset: Mapping, configuration: str) -> str | None:
+    """Why a previous model folder's network does not fit these plans (None when it does)."""
+    try:
+        old_plans = read_json(previous / "plans.json")
+        old_dataset = read_json(previous / "dataset.json")
+    except (OSError, ValueError) as e:
+        return f"{previous}: no readable plans.json / dataset.json ({e})"
+    if old_plans.get("plans_name") != plans.get("plans_name"):
+        return f"{previous}: plans {old_plans.get('plans_name')!r}, not {plans.get('plans_name')!r}"
+    try:
+        old = PlansManager(old_plans).get_configuration(configuration).configuration
+    except (KeyError, ValueError, TypeError):
+        return f"{previous}: its plans have no configuration {configuration!r}"
+    new = PlansManager(copy.deepcopy(dict(plans))).get_configuration(configuration).configuration
+    for key in ("architecture", "spacing", "normalization_schemes", "data_identifier"):
+        if old.get(key) != new.get(key):
+            return f"{previous}: another {key.replace('_', ' ')} in its plans"
+    if old_plans.get("foreground_intensity_properties_per_channel") != plans.get("foreground_intensity_properties_per_channel"):
+        return f"{previous}: other intensity normalisation in its plans"
+    for key in ("labels", "channel_names"):
+        if old_dataset.get(key) != dataset.get(key):
+            return f"{previous}: other {key.replace('_', ' ')} in its dataset.json"
+    return None
+
+
+def _start_decision(project, configuration: str, profile: TrainingProfile, fold: int, init: str,
+                    warm_from: Path | str | None, warm_note: str | None, plans: Mapping) -> dict:
+    """How a fold starts (before its first step): ``{"requested", "init", "from", "reason"}``."""
+    from .planning import project_dataset_json
+
+    decision = {"requested": init, "init": "scratch", "from": None, "reason": "scratch requested"}
+    if init != "warm":
+        return decision
+    if warm_from is None:
+        return {**decision, "reason": f"warm start without a previous model, trained from scratch: "
+                                      f"{warm_note or 'none given'}"}
+    previous = Path(warm_from)
+    checkpoint = previous / f"fold_{fold}" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        return {**decision, "reason": f"warm start without a previous member, trained from scratch: {previous.name} has "
+                                      f"no finished fold {fold}"}
+    current = plans_for_profile(plans, configuration, profile) if (profile.changes_network or profile.batch_size) else plans
+    differ = _plans_differ(previous, current, project_dataset_json(project), configuration)
+    if differ is not None:
+        return {**decision, "reason": f"warm start refused, trained from scratch: {differ}"}
+    return {**decision, "init": "warm", "from": str(checkpoint), "reason": f"member {fold} of {previous.name}"}
