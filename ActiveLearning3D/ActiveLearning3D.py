@@ -121,6 +121,7 @@ class ActiveLearning3DParameterNode:
     python: str = "PythonSlicer"
     device: Annotated[str, Choice(list(CHOICES.devices))] = CHOICES.device
     profile: Annotated[str, Choice(list(CHOICES.profiles))] = CHOICES.profile
+    init: Annotated[str, Choice(list(CHOICES.inits))] = CHOICES.init  # scratch or warm-started members
     parallel: Annotated[int, WithinRange(0, 5)] = 0
     prefill: bool = True  # a box opens with the model's prediction inside it (the project's PanelSettings.prefill)
     exportPartialLabels: bool = False  # Export DICOM SEG also writes the annotations
@@ -529,13 +530,13 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         return self.controller.save_settings(method=p.method, query_size=p.querySize, python=p.python or None,
                                       device=p.device, profile=p.profile, parallel=p.parallel or None,
-                                      prefill=bool(p.prefill))
+                                      prefill=bool(p.prefill), init=p.init)
 
     def _loadSettings(self, parameterNode=None):
         """An opened project's own settings come into the fields (those the lists offer)."""
         s, p = self.controller.settings, parameterNode if parameterNode is not None else self._parameterNode
         values = {"method": (s.method, CHOICES.methods), "device": (s.device, CHOICES.devices),
-                  "profile": (s.profile, CHOICES.profiles)}
+                  "profile": (s.profile, CHOICES.profiles), "init": (s.init, CHOICES.inits)}
         for name, (value, allowed) in values.items():
             if value in allowed:
                 setattr(p, name, value)

@@ -86,18 +86,19 @@ def check_every_parameter_widget_binds_through_slicers_connectors(desk):
     fields = desk.parameter_widgets(panel)
     in_ui = {p.findtext("string") for p in ET.parse(UI_FILE).getroot().iter("property")
              if p.get("name") == "SlicerParameterName"}
-    assert set(fields) == in_ui and len(in_ui) == 14, sorted(fields)
+    assert set(fields) == in_ui and len(in_ui) == 15, sorted(fields)
     node = panel._parameterNode
     mrml = node.parameterNode
     assert mrml.GetScene() is desk.scene and mrml.GetAttribute("ModuleName") == "ActiveLearning3D"
     choices = desk.module.CHOICES
     lists = {"method": choices.methods, "startMethod": choices.start_methods, "device": choices.devices,
-             "profile": choices.profiles}
+             "profile": choices.profiles, "init": choices.inits}
     for name, items in lists.items():
         combo = fields[name]
         assert [combo.itemText(i) for i in range(combo.count())] == list(items), name
-    assert (node.method, node.startMethod, node.device, node.profile) == (
-        choices.method, choices.start_method, choices.device, choices.profile)
+    assert (node.method, node.startMethod, node.device, node.profile, node.init) == (
+        choices.method, choices.start_method, choices.device, choices.profile, "scratch")
+    assert list(choices.inits) == ["scratch", "warm"]
     for name, (low, high) in _ui_spin_box_ranges().items():  # Slicer widens an unbounded spin box
         assert (fields[name].minimum, fields[name].maximum) == (low, high), name
     assert node.prefill is True and fields["prefill"].checked  # on by default
@@ -473,6 +474,30 @@ def check_the_prefill_checkbox_sets_the_projects_setting_and_the_next_box_follow
     assert not desk.dialogs, desk.dialogs
 
 
+def check_the_init_choice_is_saved_with_the_project_and_names_the_next_model(desk):
+    from ActiveLearning3DLib.gui import AnnotationController
+
+    panel = desk.open_panel()
+    fields = desk.parameter_widgets(panel)
+    combo = panel.ui.initComboBox
+    assert combo is fields["init"] and combo.currentText == "scratch"
+    desk.create_project(panel)
+    c = panel.controller
+    assert c.settings.init == "scratch" and c.settings.loop_settings().init == "scratch"
+    combo.currentIndex = [combo.itemText(i) for i in range(combo.count())].index("warm")
+    assert panel._parameterNode.init == "warm"
+    panel._saveSettings()  # what Start next loop does first
+    assert c.settings.init == "warm" and c.settings.loop_settings().init == "warm"
+    assert AnnotationController.open_project(c.ctx, c.logic.project.path).settings.init == "warm"  # saved
+    desk.close_scene()  # the reset parameter node shows the open project's choice again
+    assert panel._parameterNode.init == "warm" and combo.currentText == "warm"
+    panel._parameterNode.init = "scratch"
+    fields["projectPath"].currentPath = str(c.logic.project.path)
+    panel.ui.openProjectButton.click()  # opened again: the field shows the project's setting
+    assert panel.controller.settings.init == "warm" and combo.currentText == "warm"
+    assert not desk.dialogs, desk.dialogs
+
+
 def check_the_effort_label_shows_the_controllers_totals_after_a_submit_and_after_a_loop(desk):
     import numpy as np
 
@@ -783,8 +808,11 @@ def test_panel_choices_come_from_the_registry_and_the_profiles():
     assert set(ch.devices) == set(DEVICES) and "mps" not in ch.devices
     assert ch.profiles[0] == "auto" and all(resolve_profile(p, device="cpu").name == p for p in ch.profiles[1:])
     defaults = PanelSettings()
-    assert (ch.method, ch.start_method, ch.device, ch.profile) == (
-        defaults.method, defaults.start_method, defaults.device, defaults.profile)
+    assert (ch.method, ch.start_method, ch.device, ch.profile, ch.init) == (
+        defaults.method, defaults.start_method, defaults.device, defaults.profile, defaults.init)
+    from ActiveLearning3DLib.pipeline import INITS, LoopSettings
+
+    assert ch.inits == INITS and all(LoopSettings(init=i).init == i for i in ch.inits)
     assert ch.method in ch.methods and ch.start_method in ch.start_methods
     module = ast.parse(MODULE_FILE.read_text())
     assigned = {t.id for node in module.body if isinstance(node, ast.Assign) for t in node.targets

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..nnunet.profiles import DEVICES, profile_names
+from ..pipeline import INITS
 from ..query_methods import METHODS
 from .controller import PanelSettings
 
@@ -27,6 +28,8 @@ class PanelChoices:
     start_method: str
     device: str
     profile: str
+    inits: tuple[str, ...] = ("scratch", "warm")  # how a loop's members start (pipeline.INITS)
+    init: str = "scratch"
 
 
 def panel_choices() -> PanelChoices:
@@ -43,7 +46,8 @@ def panel_choices() -> PanelChoices:
     defaults = {f.name: f.default for f in fields(PanelSettings)}
     return PanelChoices(methods=methods, start_methods=start, devices=tuple(DEVICES),
                         profiles=("auto", *profile_names()), method=defaults["method"],
-                        start_method=defaults["start_method"], device=defaults["device"], profile=defaults["profile"])
+                        start_method=defaults["start_method"], device=defaults["device"], profile=defaults["profile"],
+                        inits=INITS, init=defaults["init"])
 
 
 __all__ = ["PanelChoices", "panel_choices"]

@@ -81,13 +81,14 @@ class PanelSettings:
     device: str = "auto"
     parallel: int | None = None
     prefill: bool = True  # a box opens with the newest model's prediction painted inside it, when there is one
+    init: str = "scratch"  # "warm": each loop's members start from the previous loop's (LoopSettings.init)
     # worker interpreter: the module sets PythonSlicer from the user's own settings. Never read from or written to
     # panel.json (USER_ONLY): a project folder is shared, and one that named an interpreter would run it.
     python: str | None = None
 
     def loop_settings(self) -> LoopSettings:
         return LoopSettings(profile=self.profile, device=self.device, parallel=self.parallel, method=self.method,
-                            count=self.query_size, python=self.python)
+                            count=self.query_size, python=self.python, init=self.init)
 
 
 @dataclass
