@@ -229,3 +229,22 @@ def test_warm_and_scratch_models_have_different_names_and_scratch_names_are_unch
     assert profile_tag(tuned) == "test" and profile_tag(tuned, "warm").startswith("test-")
     assert profile_tag(tuned, "warm") not in ("test-warm", profile_tag(resolve_profile("test", warm_initial_lr=0.003), "warm"))
     assert "warm_fraction" not in PROFILES["cpu-small"].to_json()  # profiles (and keys made from them) read as before
+
+
+def test_a_simulation_folder_holds_one_init(tmp_path_factory, tmp_path):
+    from ActiveLearning3DLib.project import ProjectError
+    from ActiveLearning3DLib.simulation import Simulation
+
+    data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
+    settings = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",),
+                                  out=tmp_path / "sim", budget=20, loops=2, profile="test", device="cpu",
+                                  max_cases=CASES, reference=False)
+    scratch = Simulation(settings)
+    assert scratch.header["settings"]["init"] == "scratch" and scratch.loop_settings.init == "scratch"
+    warm = SimulationSettings(**{**settings.__dict__, "init": "warm"})
+    with pytest.raises(ProjectError, match=r"simulation with --init scratch; use another --out for --init warm"):
+        Simulation(warm)  # its records would mix with the scratch ones
+    other = Simulation(SimulationSettings(**{**warm.__dict__, "out": tmp_path / "warm"}))
+    assert other.loop_settings.init == "warm" and other.header["settings"]["init"] == "warm"
+    with pytest.raises(ProjectError, match=r"recorded init scratch differs from this simulation's warm"):
+        Simulation(SimulationSettings(**{**warm.__dict__, "out": tmp_path / "restored", "restore_from": settings.out}))
