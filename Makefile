@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: all demo test install clean benchmark
+.PHONY: all demo test lint install clean benchmark
 
 all: test
 
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q Testing
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ActiveLearning3D ActiveLearning3DLib Testing benchmarks
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_query.py

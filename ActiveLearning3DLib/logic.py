@@ -186,8 +186,8 @@ class ActiveLearningLogic:
             classes=dict(p.classes), patch_size=p.patch_size, has_ground_truth=p.has_ground_truth, loops=len(loops),
             boxes=len(records), pending=count["pending"], annotated=count["annotated"], skipped=count["skipped"],
             annotated_voxels=sum(b.box.voxels for b in records if b.state == "annotated"), next_step=next_step,
-            per_loop=[{"loop": l.loop, "method": l.method, "boxes": len(l.boxes), "pending": l.count("pending"),
-                       "annotated": l.count("annotated"), "effort": effort_totals(l.boxes)} for l in loops],
+            per_loop=[{"loop": lp.loop, "method": lp.method, "boxes": len(lp.boxes), "pending": lp.count("pending"),
+                       "annotated": lp.count("annotated"), "effort": effort_totals(lp.boxes)} for lp in loops],
         )
 
     def annotated_foreground_fraction(self) -> float:

@@ -481,7 +481,7 @@ def test_loop_round_trip(project):
     assert back.boxes[0].state == "pending"
     assert back.count("pending") == 2
     assert len(project.all_boxes()) == 4
-    assert [l.loop for l in project.loops()] == [0, 1]
+    assert [lp.loop for lp in project.loops()] == [0, 1]
     assert sorted(p.name for p in project.loops_dir.iterdir()) == ["loop_000.json", "loop_001.json"]
 
 

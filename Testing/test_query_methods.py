@@ -44,7 +44,7 @@ def _random_ground_truth(rng: np.random.Generator, shape, classes) -> np.ndarray
     for c in classes:
         for _ in range(int(rng.integers(0, 3))):
             lo = [int(rng.integers(0, d)) for d in shape]
-            hi = [min(d, l + int(rng.integers(1, 5))) for l, d in zip(lo, shape)]
+            hi = [min(d, low + int(rng.integers(1, 5))) for low, d in zip(lo, shape)]
             gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = c
     return gt
 

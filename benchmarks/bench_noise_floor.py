@@ -27,7 +27,6 @@ A small check of the script itself (minutes; the figures mean nothing):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path

@@ -113,7 +113,7 @@ def restore_rng_state(state: dict, loaders: Iterable[Any] = ()) -> None:
     random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
     np.random.set_state(_numpy_tuple(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu())
-    for loader, saved in zip([l for l in loaders if hasattr(l, "rs")], state.get("loaders", [])):
+    for loader, saved in zip([ld for ld in loaders if hasattr(ld, "rs")], state.get("loaders", [])):
         loader.rs.set_state(_numpy_tuple(saved))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -105,6 +105,14 @@ def make_splits(case_classes: Mapping[str, Iterable[int]], n_folds: int = 5, see
             for i in range(k)]
 
 
+def _swap(folds: list[list[str]], a: int, b: int, from_a: str, from_b: str) -> None:
+    """Move ``from_a`` from fold ``a`` to fold ``b`` and ``from_b`` the other way."""
+    folds[a].remove(from_a)
+    folds[b].remove(from_b)
+    folds[a].append(from_b)
+    folds[b].append(from_a)
+
+
 def _classes_in_one_fold(folds: list[list[str]], table: Mapping[str, frozenset[int]]) -> list[int]:
     """Classes in two or more images whose images all lie in one fold."""
     where: dict[int, set[int]] = {}
@@ -138,13 +146,11 @@ def _repair(folds: list[list[str]], table: Mapping[str, frozenset[int]], rng: ra
         swapped = False
         for j, other in candidates:
             mover = rng.choice(movers)
-            folds[source].remove(mover); folds[j].remove(other)
-            folds[source].append(other); folds[j].append(mover)
+            _swap(folds, source, j, mover, other)
             if len(_classes_in_one_fold(folds, table)) < before:
                 swapped = True
                 break
-            folds[source].remove(other); folds[j].remove(mover)  # undo
-            folds[source].append(mover); folds[j].append(other)
+            _swap(folds, source, j, other, mover)  # undo
         if not swapped:
             return  # no single swap helps; the data do not allow it
 

@@ -157,7 +157,7 @@ class nnUNetTrainerPartial(nnUNetTrainer):
     output_folder = _PinnedFolder()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnUNetTrainer's own signature)
         run = plans.pop(RUN_KEY, None) or {}
         self.profile: TrainingProfile | None = TrainingProfile.from_json(run["profile"]) if run.get("profile") else None
         self.progress_callback: Progress | None = run.get("progress")

@@ -55,10 +55,10 @@ def fill_from_strata(ranked: dict[str, list[Pick]], quotas: dict[str, int], coun
         chosen += ranked[name][:take]
         leftovers.append(ranked[name][take:])
     depth = 0
-    while len(chosen) < count and any(depth < len(l) for l in leftovers):
-        for l in leftovers:
-            if depth < len(l) and len(chosen) < count:
-                chosen.append(l[depth])
+    while len(chosen) < count and any(depth < len(rest) for rest in leftovers):
+        for rest in leftovers:
+            if depth < len(rest) and len(chosen) < count:
+                chosen.append(rest[depth])
         depth += 1
     if len(chosen) < count:
         raise NotEnoughCandidates(
