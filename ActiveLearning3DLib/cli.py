@@ -457,7 +457,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
         reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
-        restore_from=args.restore_from, runner=_runner_settings(args), init=args.init)
+        restore_from=args.restore_from, runner=_runner_settings(args), init=args.init,
+        training_seed=args.training_seed)
     return _run_simulation(settings, args.out / "report" if args.report else None, effort_model)
 
 
@@ -577,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", type=POSITIVE, default=5,
                    help="loops per run; again with a larger number, a finished folder adds the loops")
     p.add_argument("--seeds", default=(0,), type=seed_list, help="comma separated, e.g. 0,1,2")
+    p.add_argument("--training-seed", type=NON_NEGATIVE,
+                   help="base seed of every training (per loop and fold), apart from the query seeds; "
+                   "default: each run's seed. Repeats with other training seeds measure training noise")
     p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--profile", default="auto", choices=["auto", *profile_names()])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

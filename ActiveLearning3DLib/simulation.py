@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -336,10 +336,10 @@ class Simulation:
                     if old.get(key) != json.loads(json.dumps(header[key])):
                         raise ProjectError(f"{path}: this folder holds a simulation with {key} {old.get(key)}; "
                                            f"the new settings give {header[key]}. Use another --out")
-                if old["settings"].get("init", "scratch") != self.settings.init:  # records of both would mix
-                    raise ProjectError(f"{path}: this folder holds a simulation with --init "
-                                       f"{old['settings'].get('init', 'scratch')}; use another --out for --init "
-                                       f"{self.settings.init}")
+                for key, was, now in self._training_differences(old)[:1]:  # records of both would mix
+                    option = "--" + key.replace("_", "-")
+                    raise ProjectError(f"{path}: this folder holds a simulation with {option} {was}; "
+                                       f"use another --out for {option} {now}")
                 header["settings"]["methods"] = list(dict.fromkeys([*old["settings"]["methods"], *header["settings"]["methods"]]))
                 header["settings"]["seeds"] = sorted(set(old["settings"]["seeds"]) | set(header["settings"]["seeds"]))
         header.setdefault("created", now_iso())
@@ -391,9 +391,16 @@ class Simulation:
             if old.get(key) != self.header.get(key):
                 raise ProjectError(f"{path}: recorded {key} {old.get(key)} differs from this simulation's "
                                    f"{self.header.get(key)}; these records cannot be restored here")
-        if old.get("settings", {}).get("init", "scratch") != self.settings.init:
-            raise ProjectError(f"{path}: recorded init {old.get('settings', {}).get('init', 'scratch')} differs from this "
-                               f"simulation's {self.settings.init}; these records cannot be restored here")
+        for key, was, now in self._training_differences(old)[:1]:
+            raise ProjectError(f"{path}: recorded {key} {was} differs from this simulation's {now}; "
+                               "these records cannot be restored here")
+
+    def _training_differences(self, header: dict) -> list[tuple[str, Any, Any]]:
+        """How a recorded simulation header trains differently from these settings (warm or scratch, training seed)."""
+        recorded = header.get("settings", {})
+        return [(key, recorded.get(key, default), getattr(self.settings, key))
+                for key, default in (("init", "scratch"), ("training_seed", None))
+                if recorded.get(key, default) != getattr(self.settings, key)]
 
     def _restore_reference(self, folder: Path) -> None:
         """A recorded full-data result is as good as a new one: copy it where this simulation looks for it."""

@@ -231,7 +231,7 @@ def test_warm_and_scratch_models_have_different_names_and_scratch_names_are_unch
     assert "warm_fraction" not in PROFILES["cpu-small"].to_json()  # profiles (and keys made from them) read as before
 
 
-def test_a_simulation_folder_holds_one_init(tmp_path_factory, tmp_path):
+def test_a_simulation_folder_holds_one_init_and_training_seed(tmp_path_factory, tmp_path):
     from ActiveLearning3DLib.project import ProjectError
     from ActiveLearning3DLib.simulation import Simulation
 
@@ -248,3 +248,24 @@ def test_a_simulation_folder_holds_one_init(tmp_path_factory, tmp_path):
     assert other.loop_settings.init == "warm" and other.header["settings"]["init"] == "warm"
     with pytest.raises(ProjectError, match=r"recorded init scratch differs from this simulation's warm"):
         Simulation(SimulationSettings(**{**warm.__dict__, "out": tmp_path / "restored", "restore_from": settings.out}))
+    reseeded = SimulationSettings(**{**settings.__dict__, "training_seed": 7})  # training noise, not the same records
+    with pytest.raises(ProjectError, match=r"simulation with --training-seed None; use another --out for --training-seed 7"):
+        Simulation(reseeded)
+    with pytest.raises(ProjectError, match=r"recorded training_seed None differs from this simulation's 7"):
+        Simulation(SimulationSettings(**{**reseeded.__dict__, "out": tmp_path / "reseeded", "restore_from": settings.out}))
+
+
+def test_simulate_passes_init_and_training_seed_to_the_simulation(tmp_path, monkeypatch):
+    """``al3d simulate --init warm --training-seed 7`` reaches SimulationSettings; a negative seed is refused."""
+    from ActiveLearning3DLib import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_simulation", lambda settings, report, effort=None: seen.setdefault("s", settings) and 0)
+    args = ["simulate", "--images", str(tmp_path), "--labels", str(tmp_path), "--method", "random", "--out", str(tmp_path / "sim"),
+            "--init", "warm", "--training-seed", "7"]
+    assert cli.main(args) == 0
+    assert (seen["s"].init, seen["s"].training_seed) == ("warm", 7)
+    seen.clear()
+    with pytest.raises(SystemExit) as refused:
+        cli.main([*args[:-1], "-1"])
+    assert refused.value.code == 2 and not seen
