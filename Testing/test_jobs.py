@@ -14,6 +14,8 @@ from ActiveLearning3DLib.jobs import (InProcessRunner, InProcessRunnerSettings, 
 from ActiveLearning3DLib.jobs.local import worker_alive as process_alive
 from ActiveLearning3DLib.worker import run_job
 
+from conftest import wait_for
+
 
 def _runner(**kw) -> LocalRunner:
     return LocalRunner(LocalRunnerSettings(poll_seconds=0.05, **kw))
@@ -24,22 +26,13 @@ def _threads() -> InProcessRunner:
     return InProcessRunner(InProcessRunnerSettings(poll_seconds=0.02))
 
 
-def _wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _running_job(tmp_path, name: str, seconds: float) -> tuple[Job, LocalRunner]:
     """A long selftest job started by its own runner, once its worker has marked it running with its pid."""
     job = Job.create(tmp_path, name, "selftest", {"steps": 1000, "seconds": seconds})
     runner = _runner()
     runner.submit(job)
     runner.poll()
-    assert _wait_for(lambda: job.status().state == "running" and job.status().pid)
+    assert wait_for(lambda: job.status().state == "running" and job.status().pid)
     return job, runner
 
 
@@ -90,19 +83,19 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     runner = _runner()
     runner.submit(job)
     runner.poll()
-    assert _wait_for(lambda: "child pid" in job.log_path.read_text() if job.log_path.exists() else False)
+    assert wait_for(lambda: "child pid" in job.log_path.read_text() if job.log_path.exists() else False)
     child = int(re.search(r"child pid (\d+)", job.log_path.read_text()).group(1))
     worker = job.status().pid
     assert process_alive(child) and process_alive(worker)
     status = runner.cancel(job)
     assert status.state == "cancelled"
-    assert _wait_for(lambda: not process_alive(child) and not process_alive(worker), timeout=10)
+    assert wait_for(lambda: not process_alive(child) and not process_alive(worker), timeout=10)
     assert runner.active() == []
 
 
 def test_killed_worker_is_detected_as_failed_with_log_tail(tmp_path):
     job, runner = _running_job(tmp_path, "killed", seconds=0.1)
-    assert _wait_for(lambda: job.status().iteration)
+    assert wait_for(lambda: job.status().iteration)
     os.kill(job.status().pid, signal.SIGKILL)  # as the out-of-memory killer would
     assert runner.wait([job], timeout=20)
     status = job.status()
@@ -127,7 +120,7 @@ def test_a_job_resumed_after_its_worker_died_keeps_the_time_its_first_attempt_ra
     first = _runner()
     first.submit(job)
     first.poll()
-    assert _wait_for(lambda: (job.status().iteration or 0) >= 3)
+    assert wait_for(lambda: (job.status().iteration or 0) >= 3)
     os.kill(job.status().pid, signal.SIGKILL)
     first._running[job.path][1].wait()
     last_heard = job.status().updated
@@ -219,7 +212,7 @@ def test_cli_lists_and_cancels_a_projects_jobs(tmp_path, capsys):
     runner = _runner()
     runner.submit(long)
     runner.poll()
-    assert _wait_for(lambda: long.status().state == "running")
+    assert wait_for(lambda: long.status().state == "running")
     capsys.readouterr()
     assert main(["jobs", str(project), "--json"]) == 0
     listed = {j["name"]: j for j in json.loads(capsys.readouterr().out)}
@@ -228,7 +221,7 @@ def test_cli_lists_and_cancels_a_projects_jobs(tmp_path, capsys):
     assert main(["cancel", str(project)]) == 0  # another process than the runner: it works from status.json
     assert "cancelled 1 jobs: b_long" in capsys.readouterr().out
     runner.poll()
-    assert _wait_for(lambda: not process_alive(pid), timeout=10)
+    assert wait_for(lambda: not process_alive(pid), timeout=10)
     assert long.status().state == "cancelled" and done.status().state == "done"
 
 
@@ -307,17 +300,17 @@ def test_a_job_running_alone_gets_the_cores_of_idle_slots_and_gives_them_back(tm
     try:
         # two running on 4 cores: an equal share of 2, never fewer than a job asked for
         assert (long.allotted_threads(), short.allotted_threads()) == (2, 3)
-        assert _wait_for(lambda: _threads_lines(long) == [2])
+        assert wait_for(lambda: _threads_lines(long) == [2])
         assert runner.wait([short], timeout=60) and short.status().state == "done"
-        assert _wait_for(lambda: _polled(runner) and long.allotted_threads() == 4)  # alone once short's worker exits
-        assert _wait_for(lambda: _threads_lines(long) == [2, 4])  # the worker applied it while running
+        assert wait_for(lambda: _polled(runner) and long.allotted_threads() == 4)  # alone once short's worker exits
+        assert wait_for(lambda: _threads_lines(long) == [2, 4])  # the worker applied it while running
         plain = Job.create(tmp_path, "plain", "selftest", {"steps": 2000, "seconds": 0.05})
         plain.allot_threads(8)  # left from an earlier run of the job: dropped when it starts again
         runner.submit(plain)
         runner.poll()
         assert long.allotted_threads() == 2  # a job started beside it takes the cores back
         assert plain.allotted_threads() is None  # it declares no threads: torch's default is left alone
-        assert _wait_for(lambda: _threads_lines(long) == [2, 4, 2])
+        assert wait_for(lambda: _threads_lines(long) == [2, 4, 2])
     finally:
         runner.cancel_all()
     assert long.status().state == "cancelled"

@@ -18,18 +18,11 @@ from ActiveLearning3DLib.jobs import (InProcessRunner, Job, JobError, JobRunner,
 from ActiveLearning3DLib.jobs.local import process_create_time, worker_alive
 from ActiveLearning3DLib.locking import pid_alive, this_host
 
+from conftest import wait_for
+
 
 def _local(**kw) -> LocalRunner:
     return LocalRunner(LocalRunnerSettings(poll_seconds=0.05, grace_seconds=3.0, **kw))
-
-
-def _wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _log_has(job: Job, text: str) -> bool:
@@ -84,14 +77,14 @@ def test_a_second_runner_cancels_the_whole_tree_by_the_pids_in_the_job_folder(tm
     first = _local()
     first.submit(job)
     first.poll()
-    assert _wait_for(lambda: _log_has(job, "child pid"))
+    assert wait_for(lambda: _log_has(job, "child pid"))
     child = int(re.search(r"child pid (\d+)", job.log_path.read_text()).group(1))
     worker = job.status().pid
     assert psutil.Process(worker).children() and pid_alive(child)
     status = _local().cancel(Job(job.path))  # a fresh runner, as `al3d cancel` makes
     assert status.state == "cancelled"
     first._running[job.path][1].wait(timeout=10)  # the first process reaps its worker, as its exit would
-    assert _wait_for(lambda: not pid_alive(child) and not pid_alive(worker), timeout=10)
+    assert wait_for(lambda: not pid_alive(child) and not pid_alive(worker), timeout=10)
 
 
 def test_cancel_kills_a_worker_that_ignores_terminate_after_the_grace(tmp_path):
@@ -108,14 +101,14 @@ def test_cancel_kills_a_worker_that_ignores_terminate_after_the_grace(tmp_path):
     runner._launch = lambda j: _launch_code(runner, j, stubborn)
     runner.submit(job)
     runner.poll()
-    assert _wait_for(lambda: _log_has(job, "child pid"))
+    assert wait_for(lambda: _log_has(job, "child pid"))
     child = int(re.search(r"child pid (\d+)", job.log_path.read_text()).group(1))
     worker = job.status().pid
     started = time.monotonic()
     status = runner.cancel(job)
     assert status.state == "cancelled" and status.exit_code == -9  # killed, not terminated
     assert time.monotonic() - started < 10
-    assert _wait_for(lambda: not pid_alive(child) and not pid_alive(worker), timeout=10)
+    assert wait_for(lambda: not pid_alive(child) and not pid_alive(worker), timeout=10)
 
 
 def _launch_code(runner: LocalRunner, job: Job, code: str):
@@ -160,7 +153,7 @@ def test_an_old_status_file_without_a_create_time_is_judged_by_the_command_line(
 
 def test_a_zombie_is_dead_and_so_is_a_pid_that_never_was():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert _wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE, timeout=20)
+    assert wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE, timeout=20)
     assert not pid_alive(proc.pid) and not worker_alive(proc.pid)
     proc.wait()
     assert not pid_alive(proc.pid) and not worker_alive(None) and not pid_alive(0)
@@ -173,7 +166,7 @@ def test_a_second_runner_adopts_a_running_job_without_starting_it_twice(tmp_path
     first = _local()
     first.submit(job)
     first.poll()
-    assert _wait_for(lambda: job.status().state == "running" and (job.status().iteration or 0) >= 1)
+    assert wait_for(lambda: job.status().state == "running" and (job.status().iteration or 0) >= 1)
     worker = job.status().pid
     running = job.status()  # the worker says who runs it, so a later runner can judge it
     assert (running.runner, running.host, running.runner_id) == ("local", this_host(), None)
@@ -196,7 +189,7 @@ def test_adopting_a_job_whose_worker_died_marks_it_failed_instead(tmp_path):
     first = _local()
     first.submit(job)
     first.poll()
-    assert _wait_for(lambda: job.status().state == "running" and job.status().iteration)
+    assert wait_for(lambda: job.status().state == "running" and job.status().iteration)
     psutil.Process(job.status().pid).kill()
     first._running[job.path][1].wait()
     second = _local()
@@ -257,7 +250,7 @@ def test_the_in_process_runner_fails_cancels_and_refuses_what_it_cannot_do(tmp_p
     status = bad.status()
     assert status.state == "failed" and status.exit_code == 1 and "failed on purpose at step 1" in status.message
     assert "Traceback" in bad.log_path.read_text()
-    assert _wait_for(lambda: (long.status().iteration or 0) >= 2)
+    assert wait_for(lambda: (long.status().iteration or 0) >= 2)
     assert runner.cancel(long).state == "cancelled"
     handle_threads = [t for t in __import__("threading").enumerate() if t.name == "al3d job long"]
     assert not handle_threads and runner.active() == []
@@ -277,7 +270,7 @@ def test_an_in_process_job_cancelled_by_another_runner_stops_at_its_next_report(
     job = Job.create(tmp_path, "thread", "selftest", {"steps": 10_000, "seconds": 0.01})
     runner.submit(job)
     runner.poll()
-    assert _wait_for(lambda: (job.status().iteration or 0) >= 2)
+    assert wait_for(lambda: (job.status().iteration or 0) >= 2)
     assert _local().cancel(Job(job.path)).state == "cancelled"
     assert runner.wait([job], timeout=10) and runner.active() == []
     assert job.status().state == "cancelled"
@@ -289,9 +282,9 @@ def test_refresh_by_the_runner_that_started_a_worker_sees_its_death_without_a_po
     runner = _local()
     runner.submit(job)
     runner.poll()
-    assert _wait_for(lambda: job.status().state == "running" and job.status().iteration)
+    assert wait_for(lambda: job.status().state == "running" and job.status().iteration)
     psutil.Process(job.status().pid).kill()  # as the out-of-memory killer would
-    assert _wait_for(lambda: runner.refresh(job).state == "failed", timeout=10)
+    assert wait_for(lambda: runner.refresh(job).state == "failed", timeout=10)
     status = job.status()
     assert status.exit_code not in (None, 0) and "without finishing" in status.message and runner.active() == []
     assert runner.poll() == [job] and runner.poll() == []  # reported as ended once

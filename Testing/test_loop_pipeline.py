@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from ActiveLearning3DLib.nnunet.profiles import resolve_profile
 from ActiveLearning3DLib.pipeline import LoopSettings
 from ActiveLearning3DLib.query_methods import get_method
 from ActiveLearning3DLib.scores import ScoreStore
-from conftest import default_data_dir
+from conftest import default_data_dir, wait_for
 
 CASES = 16
 
@@ -122,16 +121,6 @@ def test_jobs_report_their_stages_and_rerunning_a_finished_loop_redoes_nothing(l
     assert {n: Job(jobs[n].path).status().ended for n in names} == ended
 
 
-def _wait(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _group_gone(pid: int) -> bool:
     try:
         os.killpg(pid, 0)
@@ -157,7 +146,7 @@ def test_cancel_kill_and_resume(tmp_path_factory):
         return status if training and after() else None
 
     # 1. cancel while fold 0 trains
-    status = _wait(fold0_training, what="fold 0 training")
+    status = wait_for(fold0_training, timeout=120, what="fold 0 training")
     cancelled = pipeline.cancel()
     assert fold0.path in [j.path for j in cancelled]
     assert fold0.status().state == "cancelled" and _group_gone(status.pid) and not process_alive(status.pid)
@@ -168,9 +157,9 @@ def test_cancel_kill_and_resume(tmp_path_factory):
     # 2. a new run resumes (prepare is not redone); SIGKILL the worker of fold 0 once it has a checkpoint
     pipeline = logic.loop_pipeline(settings)
     latest = pipeline.model_folder / "fold_0" / "checkpoint_latest.pth"
-    status = _wait(lambda: fold0_training(latest.is_file), what="a checkpoint")
+    status = wait_for(lambda: fold0_training(latest.is_file), timeout=120, what="a checkpoint")
     os.kill(status.pid, signal.SIGKILL)
-    _wait(lambda: pipeline.runner.refresh(fold0).state == "failed", what="the killed job to be failed")
+    wait_for(lambda: pipeline.runner.refresh(fold0).state == "failed", timeout=120, what="the killed job to be failed")
     message = fold0.status().message
     assert "exited" in message or "died" in message
     assert "log:" in message and len(message.splitlines()) > 1  # the last lines of its log
