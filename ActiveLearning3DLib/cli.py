@@ -458,7 +458,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
         reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
         restore_from=args.restore_from, runner=_runner_settings(args), init=args.init,
-        training_seed=args.training_seed)
+        training_seed=args.training_seed, warm_fraction=args.warm_fraction, warm_initial_lr=args.warm_initial_lr)
     return _run_simulation(settings, args.out / "report" if args.report else None, effort_model)
 
 
@@ -586,6 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
     _add_init_option(p)
+    p.add_argument("--warm-fraction", type=float, metavar="F",
+                   help="with --init warm: share of the profile's epochs a warm-started member trains (0 < F <= 1; "
+                   "default: the profile's, a third)")
+    p.add_argument("--warm-initial-lr", type=float, metavar="LR",
+                   help="with --init warm: starting learning rate of a warm-started member (default: the profile's, "
+                   "a tenth of its initial learning rate)")
     p.add_argument("--parallel", type=POSITIVE, help="jobs at a time over the whole grid")
     p.add_argument("--start", default="nnactive_start", choices=list(METHODS), help="starting budget method (loop 0)")
     p.add_argument("--max-cases", type=POSITIVE, help="use only the first N cases")

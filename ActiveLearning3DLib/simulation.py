@@ -124,6 +124,8 @@ class SimulationSettings:
     training_seed: int | None = None  # base seed of every training; None: each run's seed (the reference: its project's, 0)
     runner: RunnerSettings | None = None  # which backend runs the jobs (default: local); not part of the records
     init: str = "scratch"  # "warm": loops after 0 start from the previous loop's members (LoopSettings.init)
+    warm_fraction: float | None = None  # the warm schedule (TrainingProfile.warm_fraction); None: the profile's
+    warm_initial_lr: float | None = None  # its starting learning rate (TrainingProfile.warm_initial_lr)
 
     def __post_init__(self) -> None:
         self.images, self.labels, self.out = Path(self.images), Path(self.labels), Path(self.out).absolute()
@@ -153,6 +155,12 @@ class SimulationSettings:
         resolve_budget(self.budget, (1, 1, 1), 1)  # low/medium/high or a number of boxes: refused now, not after the reference
         if self.init not in ("scratch", "warm"):
             raise ValueError(f"init: expected scratch or warm, got {self.init!r}")
+        if self.init != "warm" and (self.warm_fraction, self.warm_initial_lr) != (None, None):
+            raise ValueError("warm_fraction and warm_initial_lr change warm starts only: give them with init 'warm'")
+        if self.warm_fraction is not None and not 0 < self.warm_fraction <= 1:
+            raise ValueError(f"warm_fraction: expected a share of the epochs in (0, 1], got {self.warm_fraction!r}")
+        if self.warm_initial_lr is not None and not self.warm_initial_lr > 0:
+            raise ValueError(f"warm_initial_lr: expected a positive learning rate, got {self.warm_initial_lr!r}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -275,7 +283,9 @@ class Simulation:
         self.out = s.out
         self.profile_name = auto_profile(s.device) if s.profile == "auto" else s.profile
         self.parallel = s.parallel or default_job_parallel(s.device)
-        self.loop_settings = LoopSettings(profile=self.profile_name, folds=s.folds, device=s.device,
+        warm_schedule = (s.warm_fraction, s.warm_initial_lr) != (None, None)  # the profile with it, else its name
+        self.loop_settings = LoopSettings(profile=self.loop_settings_profile() if warm_schedule else self.profile_name,
+                                          folds=s.folds, device=s.device,
                                           parallel=self.parallel, python=s.python, predict_pool=s.prefill,
                                           training_seed=s.training_seed, fixed_threads=True,  # records reproducible
                                           init=s.init)
@@ -350,7 +360,13 @@ class Simulation:
     def loop_settings_profile(self):
         from .nnunet.profiles import resolve_profile
 
-        return resolve_profile(self.profile_name, folds=self.settings.folds, device=self.settings.device)
+        return resolve_profile(self.profile_name, folds=self.settings.folds, device=self.settings.device,
+                               warm_fraction=self.settings.warm_fraction, warm_initial_lr=self.settings.warm_initial_lr)
+
+    def reference_profile(self):
+        """The full-data run's profile: the loops' without the warm schedule (one loop trains from scratch), so a
+        warm grid shares its reference with the scratch grids of the same profile."""
+        return dataclasses.replace(self.loop_settings_profile(), warm_fraction=None, warm_initial_lr=None)
 
     # ------------------------------------------------------------------ paths
     def start_dir(self, seed: int) -> Path:
@@ -366,10 +382,10 @@ class Simulation:
         base = self.base
         key_source = {"cases": sorted(base.cases), "split": {c: base.cases[c].split for c in sorted(base.cases)},
                       "shapes": {c: list(base.cases[c].shape) for c in sorted(base.cases)},
-                      "profile": self.loop_settings_profile().to_json()}
+                      "profile": self.reference_profile().to_json()}
         key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:10]
         root = self.settings.reference_cache or (self.out / "reference")
-        return Path(root) / f"{profile_tag(self.loop_settings_profile())}_{key}"
+        return Path(root) / f"{profile_tag(self.reference_profile())}_{key}"
 
     # -------------------------------------------------------------- the steps
     def _pipeline(self, key, logic: ActiveLearningLogic, **changes) -> LoopPipeline:
@@ -399,7 +415,8 @@ class Simulation:
         """How a recorded simulation header trains differently from these settings (warm or scratch, training seed)."""
         recorded = header.get("settings", {})
         return [(key, recorded.get(key, default), getattr(self.settings, key))
-                for key, default in (("init", "scratch"), ("training_seed", None))
+                for key, default in (("init", "scratch"), ("training_seed", None), ("warm_fraction", None),
+                                     ("warm_initial_lr", None))
                 if recorded.get(key, default) != getattr(self.settings, key)]
 
     def _restore_reference(self, folder: Path) -> None:
@@ -621,7 +638,7 @@ class Simulation:
             return False
         summary = read_json(pipeline.evaluation_summary)
         atomic_write_json(result, {"mean_dice": summary["mean_dice"], "per_class": summary["per_class"],
-                                   "model": pipeline.model_name, "profile": self.loop_settings_profile().to_json(),
+                                   "model": pipeline.model_name, "profile": self.reference_profile().to_json(),
                                    "determinism": model_determinism(pipeline.model_folder),
                                    "seconds": stage_seconds(pipeline), "written": now_iso()})
         self.echo(f"full-data reference: test Mean Dice {summary['mean_dice']}")

@@ -269,3 +269,29 @@ def test_simulate_passes_init_and_training_seed_to_the_simulation(tmp_path, monk
     with pytest.raises(SystemExit) as refused:
         cli.main([*args[:-1], "-1"])
     assert refused.value.code == 2 and not seen
+
+
+def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_reference(tmp_path_factory, tmp_path,
+                                                                                          capsys):
+    from ActiveLearning3DLib.project import ProjectError
+    from ActiveLearning3DLib.simulation import Simulation
+
+    data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
+    common = dict(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",), budget=20, loops=2,
+                  profile="test", device="cpu", max_cases=CASES, reference_cache=tmp_path / "references")
+    scratch = Simulation(SimulationSettings(out=tmp_path / "scratch", **common))
+    tuned = Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.5, warm_initial_lr=0.003,
+                                          **common))
+    profile = tuned.loop_settings.profile
+    assert (profile.warm_fraction, profile.warm_initial_lr, profile.warm_epochs) == (0.5, 0.003, 1)
+    assert tuned.reference_dir() == scratch.reference_dir()  # one full-data run serves both grids
+    assert tuned.header["settings"]["warm_fraction"] == 0.5
+    with pytest.raises(ProjectError, match=r"simulation with --warm-fraction 0.5; use another --out"):
+        Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.25, **common))
+    with pytest.raises(ValueError, match="give them with init 'warm'"):
+        SimulationSettings(out=tmp_path / "x", warm_fraction=0.5, **common)
+    with pytest.raises(SystemExit):
+        al3d(["simulate", "--images", "x", "--labels", "y", "--method", "random", "--out", str(tmp_path / "y"),
+              "--init", "warm", "--warm-fraction", "2"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "al3d: error: warm_fraction: expected a share of the epochs in (0, 1], got 2.0"]

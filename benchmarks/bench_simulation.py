@@ -14,7 +14,7 @@ so that finished figures can be committed, and the report is written there.
     .venv/bin/python benchmarks/bench_simulation.py [--run-dir /work/al3d-runs/hippocampus-low-cpu-small]
         [--methods random_fg66,clasp_pe] [--seeds 0,1,2] [--profile cpu-small] [--sync-only]
         [--start nnactive_start] [--reference-cache DIR] [--no-reference] [--loops 5] [--parallel 2]
-        [--init scratch|warm]
+        [--init scratch|warm] [--warm-fraction F] [--warm-initial-lr LR]
 
 The cold-start benchmark is one run folder per starting budget, e.g.
 ``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``;
@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--init", default="scratch", choices=["scratch", "warm"],
                         help="warm: each loop after 0 starts from the previous loop's members (issue 30's study; give it "
                         "its own --run-dir, e.g. .../hippocampus-low-cpu-small-warm)")
+    parser.add_argument("--warm-fraction", help="with --init warm: share of the epochs (default: the profile's, a third)")
+    parser.add_argument("--warm-initial-lr", help="with --init warm: starting learning rate (default: the profile's, a tenth)")
     parser.add_argument("--sync-only", action="store_true", help="only copy finished records and write the report")
     args = parser.parse_args()
     name = args.run_dir.name
@@ -72,6 +74,9 @@ def main() -> int:
         if (target / "simulation.json").is_file():
             # the committed records carry their boxes: a fresh machine rebuilds the runs instead of training again
             command += ["--restore-from", str(target)]
+        for option, value in (("--warm-fraction", args.warm_fraction), ("--warm-initial-lr", args.warm_initial_lr)):
+            if value is not None:
+                command += [option, value]
         if args.no_reference:
             command.append("--no-reference")
         if args.reference_cache:
