@@ -19,6 +19,7 @@ import struct
 import time
 import zlib
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,6 +31,11 @@ from .locking import pid_alive
 TMP_PREFIX = ".al3d-tmp-"
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".seg.nrrd")
+
+
+def now_iso() -> str:
+    """The time in UTC to the second, as every file of a project and job records it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def split_image_suffix(name: str) -> tuple[str, str] | None:

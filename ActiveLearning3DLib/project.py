@@ -24,7 +24,6 @@ import re
 import shutil
 import stat
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -41,6 +40,7 @@ from .fileio import (
     read_image,
     read_json,
     make_staging_dir,
+    now_iso,
     remove_stale_temporaries,
     split_image_suffix,
 )
@@ -65,10 +65,6 @@ class LoopConflict(ProjectError):
     def __init__(self, message: str, loop: int):
         super().__init__(message)
         self.loop = loop
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def default_patch_size(shapes: Sequence[Sequence[int]], spacings_zyx: Sequence[Sequence[float]]) -> Shape3:

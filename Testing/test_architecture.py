@@ -77,7 +77,8 @@ def test_cmake_resources_exist_and_icons_are_128_square():
 
 # ------------------------------------------------------------------ layers
 # What the jobs layer may not know of: it runs any task by name, so it never imports the code its tasks run.
-ABOVE_JOBS = ("pipeline", "logic", "gui", "simulation", "query_methods", "embeddings", "cli", "nnunet", "report")
+ABOVE_JOBS = ("pipeline", "logic", "gui", "simulation", "query_methods", "embeddings", "cli", "nnunet", "report",
+              "project")  # the project store is what jobs work for; jobs keep their own folders
 
 
 def _module_name(path: Path) -> str:

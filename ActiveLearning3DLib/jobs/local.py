@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..locking import this_host
-from ..project import now_iso
+from ..fileio import now_iso
 from .runner import PACKAGE_ROOT, BaseRunner, default_parallel, start_rank
 from .store import Job, JobError, JobStatus
 

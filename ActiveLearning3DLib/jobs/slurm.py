@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..fileio import atomic_write_json, atomic_write_text, read_json
-from ..project import now_iso
+from ..fileio import now_iso
 from .store import Job, JobError, JobStatus
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds ActiveLearning3DLib

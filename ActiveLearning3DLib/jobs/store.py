@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from ..fileio import atomic_write_json, read_json
 from ..locking import FileLock
-from ..project import now_iso
+from ..fileio import now_iso
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")

@@ -9,7 +9,7 @@ from typing import Callable, TextIO
 
 from ..fileio import atomic_write_json
 from ..locking import this_host
-from ..project import now_iso
+from ..fileio import now_iso
 from .local import process_create_time
 from .store import Job, summarise
 from .tasks import Cancelled, Reporter, resolve_task
