@@ -290,8 +290,7 @@ def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_r
         Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.25, **common))
     with pytest.raises(ValueError, match="give them with init 'warm'"):
         SimulationSettings(out=tmp_path / "x", warm_fraction=0.5, **common)
-    with pytest.raises(SystemExit):
-        al3d(["simulate", "--images", "x", "--labels", "y", "--method", "random", "--out", str(tmp_path / "y"),
-              "--init", "warm", "--warm-fraction", "2"])
+    assert al3d(["simulate", "--images", "x", "--labels", "y", "--method", "random", "--out", str(tmp_path / "y"),
+                 "--init", "warm", "--warm-fraction", "2"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "al3d: error: warm_fraction: expected a share of the epochs in (0, 1], got 2.0"]
+        "al3d simulate: error: warm_fraction: expected a share of the epochs in (0, 1], got 2.0"]
