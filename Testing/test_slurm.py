@@ -117,6 +117,22 @@ def test_project_settings_are_saved_once_and_read_back(tmp_path):
         load_project_settings(tmp_path)
 
 
+def test_the_project_choice_builds_the_runner_of_the_panel_and_slurm_options_need_the_slurm_runner(tmp_path, capsys):
+    from ActiveLearning3DLib.cli import main as al3d
+    from ActiveLearning3DLib.jobs.slurm import project_runner, save_project_runner
+
+    assert project_runner(tmp_path) is None
+    save_project_runner(tmp_path, "local", SlurmSettings(partition="gpu"))
+    assert project_runner(tmp_path) is None  # kept, but the project runs locally
+    save_project_runner(tmp_path, "slurm", SlurmSettings(partition="gpu", time_limit="30"))
+    runner = project_runner(tmp_path)
+    assert isinstance(runner, SlurmRunner) and (runner.settings.partition, runner.settings.time_limit) == ("gpu", "30")
+    assert al3d(["train", str(tmp_path / "nowhere"), "--runner", "local", "--slurm-time", "10", "--slurm-mem", "4G"]) == 1
+    assert "al3d train: error: --slurm-time, --slurm-mem need --runner slurm" in capsys.readouterr().err
+    assert al3d(["train", str(tmp_path / "nowhere"), "--runner", "slurm", "--slurm-time", "soon"]) == 1
+    assert "time_limit 'soon' is not a Slurm time" in capsys.readouterr().err
+
+
 def test_batch_script_holds_the_options_setup_and_environment_and_runs_the_worker(tmp_path):
     job = Job.create(tmp_path, "train", "selftest", {"threads": 3}, env={"nnUNet_results": "/shared/it's here"})
     runner = SlurmRunner(SlurmSettings(partition="gpu", account="lab", qos="normal", time_limit="1-00:00:00",

@@ -11,7 +11,11 @@ own time is Python's start and our imports) run
    through the local runner at ``--parallel`` at a time: wall time, jobs per
    minute, and a count of lost or doubled jobs (each must end done, with one
    worker start in its log, one batch job id of its own, and Slurm reporting
-   that batch job COMPLETED).
+   that batch job COMPLETED);
+3. with ``--grid``: a small ``test``-profile simulation grid (``al3d simulate``,
+   ``random`` x ``--grid-seeds`` x 2 loops on 16 cases of the default data, no
+   full-data reference) through the local runner and through Slurm: wall
+   times, their ratio, and whether both grids chose the same boxes.
 
 The cluster is the one ``AL3D_TEST_SLURM`` names (an env file of
 ``.ci/services/slurm.sh``), else one started here with that script (root and
@@ -89,12 +93,43 @@ def lost_or_doubled(jobs: list[Job], slurm: SlurmRunner | None) -> list[str]:
     return problems
 
 
+def grid(work: Path, scheduler_env: dict[str, str], seeds: str) -> None:
+    """Time the same small simulation grid through the local runner and through Slurm."""
+    import json
+
+    from ActiveLearning3DLib.default_data import resolve_default_data
+
+    data = resolve_default_data(os.environ, REPO, work / "phantoms", 0)
+    walls, boxes = {}, {}
+    for kind in ("local", "slurm"):
+        out = work / f"grid-{kind}"
+        command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data.images),
+                   "--labels", str(data.labels), "--method", "random", "--seeds", seeds, "--loops", "2",
+                   "--profile", "test", "--device", "cpu", "--max-cases", "16", "--no-reference", "--out", str(out),
+                   "--runner", kind]
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO, env={**os.environ, **scheduler_env}, capture_output=True, text=True,
+                              check=False)
+        walls[kind] = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"the {kind} grid failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+        boxes[kind] = sorted(json.dumps(json.loads(p.read_text())["patches"], sort_keys=True)
+                             for p in out.rglob("loops/loop_*.json") if "base" not in p.parts)
+    same = boxes["local"] == boxes["slurm"] and bool(boxes["local"])
+    print(f"test-profile grid (random x seeds {seeds} x 2 loops, {data.name} 16 cases, no reference): local "
+          f"{walls['local']:.0f} s, Slurm {walls['slurm']:.0f} s, ratio {walls['slurm'] / walls['local']:.2f}; "
+          f"{len(boxes['local'])} loop files, same boxes both ways: {same}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10, help="jobs one after another per runner (latency)")
     parser.add_argument("--burst", type=int, default=100, help="jobs submitted at once")
     parser.add_argument("--poll", type=float, default=0.5, help="poll interval of both runners, seconds")
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="local runner's jobs at a time")
+    parser.add_argument("--grid", action="store_true", help="also time a test-profile simulation grid both ways")
+    parser.add_argument("--grid-seeds", default="0,1", help="the grid's seeds, comma separated")
+    parser.add_argument("--skip-jobs", action="store_true", help="only the grid (with --grid)")
     parser.add_argument("--extra-conf", action="append", default=[], metavar="LINE",
                         help="start a cluster here with this slurm.conf line added (repeatable)")
     args = parser.parse_args()
@@ -121,6 +156,10 @@ def main() -> int:
               f"one node ({cpus} CPUs), one CPU per job; extra slurm.conf: {'; '.join(args.extra_conf) or 'none'}; "
               f"both runners poll every {args.poll:g} s")
 
+        if args.grid:
+            grid(work, scheduler_env, args.grid_seeds)
+        if args.skip_jobs:
+            return 0
         local = make_runner(RunnerSettings(kind="local", max_parallel=1, poll_seconds=args.poll))
         slurm = SlurmRunner(slurm_settings)
         for runner, tag in ((local, "local"), (slurm, "slurm")):  # warm up: file caches, the first batch step
