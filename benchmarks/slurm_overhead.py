@@ -113,8 +113,9 @@ def grid(work: Path, scheduler_env: dict[str, str], seeds: str) -> None:
         walls[kind] = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(f"the {kind} grid failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-        boxes[kind] = sorted(json.dumps(json.loads(p.read_text())["patches"], sort_keys=True)
-                             for p in out.rglob("loops/loop_*.json") if "base" not in p.parts)
+        boxes[kind] = sorted(json.dumps([{k: b.get(k) for k in ("file", "coords", "size", "loop", "index", "method")}
+                                         for b in json.loads(p.read_text())["patches"]])
+                             for p in out.rglob("loops/loop_*.json") if "base" not in p.parts)  # not annotation times
     same = boxes["local"] == boxes["slurm"] and bool(boxes["local"])
     print(f"test-profile grid (random x seeds {seeds} x 2 loops, {data.name} 16 cases, no reference): local "
           f"{walls['local']:.0f} s, Slurm {walls['slurm']:.0f} s, ratio {walls['slurm'] / walls['local']:.2f}; "
