@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--python", type=interpreter,
                        help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)")
         if train:
-            p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
+            p.add_argument("--folds", type=at_least(2), help="ensemble size, at least 2 (default: the profile's)")
             p.add_argument("--parallel", type=POSITIVE, help="folds trained at a time (default: 1 on a GPU, CPU cores / 2)")
         _add_runner_options(p)
 
@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--profile", default="auto", choices=["auto", *profile_names()])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--folds", type=POSITIVE, help="ensemble size (default: the profile's)")
+    p.add_argument("--folds", type=at_least(2), help="ensemble size, at least 2 (default: the profile's)")
     _add_init_option(p)
     p.add_argument("--warm-fraction", type=float, metavar="F",
                    help="with --init warm: share of the profile's epochs a warm-started member trains (0 < F <= 1; "

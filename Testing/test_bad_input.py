@@ -67,6 +67,9 @@ BAD_OPTIONS = [
     (["loop", "{p}", "--count", "-1"], "--count"),
     (["loop", "{p}", "--count", "0"], "--count"),
     (["loop", "{p}", "--folds", "0"], "--folds"),
+    (["loop", "{p}", "--folds", "1"], "--folds"),  # one fold trains on nothing (it crashed in the worker)
+    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
+      "--folds", "1"], "--folds"),
     (["train", "{p}", "--parallel", "0"], "--parallel"),
     (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--query-size", "0"], "--query-size"),
     (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--query-size", "-5"], "--query-size"),

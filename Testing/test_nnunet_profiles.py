@@ -41,7 +41,7 @@ def test_overrides_replace_fields_and_none_means_not_given():
 
 
 @pytest.mark.parametrize("bad", [{"epochs": 0}, {"device": "tpu"}, {"batch_size": 0}, {"patch_size": (8, 0, 8)},
-                                 {"val_iterations": 0}, {"num_workers": -1}])
+                                 {"val_iterations": 0}, {"num_workers": -1}, {"folds": 1}])
 def test_invalid_values_are_clear_errors(bad):
     with pytest.raises(ProfileError):
         resolve_profile("test", **bad)

@@ -103,6 +103,8 @@ class TrainingProfile:
         for name in ("epochs", "iterations_per_epoch", "folds", "save_every"):
             if int(getattr(self, name)) < 1:
                 raise ProfileError(f"profile {self.name!r}: {name} must be at least 1, got {getattr(self, name)}")
+        if int(self.folds) < 2:  # one fold would train on nothing: every image is in its validation set
+            raise ProfileError(f"profile {self.name!r}: folds must be at least 2 (a cross-validation ensemble), got {self.folds}")
         if self.val_iterations < 1:
             raise ProfileError(f"profile {self.name!r}: val_iterations must be at least 1, got {self.val_iterations}")
         if self.device not in DEVICES:

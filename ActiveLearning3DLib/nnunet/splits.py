@@ -49,6 +49,8 @@ class SplitError(ValueError):
 
 
 def fold_count(n_images: int, n_folds: int = 5) -> int:
+    if n_folds < 2:
+        raise SplitError(f"cross-validation needs at least 2 folds, got {n_folds}")
     if n_images < 2:
         raise SplitError(
             f"cross-validation needs at least 2 images with annotated boxes, found {n_images}; annotate boxes in "
