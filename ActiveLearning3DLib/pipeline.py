@@ -48,6 +48,7 @@ from .jobs import Job, JobRunner, JobStatus, RunnerSettings, make_runner
 from .jobs.runner import default_parallel
 from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
+from .nnunet.scoring import ScoringSettings
 from .prefill import PREDICTION_FOLDER
 from .project import LoopConflict, LoopFile, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
@@ -356,12 +357,13 @@ class LoopPipeline:
                     "extra": {"loop": self.loop, "profile": self.profile.name, "annotation_key": self.annotation_key},
                     **common}))
             if self.scores:
-                jobs.append(self._job("score", "nnunet_score", {
-                    "model": str(self.model_folder), "maps": self.score_job_maps(),
-                    "scores_dir": str(self.scores_dir),
-                    "uncertainty_dir": str(self.uncertainty_dir) if self.settings.uncertainty_maps else None,
-                    "prediction_dir": str(self.pool_prediction_dir) if self.settings.pool_prediction else None,
-                    "stride": list(self.settings.stride) if self.settings.stride else None, **common}))
+                scoring = ScoringSettings(
+                    tuple(self.score_job_maps()), self.scores_dir,
+                    self.uncertainty_dir if self.settings.uncertainty_maps else None,
+                    tuple(self.settings.stride) if self.settings.stride else None,  # type: ignore[arg-type]
+                    self.pool_prediction_dir if self.settings.pool_prediction else None)
+                jobs.append(self._job("score", "nnunet_score", {"model": str(self.model_folder), **scoring.to_json(),
+                                                                **common}))
             return jobs
         raise ValueError(f"stage {stage!r} has no jobs")
 

@@ -21,10 +21,11 @@ computed anyway.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,21 +36,67 @@ from ..prefill import PREDICTION_ENDING, prediction_labels, write_pool_predictio
 from ..project import Project
 from ..scores import ScoreStore, score_maps
 from ..uncertainty import EnsembleAccumulator, needs_expected_entropy
-from .prediction import Ensemble, PredictionSettings
+
+if TYPE_CHECKING:  # pragma: no cover - torch is imported only where an ensemble is loaded (the worker)
+    from .prediction import Ensemble
 
 Progress = Callable[[dict], None]
 UNCERTAINTY_MAP = "pe"  # the map written as an image for the GUI's heat map
 
 
+_MAP_NAME = re.compile(r"^(pe|bald|ee|class_[0-9]+)$")  # the names EnsembleMaps.map knows
+
+
 @dataclass
 class ScoringSettings:
-    """What a scoring run computes and where it writes."""
+    """What a scoring run computes and where it writes; also the schema of a score job's inputs.
+
+    The pipeline writes :meth:`to_json` into the job's ``job.json`` and the
+    worker reads it back with :meth:`from_json`, so both sides agree on one
+    record (importing this module does not import torch).
+    """
 
     maps: tuple[str, ...]  # e.g. QueryMethod.map_names(...)
     scores_dir: Path
     uncertainty_dir: Path | None = None  # write <case>.nii.gz predictive entropy here, for the GUI
     stride: tuple[int, int, int] | None = None
     prediction_dir: Path | None = None  # write <case>.nii.gz predicted labels here (<model>/pool_prediction), for pre-fills
+
+    def to_json(self) -> dict[str, Any]:
+        """The job inputs (key order as the score jobs have always written them)."""
+        return {"maps": list(self.maps), "scores_dir": str(self.scores_dir),
+                "uncertainty_dir": None if self.uncertainty_dir is None else str(self.uncertainty_dir),
+                "prediction_dir": None if self.prediction_dir is None else str(self.prediction_dir),
+                "stride": None if self.stride is None else [int(s) for s in self.stride]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: Path | str = "scoring settings") -> "ScoringSettings":
+        """The settings in ``data`` (a score job's inputs; other keys are the job's own); a ValueError names
+        ``source`` (the job file), the key and what is wrong with it."""
+
+        def bad(key: str, expected: str) -> ValueError:
+            return ValueError(f"{source}: {key!r}: expected {expected}, got {data.get(key)!r}")
+
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object of scoring settings, got {type(data).__name__}")
+        maps = data.get("maps")
+        if not isinstance(maps, (list, tuple)) or not all(isinstance(m, str) and _MAP_NAME.match(m) for m in maps):
+            raise bad("maps", "a list of uncertainty map names (pe, bald, ee, class_<c>)")
+
+        def folder(key: str, required: bool = False) -> Path | None:
+            value = data.get(key)
+            if value is None and not required:
+                return None
+            if not isinstance(value, str) or not value:
+                raise bad(key, "a folder path" if required else "a folder path or null")
+            return Path(value)
+
+        stride = data.get("stride")
+        if stride is not None and (not isinstance(stride, (list, tuple)) or len(stride) != 3 or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in stride)):
+            raise bad("stride", "null or three whole numbers of at least 1")
+        return cls(tuple(maps), folder("scores_dir", required=True), folder("uncertainty_dir"),
+                   None if stride is None else tuple(stride), folder("prediction_dir"))  # type: ignore[arg-type]
 
 
 def uncertainty_image(values: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -120,5 +167,7 @@ def score_pool_with_ensemble(
 
 def load_scoring_ensemble(model_folder: Path | str, device: str = "cpu", threads: int | None = None) -> Ensemble:
     """All finished members of a model folder, set up for pool scoring (tile step 0.75, no mirroring)."""
+    from .prediction import Ensemble, PredictionSettings
+
     return Ensemble.load(model_folder, settings=PredictionSettings(tile_step=0.75, mirroring=False, device=device,
                                                                    threads=threads))

@@ -88,14 +88,10 @@ def score_task(inputs: dict, report: Reporter) -> dict:
     """Score the pool with every member of the model (resumes: scored cases are skipped)."""
     from .scoring import ScoringSettings, load_scoring_ensemble, score_pool_with_ensemble
 
+    settings = ScoringSettings.from_json(inputs, report.job.spec_path)  # a bad job file fails before the model loads
     _threads(inputs, report)
     report(stage="scoring", message="loading the ensemble", force=True)
     ensemble = load_scoring_ensemble(inputs["model"], resolve_device(inputs.get("device")))
-    stride = inputs.get("stride")
-    settings = ScoringSettings(tuple(inputs["maps"]), Path(inputs["scores_dir"]),
-                               Path(inputs["uncertainty_dir"]) if inputs.get("uncertainty_dir") else None,
-                               tuple(stride) if stride else None,
-                               Path(inputs["prediction_dir"]) if inputs.get("prediction_dir") else None)
     return score_pool_with_ensemble(Project.open(inputs["project"]), ensemble, settings,
                                     progress=_relay(report, "scoring"))
 
