@@ -24,6 +24,7 @@ import re
 import shutil
 import stat
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -52,7 +53,26 @@ FILE_ENDING = ".nii.gz"
 LOOP_FILE = re.compile(r"^loop_(\d{3,})\.json$")
 LOCK_FILE = "project.lock"
 
-BOX_STATES = ("pending", "annotated", "skipped")
+
+
+class BoxState(str, Enum):
+    """Where a box is in the annotation workflow.
+
+    A ``str`` enum: the loop files hold the plain strings, and ``record.state == "annotated"`` holds either way.
+    """
+
+    PENDING = "pending"  # queried, waiting for the annotator
+    ANNOTATED = "annotated"  # its labels are in the partial label map
+    SKIPPED = "skipped"  # the annotator passed it over; it still blocks new boxes from overlapping it
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+BOX_STATES = tuple(s.value for s in BoxState)
 
 
 class ProjectError(RuntimeError):
@@ -113,12 +133,17 @@ class BoxRecord:
     score: float | None = None
     priority: float | None = None
     stratum: str | None = None
-    state: str = "pending"
+    state: BoxState = BoxState.PENDING
     annotator: str | None = None
     annotated_at: str | None = None
     seconds: float | None = None
     source: str = "query"  # "query" or "annotator" (a box the annotator placed by hand)
     effort: dict | None = None  # at submit: voxels changed against the pre-fill, its Dice (prefill.box_effort)
+
+    def __post_init__(self) -> None:
+        # a state given as a string becomes the enum; an unknown one stays as read, for the loop file's error
+        if not isinstance(self.state, BoxState) and self.state in BOX_STATES:
+            self.state = BoxState(self.state)
 
     @property
     def id(self) -> str:
@@ -185,7 +210,7 @@ class LoopFile:
         boxes = [BoxRecord.from_json(p, loop, i) for i, p in enumerate(patches)]
         return cls(loop, str(d.get("method", "unknown")), d.get("seed"), str(d.get("created", "")), boxes, dict(d.get("info", {})))
 
-    def count(self, state: str) -> int:
+    def count(self, state: BoxState | str) -> int:
         return sum(1 for b in self.boxes if b.state == state)
 
 
@@ -379,7 +404,7 @@ class Project:
         for loop in self.loops():
             by_case: dict[str, list[Box]] = {}
             for b in loop.boxes:
-                if b.state == "annotated":
+                if b.state == BoxState.ANNOTATED:
                     by_case.setdefault(b.case, []).append(b.box)
             for case, case_boxes in by_case.items():
                 gt = self.read_ground_truth(case)
@@ -517,7 +542,7 @@ class Project:
         Submitting a box again changes its time and so the key: a model trained
         before is not mistaken for one of the new labels.
         """
-        rows = [(b.id, b.state, b.annotated_at) for b in self.all_boxes() if b.state == "annotated"]
+        rows = [(b.id, b.state, b.annotated_at) for b in self.all_boxes() if b.state == BoxState.ANNOTATED]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:8]
 
     def update_box(self, record: BoxRecord) -> None:

@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .jobs.store import Job
+from .jobs.store import Job, JobState
 from .jobs.tasks import Cancelled
 from .jobs.work import execute
 
@@ -31,7 +31,7 @@ def run_job(job_dir: Path | str) -> int:
     it; a worker started by hand is a local process.
     """
     job = Job(job_dir)
-    if job.status().state in ("done", "cancelled"):
+    if job.status().state in (JobState.DONE, JobState.CANCELLED):
         print(f"{job.path}: already {job.status().state}; nothing to do", flush=True)
         return 0
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from ActiveLearning3DLib.jobs import (InProcessRunner, InProcessRunnerSettings, Job, JobError, LocalRunner,
-                                      LocalRunnerSettings, busy_seconds)
+from ActiveLearning3DLib.jobs import (InProcessRunner, InProcessRunnerSettings, Job, JobError, JobState, JobStatus,
+                                      LocalRunner, LocalRunnerSettings, busy_seconds)
 from ActiveLearning3DLib.jobs.local import worker_alive as process_alive
 from ActiveLearning3DLib.worker import run_job
 
@@ -113,6 +113,7 @@ def test_dead_worker_is_detected_by_a_new_runner_without_the_process_handle(tmp_
     assert status.state == "failed" and "died" in status.message
 
 
+@pytest.mark.slow
 def test_a_job_resumed_after_its_worker_died_keeps_the_time_its_first_attempt_ran(tmp_path):
     """A session ends while a fold trains and a later one resumes it: the fold's wall time must count both attempts,
     ending the first when it was last heard of, not when the next session noticed its death."""
@@ -197,6 +198,28 @@ def test_bad_job_names_and_damaged_files_are_clear_errors(tmp_path):
     job.status_path.write_text("{not json")  # damage from outside: reported as failed, so it can run again
     status = job.status()
     assert status.state == "failed" and "status.json: damaged status file" in status.message
+
+
+def test_job_states_are_an_enum_and_status_json_holds_the_plain_strings(tmp_path):
+    job = Job.create(tmp_path, "enum", "selftest", {"steps": 1, "seconds": 0.01})
+    assert job.status().state is JobState.QUEUED
+    job.update(state="running", pid=12, started="2026-01-01T00:00:00+00:00")  # a string, as older code passes
+    text = job.status_path.read_text()
+    assert '"state": "running"' in text
+    status = job.status()
+    assert status.state is JobState.RUNNING and status.state == "running" and not status.final
+    job.update(state=JobState.DONE)
+    assert json.loads(job.status_path.read_text())["state"] == "done" and job.status().final
+    # the file is the one plain strings give: the enum changes nothing on disk
+    as_strings = {**json.loads(job.status_path.read_text()), "state": "done"}
+    assert job.status_path.read_text() == json.dumps(as_strings, indent=1) + "\n"
+    assert f"{JobState.FAILED}" == str(JobState.FAILED) == "failed"
+    assert [s.final for s in JobState] == [False, False, True, True, True]
+    with pytest.raises(JobError, match="unknown job state 'paused'"):
+        job.update(state="paused")
+    assert job.status().state is JobState.DONE  # refused before anything was written
+    with pytest.raises(ValueError, match="unknown job state 'paused'"):
+        JobStatus(state="paused")
 
 
 def test_cli_lists_and_cancels_a_projects_jobs(tmp_path, capsys):

@@ -17,6 +17,7 @@ from ActiveLearning3DLib.boxes import Box, effective_patch_size
 from ActiveLearning3DLib.fileio import TMP_PREFIX, atomic_write_image, atomic_write_json, read_json
 from ActiveLearning3DLib.project import (
     BoxRecord,
+    BoxState,
     LoopFile,
     Project,
     ProjectError,
@@ -507,6 +508,28 @@ def test_update_box(project):
     assert again.boxes[1].state == "annotated" and again.boxes[1].annotator == "oracle" and again.boxes[1].seconds == 1.5
     assert again.boxes[0].state == "pending"
     assert again.count("annotated") == 1
+
+
+def test_box_states_are_an_enum_that_writes_the_same_loop_file_as_plain_strings(project):
+    loop = _loop(project)
+    loop.boxes[1].state = BoxState.ANNOTATED
+    project.write_loop(loop)
+    text = project.loop_path(0).read_text()
+    by_strings = LoopFile.from_json(json.loads(text), 0)
+    by_strings.boxes[1].state = "annotated"  # as code that still assigns the string does
+    assert json.dumps(by_strings.to_json(), indent=1) + "\n" == text
+    patches = json.loads(text)["patches"]
+    assert [p["state"] for p in patches] == ["pending", "annotated"] and '"state": "annotated"' in text
+    back = project.read_loop(0)
+    assert [type(b.state) for b in back.boxes] == [BoxState, BoxState]  # read back as the enum
+    assert back.boxes[1].state == "annotated" and back.boxes[1].state is BoxState.ANNOTATED
+    assert f"{back.boxes[0].state}" == str(back.boxes[0].state) == "pending"
+    assert back.count(BoxState.ANNOTATED) == back.count("annotated") == 1
+    assert project.annotation_key() == Project.open(project.path).annotation_key()
+    patches[0]["state"] = "lost"
+    project.loop_path(0).write_text(json.dumps({"patches": patches}))
+    with pytest.raises(ProjectError, match="loop_000.json: box 000-0000 has unknown state 'lost'"):
+        project.read_loop(0)
 
 
 def test_reads_a_plain_nnactive_loop_file(project):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .local import LocalRunner, process_create_time
-from .store import Job, JobError
+from .store import Job, JobError, JobState
 from .work import execute
 
 
@@ -46,7 +46,7 @@ class _ThreadHandle:
         self.thread = threading.Thread(target=self._run, name=f"al3d job {job.name}", daemon=True)
 
     def _stopped(self) -> bool:
-        return self.stop.is_set() or self.job.status().state == "cancelled"  # cancelled here or by another runner
+        return self.stop.is_set() or self.job.status().state == JobState.CANCELLED  # cancelled here or by another runner
 
     def _run(self) -> None:
         code = 1

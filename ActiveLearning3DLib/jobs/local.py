@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from ..locking import this_host
 from ..fileio import now_iso
 from .runner import PACKAGE_ROOT, BaseRunner, default_parallel, start_rank
-from .store import Job, JobError, JobStatus
+from .store import Job, JobError, JobState, JobStatus
 
 # runner kinds whose workers are processes of the host that ran them (None: status files written before
 # ``runner`` was recorded): their liveness is a pid and a create time, judged on that host
@@ -154,20 +154,20 @@ def runs_elsewhere(status: JobStatus) -> bool:
     or killed here, and holding no local slot."""
     if status.final or judged_here(status):
         return False
-    return status.state == "running" or bool(status.runner_id)
+    return status.state == JobState.RUNNING or bool(status.runner_id)
 
 
 def mark_dead_worker_failed(job: Job, alive: Callable[[JobStatus], bool]) -> JobStatus:
     """The job's status; a "running" job whose worker ``alive`` says is gone becomes failed (checked again under
     the job's lock). It ended when it was last heard of, not when the death is noticed (perhaps hours later)."""
     status = job.status()
-    if status.state != "running" or alive(status):
+    if status.state != JobState.RUNNING or alive(status):
         return status
     with job.lock.hold("mark a dead worker failed"):
         status = job.status()  # again under the lock: another runner may have started it just now
-        if status.state == "running" and not alive(status):
+        if status.state == JobState.RUNNING and not alive(status):
             tail = job.log_summary()
-            status = job.update(state="failed", ended=status.updated or now_iso(),
+            status = job.update(state=JobState.FAILED, ended=status.updated or now_iso(),
                                 message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
     return status
 
@@ -257,9 +257,9 @@ class LocalRunner(BaseRunner):
         status = job.status()
         if not status.final:  # killed before it could say so
             tail = job.log_summary()
-            job.update(state="failed", ended=now_iso(), exit_code=code,
+            job.update(state=JobState.FAILED, ended=now_iso(), exit_code=code,
                        message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""))
-        elif status.state == "failed" and status.exit_code is None:  # another runner saw it die first (refresh)
+        elif status.state == JobState.FAILED and status.exit_code is None:  # another runner saw it die first (refresh)
             job.update(exit_code=code)
         self._reaped.append(job)
         return True
@@ -278,16 +278,16 @@ class LocalRunner(BaseRunner):
             return
         with job.lock.hold("queue the job"):  # never re-queue a job another runner is starting right now
             status = self.refresh(job)
-            if status.state == "done":
+            if status.state == JobState.DONE:
                 return
             if runs_elsewhere(status):  # a Slurm batch job, a worker on another host: not started twice
                 self._foreign[job.path] = job
                 return
-            if status.state == "running":
+            if status.state == JobState.RUNNING:
                 self._adopted[job.path] = job
                 return
-            if status.state != "queued":
-                job.update(state="queued", progress=0.0, message="", pid=None, pid_started=None, host=None,
+            if status.state != JobState.QUEUED:
+                job.update(state=JobState.QUEUED, progress=0.0, message="", pid=None, pid_started=None, host=None,
                            runner=None, runner_id=None, started=None, ended=None, exit_code=None,
                            earlier=status.attempts_before_restart())
         self._queue.append(job)
@@ -304,7 +304,7 @@ class LocalRunner(BaseRunner):
         if runs_elsewhere(status):
             self._foreign[job.path] = job
             return True
-        if status.state != "running":
+        if status.state != JobState.RUNNING:
             return False
         self._adopted[job.path] = job
         return True
@@ -319,7 +319,7 @@ class LocalRunner(BaseRunner):
             self._reap(path)
         ended, self._reaped = self._reaped, []
         for path, job in list(self._adopted.items()):
-            if self.refresh(job).state != "running":  # refresh marks a worker that died without a word as failed
+            if self.refresh(job).state != JobState.RUNNING:  # refresh marks a worker that died without a word as failed
                 del self._adopted[path]
                 ended.append(job)
         for path, job in list(self._foreign.items()):
@@ -328,7 +328,7 @@ class LocalRunner(BaseRunner):
                 ended.append(job)
         while self._queue and len(self._running) + len(self._adopted) < self.settings.max_parallel:
             job = self._queue.pop(self._next_index())
-            if job.status().state == "cancelled":
+            if job.status().state == JobState.CANCELLED:
                 continue
             self._start(job)
         self._share_cores()
@@ -378,7 +378,7 @@ class LocalRunner(BaseRunner):
             if runs_elsewhere(status):
                 self._foreign[job.path] = job
                 return
-            if status.state == "running":
+            if status.state == JobState.RUNNING:
                 self._adopted[job.path] = job
                 return
             if status.final:
@@ -386,7 +386,7 @@ class LocalRunner(BaseRunner):
             job.threads_path.unlink(missing_ok=True)  # an earlier run's allotment; _share_cores writes this run's
             handle, pid, started = self._launch(job)
             self._running[job.path] = (job, handle)
-            job.update(state="running", pid=pid, pid_started=started, host=this_host(), runner=self.kind,
+            job.update(state=JobState.RUNNING, pid=pid, pid_started=started, host=this_host(), runner=self.kind,
                        runner_id=None, started=now_iso(), ended=None, message="starting", progress=0.0,
                        exit_code=None)  # the worker takes it over with its own pid
 
@@ -409,18 +409,18 @@ class LocalRunner(BaseRunner):
         entry = self._running.pop(job.path, None)
         if entry is not None:
             code = self._stop(entry[0], entry[1])
-            return job.update(state="cancelled", ended=now_iso(), message="cancelled", exit_code=code)
+            return job.update(state=JobState.CANCELLED, ended=now_iso(), message="cancelled", exit_code=code)
         status = job.status()
         if status.final:
             return status
         if runs_elsewhere(status):
             raise JobError(f"{job.path}: it runs under the {status.runner or 'local'} runner"
                            + (f" on {status.host}" if status.host else "") + "; cancel it with that runner")
-        if status.state == "running" and judged_here(status) and status.pid != os.getpid() \
+        if status.state == JobState.RUNNING and judged_here(status) and status.pid != os.getpid() \
                 and worker_alive(status.pid, status.pid_started, job.path):
             kill_tree(status.pid, self.settings.grace_seconds, status.pid_started)
         # a job of the in-process runner in this process reads "cancelled" at its next report and stops
-        return job.update(state="cancelled", ended=now_iso(), message="cancelled")
+        return job.update(state=JobState.CANCELLED, ended=now_iso(), message="cancelled")
 
     def _stop(self, job: Job, handle: Any) -> int | None:
         """Kill a worker this runner started, by its handle (it may not have written its pid yet); its exit code."""

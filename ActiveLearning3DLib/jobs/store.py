@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,8 +19,30 @@ from ..fileio import atomic_write_json, read_json
 from ..locking import FileLock
 from ..fileio import now_iso
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-FINAL_STATES = ("done", "failed", "cancelled")
+
+
+class JobState(str, Enum):
+    """Where a job is. A ``str`` enum: status.json holds the plain strings, and ``status.state == "done"`` holds."""
+
+    QUEUED = "queued"  # created (or reset to run again), no worker yet
+    RUNNING = "running"  # a worker has it (whether it still lives is the runner's judgement)
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+JOB_STATES = tuple(s.value for s in JobState)
+FINAL_STATES = tuple(s.value for s in JobState if s.final)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -31,7 +54,7 @@ class JobError(RuntimeError):
 class JobStatus:
     """What a job is doing now; written by the worker (progress) and the runner (start, death, cancel)."""
 
-    state: str = "queued"
+    state: JobState = JobState.QUEUED
     progress: float = 0.0  # 0 .. 1
     stage: str = ""
     epoch: int | None = None
@@ -52,9 +75,12 @@ class JobStatus:
     # session really ran is not lost when its new attempt overwrites ``started``
     earlier: list[list[str | None]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.state = _job_state(self.state)
+
     @property
     def final(self) -> bool:
-        return self.state in FINAL_STATES
+        return self.state.final
 
     @property
     def wall_seconds(self) -> float | None:
@@ -158,12 +184,12 @@ class Job:
             if job.spec_path.is_file():
                 old = job.spec()
                 if (old.kind, old.inputs) == (spec.kind, json.loads(json.dumps(spec.inputs))):
-                    if old.env != spec.env and job.status().state not in ("running", "done"):  # a rerun gets the new env
+                    if old.env != spec.env and job.status().state not in (JobState.RUNNING, JobState.DONE):  # a rerun gets the new env
                         atomic_write_json(job.spec_path, {**asdict(spec), "created": old.created})
                     return job
-                if job.status().state == "done":
+                if job.status().state == JobState.DONE:
                     raise JobError(f"{job.path}: a finished job with other inputs exists; remove it to run new ones")
-                if job.status().state == "running":
+                if job.status().state == JobState.RUNNING:
                     raise JobError(f"{job.path}: a running job with other inputs exists; cancel it first")
             atomic_write_json(job.spec_path, asdict(spec))
             atomic_write_json(job.status_path, asdict(JobStatus(updated=now_iso())))
@@ -196,7 +222,7 @@ class Job:
             return status
         except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
             detail = str(e).replace(f"{self.status_path}: ", "")[:200]
-            return JobStatus(state="failed", message=f"{self.status_path}: damaged status file ({detail}); "
+            return JobStatus(state=JobState.FAILED, message=f"{self.status_path}: damaged status file ({detail}); "
                                                      "the job counts as failed and runs again when asked")
 
     def update(self, **changes: Any) -> JobStatus:
@@ -206,8 +232,10 @@ class Job:
             if not hasattr(status, key):
                 raise JobError(f"unknown status field {key!r}")
             setattr(status, key, value)
-        if status.state not in JOB_STATES:
-            raise JobError(f"unknown job state {status.state!r}")
+        try:
+            status.state = _job_state(status.state)
+        except ValueError as e:
+            raise JobError(str(e)) from None
         status.updated = now_iso()
         atomic_write_json(self.status_path, asdict(status))
         return status
@@ -264,9 +292,16 @@ def summarise(text: str, width: int = 200, total: int = 1200) -> str:
     return "\n".join(reversed(kept))
 
 
+def _job_state(state: JobState | str) -> JobState:
+    """``state`` as a :class:`JobState`; a ValueError names an unknown one."""
+    if isinstance(state, JobState):
+        return state
+    if isinstance(state, str) and state in JOB_STATES:
+        return JobState(state)
+    raise ValueError(f"unknown job state {state!r}")
+
+
 def _status_problem(status: JobStatus) -> str | None:
-    if status.state not in JOB_STATES:
-        return f"unknown state {status.state!r}"
     if isinstance(status.progress, bool) or not isinstance(status.progress, (int, float)):
         return f"progress {status.progress!r} is not a number"
     if not isinstance(status.message, str) or not isinstance(status.earlier, list):

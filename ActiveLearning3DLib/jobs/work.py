@@ -11,7 +11,7 @@ from ..fileio import atomic_write_json
 from ..locking import this_host
 from ..fileio import now_iso
 from .local import process_create_time
-from .store import Job, summarise
+from .store import Job, JobState, summarise
 from .tasks import Cancelled, Reporter, resolve_task
 
 
@@ -26,13 +26,13 @@ def execute(job: Job, runner: str = "local", runner_id: str | None = None,
     """
     out = out or sys.stdout
     spec = job.spec()
-    if job.status().state in ("done", "cancelled"):
+    if job.status().state in (JobState.DONE, JobState.CANCELLED):
         print(f"{job.path}: already {job.status().state}; nothing to do", file=out, flush=True)
         return 0
     with job.lock.hold("worker start"):  # after the runner that started this worker has marked the job running
         status = job.status()
-        launched = status.state == "running" and status.pid in (os.getpid(), os.getppid())  # by a runner, just now
-        job.update(state="running", pid=os.getpid(), pid_started=process_create_time(os.getpid()), host=this_host(),
+        launched = status.state == JobState.RUNNING and status.pid in (os.getpid(), os.getppid())  # by a runner, just now
+        job.update(state=JobState.RUNNING, pid=os.getpid(), pid_started=process_create_time(os.getpid()), host=this_host(),
                    runner=runner, runner_id=runner_id or (status.runner_id if status.runner == runner else None),
                    started=status.started if launched else now_iso(), ended=None,
                    message="", progress=0.0, exit_code=None,
@@ -45,15 +45,15 @@ def execute(job: Job, runner: str = "local", runner_id: str | None = None,
         if stop is not None and stop():
             raise Cancelled()
     except Cancelled:
-        job.update(state="cancelled", ended=now_iso(), message="cancelled")
+        job.update(state=JobState.CANCELLED, ended=now_iso(), message="cancelled")
         return 143
     except BaseException as e:  # noqa: BLE001 - every failure must end the job as failed, never 'running'
         traceback.print_exc(file=out)
         out.flush()
-        job.update(state="failed", ended=now_iso(), exit_code=1,
+        job.update(state=JobState.FAILED, ended=now_iso(), exit_code=1,
                    message=f"{type(e).__name__}: {summarise(str(e), 300, 600)}\n{job.log_summary()}")
         return 1
     atomic_write_json(job.path / "result.json", result)
-    job.update(state="done", progress=1.0, ended=now_iso(), exit_code=0, message="done")
+    job.update(state=JobState.DONE, progress=1.0, ended=now_iso(), exit_code=0, message="done")
     print(f"[{now_iso()}] done", file=out, flush=True)
     return 0
