@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 from ActiveLearning3DLib.jobs import Job
 from ActiveLearning3DLib.jobs.slurm import (SlurmError, SlurmRunner, SlurmSettings, load_project_settings,
                                             save_project_settings)
+from conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / ".ci" / "services" / "slurm.sh"
@@ -71,20 +71,10 @@ def _batch_state(slurm_env, job_id: str) -> str:
     return _slurm(slurm_env, "squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%T").strip()
 
 
-def _wait_for(predicate, timeout=60.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def _running(runner: SlurmRunner, job: Job) -> str:
     """Poll until the job's worker runs on the node; its batch job id."""
-    _wait_for(lambda: runner.poll() is not None and job.status().state == "running" and job.status().iteration,
-              what=f"{job.name} to run")
+    wait_for(lambda: runner.poll() is not None and job.status().state == "running" and job.status().iteration,
+             timeout=60, what=f"{job.name} to run")
     return runner.record(job)["job_id"]
 
 
@@ -173,7 +163,8 @@ def test_selftest_job_runs_as_one_batch_job(slurm_env, tmp_path):
     record = runner.record(job)
     assert (status.runner, status.runner_id) == ("slurm", record["job_id"])
     # the runner reports it done from the folder; the batch job ends a moment later as the worker exits
-    _wait_for(lambda: _batch_state(slurm_env, record["job_id"]) == "COMPLETED", timeout=30, what="COMPLETED")
+    wait_for(lambda: _batch_state(slurm_env, record["job_id"]) == "COMPLETED", timeout=30, what="COMPLETED",
+             interval=0.1)
     log = job.log_path.read_text()
     assert "step 3/3" in log and "AL3D_TEST_VALUE=worker-only" in log
     assert json.loads((job.path / "result.json").read_text())["steps"] == 3
@@ -193,10 +184,11 @@ def test_cancel_scancels_the_batch_job(slurm_env, tmp_path):
     pid = job.status().pid
     status = runner.cancel(job)
     assert status.state == "cancelled"
-    _wait_for(lambda: _batch_state(slurm_env, job_id) == "CANCELLED", what="Slurm to cancel the batch job")
+    wait_for(lambda: _batch_state(slurm_env, job_id) == "CANCELLED", timeout=60, what="Slurm to cancel the batch job",
+             interval=0.1)
     psutil = pytest.importorskip("psutil")
-    _wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-              timeout=30, what="the worker process to end")
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+             timeout=30, what="the worker process to end")
     assert runner.active() == [] and runner.poll() == []
     assert job.status().state == "cancelled"  # not turned into a failure afterwards
 
@@ -207,7 +199,7 @@ def test_batch_job_killed_by_the_scheduler_is_failed_with_its_reason_and_runs_ag
     runner.submit(job)
     first = _running(runner, job)
     _slurm(slurm_env, "scancel", "--signal=KILL", first)  # as an administrator would; the worker cannot say a word
-    ended = _wait_for(lambda: runner.poll(), what="the runner to notice the killed batch job")
+    ended = wait_for(lambda: runner.poll(), timeout=60, what="the runner to notice the killed batch job")
     assert [j.path for j in ended] == [job.path]
     status = job.status()
     assert status.state == "failed"
@@ -302,7 +294,7 @@ def test_al3d_loop_through_slurm_survives_a_restart_and_queries_what_the_local_r
         return [Job(p.parent) for p in found] if len(found) == 2 else None
 
     try:
-        folds = _wait_for(fold_jobs, timeout=300, what="the folds' batch jobs")
+        folds = wait_for(fold_jobs, timeout=300, what="the folds' batch jobs")
     finally:
         first.send_signal(signal.SIGKILL)  # the terminal closed; the batch jobs go on
         output = first.communicate()[0]
@@ -325,8 +317,8 @@ def test_al3d_loop_through_slurm_survives_a_restart_and_queries_what_the_local_r
     assert {j.name.rsplit("-", 1)[-1] for j in jobs} >= {"prepare", "fold_0", "fold_1", "evaluate"}
     ids = {probe.record(j)["job_id"] for j in jobs}
     assert len(ids) == len(jobs)  # one batch job each, none submitted twice
-    _wait_for(lambda: {s.state for s in probe.batch_states(ids).values()} == {"COMPLETED"}, timeout=60,
-              what="every batch job COMPLETED")  # the last ones end a moment after their folder says done
+    wait_for(lambda: {s.state for s in probe.batch_states(ids).values()} == {"COMPLETED"}, timeout=60,
+             what="every batch job COMPLETED", interval=0.1)  # the last ones end a moment after their folder says done
 
     def loop_one(logic):
         d = read_json(logic.project.loop_path(1))
@@ -368,7 +360,7 @@ def test_training_over_its_time_limit_is_timeout_and_resumes_from_its_checkpoint
 
     pipeline = logic.loop_pipeline(settings, SlurmRunner(_settings(slurm_env, cpus_per_task=1)))
     try:
-        resumed_at = _wait_for(second_attempt_epoch, timeout=300, what="fold 0 to train again")
+        resumed_at = wait_for(second_attempt_epoch, timeout=300, what="fold 0 to train again", interval=0.1)
     finally:
         pipeline.cancel()
     assert epochs[-1] - 1 <= resumed_at <= epochs[-1] + 1  # from the checkpoint of its last epoch, not epoch 0

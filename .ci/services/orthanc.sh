@@ -9,13 +9,8 @@
 #
 # Needs Debian's orthanc and orthanc-dicomweb packages (apt-get install orthanc orthanc-dicomweb).
 set -euo pipefail
-
-command=${1:-}
-dir=${2:-}
-if [[ -z "$command" || -z "$dir" ]]; then
-  echo "usage: $0 start|stop DIR" >&2
-  exit 2
-fi
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # $command, $dir, stop_pidfile
 
 ORTHANC=${ORTHANC:-$(command -v Orthanc || true)}
 PLUGIN=${ORTHANC_DICOMWEB_PLUGIN:-/usr/share/orthanc/plugins/libOrthancDicomWeb.so}
@@ -80,14 +75,7 @@ PY
     exit 1
     ;;
   stop)
-    if [[ -f "$dir/pid" ]]; then
-      pid=$(cat "$dir/pid")
-      if kill "$pid" 2>/dev/null; then
-        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-      fi
-      rm -f "$dir/pid"
-    fi
+    stop_pidfile "$dir/pid"
     ;;
   *)
     echo "usage: $0 start|stop DIR" >&2

@@ -16,28 +16,12 @@
 # memory is not a consumable (CR_Core), so jobs share the node's memory. There is no slurmdbd, so `sacct` has no
 # data: the runner reads jobs from `squeue --states=all` (finished jobs stay known for MinJobAge, one hour here).
 set -euo pipefail
-
-command=${1:-}
-dir=${2:-}
-if [[ -z "$command" || -z "$dir" ]]; then
-  echo "usage: $0 start|stop DIR" >&2
-  exit 2
-fi
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # $command, $dir, stop_pidfile
 
 die() {
   echo "slurm.sh: $*" >&2
   exit 1
-}
-
-stop_pidfile() {  # stop the daemon whose pid file is $1 (TERM, then KILL after 5 s)
-  local pid
-  [[ -f "$1" ]] || return 0
-  pid=$(cat "$1")
-  if [[ -n "$pid" ]] && kill "$pid" 2>/dev/null; then
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$1"
 }
 
 case "$command" in
