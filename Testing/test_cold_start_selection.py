@@ -8,7 +8,7 @@ import pytest
 
 from ActiveLearning3DLib.aggregation import NotEnoughCandidates, Pick
 from ActiveLearning3DLib.boxes import Box
-from ActiveLearning3DLib.query_methods import QueryContext, get_method
+from ActiveLearning3DLib.query_methods import PESpatialOptions, QueryContext, get_method
 from ActiveLearning3DLib.query_methods.diversity import (
     cluster_priority, cscs_scores, difficulty_coverage_ratio, kmeans_auto, pacing_weight, proportional_quotas,
     rank_normalise, spatially_diverse, stratified_select, typicality,
@@ -151,7 +151,7 @@ def test_pe_spatial_query_respects_the_minimum_distance_and_prefers_uncertainty(
     probs[1] = 0.01
     probs[:, 2:10, 2:10, 2:10] = 0.5  # one uncertain corner region: plain PE would crowd boxes there
     ctx = QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
-                       probabilities=MemoryProbabilities({"m0": {"x": probs}}), min_distance=12.0)
+                       probabilities=MemoryProbabilities({"m0": {"x": probs}}), options=PESpatialOptions(12.0))
     picks = get_method("pe_spatial")(ctx, 3)
     plain = get_method("pe")(ctx, 3)
     centre = lambda p: np.array(p.box.coords) + 1.5  # noqa: E731
@@ -188,8 +188,8 @@ def test_pe_spatial_in_embedding_space_rejects_a_far_box_that_looks_the_same():
         vectors[i] = [(b.coords[1] - b.coords[0]) / 4.0, 0.0]  # (0,0,0) and (20,20,20) look alike, (0,20,0) does not
     ctx = QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
                        probabilities=MemoryProbabilities({"m0": {"x": probs}}),
-                       embeddings=EmbeddingSet(boxes, vectors, np.zeros(len(boxes))), distance_space="embedding",
-                       min_distance=2.0)
+                       embeddings=EmbeddingSet(boxes, vectors, np.zeros(len(boxes))),
+                       options=PESpatialOptions(2.0, "embedding"))
     picks = get_method("pe_spatial")(ctx, 2)
     corners = sorted(p.box.coords for p in picks)
     assert (0, 0, 0) in corners or (20, 20, 20) in corners
@@ -198,3 +198,40 @@ def test_pe_spatial_in_embedding_space_rejects_a_far_box_that_looks_the_same():
     voxel = get_method("pe_spatial")(QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1],
                                                   seed=0, probabilities=MemoryProbabilities({"m0": {"x": probs}})), 2)
     assert sorted(p.box.coords for p in voxel) == [(0, 0, 0), (20, 20, 20)]
+
+
+def test_pe_spatial_options_are_a_validated_record_and_the_old_keywords_make_it():
+    shape = (24, 24, 24)
+    probs = np.full((2, *shape), 0.5, np.float32)
+    probs[0], probs[1] = 0.99, 0.01
+    probs[:, 2:10, 2:10, 2:10] = 0.5
+    common = dict(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
+                  probabilities=MemoryProbabilities({"m0": {"x": probs}}))
+    method = get_method("pe_spatial")
+    assert method.options is PESpatialOptions and get_method("pe").options is None
+    by_record = method(QueryContext(**common, options=PESpatialOptions(min_distance=12.0)), 3)
+    by_keywords = QueryContext(**common, min_distance=12.0)  # what logic.query still passes
+    assert by_keywords.options == PESpatialOptions(12.0, "voxels")
+    assert [p.box for p in method(by_keywords, 3)] == [p.box for p in by_record]
+    with pytest.raises(AttributeError):
+        by_keywords.min_distance  # noqa: B018 - not a field: the record holds it
+    default = QueryContext(**common)
+    assert default.options is None and method.options_of(default) == PESpatialOptions()
+    far = method(QueryContext(**common, options=PESpatialOptions(min_distance=20.0)), 2)
+    assert [p.box for p in far] != [p.box for p in by_record[:2]]  # the record's value is the one used
+    # a record of another method is none of this one's business; pe ignores pe_spatial's, as it ignored the keywords
+    assert get_method("pe")(QueryContext(**common, options=PESpatialOptions(20.0)), 3) == get_method("pe")(default, 3)
+    assert method.wants_embeddings(PESpatialOptions(distance_space="embedding"))
+    assert not method.wants_embeddings(PESpatialOptions()) and not get_method("pe").wants_embeddings(
+        PESpatialOptions(distance_space="embedding")) and get_method("cluster").wants_embeddings()
+    for bad, match in [(dict(min_distance=-1.0), "min_distance: expected a non-negative number"),
+                       (dict(min_distance=float("nan")), "min_distance"), (dict(min_distance=True), "min_distance"),
+                       (dict(distance_space="pixels"), "distance_space: expected 'voxels' or 'embedding'")]:
+        with pytest.raises(ValueError, match=f"pe_spatial: {match}"):
+            PESpatialOptions(**bad)
+        with pytest.raises(ValueError, match=f"pe_spatial: {match}"):
+            QueryContext(**common, **bad)
+    with pytest.raises(ValueError, match="not beside one"):
+        QueryContext(**common, options=PESpatialOptions(), min_distance=3.0)
+    with pytest.raises(ValueError, match="options must be a query method's option record, got dict"):
+        method(QueryContext(**common, options={"min_distance": 12.0}), 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .base import QueryContext, QueryMethod
 from .clasp import clasp_beta, select_clasp_pe
 from .diversity import select_cluster, select_cscs, select_pe_spatial
+from .options import PESpatialOptions
 from .random_methods import select_nnactive_start, select_random, select_random_fg33, select_random_fg66
 from .uncertainty_methods import (
     select_bald,
@@ -31,7 +32,8 @@ _METHODS: tuple[QueryMethod, ...] = (
     QueryMethod("softrank_bald", "SoftrankBALD: global BALD rank r, -log r + Gumbel noise", select_softrank_bald,
                 needs_model=True, maps=("bald",)),
     QueryMethod("pe_spatial", "predictive entropy with spatial diversity: best PE boxes, none closer than a minimum "
-                "distance to another box of the same query", select_pe_spatial, needs_model=True, maps=("pe",)),
+                "distance to another box of the same query", select_pe_spatial, needs_model=True, maps=("pe",),
+                options=PESpatialOptions),
     QueryMethod("random", "uniform random boxes, images in shuffled round robin", select_random),
     QueryMethod("random_fg33", "foreground-aware random, 33 % of boxes on foreground or its border (simulation only)",
                 select_random_fg33, needs_ground_truth=True),
@@ -54,4 +56,4 @@ def get_method(name: str) -> QueryMethod:
         raise ValueError(f"unknown query method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "QueryContext", "QueryMethod", "clasp_beta", "get_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "PESpatialOptions", "QueryContext", "QueryMethod", "clasp_beta", "get_method"]

@@ -1,8 +1,8 @@
 """What every query method gets and returns, and the registry entry that describes it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from dataclasses import InitVar, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -10,6 +10,7 @@ from ..aggregation import BoxScores, Pick, default_stride
 from ..boxes import Box, Shape3, effective_patch_size
 from ..scores import ScoreStore, score_maps
 from ..uncertainty import ProbabilitySource, ensemble_maps
+from .options import OPTION_RECORDS, PESpatialOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embeddings import EmbeddingSet
@@ -26,6 +27,13 @@ class QueryContext:
     ``blocked`` holds every box already in the project (any state): new boxes never
     overlap them. ``loop`` is the index of the loop the query creates and
     ``total_loops`` the planned number of loops (ClaSP PE's noise schedule).
+    ``options`` is the option record of the method that runs (``QueryMethod.options``,
+    e.g. :class:`~.options.PESpatialOptions`); a method reads only a record of its
+    own type, so one made for another method is ignored, as is none (its defaults).
+
+    ``min_distance`` and ``distance_space`` are the keywords of callers written
+    before the option records (``logic.query``): given, they make the
+    ``PESpatialOptions`` record; they are not fields.
     """
 
     cases: Mapping[str, Shape3]  # pool case -> image shape (k, j, i)
@@ -42,9 +50,18 @@ class QueryContext:
     stride: Shape3 | None = None
     n_per_image: int | None = None
     embeddings: "EmbeddingSet | None" = None  # cluster, cscs: the pool's candidate boxes embedded (no labels)
-    min_distance: float | None = None  # pe_spatial: minimum distance between boxes (see distance_space)
-    distance_space: str = "voxels"  # pe_spatial: "voxels" (box centres, same image) or "embedding" (pool embeddings)
+    options: Any = None  # the running method's option record (QueryMethod.options); None: its defaults
     progress: Callable[[Iterable, str], Iterable] = no_progress
+    min_distance: InitVar[float | None] = None  # -> options=PESpatialOptions(min_distance, ...)
+    distance_space: InitVar[str | None] = None  # -> options=PESpatialOptions(..., distance_space)
+
+    def __post_init__(self, min_distance: float | None, distance_space: str | None) -> None:
+        if min_distance is None and distance_space is None:
+            return
+        if self.options is not None:
+            raise ValueError("QueryContext: give pe_spatial's min_distance and distance_space in its options record "
+                             "(PESpatialOptions), not beside one")
+        self.options = PESpatialOptions(min_distance, "voxels" if distance_space is None else distance_space)
 
     def rng(self, purpose: str) -> np.random.Generator:
         """A generator fixed by seed, loop and purpose: the same inputs always give the same query."""
@@ -81,6 +98,9 @@ class QueryContext:
             del maps
 
 
+del QueryContext.min_distance, QueryContext.distance_space  # init-only: reading them must fail, not give None
+
+
 @dataclass(frozen=True)
 class QueryMethod:
     """A registry entry: what a method is called, what it does and what it needs."""
@@ -92,6 +112,18 @@ class QueryMethod:
     needs_ground_truth: bool = False
     needs_embeddings: bool = False  # label-free cold start: reads the pool autoencoder's embeddings
     maps: tuple[str, ...] = ()  # uncertainty maps it reads; "class_*" stands for one per foreground class
+    options: type | None = None  # its option record (a frozen dataclass of .options), where it has options
+
+    def options_of(self, context: QueryContext) -> Any:
+        """The method's options: the context's record where it is of this method's type, else the defaults."""
+        if self.options is None:
+            return None
+        return context.options if isinstance(context.options, self.options) else self.options()
+
+    def wants_embeddings(self, options: Any = None) -> bool:
+        """Whether a query needs the pool's box embeddings: the method always, or as these options ask."""
+        own = options if self.options is not None and isinstance(options, self.options) else None
+        return self.needs_embeddings or bool(getattr(own, "needs_embeddings", False))
 
     def map_names(self, foreground_classes: Sequence[int]) -> list[str]:
         """The maps a scoring job must aggregate for this method."""
@@ -118,6 +150,9 @@ class QueryMethod:
                 f"query method {self.name!r} needs ensemble probabilities of the pool: give --probabilities DIR "
                 "or train a model first"
             )
+        if context.options is not None and not isinstance(context.options, OPTION_RECORDS):
+            raise ValueError(f"query method {self.name!r}: options must be a query method's option record, "
+                             f"got {type(context.options).__name__}")
         if self.needs_embeddings and context.embeddings is None:
             raise ValueError(f"query method {self.name!r} needs the pool's box embeddings (made by the pool autoencoder)")
         picks = self.select(context, count)

@@ -30,6 +30,7 @@ import numpy as np
 from ..aggregation import NotEnoughCandidates, Pick, blocker_for, greedy_per_image, iter_greedy
 from ..boxes import Box, any_overlap
 from .base import QueryContext
+from .options import PESpatialOptions
 
 SILHOUETTE_SAMPLE = 2000
 
@@ -254,16 +255,16 @@ def select_pe_spatial(ctx: QueryContext, count: int) -> list[Pick]:
 
     In voxels (default: the longest box edge) boxes of different images are never
     close, so the rule applies per image while walking each image's greedy PE
-    boxes. In embedding space (``distance_space="embedding"``) every pick takes the
+    boxes. In embedding space (``PESpatialOptions.distance_space="embedding"``) every pick takes the
     embedding of the nearest candidate of the pool embeddings' grid, and the rule
     applies across images (default distance: the median nearest-neighbour
     distance of the pool's embeddings).
     """
-    if ctx.distance_space not in ("voxels", "embedding"):
-        raise ValueError(f"pe_spatial: distance space must be 'voxels' or 'embedding', got {ctx.distance_space!r}")
-    if ctx.distance_space == "embedding":
-        return _pe_spatial_embedding(ctx, count)
-    min_distance = ctx.min_distance if ctx.min_distance is not None else DEFAULT_MIN_DISTANCE_FACTOR * max(ctx.patch_size)
+    options = ctx.options if isinstance(ctx.options, PESpatialOptions) else PESpatialOptions()  # validated when made
+    if options.distance_space == "embedding":
+        return _pe_spatial_embedding(ctx, count, options)
+    min_distance = options.min_distance if options.min_distance is not None else \
+        DEFAULT_MIN_DISTANCE_FACTOR * max(ctx.patch_size)
     per_image = ctx.n_per_image or count
     picks: list[Pick] = []
     for scores in ctx.case_scores(["pe"]):
@@ -279,13 +280,13 @@ def select_pe_spatial(ctx: QueryContext, count: int) -> list[Pick]:
     return spatially_diverse(picks, count, min_distance)
 
 
-def _pe_spatial_embedding(ctx: QueryContext, count: int) -> list[Pick]:
+def _pe_spatial_embedding(ctx: QueryContext, count: int, options: PESpatialOptions) -> list[Pick]:
     from scipy.spatial import cKDTree
 
     if ctx.embeddings is None or not len(ctx.embeddings):
         raise ValueError("pe_spatial with distance in embedding space needs the pool's box embeddings")
     emb = ctx.embeddings
-    min_distance = ctx.min_distance
+    min_distance = options.min_distance
     if min_distance is None:
         distances, _ = cKDTree(emb.embeddings).query(emb.embeddings, k=2)
         min_distance = float(np.median(distances[:, 1]))
