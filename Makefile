@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: all demo test lint install clean benchmark
+.PHONY: all demo test test-fast lint install clean benchmark
 
 all: test
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q Testing
+
+# the unit tests without nnU-Net training, simulations, Slurm or process races (a fast tier; CI runs `make test`)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" Testing
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ActiveLearning3D ActiveLearning3DLib Testing benchmarks

@@ -24,6 +24,44 @@ ORIGIN = (0.0, 0.0, 0.0)
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 CLASS_NAMES = {0: "background", 1: "anterior", 2: "posterior"}
 
+# The fast tier (`make test-fast`: pytest -m "not slow") leaves out the tests that train nnU-Net or the pool
+# autoencoder, run a simulation, a Slurm cluster or a race of processes. Every test that uses one of these fixtures
+# is marked slow here, so a new test on them needs no mark of its own; a test that trains or races in its own body
+# carries @pytest.mark.slow. `make test` runs every test, slow or not.
+SLOW_FIXTURES = frozenset({
+    "looped",  # test_loop_pipeline: `al3d loop --profile test` (train, evaluate, score, query)
+    "prepared",  # test_nnunet_pipeline, test_determinism: nnU-Net planning and preprocessing, for tests that train
+    "simulated",  # test_simulation: an `al3d simulate` killed and resumed
+    "two_simulations",  # test_determinism: `al3d simulate` twice
+    "two_loops",  # test_warm_start: two loops of training
+    "planted",  # test_cold_start_embeddings: a pool whose autoencoder the tests train (400 iterations)
+    "slurm_env",  # test_slurm: a Slurm cluster started for the session, and its batch jobs
+})
+FAST_TIER_HINT_SECONDS = 5.0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark slow every test that uses a fixture of SLOW_FIXTURES (see there)."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After a run without the slow tests, name the tests that still took long: they may belong to the slow tier."""
+    if "not slow" not in (config.option.markexpr or ""):
+        return
+    seconds: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown"):
+                seconds[report.nodeid] = seconds.get(report.nodeid, 0.0) + report.duration
+    long = sorted(((s, nodeid) for nodeid, s in seconds.items() if s > FAST_TIER_HINT_SECONDS), reverse=True)
+    if long:
+        terminalreporter.write_sep("=", f"fast tier: tests over {FAST_TIER_HINT_SECONDS:g} s (slow if they train or race)")
+        for s, nodeid in long:
+            terminalreporter.write_line(f"{s:6.1f} s  {nodeid}")
+
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
     """A rotation matrix about one array axis, for test images with an oblique direction."""

@@ -149,6 +149,7 @@ def _oks(results: list[tuple]) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------- the races
+@pytest.mark.slow
 def test_two_processes_submitting_halves_lose_no_box_and_no_label(pair, template, tmp_path):
     counts = []
     for n in range(ROUNDS):
@@ -161,6 +162,7 @@ def test_two_processes_submitting_halves_lose_no_box_and_no_label(pair, template
     assert all(c == {"boxes": BOXES, "pending": 0, "labels_lost": 0} for c in counts), counts
 
 
+@pytest.mark.slow
 def test_two_oracle_annotations_at_once_leave_nothing_pending(pair, template, tmp_path):
     counts = []
     for n in range(ROUNDS):
@@ -195,6 +197,7 @@ def test_two_queries_at_once_never_replace_a_loop_file(pair, template, tmp_path)
     assert replaced == 0
 
 
+@pytest.mark.slow
 def test_two_loop_drivers_start_each_job_once(pair, tmp_path):
     starts = []
     names = ["model-fold_0", "model-fold_1", "model-score"]
@@ -222,6 +225,7 @@ def annotate_claimed_boxes(path: str, annotator: str) -> list[str]:
     return done
 
 
+@pytest.mark.slow
 def test_two_annotators_get_different_boxes_and_both_submissions_land(pair, template, tmp_path):
     for n in range(1):  # each round is 150 claims raced for, one at a time
         path = _copy(template, tmp_path / f"p{n}")
@@ -236,6 +240,7 @@ def test_two_annotators_get_different_boxes_and_both_submissions_land(pair, temp
         assert logic.claims() == {}  # a submitted box is no longer claimed
 
 
+@pytest.mark.slow
 def test_two_cli_oracles_at_once_share_the_boxes(template, tmp_path):
     path = _copy(template, tmp_path / "p")
     procs = [subprocess.Popen([sys.executable, "-m", "ActiveLearning3DLib.cli", "annotate", str(path), "--oracle"],
@@ -289,6 +294,7 @@ def project(template, tmp_path) -> ActiveLearningLogic:
     return ActiveLearningLogic.open(_copy(template, tmp_path / "p"))
 
 
+@pytest.mark.slow
 def test_a_claim_ends_when_its_holder_is_killed(project):
     logic = project
     first, second = logic.pending_boxes()[:2]
@@ -387,6 +393,7 @@ def test_the_lock_is_reentrant_and_the_last_release_removes_only_its_own_file(tm
     assert (tmp_path / "x.lock").exists()  # not ours any more: left in place
 
 
+@pytest.mark.slow
 def test_a_second_loop_driver_takes_the_loop_file_the_first_one_queried(project):
     """Two `al3d loop` of one model: the one that queries second takes the first one's loop, not an error."""
     from ActiveLearning3DLib.pipeline import LoopSettings

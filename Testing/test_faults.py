@@ -104,6 +104,7 @@ def _run_and_kill(argv: list[str], project: Path, after_boxes: int) -> int:
     return _annotated_count(project)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL is POSIX; Windows has no kill -9 of this kind")
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_kill_9_while_annotating_loses_no_box_and_no_label(tmp_path, command):
@@ -182,6 +183,7 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_full_disk_leaves_the_project_readable_and_unchanged(tmp_path, tiny_filesystem, capsys):
     from ActiveLearning3DLib.cli import main
 

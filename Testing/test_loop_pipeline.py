@@ -129,6 +129,7 @@ def _group_gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_cancel_kill_and_resume(tmp_path_factory):
     """Cancel ends a job as cancelled with its processes gone; SIGKILL ends one as failed; a rerun resumes."""
     logic = _project(tmp_path_factory, "crash")

@@ -77,6 +77,7 @@ def simulated(tmp_path_factory):
     return settings, results, records_before, done_before
 
 
+@pytest.mark.slow
 def test_a_simulation_of_loop_0_alone_extends_to_more_loops_without_training_again(tmp_path_factory):
     """The cold-start benchmark can measure every start's loop 0 first (``--loops 1``) and add the loops after it."""
     data = default_data_dir(tmp_path_factory, phantom_cases=16)

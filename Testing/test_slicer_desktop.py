@@ -111,6 +111,7 @@ def check_panel_check_runs_every_step_with_slicers_own_python(desk):
     assert not desk.dialogs, desk.dialogs  # no error or warning box on the way
 
 
+@pytest.mark.slow
 def test_panel_check_steps_pass_with_slicers_own_python(tmp_path):
     """The desktop script's steps, run where Slicer's desktop is not: see the check above (2 to 3 minutes)."""
     pytest.importorskip("slicer", reason="needs slicer-core (pip install slicer-core)")
