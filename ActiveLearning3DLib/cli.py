@@ -374,10 +374,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_loop(args: argparse.Namespace) -> int:
-    pending = ActiveLearningLogic.open(args.project).pending_boxes()
-    if pending:
-        print(f"al3d loop: {len(pending)} boxes of loop {pending[0].loop} are still pending; annotate or skip them first",
-              file=sys.stderr)
+    refusal = ActiveLearningLogic.open(args.project).pending_refusal()
+    if refusal:
+        print(f"al3d loop: {refusal}", file=sys.stderr)
         return 1
     return _run_pipeline(args, _loop_settings(args, STAGES, method=args.method, count=args.count, seed=args.seed,
                                               evaluate=not args.no_evaluate))

@@ -31,8 +31,9 @@ from .fileio import atomic_write_json, read_json
 from .locking import holder_gone, owner_info, pid_namespace, this_host
 from .nnunet.paths import NnunetPaths
 from .partial_labels import MergeResult
-from .prefill import box_effort, effort_totals, prefill_model, read_prediction_box
+from .prefill import box_effort, effort_totals, prefill_model, read_prediction_box, uncertainty_map
 from .project import BoxRecord, LoopConflict, LoopFile, Project, ProjectError, now_iso
+from .project import BudgetSettings  # noqa: F401  (front ends take the store's records from the logic)
 from .query_methods import DEFAULT_METHOD, QueryContext, get_method
 from .query_methods.base import no_progress
 from .query_methods.clasp import clasp_beta
@@ -158,8 +159,31 @@ class ActiveLearningLogic:
             return self.project.all_boxes()
         return list(self.project.read_loop(loop).boxes)
 
-    def pending_boxes(self) -> list[BoxRecord]:
-        return [b for b in self.project.all_boxes() if b.state == "pending"]
+    def pending_boxes(self, loop: int | None = None) -> list[BoxRecord]:
+        """The boxes still to annotate or skip (all loops', or ``loop``'s), in query order."""
+        return [b for b in self.boxes(loop) if b.state == "pending"]
+
+    def pending_refusal(self) -> str | None:
+        """Why no new loop may be queried or trained yet (boxes still pending), or None when nothing is pending.
+
+        The one wording of this rule: the query refuses with it, and so do the
+        command line and the panel before they start a loop.
+        """
+        pending = self.pending_boxes()
+        if not pending:
+            return None
+        return f"{len(pending)} boxes of loop {pending[0].loop} are still pending; annotate or skip them first"
+
+    def next_pending(self, case: str | None = None, after: str | None = None, loop: int | None = None,
+                     free: Callable[[BoxRecord], bool] | None = None) -> BoxRecord | None:
+        """The next pending box (``loop``'s only when given), without claiming it (None when there is none).
+
+        Prefers a box of ``case`` (fewer volume loads) and a box other than
+        ``after``; ``free`` leaves out boxes another annotator has open.
+        """
+        candidates = [b for b in self.pending_boxes(loop) if free is None or free(b)]
+        same_case = [b for b in candidates if b.case == case and b.id != after]
+        return (same_case or [b for b in candidates if b.id != after] or candidates or [None])[0]
 
     def find_box(self, box: BoxRecord | str) -> BoxRecord:
         """The current record of a box, by record or by id ``"LLL-IIII"``."""
@@ -224,11 +248,9 @@ class ActiveLearningLogic:
         p = self.project
         query_method = get_method(method)
         _check_query_arguments(count, seed, stride, n_per_image, min_distance, distance_space)
-        pending = self.pending_boxes()
-        if pending:
-            raise ProjectError(
-                f"{p.path}: {len(pending)} boxes of loop {pending[0].loop} are still pending; annotate or skip them first"
-            )
+        refusal = self.pending_refusal()
+        if refusal:
+            raise ProjectError(f"{p.path}: {refusal}")
         count = p.settings.budget.query_size if count is None else count
         if not count:
             raise ProjectError(f"{p.path}: give the number of boxes (no query size in the project's budget)")
@@ -403,6 +425,67 @@ class ActiveLearningLogic:
         """Per loop, totals of the annotated boxes' effort records (:func:`~.prefill.effort_totals`)."""
         return [{"loop": loop.loop, **effort_totals(loop.boxes)} for loop in self.project.loops()]
 
+    def effort_of_loop(self, loop: int | None) -> dict:
+        """One loop's effort totals (zeros for a loop that has none, or before any loop)."""
+        found = [t for t in self.effort_per_loop() if t["loop"] == loop]
+        return found[0] if found else {"loop": loop, **effort_totals([])}
+
+    # ------------------------------------------------------------ model output
+    def uncertainty_map(self, case: str) -> Path | None:
+        """The predictive-entropy map of ``case`` by the newest model that scored the pool (None before any did)."""
+        return uncertainty_map(NnunetPaths.for_project(self.project).results_root, case)
+
+    def export_model(self, model_folder: Path | str, destination: Path | str) -> Path:
+        """Zip a trained model folder as stock nnU-Net v2 and SlicerNNUnet load it (see ``nnunet/export.py``)."""
+        from .nnunet.export import ExportError, export_model
+
+        try:
+            return export_model(model_folder, destination).archive
+        except ExportError as e:
+            raise ProjectError(str(e)) from e
+
+    def export_dicom_seg(self, predictions: Path | str | None = None, partial_labels: bool = False):
+        """The predictions (default: the latest) and optionally the partial annotations of the DICOM cases as
+        DICOM SEG objects beside their NIfTI files; returns what was written and what was skipped, with why."""
+        from .dicom.seg import export_segs, latest_predictions_dir
+
+        folder = Path(predictions) if predictions else latest_predictions_dir(self.project)
+        if folder is None and not partial_labels:
+            raise ProjectError("no predictions yet: predict all cases first")
+        return export_segs(self.project, folder, partial_labels)
+
+    def starting_embeddings(self, method: str) -> "tuple[AutoencoderSettings | None, Job | None]":
+        """What a query by ``method`` needs first: the pool autoencoder's settings for :meth:`query` (None: the
+        method reads no embeddings) and the job that computes the embeddings (None: not needed, or cached)."""
+        if not get_method(method).needs_embeddings:
+            return None, None
+        from .embeddings import AutoencoderSettings, embedding_job
+        from .embeddings.store import embeddings_dir
+
+        settings = AutoencoderSettings(seed=self.project.settings.seed)
+        if (embeddings_dir(self.project, settings) / "embeddings.npz").is_file():
+            return settings, None
+        return settings, embedding_job(self.project, settings)
+
+    # ---------------------------------------------------------- front ends
+    def read_front_end_settings(self, name: str, what: str = "settings") -> dict | None:
+        """A front end's saved choices (e.g. the panel's ``panel.json``) in the project folder; None before any
+        were saved. A damaged file is refused naming it (``what`` says whose settings they are)."""
+        path = self.project.path / name
+        if not path.is_file():
+            return None
+        try:
+            data = read_json(path)
+        except (OSError, ValueError) as e:
+            raise ProjectError(f"{path}: damaged {what} ({e})") from e
+        if not isinstance(data, dict):
+            raise ProjectError(f"{path}: damaged {what} (expected a JSON object)")
+        return data
+
+    def save_front_end_settings(self, name: str, data: dict) -> None:
+        """Save a front end's choices in the project folder (atomically), so reopening continues as it was."""
+        atomic_write_json(self.project.path / name, data)
+
     def add_box(self, case: str, center: Sequence[int]) -> BoxRecord:
         """Add a pending box of the patch size centred on voxel ``center`` (k, j, i) to the current loop.
 
@@ -521,15 +604,9 @@ class ActiveLearningLogic:
         project lock, so two annotators asking at once get different boxes.
         """
         with self.project.writing("claim the next pending box"):
-            pending = [b for b in (self.boxes(loop) if loop is not None else self.project.all_boxes())
-                       if b.state == "pending"]
             claims = self.claims()
-            free = [b for b in pending if b.id not in claims or claims[b.id].mine]
-            if not free:
-                return None
-            same_case = [b for b in free if b.case == case and b.id != after]
-            record = (same_case or [b for b in free if b.id != after] or free)[0]
-            return self.claim(record, annotator, ttl)
+            record = self.next_pending(case, after, loop, free=lambda b: b.id not in claims or claims[b.id].mine)
+            return None if record is None else self.claim(record, annotator, ttl)
 
     def release(self, box: BoxRecord | str | None = None) -> None:
         """Release this process's claim of a box (None: all of them), e.g. when its view closes."""

@@ -49,7 +49,7 @@ from .jobs.runner import default_parallel
 from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
 from .nnunet.scoring import ScoringSettings
-from .prefill import PREDICTION_FOLDER
+from .prefill import PREDICTION_FOLDER, UNCERTAINTY_FOLDER
 from .project import LoopConflict, LoopFile, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
 
@@ -202,7 +202,7 @@ class LoopPipeline:
 
     @property
     def uncertainty_dir(self) -> Path:
-        return self.model_folder / "uncertainty"
+        return self.model_folder / UNCERTAINTY_FOLDER
 
     @property
     def pool_prediction_dir(self) -> Path:

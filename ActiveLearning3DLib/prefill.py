@@ -30,6 +30,7 @@ from .boxes import Box
 from .fileio import atomic_write_image, read_image
 
 PREDICTION_FOLDER = "pool_prediction"  # inside a model folder: <model>/pool_prediction/<case>.nii.gz
+UNCERTAINTY_FOLDER = "uncertainty"  # inside a model folder: <model>/uncertainty/<case>.nii.gz, the heat map
 PREDICTION_ENDING = ".nii.gz"
 _MODEL_LOOP = re.compile(r"^loop_(\d+)_")
 
@@ -67,15 +68,32 @@ def prefill_model(results_root: Path | str, case: str, before_loop: int) -> Path
     Newest: the highest loop, then (several models of one loop: annotations
     changed and it was trained again) the most recently written prediction.
     """
+    if before_loop <= 0:
+        return None
+    path = newest_model_file(results_root, Path(PREDICTION_FOLDER, f"{case}{PREDICTION_ENDING}"), before_loop)
+    return None if path is None else path.parent.parent  # <model>/pool_prediction/<case>.nii.gz -> <model>
+
+
+def uncertainty_map(results_root: Path | str, case: str) -> Path | None:
+    """The predictive-entropy map of ``case`` by the newest model that scored the pool (None before any did)."""
+    return newest_model_file(results_root, Path(UNCERTAINTY_FOLDER, f"{case}{PREDICTION_ENDING}"))
+
+
+def newest_model_file(results_root: Path | str, relative: Path | str, before_loop: int | None = None) -> Path | None:
+    """``relative`` inside the newest model folder that wrote it (trained before ``before_loop`` when given).
+
+    Newest: the highest loop, then (several models of one loop: annotations
+    changed and it was trained again) the most recently written file.
+    """
     root = Path(results_root)
-    if before_loop <= 0 or not root.is_dir():
+    if not root.is_dir():
         return None
     found = []
     for folder in root.iterdir():
         loop = model_loop(folder)
-        path = prediction_path(folder, case)
-        if loop is not None and loop < before_loop and path.is_file():
-            found.append((loop, path.stat().st_mtime_ns, folder.name, folder))
+        path = folder / relative
+        if loop is not None and (before_loop is None or loop < before_loop) and path.is_file():
+            found.append((loop, path.stat().st_mtime_ns, folder.name, path))
     return max(found)[3] if found else None
 
 
