@@ -223,3 +223,16 @@ def default_data_dir(tmp_path_factory, phantom_cases: int) -> Path:
     if shared is not None:
         return shared
     return make_phantom_dataset(tmp_path_factory.mktemp("phantoms"), PhantomSettings(cases=phantom_cases)).images.parent
+
+
+def annotated_project(tmp_path_factory, name: str, cases: int, start_boxes: int):
+    """A simulation project of the first ``cases`` default-data cases whose nnActive starting boxes the oracle has
+    annotated: the starting point of every test that trains nnU-Net."""
+    from ActiveLearning3DLib import ActiveLearningLogic
+
+    data = default_data_dir(tmp_path_factory, phantom_cases=cases)
+    path = tmp_path_factory.mktemp(name) / "project"
+    logic = ActiveLearningLogic.create(path, data / "imagesTr", data / "labelsTr", max_cases=cases, seed=1)
+    logic.query("nnactive_start", start_boxes)
+    logic.annotate_with_oracle()
+    return logic

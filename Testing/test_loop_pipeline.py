@@ -24,24 +24,15 @@ from ActiveLearning3DLib.nnunet.profiles import resolve_profile
 from ActiveLearning3DLib.pipeline import LoopSettings
 from ActiveLearning3DLib.query_methods import get_method
 from ActiveLearning3DLib.scores import ScoreStore
-from conftest import default_data_dir, wait_for
+from conftest import annotated_project, default_data_dir, wait_for
 
 CASES = 16
-
-
-def _project(tmp_path_factory, name: str) -> ActiveLearningLogic:
-    data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
-    path = tmp_path_factory.mktemp(name) / "project"
-    logic = ActiveLearningLogic.create(path, data / "imagesTr", data / "labelsTr", max_cases=CASES, seed=1)
-    logic.query("nnactive_start", 8)
-    logic.annotate_with_oracle()
-    return logic
 
 
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
     """A project after ``al3d loop --profile test`` (train, evaluate, score, query) on its starting boxes."""
-    logic = _project(tmp_path_factory, "loop")
+    logic = annotated_project(tmp_path_factory, "loop", CASES, 8)
     environ = dict(os.environ)
     code = al3d(["loop", str(logic.project.path), "--profile", "test", "--device", "cpu", "--count", "6",
                  "--method", "clasp_pe"])
@@ -132,7 +123,7 @@ def _group_gone(pid: int) -> bool:
 @pytest.mark.slow
 def test_cancel_kill_and_resume(tmp_path_factory):
     """Cancel ends a job as cancelled with its processes gone; SIGKILL ends one as failed; a rerun resumes."""
-    logic = _project(tmp_path_factory, "crash")
+    logic = annotated_project(tmp_path_factory, "crash", CASES, 8)
     settings = LoopSettings(profile=resolve_profile("test", epochs=16, save_every=4), device="cpu", parallel=1,
                             stages=("prepare", "train", "predict"), evaluate=False, method="pe", uncertainty_maps=False)
     pipeline = logic.loop_pipeline(settings)
