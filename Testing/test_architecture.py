@@ -191,3 +191,48 @@ def test_embeddings_do_not_import_the_pipeline():
 
 def test_no_import_cycle_among_the_library_modules():
     assert _cycles(_import_graph()) == []
+
+
+# The panel's annotation core: what any front end (the panel, a console user, a web front end) drives. It reaches
+# the store, the query methods and the embeddings only through the logic, and loads no MRML.
+ANNOTATION_CORE = "ActiveLearning3DLib.gui.annotation"
+CORE_MAY_IMPORT = ("logic", "pipeline", "jobs")  # the logic; the loop's settings and state; the job runners
+# (and gui helpers without MRML: the test below keeps MRML out)
+BEHIND_THE_LOGIC = ("project", "fileio", "query_methods", "embeddings")
+MRML_SIDE = ("ActiveLearning3DLib.gui.mrml", "ActiveLearning3DLib.gui.view", "ActiveLearning3DLib.gui.controller",
+             "ActiveLearning3DLib.gui.headless")
+MRML_TOP_MODULES = {"slicer", "vtk", "vtkmodules", "mrml", "MRMLCorePython"} | GUI_MODULES - {"__main__"}
+
+
+def _loaded_with(module: str, graph: dict[str, set[str]]) -> set[str]:
+    """The library modules importing ``module`` may load: its imports, theirs, and every enclosing package."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))] + sorted(graph.get(name, ()))
+    return {m for m in seen if m in graph}
+
+
+def test_the_annotation_core_works_through_the_logic_alone():
+    deps = _import_graph()[ANNOTATION_CORE]
+    behind = sorted(d for d in deps if d.split(".")[1] in BEHIND_THE_LOGIC)
+    assert not behind, f"{ANNOTATION_CORE} imports {behind}: ask the logic instead"
+    others = sorted(d for d in deps if d.split(".")[1] not in CORE_MAY_IMPORT + ("gui",))
+    assert not others, f"{ANNOTATION_CORE} imports {others}: only the logic, the pipeline's and the jobs' records"
+
+
+def test_the_annotation_core_loads_no_mrml():
+    graph = _import_graph()
+    loaded = _loaded_with(ANNOTATION_CORE, graph)
+    assert "ActiveLearning3DLib.logic" in loaded and "ActiveLearning3DLib.jobs" in loaded  # the walk sees real edges
+    assert not loaded & set(MRML_SIDE), f"importing the annotation core loads {sorted(loaded & set(MRML_SIDE))}"
+    modules = {_module_name(p): p for p in LIB.rglob("*.py")}
+    for name in sorted(loaded):
+        found = _imported_top_modules(modules[name]) & MRML_TOP_MODULES
+        assert not found, f"{name} (loaded with the annotation core) imports {sorted(found)}"
+    # and the controller, which joins it to the view, is on the MRML side: the walk would see it
+    assert "ActiveLearning3DLib.gui.mrml" in _loaded_with("ActiveLearning3DLib.gui.controller", graph)
