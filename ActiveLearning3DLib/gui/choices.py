@@ -1,7 +1,7 @@
 """The panel's choice lists (query methods, starting methods, devices, training profiles) and their defaults.
 
 One place, read from the method registry, the training profiles and the
-defaults of :class:`~ActiveLearning3DLib.gui.controller.PanelSettings`, so that the combo
+defaults of :class:`~ActiveLearning3DLib.gui.annotation.PanelSettings`, so that the combo
 boxes offer exactly what the library accepts. Importing this module needs
 neither torch nor scipy: the Slicer panel builds its lists before the first
 use installs them.
@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from ..nnunet.profiles import DEVICES, profile_names
 from ..pipeline import INITS
 from ..query_methods import METHODS
-from .controller import PanelSettings
+from .annotation import PanelSettings
 
 
 @dataclass(frozen=True)
