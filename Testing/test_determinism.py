@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +20,6 @@ import torch
 from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
-from ActiveLearning3DLib.nnunet.__main__ import RESULT_PREFIX
 from ActiveLearning3DLib.nnunet.checkpoints import load_checkpoint
 from ActiveLearning3DLib.nnunet.determinism import RNG_KEY, fold_seed
 from ActiveLearning3DLib.nnunet.paths import nnunet_environment
@@ -39,10 +39,13 @@ def _worker(args: list[str], project: Path) -> list[str]:
 
 
 def _run_worker(args: list[str], project: Path) -> dict:
-    done = subprocess.run(_worker(args, project), env={**os.environ, **nnunet_environment(project)}, capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)][-1][len(RESULT_PREFIX):])
+    """The step as a job in a new folder beside the project; its result from the job's result.json."""
+    job = Path(tempfile.mkdtemp(prefix="job_", dir=project.parent))
+    done = subprocess.run(_worker([*args, "--job", str(job)], project), env={**os.environ, **nnunet_environment(project)},
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0 and read_json(job / "status.json")["state"] == "done", \
+        done.stdout[-3000:] + done.stderr[-3000:]
+    return read_json(job / "result.json")
 
 
 # The worker's training, ended in epoch 1 (after the checkpoint of epoch 0, save_every 1) by os._exit: like a kill,

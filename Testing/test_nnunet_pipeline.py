@@ -7,7 +7,6 @@ environment is ``nnunet_environment(project)`` (this process's is never changed)
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,7 +22,6 @@ import torch  # noqa: E402  (pinned dependency: a missing install must fail, not
 from ActiveLearning3DLib import ActiveLearningLogic  # noqa: E402
 from ActiveLearning3DLib.boxes import Box  # noqa: E402
 from ActiveLearning3DLib.fileio import read_json  # noqa: E402
-from ActiveLearning3DLib.nnunet.__main__ import RESULT_PREFIX  # noqa: E402
 from ActiveLearning3DLib.nnunet.paths import EnvironmentMismatch, NnunetPaths, nnunet_environment  # noqa: E402
 from ActiveLearning3DLib.nnunet.planning import plan  # noqa: E402
 from ActiveLearning3DLib.nnunet.preprocessing import preprocess, preprocessing_is_current, read_manifest  # noqa: E402
@@ -40,13 +38,17 @@ def _data_dir(tmp_path_factory) -> Path:
     return default_data_dir(tmp_path_factory, phantom_cases=10)
 
 
-def _run_worker(args: list[str], project: Project | Path) -> dict:
+def _run_worker(args: list[str], project: Project | Path, job: Path) -> dict:
+    """``python -m ActiveLearning3DLib.nnunet`` as a job in ``job``: its status.json says how it went, result.json
+    holds its result (the protocol every runner's worker follows)."""
     env = {**os.environ, **nnunet_environment(project)}
-    done = subprocess.run([sys.executable, "-m", "ActiveLearning3DLib.nnunet", *args], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = [line[len(RESULT_PREFIX):] for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    return json.loads(results[-1])
+    done = subprocess.run([sys.executable, "-m", "ActiveLearning3DLib.nnunet", *args, "--job", str(job)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    status = read_json(job / "status.json")
+    assert done.returncode == 0 and status["state"] == "done", done.stdout[-3000:] + done.stderr[-3000:]
+    assert status["progress"] == 1.0 and status["exit_code"] == 0 and status["ended"] and status["stage"]
+    assert read_json(job / "job.json")["kind"] == f"nnunet_{args[0]}"
+    return read_json(job / "result.json")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def prepared(tmp_path_factory):
     logic.query("nnactive_start", 9)
     logic.annotate_with_oracle()
     environ_before = dict(os.environ)
-    summary = _run_worker(["prepare", str(path)], path)
+    summary = _run_worker(["prepare", str(path)], path, path.parent / "prepare-job")
     assert dict(os.environ) == environ_before
     return logic.project, summary
 
@@ -81,6 +83,23 @@ def test_prepare_in_a_worker_plans_preprocesses_and_splits(prepared):
     view = read_json(paths.raw_dataset / "dataset.json")  # nnU-Net's view of the project: no copies
     assert set(view["dataset"]) == set(project.pool_cases) and not list(paths.raw_dataset.glob("*.nii.gz"))
     assert preprocessing_is_current(project) == (True, "current")
+
+
+def test_a_step_run_by_hand_reports_through_its_job_folder(tmp_path, prepared):
+    """Failure and a second run of ``python -m ActiveLearning3DLib.nnunet``: status.json tells, as for any worker."""
+    project, _ = prepared
+    job = tmp_path / "train-job"
+    args = [sys.executable, "-m", "ActiveLearning3DLib.nnunet", "train", str(project.path), "--fold", "7",
+            "--profile", "test", "--device", "cpu", "--output", str(tmp_path / "model"), "--job", str(job)]
+    env = {**os.environ, **nnunet_environment(project)}
+    failed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    status = read_json(job / "status.json")
+    assert failed.returncode == 1 and status["state"] == "failed" and status["exit_code"] == 1, failed.stdout[-2000:]
+    assert "fold 7" in status["message"] and not (job / "result.json").exists()
+    assert f"{job}: failed" in failed.stdout and "AL3D-" not in failed.stdout  # no second protocol on stdout
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 1 and read_json(job / "status.json")["state"] == "failed"
+    assert [p.name for p in (tmp_path / ".superseded").iterdir()] == ["train-job.1"]  # the first run's files kept
 
 
 def test_planning_refuses_a_process_without_the_project_environment(tmp_path, prepared):

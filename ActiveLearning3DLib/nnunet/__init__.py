@@ -12,7 +12,8 @@ One module per stage, as in nnU-Net itself:
 - :mod:`.prepare`       plan (once) + preprocess (changed cases) + splits: the step before the folds
 - :mod:`.trainer`       ``nnUNetTrainerPartial`` and :func:`~.trainer.train_fold`
 - :mod:`.determinism`   fold seeds, random states in checkpoints: seeded CPU training is reproducible
-- ``python -m ActiveLearning3DLib.nnunet {env,prepare,train}``: one step in a worker process
+- ``python -m ActiveLearning3DLib.nnunet {env,prepare,train}``: one step by hand, run as a job in that process
+  (progress in the job folder's ``status.json``, the result in its ``result.json``)
 
 Only planning needs nnU-Net's environment variables; it must run in a child
 process started with ``env={**os.environ, **nnunet_environment(project)}``

@@ -59,7 +59,8 @@ def prepare_task(inputs: dict, report: Reporter) -> dict:
     torch_threads(inputs, report)
     report(stage="prepare", message="planning and preprocessing", force=True)
     return prepare(Project.open(inputs["project"]), inputs.get("configuration", "3d_fullres"), int(inputs.get("folds", 5)),
-                   seed=inputs.get("seed"), num_processes=int(inputs.get("processes", 1)),
+                   seed=inputs.get("seed"), replan=bool(inputs.get("replan", False)),
+                   num_processes=int(inputs.get("processes", 1)),
                    progress=_relay(report, "prepare"), previous_splits=inputs.get("previous_splits"),
                    model_folder=inputs.get("model_folder"))
 
