@@ -29,6 +29,7 @@ jobs in batches up to 3 s apart, which is most of its per-job latency here).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -36,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,15 +54,54 @@ def read_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
-def latency(runner, root: Path, name: str) -> float:
-    """Seconds from submitting one quick selftest job until the runner reports it done."""
+PHASES = ("submit", "start", "worker", "notice")
+
+
+def latency(runner, root: Path, name: str) -> dict[str, float]:
+    """Seconds from submitting one quick selftest job until the runner reports it done, and its phases.
+
+    A watcher thread reads the job's status.json every 5 ms, apart from the
+    runner, so the total splits into: ``submit`` (the runner's submit call:
+    sbatch, or starting the local process), ``start`` (until the worker says
+    running: the scheduler's wait and slurmd's launch of the batch step, then
+    Python's start and our imports, which the local runner has too),
+    ``worker`` (until the worker says done) and ``notice`` (until the runner's
+    ``wait`` returns: the runner's own polling).
+    """
     job = Job.create(root, name, "selftest", {"steps": 1, "seconds": 0})
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and "done" not in seen:
+            try:
+                state = json.loads((job.path / "status.json").read_text()).get("state")
+            except (OSError, ValueError):
+                state = None
+            if state in ("running", "done"):
+                seen.setdefault(state, time.perf_counter())
+                if state == "done":
+                    seen.setdefault("running", seen["done"])
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
     started = time.perf_counter()
+    watcher.start()
     runner.submit(job)
+    submitted = time.perf_counter()
     runner.wait([job], timeout=300)
-    seconds = time.perf_counter() - started
+    ended = time.perf_counter()
+    stop.set()
+    watcher.join()
     assert job.status().state == "done", f"{job.name}: {job.status().state}: {job.status().message}"
-    return seconds
+    running, done = seen.get("running", ended), seen.get("done", ended)
+    return {"total": ended - started, "submit": submitted - started, "start": running - submitted,
+            "worker": done - running, "notice": ended - done}
+
+
+def phases(runs: list[dict[str, float]]) -> str:
+    """Median of each phase, as printed."""
+    return ", ".join(f"{p} {statistics.median(r[p] for r in runs):.2f}" for p in PHASES)
 
 
 def burst(runner, root: Path, count: int) -> tuple[float, float, list[Job]]:
@@ -95,8 +136,6 @@ def lost_or_doubled(jobs: list[Job], slurm: SlurmRunner | None) -> list[str]:
 
 def grid(work: Path, scheduler_env: dict[str, str], seeds: str) -> None:
     """Time the same small simulation grid through the local runner and through Slurm."""
-    import json
-
     from ActiveLearning3DLib.default_data import resolve_default_data
 
     data = resolve_default_data(os.environ, REPO, work / "phantoms", 0)
@@ -127,6 +166,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=10, help="jobs one after another per runner (latency)")
     parser.add_argument("--burst", type=int, default=100, help="jobs submitted at once")
     parser.add_argument("--poll", type=float, default=0.5, help="poll interval of both runners, seconds")
+    parser.add_argument("--slurm-poll", type=float, default=None,
+                        help="the Slurm runner's poll_seconds (its squeue interval) when it differs from --poll; "
+                             "the Slurm runner's own default is 5")
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="local runner's jobs at a time")
     parser.add_argument("--grid", action="store_true", help="also time a test-profile simulation grid both ways")
     parser.add_argument("--grid-seeds", default="0,1", help="the grid's seeds, comma separated")
@@ -150,12 +192,13 @@ def main() -> int:
             scheduler_env = read_env(Path(out.stdout.strip().splitlines()[-1]))
         conf = scheduler_env.get("SLURM_CONF", "")
         cpus = next((w.split("=")[1] for w in Path(conf).read_text().split() if w.startswith("CPUs=")), "?") if conf else "?"
-        slurm_settings = SlurmSettings(scheduler_env=scheduler_env, poll_seconds=args.poll)
+        slurm_poll = args.poll if args.slurm_poll is None else args.slurm_poll
+        slurm_settings = SlurmSettings(scheduler_env=scheduler_env, poll_seconds=slurm_poll)
         version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, check=False,
                                  env={**os.environ, **scheduler_env}).stdout.strip()
         print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; {version}, "
               f"one node ({cpus} CPUs), one CPU per job; extra slurm.conf: {'; '.join(args.extra_conf) or 'none'}; "
-              f"both runners poll every {args.poll:g} s")
+              f"the local runner polls every {args.poll:g} s, the Slurm runner's poll_seconds is {slurm_poll:g} s")
 
         if args.grid:
             grid(work, scheduler_env, args.grid_seeds)
@@ -165,13 +208,18 @@ def main() -> int:
         slurm = SlurmRunner(slurm_settings)
         for runner, tag in ((local, "local"), (slurm, "slurm")):  # warm up: file caches, the first batch step
             latency(runner, work / "warm", f"warm-{tag}")
-        local_s = [latency(local, work / "latency", f"local{i}") for i in range(args.jobs)]
-        slurm_s = [latency(slurm, work / "latency", f"slurm{i}") for i in range(args.jobs)]
+        local_runs = [latency(local, work / "latency", f"local{i}") for i in range(args.jobs)]
+        slurm_runs = [latency(slurm, work / "latency", f"slurm{i}") for i in range(args.jobs)]
+        local_s, slurm_s = [r["total"] for r in local_runs], [r["total"] for r in slurm_runs]
         lm, sm = statistics.median(local_s), statistics.median(slurm_s)
         print(f"one job at a time ({args.jobs} jobs each), submit until reported done: local median {lm:.2f} s "
               f"(min {min(local_s):.2f}, max {max(local_s):.2f}), Slurm median {sm:.2f} s "
               f"(min {min(slurm_s):.2f}, max {max(slurm_s):.2f}); Slurm adds {sm - lm:.2f} s per job")
+        print(f"  phases, median s: local {phases(local_runs)}; Slurm {phases(slurm_runs)} (Slurm {slurm.scheduler_calls} "
+              f"commands for {args.jobs + 1} jobs)")
 
+        if args.burst < 1:
+            return 0
         burst_runner = SlurmRunner(slurm_settings)
         submitted, wall, jobs = burst(burst_runner, work / "burst-slurm", args.burst)
         problems = lost_or_doubled(jobs, slurm)

@@ -76,7 +76,8 @@ class SlurmSettings:
     export: str = "NONE"  # sbatch --export: NONE starts the worker from the node's login environment, not ours
     scheduler_env: dict[str, str] = field(default_factory=dict)  # for sbatch/squeue/scancel only (e.g. SLURM_CONF)
     max_submitted: int | None = None  # batch jobs queued at a time (None: every job at once)
-    poll_seconds: float = 5.0
+    poll_seconds: float = 5.0  # how often squeue is asked (one call for all unfinished jobs)
+    folder_seconds: float = 0.2  # how often ``wait`` reads the job folders (status.json), which say done first
     settle_seconds: float = 5.0  # how long an ended batch job's folder may lag behind the scheduler (shared FS)
     command_timeout: float = 60.0  # seconds a Slurm command may take
 
@@ -115,7 +116,7 @@ class SlurmSettings:
         if self.max_submitted is not None and (isinstance(self.max_submitted, bool) or not isinstance(self.max_submitted, int)
                                                or self.max_submitted < 1):
             return f"max_submitted {self.max_submitted!r} must be a whole number of at least 1"
-        for name in ("poll_seconds", "settle_seconds", "command_timeout"):
+        for name in ("poll_seconds", "folder_seconds", "settle_seconds", "command_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 return f"{name} {value!r} must be a number of seconds"
@@ -178,7 +179,7 @@ def save_project_runner(project_path: Path | str, kind: str, slurm: SlurmSetting
     saved = None
     if slurm is not None:
         saved = slurm.to_json()
-        for key in ("scheduler_env", "poll_seconds", "settle_seconds", "command_timeout"):
+        for key in ("scheduler_env", "poll_seconds", "folder_seconds", "settle_seconds", "command_timeout"):
             saved.pop(key)
     atomic_write_json(path, {"kind": kind, "slurm": saved})
     return path
@@ -458,23 +459,19 @@ class SlurmRunner:
         ``poll_seconds``, however often a caller polls.
         """
         ended: list[Job] = []
-        need: dict[Path, str] = {}
         for path, job in list(self._tracked.items()):
             if self._folder_says_ended(job):
                 del self._tracked[path]
                 self._ended_at.pop(path, None)
                 ended.append(job)
-                continue
-            job_id = self.record(job).get("job_id")
-            if job_id:
-                need[path] = str(job_id)
-        for path, (job, _) in self._unsure.items():
-            job_id = self.record(job).get("job_id")
-            if job_id:
-                need[path] = str(job_id)
         due = self._last_query is None or time.monotonic() - self._last_query >= 0.9 * self.settings.poll_seconds
-        if need and not due and not self._unsure:  # callers may poll often; the scheduler is asked once an interval
+        if self._tracked and not due and not self._unsure:  # callers may poll often; squeue is asked once an interval
             return ended + self._poll_foreign_and_waiting()
+        need: dict[Path, str] = {}
+        for path, job in [*self._tracked.items(), *((p, j) for p, (j, _) in self._unsure.items())]:
+            job_id = self.record(job).get("job_id")
+            if job_id:
+                need[path] = str(job_id)
         states = self.batch_states(need.values()) if need else {}
         if need:
             self._last_query = time.monotonic()
@@ -585,7 +582,12 @@ class SlurmRunner:
 
     def wait(self, jobs: Sequence[Job] | None = None, timeout: float | None = None,
              on_poll: Callable[[list[Job]], None] | None = None) -> bool:
-        """Poll until the given jobs (default: all followed) have ended; False on timeout."""
+        """Poll until the given jobs (default: all followed) have ended; False on timeout.
+
+        The job folders are read every ``folder_seconds`` (a worker writes done
+        there first), squeue is asked every ``poll_seconds``: a job is seen done
+        within a fraction of a second without asking the scheduler more often.
+        """
         watched = [j.path for j in (jobs if jobs is not None else self.active())]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -596,7 +598,7 @@ class SlurmRunner:
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            time.sleep(self.settings.poll_seconds)
+            time.sleep(min(self.settings.poll_seconds, self.settings.folder_seconds))
 
     def _follows(self, path: Path) -> bool:
         return (path in self._tracked or path in self._unsure or path in self._foreign
