@@ -250,6 +250,41 @@ def test_a_second_runner_adopts_a_running_batch_job_instead_of_submitting_it_aga
     assert all(j.log_path.read_text().count("selftest job") == 1 for j in jobs)
 
 
+def test_max_submitted_keeps_at_most_that_many_batch_jobs_in_the_queue_and_runs_them_all(slurm_env, tmp_path):
+    """7 jobs with max_submitted=2: squeue, read every 50 ms while they run, never holds more than 2 of them
+    (pending, running or completing), holds 2 while jobs wait, and each job runs once, in a batch job of its own."""
+    import threading
+
+    tag = tmp_path.name[-12:].replace("_", "")
+    jobs = [Job.create(tmp_path, f"cap{tag}-{i}", "selftest", {"steps": 2, "seconds": 0.2}) for i in range(7)]
+    runner = SlurmRunner(_settings(slurm_env, max_submitted=2))
+    assert runner.capacity == 2
+    counts: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            names = _slurm(slurm_env, "squeue", "--noheader", "--me", "--format=%j|%T").split()
+            counts.append(sum(1 for line in names if line.startswith(f"al3d-cap{tag}-")
+                              and line.split("|")[1] in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING"}))
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for job in jobs:
+            runner.submit(job)
+        assert len(runner.active()) == 7 and runner.scheduler_calls == 2  # 2 sbatch, 5 held back
+        assert runner.wait(jobs, timeout=240)
+    finally:
+        stop.set()
+        watcher.join()
+    assert [j.status().state for j in jobs] == ["done"] * 7, [j.status().message for j in jobs]
+    assert max(counts) == 2 and len(counts) > 20, counts
+    ids = [runner.record(j)["job_id"] for j in jobs]
+    assert len(set(ids)) == 7 and all(j.log_path.read_text().count("selftest job") == 1 for j in jobs)
+
+
 # ---------------------------------------------------------------------- nnU-Net loops through Slurm
 def _project(tmp_path_factory, name: str):
     from conftest import default_data_dir

@@ -229,6 +229,7 @@ class SlurmRunner:
         self._unsure: dict[Path, tuple[Job, bool]] = {}  # a batch job on record, checked at the next poll: adopted
         # when the scheduler still has it, else submitted again (True) or only marked failed (False: adopt's)
         self._waiting: list[Job] = []  # held back by max_submitted
+        self._draining: dict[Path, str] = {}  # ended by their folder, batch job maybe still in the queue (max_submitted)
         self._foreign: dict[Path, Job] = {}  # running under another backend (a local worker): watched by its files
         self._ended_at: dict[Path, float] = {}  # when the scheduler was first seen to have ended the batch job
         self._user_states: tuple[float, dict[str, BatchState]] | None = None  # adopt's one squeue, kept a poll long
@@ -378,7 +379,7 @@ class SlurmRunner:
         if status.state in ("queued", "running") and self.record(job):
             self._unsure[job.path] = (job, True)
             return
-        if self.settings.max_submitted and len(self._tracked) >= self.settings.max_submitted:
+        if self._full():
             self._waiting.append(job)
             return
         self._submit_new(job, self.record(job).get("job_id"))
@@ -464,17 +465,23 @@ class SlurmRunner:
                 del self._tracked[path]
                 self._ended_at.pop(path, None)
                 ended.append(job)
+                if self.settings.max_submitted and self.record(job).get("job_id"):
+                    self._draining[path] = str(self.record(job)["job_id"])  # its slot frees once squeue says so
         due = self._last_query is None or time.monotonic() - self._last_query >= 0.9 * self.settings.poll_seconds
-        if self._tracked and not due and not self._unsure:  # callers may poll often; squeue is asked once an interval
+        if (self._tracked or self._draining) and not due and not self._unsure:  # squeue is asked once an interval
             return ended + self._poll_foreign_and_waiting()
         need: dict[Path, str] = {}
         for path, job in [*self._tracked.items(), *((p, j) for p, (j, _) in self._unsure.items())]:
             job_id = self.record(job).get("job_id")
             if job_id:
                 need[path] = str(job_id)
-        states = self.batch_states(need.values()) if need else {}
-        if need:
+        asked = [*need.values(), *self._draining.values()]
+        states = self.batch_states(asked) if asked else {}
+        if asked:
             self._last_query = time.monotonic()
+        for path, job_id in list(self._draining.items()):
+            if job_id not in states or not states[job_id].active:
+                del self._draining[path]
         for path, (job, resubmit) in list(self._unsure.items()):
             del self._unsure[path]
             state = states.get(need.get(path, ""))
@@ -508,6 +515,12 @@ class SlurmRunner:
             ended.append(job)
         return ended + self._poll_foreign_and_waiting()
 
+    def _full(self) -> bool:
+        """Whether ``max_submitted`` batch jobs are in the queue: those followed, and those whose worker said done
+        but that squeue still listed (the batch job ends a moment after its worker's last word)."""
+        limit = self.settings.max_submitted
+        return bool(limit) and len(self._tracked) + len(self._unsure) + len(self._draining) >= limit
+
     def _poll_foreign_and_waiting(self) -> list[Job]:
         """Jobs of another backend that ended; held-back jobs submitted where ``max_submitted`` allows."""
         ended = []
@@ -515,7 +528,7 @@ class SlurmRunner:
             if self.refresh(job).state != "running":
                 del self._foreign[path]
                 ended.append(job)
-        while self._waiting and (not self.settings.max_submitted or len(self._tracked) < self.settings.max_submitted):
+        while self._waiting and not self._full():
             job = self._waiting.pop(0)
             if job.status().state not in ("done", "cancelled"):
                 self._submit_new(job, self.record(job).get("job_id"))
@@ -565,6 +578,7 @@ class SlurmRunner:
             self._tracked.pop(job.path, None)
             self._unsure.pop(job.path, None)
             self._ended_at.pop(job.path, None)
+            self._draining.pop(job.path, None)
             self._waiting = [w for w in self._waiting if w.path != job.path]
             if self._foreign.pop(job.path, None) is not None or (job.status().runner not in (None, self.kind)
                                                                  and job.status().state == "running"):
