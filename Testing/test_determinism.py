@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
 from ActiveLearning3DLib.nnunet.checkpoints import load_checkpoint
@@ -26,7 +25,7 @@ from ActiveLearning3DLib.nnunet.paths import nnunet_environment
 from ActiveLearning3DLib.nnunet.profiles import resolve_profile
 from ActiveLearning3DLib.nnunet.trainer import train_fold
 from ActiveLearning3DLib.scores import ScoreStore
-from conftest import default_data_dir
+from conftest import annotated_project, default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = 10
@@ -86,18 +85,9 @@ def _comparable(value, out: Path):
     return json.loads(re.sub(r"(loop_\d{3}_[\w-]+?)_[0-9a-f]{8}\b", r"\1_<key>", text))
 
 
-def _annotated_project(tmp_path_factory, name: str) -> Path:
-    data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
-    path = tmp_path_factory.mktemp(name) / "project"
-    logic = ActiveLearningLogic.create(path, data / "imagesTr", data / "labelsTr", max_cases=CASES, seed=1)
-    logic.query("nnactive_start", 9)
-    logic.annotate_with_oracle()
-    return path
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    path = _annotated_project(tmp_path_factory, "determinism")
+    path = annotated_project(tmp_path_factory, "determinism", CASES, 9).project.path
     _run_worker(["prepare"], path)
     return path
 
