@@ -390,7 +390,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _run_simulation(settings: SimulationSettings, report_dir: Path | None, effort_model: EffortModel | None = None) -> int:
-    simulation = Simulation(settings, echo=print, progress=progress)
+    simulation = Simulation(settings, echo=print, progress=progress).prepare()  # base project, budget, header
     print(f"simulation in {settings.out}: {len(simulation.runs)} runs ({', '.join(settings.methods)} x seeds "
           f"{', '.join(map(str, settings.seeds))}), budget {simulation.budget} boxes ({simulation.budget_rule}), "
           f"query size {simulation.query_size}, {settings.loops} loops, profile {simulation.profile_name}, "

@@ -35,6 +35,10 @@ the copies committed under ``benchmarks/``) let a fresh machine rebuild a run
 up to its last queried loop without training the loops before it again: the
 oracle annotates the recorded boxes and training starts at the first loop
 without a record. Only a run's next model is needed to go on, never an old one.
+The records are :class:`~.loop_records.LoopRecord` in a
+:class:`~.loop_records.LoopRecordStore`; rebuilding and backfilling them lives
+in :mod:`~.simulation_restore`. A :class:`Simulation` touches no file until
+:meth:`Simulation.prepare` (which :meth:`Simulation.run` calls).
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -56,12 +60,14 @@ from .boxes import Box
 from .fileio import atomic_copy, atomic_write_json, read_json
 from .jobs import Job, RunnerSettings, busy_seconds, make_runner
 from .logic import ActiveLearningLogic
+from .loop_records import EffortTotals, LoopRecord, LoopRecordStore
 from .nnunet.determinism import model_determinism
 from .pipeline import LoopPipeline, LoopSettings, auto_profile, default_job_parallel, profile_tag
 from .prefill import effort_totals
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
 from .query_methods import get_method
 from .query_methods.base import no_progress
+from .simulation_restore import backfill, check_restore_header, restore_reference, restore_run, training_differences
 
 # nnActive's budgets (docs/METHODS.md section 7): query patch -> low / medium / high, in boxes
 NNACTIVE_BUDGETS: dict[tuple[int, int, int], tuple[int, int, int]] = {
@@ -271,16 +277,31 @@ def model_training(model_folder: Path | str) -> dict:
             "iterations": iterations}
 
 
+@dataclass
+class SimulationPlan:
+    """What :meth:`Simulation.prepare` found on disk: the base project, the budget and the header it wrote."""
+
+    base: Project
+    budget: int  # boxes in a run's whole budget
+    budget_rule: str  # how that number was found
+    query_size: int  # boxes per loop
+    header: dict  # simulation.json as written
+
+
 class Simulation:
     """Runs (or resumes) a simulation grid; :meth:`run` blocks, :meth:`step` advances everything once."""
 
     def __init__(self, settings: SimulationSettings, echo: Callable[[str], None] = lambda s: None,
                  progress: Callable[[Iterable, str], Iterable] = no_progress):
+        """What the settings decide alone (profile, parallel jobs, loop settings, runner): no file is read or
+        written here. :meth:`prepare` (which :meth:`run` and :meth:`step` call) makes the base project, the budget
+        and the header."""
         self.settings = settings
         self.echo = echo
         self.progress = progress
         s = settings
         self.out = s.out
+        self.records = LoopRecordStore(s.out)
         self.profile_name = auto_profile(s.device) if s.profile == "auto" else s.profile
         self.parallel = s.parallel or default_job_parallel(s.device)
         warm_schedule = (s.warm_fraction, s.warm_initial_lr) != (None, None)  # the profile with it, else its name
@@ -290,27 +311,72 @@ class Simulation:
                                           training_seed=s.training_seed, fixed_threads=True,  # records reproducible
                                           init=s.init)
         self.runner = make_runner((s.runner or RunnerSettings()).with_defaults(python=s.python, max_parallel=self.parallel))
-        self.base = self._base_project()
-        if not self.base.test_cases or not self.base.has_ground_truth:
-            raise ProjectError(f"{s.images}: a simulation needs ground truth and a test split (test fraction > 0)")
-        pool_voxels = sum(int(np.prod(self.base.cases[c].shape)) for c in self.base.pool_cases)
-        self.budget, self.budget_rule = resolve_budget(s.budget, self.base.patch_size, pool_voxels)
-        self.query_size = max(1, int(round(0.2 * self.budget)))
-        self.header = self._write_header()
         self.runs = [(m, seed) for seed in s.seeds for m in s.methods]
-        if get_method(s.start).needs_embeddings or any(get_method(m).needs_embeddings for m in s.methods):
-            # once, in the base project: every seed's copy then finds them cached (they need no labels)
-            from .embeddings import pool_embeddings
-
-            self.echo("pool embeddings for the label-free methods (the autoencoder job, cached in the base project)")
-            pool_embeddings(self.base, runner=self.runner)
+        self._plan: SimulationPlan | None = None
         self._pipelines: dict[object, LoopPipeline] = {}
         self.failed: dict[str, str] = {}
         self._checked: set[tuple[str, int]] = set()  # runs whose records were backfilled / restored this session
         self._adopted = False  # live jobs of an earlier driver handed to the runner (first step)
-        if s.restore_from is not None:
-            self._check_restore_header(Path(s.restore_from))
-            self._restore_reference(Path(s.restore_from))
+
+    def prepare(self) -> "Simulation":
+        """Make (or open) the base project, resolve the budget, write the header, compute the pool embeddings the
+        methods need and check the records to restore from; once per session (later calls return at once).
+
+        Raises ProjectError where the data, the folder or the records do not fit these settings."""
+        if self._plan is not None:
+            return self
+        s = self.settings
+        base = self._base_project()
+        if not base.test_cases or not base.has_ground_truth:
+            raise ProjectError(f"{s.images}: a simulation needs ground truth and a test split (test fraction > 0)")
+        pool_voxels = sum(int(np.prod(base.cases[c].shape)) for c in base.pool_cases)
+        budget, budget_rule = resolve_budget(s.budget, base.patch_size, pool_voxels)
+        plan = SimulationPlan(base, budget, budget_rule, max(1, int(round(0.2 * budget))), {})
+        self._plan = plan
+        try:
+            plan.header.update(self._write_header())
+            if get_method(s.start).needs_embeddings or any(get_method(m).needs_embeddings for m in s.methods):
+                # once, in the base project: every seed's copy then finds them cached (they need no labels)
+                from .embeddings import pool_embeddings
+
+                self.echo("pool embeddings for the label-free methods (the autoencoder job, cached in the base project)")
+                pool_embeddings(base, runner=self.runner)
+            if s.restore_from is not None:
+                check_restore_header(Path(s.restore_from), plan.header, s)
+                if s.reference:
+                    restore_reference(Path(s.restore_from), self.reference_dir() / "reference.json")
+        except BaseException:
+            self._plan = None  # prepared only once every step has passed
+            raise
+        return self
+
+    def _prepared(self) -> "SimulationPlan":
+        if self._plan is None:
+            raise RuntimeError("Simulation.prepare() has not run: the base project, budget and header are not known yet")
+        return self._plan
+
+    @property
+    def base(self) -> Project:
+        return self._prepared().base
+
+    @property
+    def budget(self) -> int:
+        """Boxes in the whole budget of a run."""
+        return self._prepared().budget
+
+    @property
+    def budget_rule(self) -> str:
+        return self._prepared().budget_rule
+
+    @property
+    def query_size(self) -> int:
+        """Boxes per loop (20 % of the budget; the starting budget too)."""
+        return self._prepared().query_size
+
+    @property
+    def header(self) -> dict:
+        """simulation.json as a reader of the file sees it (lists, string keys)."""
+        return self._prepared().header
 
     # ----------------------------------------------------------------- set-up
     def _base_project(self) -> Project:
@@ -346,7 +412,7 @@ class Simulation:
                     if old.get(key) != json.loads(json.dumps(header[key])):
                         raise ProjectError(f"{path}: this folder holds a simulation with {key} {old.get(key)}; "
                                            f"the new settings give {header[key]}. Use another --out")
-                for key, was, now in self._training_differences(old)[:1]:  # records of both would mix
+                for key, was, now in training_differences(old, self.settings)[:1]:  # records of both would mix
                     option = "--" + key.replace("_", "-")
                     raise ProjectError(f"{path}: this folder holds a simulation with {option} {was}; "
                                        f"use another --out for {option} {now}")
@@ -376,7 +442,7 @@ class Simulation:
         return self.out / f"seed_{seed}" / method
 
     def record_path(self, method: str, seed: int, loop: int) -> Path:
-        return self.out / "results" / method / f"seed_{seed}" / f"loop_{loop:03d}.json"
+        return self.records.path(method, seed, loop)
 
     def reference_dir(self) -> Path:
         base = self.base
@@ -397,104 +463,16 @@ class Simulation:
             self._pipelines[key] = pipeline
         return pipeline
 
-    def _check_restore_header(self, folder: Path) -> None:
-        """The records to restore from must come from the same protocol: budget, query size, patch, pool, profile."""
-        path = folder / "simulation.json"
-        if not path.is_file():
-            raise ProjectError(f"{path}: not found; --restore-from needs a simulation's records and its simulation.json")
-        old = read_json(path)
-        for key in ("budget", "query_size", "patch_size", "pool_cases", "test_cases", "split_seed", "profile_tag"):
-            if old.get(key) != self.header.get(key):
-                raise ProjectError(f"{path}: recorded {key} {old.get(key)} differs from this simulation's "
-                                   f"{self.header.get(key)}; these records cannot be restored here")
-        for key, was, now in self._training_differences(old)[:1]:
-            raise ProjectError(f"{path}: recorded {key} {was} differs from this simulation's {now}; "
-                               "these records cannot be restored here")
-
-    def _training_differences(self, header: dict) -> list[tuple[str, Any, Any]]:
-        """How a recorded simulation header trains differently from these settings (warm or scratch, training seed)."""
-        recorded = header.get("settings", {})
-        return [(key, recorded.get(key, default), getattr(self.settings, key))
-                for key, default in (("init", "scratch"), ("training_seed", None), ("warm_fraction", None),
-                                     ("warm_initial_lr", None))
-                if recorded.get(key, default) != getattr(self.settings, key)]
-
-    def _restore_reference(self, folder: Path) -> None:
-        """A recorded full-data result is as good as a new one: copy it where this simulation looks for it."""
-        reference = folder / "reference.json"
-        target = self.reference_dir() / "reference.json"
-        if self.settings.reference and reference.is_file() and not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(target, read_json(reference))
-
-    def _restorable(self, method: str, seed: int) -> tuple[list[dict], list[dict]]:
-        """The recorded chain 0..L of a run that carries its boxes, and the loop files to rebuild (0..L+1)."""
-        folder = Path(self.settings.restore_from) / "results" / method / f"seed_{seed}"
-        records: list[dict] = []
-        for loop in range(self.settings.loops):
-            path = folder / f"loop_{loop:03d}.json"
-            if not path.is_file():
-                break
-            record = read_json(path)
-            if "loop_file" not in record:
-                self.echo(f"{path}: written before records kept their boxes; this loop is run again")
-                break
-            records.append(record)
-        loop_files = [r["loop_file"] for r in records]
-        if records and records[-1].get("next_loop_file") is not None:
-            loop_files.append(records[-1]["next_loop_file"])
-        elif records and len(records) < self.settings.loops:
-            records.pop()  # its boxes are known, but not the model that would choose the next ones: train it again
-        return records, loop_files
-
-    def _restore(self, method: str, seed: int) -> None:
-        """Rebuild a run that has no project here from its records (boxes annotated by the oracle, no training)."""
-        path = self.run_dir(method, seed)
-        if self.settings.restore_from is None or (path / "project.json").is_file():
-            return
-        records, loop_files = self._restorable(method, seed)
-        if not records:
-            return
-        staging = path.parent / f".{path.name}.restoring"
-        shutil.rmtree(staging, ignore_errors=True)
-        _copy_project(self.out / "base", staging)
-        logic = self._open(staging)
-        for t, data in enumerate(loop_files):
-            loop_file = LoopFile.from_json(data, t)
-            for box in loop_file.boxes:  # the oracle annotates them again; who and when are today's
-                box.state, box.annotator, box.annotated_at, box.seconds = "pending", None, None, None
-            logic.project.write_loop(loop_file)
-        logic.annotate_with_oracle(progress=self.progress)
-        for record in records:
-            target = self.record_path(method, seed, record["loop"])
-            if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(target, {**record, "restored_from": str(self.settings.restore_from)})
-        staging.rename(path)
-        self.echo(f"{method} seed {seed}: restored loops 0-{len(records) - 1} from their records"
-                  + (f", loop {len(loop_files) - 1} queried" if len(loop_files) > len(records) else ""))
-
-    def _backfill(self, method: str, seed: int, logic: ActiveLearningLogic) -> None:
-        """Records written before they kept their boxes get them from the project (the loop and the next one)."""
-        indices = logic.project.loop_indices()
-        for loop in indices:
-            path = self.record_path(method, seed, loop)
-            if not path.is_file():
-                continue
-            record = read_json(path)
-            changes = {}
-            if "loop_file" not in record:
-                changes["loop_file"] = logic.project.read_loop(loop).to_json()
-            if record.get("next_loop_file") is None and loop + 1 in indices:
-                changes["next_loop_file"] = logic.project.read_loop(loop + 1).to_json()
-            if changes:
-                atomic_write_json(path, {**record, **changes})
-
     def _open(self, path: Path) -> ActiveLearningLogic:
         """A run's project, planned for this simulation's loops (a folder of ``--loops 1`` may be extended)."""
         logic = ActiveLearningLogic.open(path)
         logic.project.plan_loops(self.settings.loops)
         return logic
+
+    def _copy_base(self, path: Path) -> ActiveLearningLogic:
+        """A new copy of the base project at ``path``, opened (a restore rebuilds a run into it)."""
+        _copy_project(self.out / "base", path)
+        return self._open(path)
 
     def _loop0_logic(self, path: Path, make_loop0: Callable[[ActiveLearningLogic], None]) -> ActiveLearningLogic:
         """A copy of the base project at ``path`` whose loop 0 (made by ``make_loop0``) the oracle has annotated."""
@@ -539,10 +517,13 @@ class Simulation:
         last = self.settings.loops - 1
         if (method, seed) not in self._checked:
             self._checked.add((method, seed))
-            self._restore(method, seed)
-            if (self.run_dir(method, seed) / "project.json").is_file():
-                self._backfill(method, seed, self._open(self.run_dir(method, seed)))
-        if self.record_path(method, seed, last).is_file():
+            path = self.run_dir(method, seed)
+            if self.settings.restore_from is not None and not (path / "project.json").is_file():
+                restore_run(Path(self.settings.restore_from), self.records, method, seed, self.settings.loops, path,
+                            self._copy_base, self.progress, self.echo)
+            if (path / "project.json").is_file():
+                backfill(self.records, method, seed, self._open(path).project)
+        if self.records.exists(method, seed, last):
             return True
         path = self.run_dir(method, seed)
         if not (path / "project.json").is_file():
@@ -553,11 +534,11 @@ class Simulation:
         if logic.pending_boxes():
             t = time.perf_counter()
             logic.annotate_with_oracle()
-            self._update_record(method, seed, logic.project.loop_indices()[-1] - 1,
+            self.records.update(method, seed, logic.project.loop_indices()[-1] - 1,
                                 seconds={"oracle": time.perf_counter() - t})
         loop = logic.project.loop_indices()[-1]
         common = {"method": method, "seed": seed, "count": self.query_size}
-        if not self.record_path(method, seed, loop).is_file():
+        if not self.records.exists(method, seed, loop):
             pipeline = self._pipeline((method, seed, loop), logic, stages=("prepare", "train", "predict"),
                                       score=loop < last, **common)  # the last loop's scores would not be used
             state = pipeline.advance()
@@ -572,7 +553,7 @@ class Simulation:
         if state.state == "failed":
             return self._fail(key, loop, state.message)
         if state.loop_file is not None:
-            self._update_record(method, seed, loop, seconds={"query": state.loop_file.info.get("seconds")},
+            self.records.update(method, seed, loop, seconds={"query": state.loop_file.info.get("seconds")},
                                 next_loop_file=state.loop_file.to_json())
         return False  # the oracle annotates the new loop at the next step
 
@@ -582,37 +563,25 @@ class Simulation:
         return True
 
     def _record(self, method: str, seed: int, loop: int, logic: ActiveLearningLogic, pipeline: LoopPipeline) -> None:
-        path = self.record_path(method, seed, loop)
-        if path.is_file():
+        if self.records.exists(method, seed, loop):
             return
         project = logic.project
         loop_file = project.read_loop(loop)
         boxes, voxels, inside = project.annotated_foreground()[loop]
         summary = read_json(pipeline.evaluation_summary)
-        seconds = stage_seconds(pipeline)
-        record = {
-            "method": method, "seed": seed, "loop": loop, "boxes": boxes, "annotated_voxels": voxels,
-            "foreground_voxels": inside, "foreground_fraction": inside / project.pool_foreground_voxels,
-            "mean_dice": summary["mean_dice"], "per_class": summary["per_class"], "model": pipeline.model_name,
-            "seconds": seconds, "loop_method": loop_file.method, "written": now_iso(), "loop_file": loop_file.to_json(),
-            "effort": effort_totals(loop_file.boxes),  # the oracle's labels against the pre-fill, box by box
-            "determinism": model_determinism(pipeline.model_folder),  # reproducible bit for bit, and why (not)
-            "training": model_training(pipeline.model_folder),  # warm or scratch per fold, iterations
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, record)
-        dice = "n/a" if record["mean_dice"] is None else f"{record['mean_dice']:.4f}"
-        self.echo(f"{method} seed {seed} loop {loop}: {boxes} boxes, {100 * record['foreground_fraction']:.2f} % of "
+        record = LoopRecord(
+            method=method, seed=seed, loop=loop, boxes=boxes, annotated_voxels=voxels, foreground_voxels=inside,
+            foreground_fraction=inside / project.pool_foreground_voxels, mean_dice=summary["mean_dice"],
+            per_class=summary["per_class"], model=pipeline.model_name, seconds=stage_seconds(pipeline),
+            loop_method=loop_file.method, written=now_iso(), loop_file=loop_file.to_json(),
+            effort=EffortTotals(**effort_totals(loop_file.boxes)),  # the oracle's labels against the pre-fill, box by box
+            determinism=model_determinism(pipeline.model_folder),  # reproducible bit for bit, and why (not)
+            training=model_training(pipeline.model_folder),  # warm or scratch per fold, iterations
+        )
+        self.records.write(record)
+        dice = "n/a" if record.mean_dice is None else f"{record.mean_dice:.4f}"
+        self.echo(f"{method} seed {seed} loop {loop}: {boxes} boxes, {100 * record.foreground_fraction:.2f} % of "
                   f"pool foreground, test Mean Dice {dice}")
-
-    def _update_record(self, method: str, seed: int, loop: int, seconds: dict | None = None, **fields) -> None:
-        """Add what the step after a loop learnt (query and oracle time, the next boxes) to that loop's record."""
-        path = self.record_path(method, seed, loop)
-        if loop < 0 or not path.is_file():
-            return
-        record = {**read_json(path), **fields}
-        record["seconds"].update({k: None if v is None else round(float(v), 3) for k, v in (seconds or {}).items()})
-        atomic_write_json(path, record)
 
     def _reference_step(self) -> bool:
         """The full-data run: every pool image annotated whole, the same profile; its Mean Dice is y_full."""
@@ -660,6 +629,7 @@ class Simulation:
 
     def step(self) -> bool:
         """Advance every run (and the reference) once; True when everything has finished or failed."""
+        self.prepare()
         if not self._adopted:
             self.adopt_live_jobs()
             self._adopted = True
@@ -671,6 +641,7 @@ class Simulation:
 
     def run(self, poll_seconds: float = 1.0, on_step: Callable[["Simulation"], None] | None = None) -> dict:
         """Run until every run and the reference are done; returns the collected results."""
+        self.prepare()
         started = time.perf_counter()
         while not self.step():
             if on_step is not None:
@@ -709,14 +680,19 @@ def _reference_summaries(out: Path, header: dict) -> list[Path]:
     return [p for p in candidates if p.is_file()]
 
 
+def read_reference(out: Path | str, header: dict) -> dict | None:
+    """The full-data result of a simulation folder (its reference folder's, else a copy beside the records), or None."""
+    found = _reference_summaries(Path(out), header)
+    return read_json(found[0]) if found else None
+
+
 def collect_results(out: Path | str) -> dict:
-    """Everything a report needs from one simulation folder: header, per-loop records, reference."""
+    """Header, per-loop records (as JSON: a run's results are printed and compared) and reference of one simulation
+    folder; typed records come from :class:`~.loop_records.LoopRecordStore`."""
     out = Path(out)
     header = _read_header(out)
-    records = [read_json(p) for p in sorted((out / "results").glob("*/seed_*/loop_*.json"))]
-    found = _reference_summaries(out, header)
-    reference = read_json(found[0]) if found else None
-    return {"run_dir": str(out), "header": header, "records": records, "reference": reference}
+    records = [read_json(p) for p in LoopRecordStore(out).paths()]
+    return {"run_dir": str(out), "header": header, "records": records, "reference": read_reference(out, header)}
 
 
 def export_records(out: Path | str, target: Path | str) -> int:
@@ -729,7 +705,7 @@ def export_records(out: Path | str, target: Path | str) -> int:
     header = _read_header(out)
     target.mkdir(parents=True, exist_ok=True)
     atomic_copy(out / "simulation.json", target / "simulation.json")
-    records = sorted((out / "results").glob("*/seed_*/loop_*.json"))
+    records = LoopRecordStore(out).paths()
     for path in records:
         dest = target / "results" / path.relative_to(out / "results")
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ def test_a_restarted_driver_adopts_every_live_job_before_it_starts_new_ones(tmp_
     settings = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",), out=out,
                                   budget=20, loops=1, seeds=(0, 1), profile="test", device="cpu", max_cases=16,
                                   parallel=2, reference=False)
-    Simulation(settings)  # the folder as the earlier driver left it
+    Simulation(settings).prepare()  # the folder as the earlier driver left it
     earlier = LocalRunner(LocalRunnerSettings(poll_seconds=0.05, max_parallel=2))
     live = [Job.create(out / "seed_1" / "random" / "jobs", f"fold_{k}", "selftest", {"steps": 10000, "seconds": 0.05})
             for k in range(2)]
@@ -361,31 +361,6 @@ def test_records_carry_their_boxes_and_a_fresh_folder_is_rebuilt_from_them(simul
         assert (rebuilt.read_partial_labels(b.case)[b.box.slices] == rebuilt.read_ground_truth(b.case)[b.box.slices]).all()
 
 
-def test_restoring_stops_where_the_recorded_chain_needs_a_model_again(tmp_path_factory, tmp_path):
-    """Loop 2 recorded without its next query: loops 0-1 come back, loop 2's boxes too, and loop 2 trains again."""
-    data = default_data_dir(tmp_path_factory, phantom_cases=16)
-    settings = dataclasses.replace(_settings(data, tmp_path / "fresh"), methods=("random",), seeds=(0,), loops=5,
-                                   reference=False)
-    Simulation(settings)  # writes the header the records must match
-    records = tmp_path / "records"
-    folder = records / "results" / "random" / "seed_0"
-    folder.mkdir(parents=True)
-    shutil.copy2(settings.out / "simulation.json", records / "simulation.json")
-    files = [{"loop": t, "patches": [{"file": f"case_{t}.nii.gz", "coords": [0, 0, 0], "size": [4, 4, 4]}]}
-             for t in range(4)]
-    for t in range(3):
-        record = {"loop": t, "mean_dice": 0.5, "loop_file": files[t]}
-        if t < 2:
-            record["next_loop_file"] = files[t + 1]
-        (folder / f"loop_{t:03d}.json").write_text(json.dumps(record))
-    simulation = Simulation(dataclasses.replace(settings, restore_from=records))
-    restored, loop_files = simulation._restorable("random", 0)
-    assert [r["loop"] for r in restored] == [0, 1] and loop_files == files[:3]
-    (folder / "loop_001.json").write_text(json.dumps({"loop": 1, "mean_dice": 0.5}))  # written before boxes were kept
-    restored, loop_files = simulation._restorable("random", 0)
-    assert [r["loop"] for r in restored] == [0] and loop_files == files[:2]
-
-
 def test_restoring_refuses_records_of_another_protocol(simulated, tmp_path):
     settings, _, _, _ = simulated
     records = tmp_path / "other"
@@ -395,7 +370,7 @@ def test_restoring_refuses_records_of_another_protocol(simulated, tmp_path):
     other = dataclasses.replace(settings, methods=("random",), seeds=(0,), out=tmp_path / "fresh", reference=False,
                                 restore_from=records)
     with pytest.raises(ProjectError, match=r"simulation.json: recorded budget 40 differs"):
-        Simulation(other)
+        Simulation(other).prepare()
 
 
 def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):

@@ -239,20 +239,21 @@ def test_a_simulation_folder_holds_one_init_and_training_seed(tmp_path_factory, 
     settings = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",),
                                   out=tmp_path / "sim", budget=20, loops=2, profile="test", device="cpu",
                                   max_cases=CASES, reference=False)
-    scratch = Simulation(settings)
+    scratch = Simulation(settings).prepare()
     assert scratch.header["settings"]["init"] == "scratch" and scratch.loop_settings.init == "scratch"
     warm = SimulationSettings(**{**settings.__dict__, "init": "warm"})
     with pytest.raises(ProjectError, match=r"simulation with --init scratch; use another --out for --init warm"):
-        Simulation(warm)  # its records would mix with the scratch ones
-    other = Simulation(SimulationSettings(**{**warm.__dict__, "out": tmp_path / "warm"}))
+        Simulation(warm).prepare()  # its records would mix with the scratch ones
+    other = Simulation(SimulationSettings(**{**warm.__dict__, "out": tmp_path / "warm"})).prepare()
     assert other.loop_settings.init == "warm" and other.header["settings"]["init"] == "warm"
     with pytest.raises(ProjectError, match=r"recorded init scratch differs from this simulation's warm"):
-        Simulation(SimulationSettings(**{**warm.__dict__, "out": tmp_path / "restored", "restore_from": settings.out}))
+        Simulation(SimulationSettings(**{**warm.__dict__, "out": tmp_path / "restored", "restore_from": settings.out})).prepare()
     reseeded = SimulationSettings(**{**settings.__dict__, "training_seed": 7})  # training noise, not the same records
     with pytest.raises(ProjectError, match=r"simulation with --training-seed None; use another --out for --training-seed 7"):
-        Simulation(reseeded)
+        Simulation(reseeded).prepare()
     with pytest.raises(ProjectError, match=r"recorded training_seed None differs from this simulation's 7"):
-        Simulation(SimulationSettings(**{**reseeded.__dict__, "out": tmp_path / "reseeded", "restore_from": settings.out}))
+        Simulation(SimulationSettings(**{**reseeded.__dict__, "out": tmp_path / "reseeded",
+                                        "restore_from": settings.out})).prepare()
 
 
 def test_simulate_passes_init_and_training_seed_to_the_simulation(tmp_path, monkeypatch):
@@ -279,15 +280,15 @@ def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_r
     data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
     common = dict(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",), budget=20, loops=2,
                   profile="test", device="cpu", max_cases=CASES, reference_cache=tmp_path / "references")
-    scratch = Simulation(SimulationSettings(out=tmp_path / "scratch", **common))
+    scratch = Simulation(SimulationSettings(out=tmp_path / "scratch", **common)).prepare()
     tuned = Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.5, warm_initial_lr=0.003,
-                                          **common))
+                                          **common)).prepare()
     profile = tuned.loop_settings.profile
     assert (profile.warm_fraction, profile.warm_initial_lr, profile.warm_epochs) == (0.5, 0.003, 1)
     assert tuned.reference_dir() == scratch.reference_dir()  # one full-data run serves both grids
     assert tuned.header["settings"]["warm_fraction"] == 0.5
     with pytest.raises(ProjectError, match=r"simulation with --warm-fraction 0.5; use another --out"):
-        Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.25, **common))
+        Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.25, **common)).prepare()
     with pytest.raises(ValueError, match="give them with init 'warm'"):
         SimulationSettings(out=tmp_path / "x", warm_fraction=0.5, **common)
     assert al3d(["simulate", "--images", "x", "--labels", "y", "--method", "random", "--out", str(tmp_path / "y"),
