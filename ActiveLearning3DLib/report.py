@@ -39,10 +39,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .fileio import atomic_write_text, read_json, replacing_file
+from .loop_records import LoopRecord, LoopRecordStore
 from .metrics import aubc, fg_efficiency, final_dice, pairwise_penalty_matrix, sum_penalty_matrices
 from .prefill import EffortModel
 from .project import Project
-from .simulation import collect_results
+from .simulation import read_reference
 
 METHOD_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
@@ -104,10 +105,6 @@ class ReportError(ValueError):
     """A simulation folder a report cannot be made of; the message names the file."""
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _whole(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -135,25 +132,6 @@ def _header_problem(h) -> str | None:
     return None
 
 
-def _record_problem(r) -> str | None:
-    """What a report needs of one loop record that is missing or of the wrong kind, or None."""
-    if not isinstance(r, dict):
-        return f"expected a JSON object, found {type(r).__name__}"
-    if not isinstance(r.get("method"), str):
-        return f"method {r.get('method')!r}: expected a method name"
-    for key in ("seed", "loop", "boxes"):
-        if not _whole(r.get(key)):
-            return f"{key} {r.get(key)!r}: expected a non-negative whole number"
-    for key in ("mean_dice", "foreground_fraction"):
-        if r.get(key) is not None and not _number(r[key]):
-            return f"{key} {r.get(key)!r}: expected a number or null"
-    if "foreground_fraction" not in r or "mean_dice" not in r:
-        return "no 'mean_dice' or 'foreground_fraction'"
-    if not isinstance(r.get("seconds", {}), dict) or not all(v is None or _number(v) for v in r.get("seconds", {}).values()):
-        return "'seconds' must map stages to numbers"
-    return None
-
-
 def check_run_dir(run_dir: Path | str) -> None:
     """Raise ReportError naming the file when a simulation folder cannot be reported (before anything is drawn)."""
     run_dir = Path(run_dir)
@@ -166,12 +144,13 @@ def check_run_dir(run_dir: Path | str) -> None:
         problem = str(e).replace(f"{header_path}: ", "")
     if problem:
         raise ReportError(f"{header_path}: damaged simulation file ({problem})")
-    records = sorted((run_dir / "results").glob("*/seed_*/loop_*.json"))
+    records = LoopRecordStore(run_dir).paths()
     if not records:
         raise ReportError(f"{run_dir}: no loop records in results/ yet (no seed has finished a loop); nothing to report")
     for path in records:
         try:
-            problem = _record_problem(read_json(path))
+            LoopRecord.from_json(read_json(path))
+            problem = None
         except (OSError, ValueError, UnicodeDecodeError) as e:
             problem = str(e).replace(f"{path}: ", "")
         if problem:
@@ -183,13 +162,12 @@ class SettingResults:
 
     def __init__(self, run_dir: Path | str):
         check_run_dir(run_dir)
-        data = collect_results(run_dir)
         self.run_dir = Path(run_dir)
-        self.header = data["header"]
-        self.reference = data["reference"]
-        self.records = data["records"]
-        self.methods = [m for m in self.header["settings"]["methods"] if any(r["method"] == m for r in self.records)]
-        self.seeds = sorted({r["seed"] for r in self.records})
+        self.header = read_json(self.run_dir / "simulation.json")
+        self.reference = read_reference(self.run_dir, self.header)
+        self.records: list[LoopRecord] = LoopRecordStore(self.run_dir).read_all()
+        self.methods = [m for m in self.header["settings"]["methods"] if any(r.method == m for r in self.records)]
+        self.seeds = sorted({r.seed for r in self.records})
         self.loops = int(self.header["settings"]["loops"])
 
     @property
@@ -213,12 +191,11 @@ class SettingResults:
         h = self.header
         return self.title(with_start=False), h["test_cases"], h["pool_cases"], tuple(h["patch_size"])
 
-    def loop_records(self, method: str, loop: int, scored: bool = False) -> list[dict]:
+    def loop_records(self, method: str, loop: int, scored: bool = False) -> list[LoopRecord]:
         """The records of one loop of a method, one per seed that finished it, in seed order (``scored``: only
         those with a test Dice)."""
-        rows = [r for r in self.records if r["method"] == method and r["loop"] == loop
-                and not (scored and r["mean_dice"] is None)]
-        return sorted(rows, key=lambda r: r["seed"])
+        rows = [r for r in self.records if r.method == method and r.loop == loop and not (scored and r.mean_dice is None)]
+        return sorted(rows, key=lambda r: r.seed)
 
     def outcome(self, method: str) -> tuple[list[int], str, str]:
         """The seeds that finished every loop, and their AUBC and Final Dice as ``mean ± sd``."""
@@ -226,16 +203,18 @@ class SettingResults:
         curves = [self.curve(method, s) for s in seeds]
         return seeds, _pm([aubc(c) for c in curves if np.isfinite(c).all()]), _pm([final_dice(c) for c in curves])
 
-    def run_records(self, method: str, seed: int) -> list[dict]:
+    def run_records(self, method: str, seed: int) -> list[LoopRecord]:
         """A run's records so far, in loop order."""
-        return sorted((r for r in self.records if r["method"] == method and r["seed"] == seed), key=lambda r: r["loop"])
+        return sorted((r for r in self.records if r.method == method and r.seed == seed), key=lambda r: r.loop)
 
-    def curve(self, method: str, seed: int, key: str = "mean_dice") -> list[float] | None:
-        """A run's values per loop, or None while it has not finished every loop."""
+    def curve(self, method: str, seed: int, field: str = "mean_dice") -> list[float] | None:
+        """A run's values of a record field (mean_dice, foreground_fraction, boxes) per loop, or None while it has
+        not finished every loop."""
         rows = self.run_records(method, seed)
         if len(rows) < self.loops:
             return None
-        return [math.nan if r[key] is None else float(r[key]) for r in rows[: self.loops]]
+        values = [getattr(r, field) for r in rows[: self.loops]]
+        return [math.nan if v is None else float(v) for v in values]
 
     def complete_seeds(self, method: str) -> list[int]:
         return [s for s in self.seeds if self.curve(method, s) is not None]
@@ -246,11 +225,11 @@ class SettingResults:
 
     def fg_fit(self, method: str):
         y_full = self.y_full()
-        rows = [r for r in self.records if r["method"] == method and r["mean_dice"] is not None]
+        rows = [r for r in self.records if r.method == method and r.mean_dice is not None]
         if y_full is None or len(rows) < 2:
             return None
         try:
-            return fg_efficiency([r["foreground_fraction"] for r in rows], [r["mean_dice"] for r in rows], y_full)
+            return fg_efficiency([r.foreground_fraction for r in rows], [r.mean_dice for r in rows], y_full)
         except (ValueError, RuntimeError):
             return None
 
@@ -276,7 +255,7 @@ class SettingResults:
         note = (f"Mean Dice x 100 on {self.header['test_cases']} test cases, mean ± sd over seeds. Full-data reference "
                 f"(same profile, every pool label): {'not available' if y_full is None else f'{100 * y_full:.1f}'}. "
                 "FG-Eff = gamma of the saturation fit over all seeds and loops (higher is better).")
-        best = max((r["mean_dice"] for r in self.records if r["mean_dice"] is not None), default=None)
+        best = max((r.mean_dice for r in self.records if r.mean_dice is not None), default=None)
         if y_full is not None and best is not None and best > y_full:
             note += (f" Caution: the full-data reference is below the best active-learning Dice ({100 * best:.1f}), so "
                      "the profile's training budget is too short for the full data and FG-Eff is not meaningful here.")
@@ -292,11 +271,11 @@ class SettingResults:
                     continue
                 seconds = {}
                 for r in rs:
-                    for k, v in r.get("seconds", {}).items():
+                    for k, v in r.seconds.items():
                         if v is not None:
                             seconds.setdefault(k, []).append(v)
-                rows.append([m, str(t), str(rs[0]["boxes"]), _seed_ids(r["seed"] for r in rs), _pm([r["mean_dice"] for r in rs]),
-                             _pm([r["foreground_fraction"] for r in rs], digits=2),
+                rows.append([m, str(t), str(rs[0].boxes), _seed_ids(r.seed for r in rs), _pm([r.mean_dice for r in rs]),
+                             _pm([r.foreground_fraction for r in rs], digits=2),
                              ", ".join(f"{k} {_short(float(np.mean(v)))}" for k, v in seconds.items())])
         return Table("Per loop", ["method", "loop", "boxes", "seeds", "Mean Dice", "pool foreground annotated (%)",
                                   "stage wall time (s, mean over seeds)"], rows,
@@ -308,33 +287,33 @@ class SettingResults:
     @property
     def has_effort(self) -> bool:
         """Whether the records hold the boxes' corrections (simulations run since pre-filled boxes exist)."""
-        return any((r.get("effort") or {}).get("boxes_with_effort") for r in self.records)
+        return any(r.has_effort for r in self.records)
 
-    def effort_curve(self, method: str, seed: int, key: str = "corrected_voxels") -> list[float] | None:
+    def effort_curve(self, method: str, seed: int, field: str = "corrected_voxels") -> list[float] | None:
         """A run's effort total per loop, cumulative (the loop-t model learnt from loops 0..t), or None while it
         has not finished every loop or a loop lacks effort records."""
         rows = self.run_records(method, seed)
-        if len(rows) < self.loops or not all((r.get("effort") or {}).get("boxes_with_effort") for r in rows):
+        if len(rows) < self.loops or not all(r.has_effort for r in rows):
             return None
-        return list(np.cumsum([float(r["effort"][key]) for r in rows[: self.loops]]))
+        return list(np.cumsum([float(getattr(r.effort, field)) for r in rows[: self.loops]]))
 
     def effort_table(self, model: EffortModel) -> Table:
         rows = []
         for m in self.methods:
             for t in range(self.loops):
-                rs = [r for r in self.loop_records(m, t) if (r.get("effort") or {}).get("boxes_with_effort")]
+                rs = [r for r in self.loop_records(m, t) if r.has_effort]
                 if not rs:
                     continue
-                e = [r["effort"] for r in rs]
-                per_box = [x["corrected_voxels"] / x["boxes_with_effort"] for x in e]
-                painted = [x.get("foreground_voxels", 0) / x["boxes_with_effort"] for x in e]
-                unpainted = [1 - x["corrected_voxels"] / x["box_voxels"] for x in e if x["box_voxels"]]
-                saved = [1 - x["corrected_voxels"] / x["foreground_voxels"] for x in e if x.get("foreground_voxels")]
-                dice = [x["mean_prefill_dice"] for x in e if x.get("mean_prefill_dice") is not None]
-                minutes = [model.seconds(x["corrected_voxels"], x["boxes_with_effort"]) / 60 for x in e]
-                empty = [model.seconds(x.get("foreground_voxels", 0), x["boxes_with_effort"]) / 60 for x in e]
-                shown = sum(x["prefill_shown"] for x in e)
-                rows.append([m, str(t), _seed_ids(r["seed"] for r in rs), f"{shown}/{sum(x['boxes_with_effort'] for x in e)}",
+                e = [r.effort for r in rs]
+                per_box = [x.corrected_voxels / x.boxes_with_effort for x in e]
+                painted = [x.foreground_voxels / x.boxes_with_effort for x in e]
+                unpainted = [1 - x.corrected_voxels / x.box_voxels for x in e if x.box_voxels]
+                saved = [1 - x.corrected_voxels / x.foreground_voxels for x in e if x.foreground_voxels]
+                dice = [x.mean_prefill_dice for x in e if x.mean_prefill_dice is not None]
+                minutes = [model.seconds(x.corrected_voxels, x.boxes_with_effort) / 60 for x in e]
+                empty = [model.seconds(x.foreground_voxels, x.boxes_with_effort) / 60 for x in e]
+                shown = sum(x.prefill_shown for x in e)
+                rows.append([m, str(t), _seed_ids(r.seed for r in rs), f"{shown}/{sum(x.boxes_with_effort for x in e)}",
                              _pm(per_box, 1, 0), _pm(painted, 1, 0), _pm(saved, digits=1) if saved else "n/a",
                              _pm(unpainted, digits=1), _pm(dice, digits=1) if dice else "n/a",
                              _pm(minutes, 1, 1), _pm(empty, 1, 1)])
@@ -373,8 +352,8 @@ class StartComparison:
         for s, m, _ in self.runs:
             loop0 = s.loop_records(m, 0, scored=True)
             seeds, aubc_text, final_text = s.outcome(m)
-            rows.append([s.start, m, _seed_ids(r["seed"] for r in loop0),
-                         _pm([r["mean_dice"] for r in loop0]), _pm([r["foreground_fraction"] for r in loop0], digits=2),
+            rows.append([s.start, m, _seed_ids(r.seed for r in loop0),
+                         _pm([r.mean_dice for r in loop0]), _pm([r.foreground_fraction for r in loop0], digits=2),
                          _seed_ids(seeds), aubc_text, final_text])
         return Table("Per starting budget",
                      ["starting budget", "then", "seeds after loop 0", "Mean Dice after loop 0",
@@ -461,9 +440,9 @@ def draw_dice_vs_boxes(ax, setting: SettingResults) -> None:
         for i, s in enumerate(setting.seeds):
             if s in complete:
                 continue
-            rows = [r for r in setting.run_records(m, s) if r["mean_dice"] is not None]
+            rows = [r for r in setting.run_records(m, s) if r.mean_dice is not None]
             if rows:
-                ax.plot([r["boxes"] for r in rows], [100 * r["mean_dice"] for r in rows], linestyle="--",
+                ax.plot([r.boxes for r in rows], [100 * r.mean_dice for r in rows], linestyle="--",
                         marker="s^vD<>"[i % 6], markersize=4,
                         color=colours[m], label=f"{m} seed {s}, running ({len(rows)} of {setting.loops} loops)")
 
@@ -507,14 +486,14 @@ def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colours = _colours(setting.methods)
     for m in setting.methods:
-        rows = [r for r in setting.records if r["method"] == m and r["mean_dice"] is not None]
+        rows = [r for r in setting.records if r.method == m and r.mean_dice is not None]
         if not rows:
             continue
-        x = 100 * np.asarray([r["foreground_fraction"] for r in rows])
-        ax.scatter(x, 100 * np.asarray([r["mean_dice"] for r in rows]), color=colours[m], s=18, label=m)
+        x = 100 * np.asarray([r.foreground_fraction for r in rows])
+        ax.scatter(x, 100 * np.asarray([r.mean_dice for r in rows]), color=colours[m], s=18, label=m)
         fit = setting.fg_fit(m)
         if fit is not None:
-            xs = np.linspace(fit.x0, max(r["foreground_fraction"] for r in rows) * 1.05, 100)
+            xs = np.linspace(fit.x0, max(r.foreground_fraction for r in rows) * 1.05, 100)
             ax.plot(100 * xs, 100 * fit.predict(xs), color=colours[m], label=f"{m} fit, FG-Eff {fit.gamma:.2f}")
     _finish_dice_plot(fig, ax, setting, path, "pool foreground inside annotated boxes (%)",
                       "Dice against annotated foreground, with FG-Eff fits")
@@ -530,8 +509,8 @@ def plot_starts_vs_boxes(comparison: StartComparison, path: Path) -> None:
         loops = [rs for rs in (s.loop_records(m, t, scored=True) for t in range(s.loops)) if rs]
         if not loops:
             continue
-        boxes = [rs[0]["boxes"] for rs in loops]
-        values = [[r["mean_dice"] for r in rs] for rs in loops]
+        boxes = [rs[0].boxes for rs in loops]
+        values = [[r.mean_dice for r in rs] for rs in loops]
         mean = np.asarray([100 * np.mean(v) for v in values])
         sd = np.asarray([100 * np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
         seeds = ", ".join(str(len(v)) for v in values)
