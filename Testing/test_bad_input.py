@@ -1,7 +1,7 @@
 """Bad input, as a new user or an adversary gives it: every option, API argument and hand-edited file.
 
 Each case asserts the outcome the user sees: a one-line error that names the option, argument or file
-(and nothing changed on disk), or, where the input is good, that it takes effect. Issue 29 lists the
+(and nothing changed on disk), or, where the input is good, that it takes effect. Among them are the
 cases that failed before (wrong argument order in ``al3d query``, ``--parallel -1`` hanging, truncated
 images accepted, hand-edited loop files and ``project.json`` case ids, tracebacks instead of errors).
 """

@@ -55,7 +55,7 @@ def main() -> int:
                         help="leave the full-data run (FG-Eff) out; with it, its jobs wait behind the runs' jobs and "
                         "fill the slots they leave idle")
     parser.add_argument("--init", default="scratch", choices=["scratch", "warm"],
-                        help="warm: each loop after 0 starts from the previous loop's members (issue 30's study; give it "
+                        help="warm: each loop after 0 starts from the previous loop's members (the warm-start study; give it "
                         "its own --run-dir, e.g. .../hippocampus-low-cpu-small-warm)")
     parser.add_argument("--warm-fraction", help="with --init warm: share of the epochs (default: the profile's, a third)")
     parser.add_argument("--warm-initial-lr", help="with --init warm: starting learning rate (default: the profile's, a tenth)")

@@ -1,7 +1,7 @@
 """Benchmark: what a job running alone gains from the cores of idle slots (the runner's core sharing).
 
 Jobs are sized for ``--parallel`` at a time (torch threads = cores / parallel);
-when one runs alone, ``LocalRunner`` allots it every core (README, "Training,
+when one runs alone, ``LocalRunner`` allots it every core (docs/USAGE.md, "Training,
 scoring and evaluation with nnU-Net"). This measures the gain on a trained model folder, with 1 thread and
 with every core in turn:
 - the test evaluation path (``Ensemble.segment``: every member, mirroring, tile

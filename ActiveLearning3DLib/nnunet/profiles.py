@@ -48,11 +48,12 @@ Three named profiles:
     stage), patch 16 x 16 x 16, batch size 2, 2 epochs x 3 iterations, 1 validation
     iteration, 2 folds, no worker processes, checkpoint every epoch.
 
-Warm start (``--init warm``, docs: README "Warm-started loops"): member k of loop t starts from member k of
+Warm start (``--init warm``; docs/METHODS.md section 2, and docs/USAGE.md under "Training, scoring and
+evaluation with nnU-Net"): member k of loop t starts from member k of
 loop t-1 and trains a shorter schedule, ``warm_fraction`` of the epochs (rounded up, at least 1) from the
 starting learning rate ``warm_initial_lr`` with nnU-Net's poly decay over those epochs. Unset (``None``) they
 are a third of the epochs and a tenth of ``initial_lr`` (1e-3 for ``paper`` and ``cpu-small``) for every
-profile: untested defaults until the warm-start study (issue 30) has measured them. Unset fields are left out
+profile: untested defaults until the warm-start study has measured them. Unset fields are left out
 of :meth:`TrainingProfile.to_json`, so profiles (and the names and keys made from them) stay as they were.
 
 Use :func:`resolve_profile` to get one with overrides, e.g.
