@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,29 @@ def test_runner_settings_fill_what_the_slurm_settings_leave_open():
     assert isinstance(runner, SlurmRunner) and runner.kind == "slurm"
     assert (runner.settings.python, runner.settings.env, runner.settings.poll_seconds) == ("/x/python", {"A": "1", "B": "2"}, 0.3)
     assert runner.settings.partition == "p"
+
+
+def test_the_python_api_runs_a_loop_or_a_simulation_through_slurm_from_runner_settings(tmp_path_factory, tmp_path):
+    """The Python API's --runner slurm: LoopSettings.runner (logic.loop_pipeline) and SimulationSettings.runner
+    build the Slurm runner with the given settings, the caller's worker interpreter filling what they leave open.
+    (The cluster tests run such pipelines.)"""
+    from ActiveLearning3DLib.jobs import RunnerSettings
+    from ActiveLearning3DLib.pipeline import LoopSettings
+    from ActiveLearning3DLib.simulation import Simulation, SimulationSettings
+
+    runner = RunnerSettings(kind="slurm", slurm=SlurmSettings(partition="gpu", time_limit="2:00:00", max_submitted=4))
+    logic = _project(tmp_path_factory, "api")
+    pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", python="/cluster/venv/bin/python",
+                                                runner=runner))
+    simulation = Simulation(SimulationSettings(images=tmp_path / "images", labels=tmp_path / "labels",
+                                               methods=("random",), out=tmp_path / "out", profile="test",
+                                               device="cpu", runner=runner))
+    for built in (pipeline.runner, simulation.runner):
+        assert isinstance(built, SlurmRunner) and built.capacity == 4
+        assert (built.settings.partition, built.settings.time_limit) == ("gpu", "2:00:00")
+    assert pipeline.runner.settings.python == "/cluster/venv/bin/python"
+    assert not (tmp_path / "out").exists()  # nothing made or submitted until they run
+    assert not logic.jobs_dir.is_dir() or not any(logic.jobs_dir.iterdir())
 
 
 # ---------------------------------------------------------------------- against the cluster
@@ -361,6 +385,62 @@ def test_al3d_loop_through_slurm_survives_a_restart_and_queries_what_the_local_r
 
     assert loop_one(there) == loop_one(here)
     assert len(loop_one(there)[2]) == 5
+
+
+@pytest.mark.slow
+def test_al3d_simulate_through_slurm_records_the_boxes_of_the_local_runner(slurm_env, tmp_path_factory):
+    """`al3d simulate --runner slurm` (random, one seed, one loop, `test` profile, 2 folds, no full-data reference)
+    and the same simulation through the local runner, side by side: the same records (boxes: case, corner, size per
+    loop), and every job of the Slurm grid ran as a batch job of its own (sbatch, COMPLETED), none of the local one."""
+    from conftest import default_data_dir
+
+    from ActiveLearning3DLib.fileio import read_json
+
+    data = default_data_dir(tmp_path_factory, phantom_cases=LOOP_CASES)
+    root = tmp_path_factory.mktemp("simulate")
+    env = {**os.environ, **slurm_env}
+    runs = {}
+    for kind in ("local", "slurm"):
+        command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data / "imagesTr"),
+                   "--labels", str(data / "labelsTr"), "--method", "random", "--seeds", "0", "--loops", "1",
+                   "--budget", "20", "--profile", "test", "--device", "cpu", "--folds", "2",
+                   "--max-cases", str(LOOP_CASES), "--no-reference", "--out", str(root / kind), "--runner", kind]
+        runs[kind] = subprocess.Popen(command + (["--slurm-time", "20"] if kind == "slurm" else []), env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = {kind: p.communicate(timeout=900)[0] for kind, p in runs.items()}
+    assert all(p.returncode == 0 for p in runs.values()), outputs
+
+    def records(kind):
+        found = sorted((root / kind / "results").glob("*/seed_*/loop_*.json"))
+        return {str(p.relative_to(root / kind)): read_json(p) for p in found}
+
+    def boxes(record):
+        return [[(p["file"], tuple(p["coords"]), tuple(p["size"])) for p in record[key]["patches"]]
+                for key in ("loop_file", "next_loop_file") if record.get(key)]
+
+    local, slurm = records("local"), records("slurm")
+    assert list(local) == list(slurm) == ["results/random/seed_0/loop_000.json"]
+    assert {k: boxes(r) for k, r in slurm.items()} == {k: boxes(r) for k, r in local.items()}
+    assert all(r["boxes"] > 0 and r["mean_dice"] is not None for r in [*local.values(), *slurm.values()])
+
+    probe = SlurmRunner(_settings(slurm_env))
+    jobs = {kind: [Job(p.parent) for p in (root / kind).rglob("jobs/*/job.json")] for kind in runs}
+    kinds = {j.spec().kind for j in jobs["slurm"]}
+    assert {"nnunet_prepare", "nnunet_train"} <= kinds and kinds == {j.spec().kind for j in jobs["local"]}
+    assert len(jobs["slurm"]) == len(jobs["local"])
+    ids = [probe.record(j).get("job_id") for j in jobs["slurm"]]
+    names = {}  # a run's project starts as a copy of its seed's start project, jobs folders included
+    for job, job_id in zip(jobs["slurm"], ids):
+        names.setdefault(job_id, set()).add(job.name)
+    assert all(ids) and all(len(n) == 1 for n in names.values()), names  # a batch job per job, none submitted twice
+    assert len(names) == len({j.name for j in jobs["slurm"]})
+    for job, job_id in zip(jobs["slurm"], ids):
+        status = job.status()
+        assert (status.state, status.runner, status.runner_id) == ("done", "slurm", job_id), (job.name, status)
+        assert "#SBATCH --time=20" in probe.script_path(job).read_text()
+    wait_for(lambda: [s.state for s in probe.batch_states(ids).values()] == ["COMPLETED"] * len(names), timeout=60,
+             what="every batch job COMPLETED", interval=0.2)
+    assert all(j.status().runner == "local" and not probe.record_path(j).exists() for j in jobs["local"])
 
 
 @pytest.mark.slow
