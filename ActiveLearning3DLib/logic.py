@@ -24,7 +24,7 @@ from .boxes import Box, Shape3, centred_corner, effective_patch_size
 from .jobs import Job, make_runner
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .embeddings import AutoencoderSettings
+    from .embeddings import AutoencoderSettings, EmbeddingSet, EmbeddingStage
     from .jobs import JobRunner
     from .pipeline import LoopPipeline, LoopSettings
 from .fileio import atomic_write_json, read_json
@@ -286,9 +286,7 @@ class ActiveLearningLogic:
             progress=progress,
         )
         if query_method.needs_embeddings or distance_space == "embedding":
-            from .embeddings import pool_embeddings
-
-            context.embeddings = pool_embeddings(p, autoencoder)  # cached per project; a background job the first time
+            context.embeddings = self.pool_embeddings(autoencoder)  # cached per project; a background job the first time
         extra_info = dict(info or {})
         started = time.perf_counter()
         picks = query_method(context, count)
@@ -339,7 +337,7 @@ class ActiveLearningLogic:
         """
         from .pipeline import LoopPipeline
 
-        return LoopPipeline(self, settings, runner)
+        return LoopPipeline(self.project, self.query, settings, runner)
 
     def cancel_jobs(self, runner: "JobRunner | None" = None) -> list[Job]:
         """Cancel every queued or running job of the project through ``runner`` (default: a local one, which
@@ -454,18 +452,31 @@ class ActiveLearningLogic:
             raise ProjectError("no predictions yet: predict all cases first")
         return export_segs(self.project, folder, partial_labels)
 
-    def starting_embeddings(self, method: str) -> "tuple[AutoencoderSettings | None, Job | None]":
+    def embedding_stage(self, autoencoder: "AutoencoderSettings | None" = None) -> "EmbeddingStage":
+        """The pool embeddings' stage (default autoencoder settings: the project seed's): its cache and its job.
+
+        The one way to them: the query waits on it (:meth:`pool_embeddings`), a
+        loop pipeline and the panel's label-free start submit its job and poll.
+        """
+        from .embeddings import EmbeddingStage
+
+        return EmbeddingStage(self.project, autoencoder)
+
+    def pool_embeddings(self, autoencoder: "AutoencoderSettings | None" = None,
+                        runner: "JobRunner | None" = None) -> "EmbeddingSet":
+        """The pool embeddings, blocking: cached, else their stage's job run through ``runner`` (default: a local
+        one, one job at a time) and waited for."""
+        return self.embedding_stage(autoencoder).run(runner)
+
+    def starting_embeddings(self, method: str, runner: "JobRunner | None" = None
+                            ) -> "tuple[AutoencoderSettings | None, Job | None]":
         """What a query by ``method`` needs first: the pool autoencoder's settings for :meth:`query` (None: the
-        method reads no embeddings) and the job that computes the embeddings (None: not needed, or cached)."""
+        method reads no embeddings) and the stage's job that computes the embeddings (None: not needed, or
+        cached), its threads ``runner``'s share of a slot."""
         if not get_method(method).needs_embeddings:
             return None, None
-        from .embeddings import AutoencoderSettings, embedding_job
-        from .embeddings.store import embeddings_dir
-
-        settings = AutoencoderSettings(seed=self.project.settings.seed)
-        if (embeddings_dir(self.project, settings) / "embeddings.npz").is_file():
-            return settings, None
-        return settings, embedding_job(self.project, settings)
+        stage = self.embedding_stage()
+        return stage.settings, stage.job(runner)
 
     # ---------------------------------------------------------- front ends
     def read_front_end_settings(self, name: str, what: str = "settings") -> dict | None:

@@ -18,7 +18,12 @@ for warm-started models, ``LoopSettings.init``)::
     train      <model>-fold_<k>          one job per fold, up to ``parallel`` at a time
     predict    <model>-evaluate          test split Dice (when there is ground truth)
                <model>-score             pool box scores for the query method
-    query      (in this process)         the next loop file from the stored scores
+    query      embeddings-<key>          the pool embeddings, first, when the query method reads them
+               (in this process)         the next loop file from the stored scores
+
+The pipeline knows the project and a query function (the logic's
+:meth:`~ActiveLearning3DLib.logic.ActiveLearningLogic.query`, handed in by
+``logic.loop_pipeline()``), never the logic itself: it sits below it.
 
 Everything a model produces lives in its folder ``<project>/nnunet/results/<model>/``
 (``fold_<k>/``, ``scores/``, ``uncertainty/``, ``pool_prediction/``,
@@ -41,8 +46,9 @@ import time
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
+from .embeddings import EmbeddingStage
 from .fileio import read_json
 from .jobs import Job, JobRunner, JobStatus, RunnerSettings, make_runner
 from .jobs.runner import default_parallel
@@ -50,7 +56,7 @@ from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
 from .nnunet.scoring import ScoringSettings
 from .prefill import PREDICTION_FOLDER, UNCERTAINTY_FOLDER
-from .project import LoopConflict, LoopFile, ProjectError
+from .project import LoopConflict, LoopFile, Project, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
 
 STAGES = ("prepare", "train", "predict", "query")
@@ -162,12 +168,25 @@ class PipelineState:
         return " | ".join(parts)
 
 
-class LoopPipeline:
-    """Runs one loop's stages as jobs through a runner; see the module docstring."""
+class QueryFunction(Protocol):
+    """What the query stage calls to write the next loop file: ``ActiveLearningLogic.query`` (the pending-box rule,
+    the claims on the loop file and the query context are the logic's)."""
 
-    def __init__(self, logic, settings: LoopSettings | None = None, runner: JobRunner | None = None):
-        self.logic = logic
-        self.project = logic.project
+    def __call__(self, method: str, count: int | None = None, seed: int | None = None, *,
+                 scores: Path | None = None, info: dict | None = None) -> LoopFile: ...
+
+
+class LoopPipeline:
+    """Runs one loop's stages as jobs through a runner; see the module docstring.
+
+    ``query`` writes the next loop file from the scores (``logic.loop_pipeline()``
+    hands in the logic's query); the pipeline reads the project, never the logic.
+    """
+
+    def __init__(self, project: Project, query: QueryFunction, settings: LoopSettings | None = None,
+                 runner: JobRunner | None = None):
+        self.project = project
+        self.query = query
         self.settings = settings or LoopSettings()
         s = self.settings
         device = s.device or "auto"
@@ -190,6 +209,7 @@ class LoopPipeline:
         self._submitted: set[str] = set()
         self._loop_file: LoopFile | None = None
         self._score_job_maps: list[str] | None = None
+        self._embedding_job: Job | None = None
 
     # ------------------------------------------------------------------ folders
     @property
@@ -218,7 +238,7 @@ class LoopPipeline:
 
     @property
     def jobs_dir(self) -> Path:
-        return self.logic.jobs_dir
+        return self.project.path / "jobs"  # the logic's jobs_dir
 
     @property
     def evaluates(self) -> bool:
@@ -445,8 +465,33 @@ class LoopPipeline:
         return PipelineState(stage, state, progress, message, [(j.name, j.status()) for j in self.all_jobs()],
                              self._loop_file)
 
+    def _embeddings(self) -> PipelineState | None:
+        """A query method that reads the pool embeddings: their stage's job first, through this runner, never
+        blocking (None: ready, or not needed). The query then finds them cached."""
+        if not self.method.needs_embeddings:
+            return None
+        if self._embedding_job is None:
+            self._embedding_job = EmbeddingStage(self.project).job(self.runner)
+            if self._embedding_job is None:
+                return None
+        job = self._embedding_job
+        if job.name not in self._submitted:
+            self._submitted.add(job.name)
+            self.runner.submit(job)
+        self.runner.poll()
+        status = self.runner.refresh(job)
+        if status.state == "done":
+            return None
+        listed = [*self._state("query", "running", 1.0, "").jobs, (job.name, status)]
+        if status.final:
+            return PipelineState("query", "failed", 1.0, f"{job.name} {status.state}: {status.message}", listed)
+        return PipelineState("query", "running", 1.0, "the pool embeddings for the query", listed)
+
     def _query(self) -> PipelineState:
         if self._loop_file is None:
+            waiting = self._embeddings()
+            if waiting is not None:
+                return waiting
             info = {"model": str(self.model_folder), "profile": self.profile.name, "trained_on_loop": self.loop}
             if self.evaluates and self.evaluation_summary.is_file():
                 info["test_mean_dice"] = read_json(self.evaluation_summary).get("mean_dice")
@@ -454,8 +499,8 @@ class LoopPipeline:
             self._loop_file = self._queried_by_another_driver()
             try:
                 if self._loop_file is None:
-                    self._loop_file = self.logic.query(s.method, s.count, s.seed, info=info,
-                                                       scores=self.scores_dir if self.method.needs_model else None)
+                    self._loop_file = self.query(s.method, s.count, s.seed, info=info,
+                                                 scores=self.scores_dir if self.method.needs_model else None)
             except LoopConflict:
                 self._loop_file = self._queried_by_another_driver()
                 if self._loop_file is None:

@@ -236,3 +236,49 @@ def test_the_annotation_core_loads_no_mrml():
         assert not found, f"{name} (loaded with the annotation core) imports {sorted(found)}"
     # and the controller, which joins it to the view, is on the MRML side: the walk would see it
     assert "ActiveLearning3DLib.gui.mrml" in _loaded_with("ActiveLearning3DLib.gui.controller", graph)
+
+
+# The loop pipeline runs below the logic: it is handed the project and a query function (logic.loop_pipeline()
+# hands in the logic's query), so neither it nor anything it imports may reach the logic or what sits on top of it.
+ABOVE_PIPELINE = ("logic", "gui", "cli", "simulation", "simulation_restore", "report")
+
+
+def _reached_from(module: str, graph: dict[str, set[str]]) -> set[str]:
+    """The library modules ``module`` imports, directly or through others; the root package's lazy
+    ``__getattr__`` (which names the logic for ``from ActiveLearning3DLib import ActiveLearningLogic``) is not
+    followed: importing a submodule never calls it."""
+    seen, todo = set(), sorted(graph[module])
+    while todo:
+        name = todo.pop()
+        if name in seen or name == "ActiveLearning3DLib":
+            continue
+        seen.add(name)
+        todo += sorted(graph.get(name, ()))
+    return seen
+
+
+def test_the_pipeline_does_not_import_the_logic():
+    graph = _import_graph()
+    reached = _reached_from("ActiveLearning3DLib.pipeline", graph)
+    assert {"ActiveLearning3DLib.jobs", "ActiveLearning3DLib.embeddings"} <= reached  # the walk sees real edges
+    above = sorted(m for m in reached if m.split(".")[1] in ABOVE_PIPELINE)
+    assert not above, f"the pipeline reaches {above}: hand it what it needs (the project, a query function)"
+    # and the walk would see the logic where it is imported: the annotation core reaches it
+    assert "ActiveLearning3DLib.logic" in _reached_from(ANNOTATION_CORE, graph)
+
+
+def test_the_pool_embeddings_job_is_made_by_the_embeddings_stage_alone():
+    """One stage computes the pool embeddings (embeddings.store.EmbeddingStage, which the logic, the pipeline and
+    the annotation core go through): nothing else makes their job by hand."""
+    makers = []
+    for path in sorted(LIB.rglob("*.py")):
+        if path == LIB / "embeddings" / "store.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            called = ast.unparse(node.func).split(".")[-1]
+            kinds = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            if called == "embedding_job" or (called == "create" and "pool_embeddings" in kinds):
+                makers.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not makers, f"embedding jobs made outside EmbeddingStage: {makers}"

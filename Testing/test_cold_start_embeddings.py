@@ -110,3 +110,50 @@ def test_the_embedding_job_declares_its_threads_and_follows_the_runners_allotmen
     finally:
         torch.set_num_threads(before)
     assert result["candidates"] > 0
+
+
+def test_a_loop_pipeline_runs_the_embeddings_stage_as_a_job_before_a_label_free_query(tmp_path):
+    """The pipeline is handed the project and a query function (no logic). A query method that reads the pool
+    embeddings has their stage's job run through the pipeline's runner first, polled without blocking; the query
+    function is called once they are cached, and finds them there (the stage the logic's query waits on)."""
+    from conftest import wait_for
+
+    from ActiveLearning3DLib.jobs import RunnerSettings, make_runner
+    from ActiveLearning3DLib.pipeline import LoopPipeline, LoopSettings
+
+    data = make_dataset(tmp_path / "source", n_cases=3, shape=SHAPE)
+    logic = ActiveLearningLogic.create(tmp_path / "project", data.images, data.labels, patch_size=(8, 8, 8),
+                                       test_fraction=0.0, seed=0)
+    logic.query("random", 2)
+    logic.annotate_with_oracle()
+    calls = []
+
+    def query(method, count=None, seed=None, *, scores=None, info=None):
+        calls.append((method, count, seed, scores))
+        return logic.query(method, count, seed, scores=scores, info=info)
+
+    runner = make_runner(RunnerSettings(max_parallel=1))
+    pipeline = LoopPipeline(logic.project, query, LoopSettings(profile="test", device="cpu", method="cluster", count=3,
+                                                                stages=("query",)), runner)
+    stage = logic.embedding_stage()
+    assert not stage.done
+    # an earlier run's saved autoencoder (untrained here): the job resumes from it and only embeds. Training the
+    # default 600 iterations takes minutes on a loaded CPU; the tests above train with SETTINGS.
+    import torch
+
+    from ActiveLearning3DLib.embeddings.autoencoder import build_autoencoder
+
+    stage.path.parent.mkdir(parents=True)
+    torch.save(build_autoencoder(stage.settings.width).state_dict(), stage.path.parent / "autoencoder.pt")
+    (stage.path.parent / "training.json").write_text('{"losses": [1.0]}')
+    first = pipeline._query()  # the query stage alone: prepare and train are what `al3d train` did
+    assert (first.stage, first.state) == ("query", "running") and calls == []
+    job_name = f"embeddings-{stage.path.parent.name}"
+    assert [name for name, _ in first.jobs] == [job_name]
+    done = wait_for(lambda: (lambda s: s if s.finished else None)(pipeline._query()), timeout=600,
+                    what="the embeddings job and the query")
+    assert done.state == "done", done.message
+    assert calls == [("cluster", 3, None, None)] and stage.done
+    assert [b.loop for b in done.loop_file.boxes] == [1, 1, 1] and logic.project.loop_indices() == [0, 1]
+    assert logic.embedding_stage().job(runner) is None  # cached: nothing more to run
+    assert len(logic.pool_embeddings()) == len(stage.load()) > 0

@@ -258,6 +258,9 @@ class _RecordingRunner:
     def refresh(self, job):
         return self.local.refresh(job)
 
+    def slot_threads(self):
+        return self.local.slot_threads()
+
     def cancel(self, job):
         self.cancelled.append(job.name)
         return self.local.cancel(job)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..boxes import Box, any_overlap
 from ..fileio import atomic_write_json, read_json, replacing_file
-from ..jobs import Job, JobRunner, RunnerSettings, make_runner
+from ..jobs import Job, JobRunner, JobState, RunnerSettings, make_runner
 from .autoencoder import AutoencoderSettings
 
 
@@ -70,22 +70,62 @@ def embedding_job(project, settings: AutoencoderSettings, threads: int | None = 
     return Job.create(project.path / "jobs", f"embeddings-{folder.name}", "pool_embeddings", inputs)
 
 
+class EmbeddingStage:
+    """The pool embeddings as one stage: cached on disk, else made by one job that any driver runs.
+
+    Every caller goes through here: the panel's label-free start and a loop
+    pipeline submit :meth:`job` to their runner and poll it; the query, scripts
+    and simulations call :meth:`run`, which submits the same job and waits for
+    it. The job's name comes from the cache key, so two drivers share one job.
+    """
+
+    def __init__(self, project, settings: AutoencoderSettings | None = None):
+        self.project = project
+        self.settings = settings or AutoencoderSettings(seed=project.settings.seed)
+
+    @property
+    def path(self) -> Path:
+        return embeddings_dir(self.project, self.settings) / "embeddings.npz"
+
+    @property
+    def done(self) -> bool:
+        return self.path.is_file()
+
+    def job(self, runner: JobRunner | None = None) -> Job | None:
+        """The job that makes the embeddings (None: cached); its torch threads are ``runner``'s share of a slot.
+
+        One that runs already (another driver's) is taken as it is: it makes the same file.
+        """
+        if self.done:
+            return None
+        running = Job(self.project.path / "jobs" / f"embeddings-{self.path.parent.name}")
+        if running.spec_path.is_file() and running.status().state == JobState.RUNNING:
+            return running
+        return embedding_job(self.project, self.settings, runner.slot_threads() if runner is not None else None)
+
+    def run(self, runner: JobRunner | None = None, python: str | None = None) -> EmbeddingSet:
+        """The embeddings, blocking: from the cache, else :meth:`job` through ``runner`` (waited for).
+
+        Without a ``runner``, a local one with one job at a time (``python``: the worker interpreter)."""
+        if not self.done:
+            runner = runner or make_runner(RunnerSettings(python=python, max_parallel=1))
+            job = self.job(runner)
+            if job is not None:
+                runner.submit(job)
+                runner.wait([job])
+                status = runner.refresh(job)
+                if status.state != "done":
+                    raise RuntimeError(f"{job.path}: making the pool embeddings {status.state}: {status.message}")
+        return self.load()
+
+    def load(self) -> EmbeddingSet:
+        return EmbeddingSet.load(self.path)
+
+
 def pool_embeddings(project, settings: AutoencoderSettings | None = None, runner: JobRunner | None = None,
                     python: str | None = None) -> EmbeddingSet:
-    """The pool's embeddings: from the cache, else made by a background job (waited for) and cached.
-
-    Without a ``runner``, a local one with one job at a time (``python``: the worker interpreter)."""
-    settings = settings or AutoencoderSettings(seed=project.settings.seed)
-    path = embeddings_dir(project, settings) / "embeddings.npz"
-    if not path.is_file():
-        runner = runner or make_runner(RunnerSettings(python=python, max_parallel=1))
-        job = embedding_job(project, settings, runner.slot_threads())
-        runner.submit(job)
-        runner.wait([job])
-        status = runner.refresh(job)
-        if status.state != "done":
-            raise RuntimeError(f"{job.path}: making the pool embeddings {status.state}: {status.message}")
-    return EmbeddingSet.load(path)
+    """The pool's embeddings, blocking (:meth:`EmbeddingStage.run`): from the cache, else made by their job."""
+    return EmbeddingStage(project, settings).run(runner, python)
 
 
 def embed_task(inputs: dict, report) -> dict:

@@ -365,8 +365,9 @@ class AnnotationSession:
 
     # ---------------------------------------------------------- starting budget
     def begin_starting_budget(self, method: str, count: int) -> LoopProgress | None:
-        """Query loop 0; a label-free method first has the pool autoencoder trained as a job (poll() finishes it)."""
-        autoencoder, job = self.logic.starting_embeddings(method)
+        """Query loop 0; a label-free method first has the pool autoencoder trained as a job (poll() finishes it):
+        the embeddings stage's job, through this session's runner (the query then finds them cached)."""
+        autoencoder, job = self.logic.starting_embeddings(method, self._job_runner())
         if job is None:
             self.logic.query(method, count, autoencoder=autoencoder)
             return None
