@@ -231,7 +231,7 @@ class LoopRecordStore:
     def read_all(self) -> list[LoopRecord]:
         return [read_record(p) for p in self.paths()]
 
-    def run_records(self, method: str, seed: int, loops: int | None = None) -> Iterable[tuple[int, Path]]:
+    def recorded_loops(self, method: str, seed: int, loops: int | None = None) -> Iterable[tuple[int, Path]]:
         """(loop, path) of a run's record files in loop order, up to ``loops`` when given, stopping at a gap."""
         loop = 0
         while loops is None or loop < loops:

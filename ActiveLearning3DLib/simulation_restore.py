@@ -61,7 +61,7 @@ def restorable(folder: Path, method: str, seed: int, loops: int,
                echo: Callable[[str], None]) -> tuple[list[LoopRecord], list[dict]]:
     """The recorded chain 0..L of a run that carries its boxes, and the loop files to rebuild (0..L+1)."""
     records: list[LoopRecord] = []
-    for _, path in LoopRecordStore(folder).run_records(method, seed, loops):
+    for _, path in LoopRecordStore(folder).recorded_loops(method, seed, loops):
         record = read_record(path)
         if record.loop_file is None:
             echo(f"{path}: written before records kept their boxes; this loop is run again")
