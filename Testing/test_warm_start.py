@@ -25,7 +25,7 @@ from ActiveLearning3DLib.nnunet.splits import check_splits, make_splits, stable_
 from ActiveLearning3DLib.nnunet.trainer import INIT_FILE, TrainingError, train_fold
 from ActiveLearning3DLib.pipeline import LoopSettings, profile_tag
 from ActiveLearning3DLib.simulation import SimulationSettings
-from conftest import default_data_dir
+from conftest import annotated_project, default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = 10
@@ -39,11 +39,7 @@ def _models(project: Path, loop: int) -> list[Path]:
 @pytest.fixture(scope="module")
 def two_loops(tmp_path_factory):
     """Loop 0 (3 images, leave-one-out) and loop 1 (5 folds) of a warm-started project."""
-    data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
-    path = tmp_path_factory.mktemp("warm") / "project"
-    logic = ActiveLearningLogic.create(path, data / "imagesTr", data / "labelsTr", max_cases=CASES, seed=1)
-    logic.query("nnactive_start", 3)
-    logic.annotate_with_oracle()
+    path = annotated_project(tmp_path_factory, "warm", CASES, 3).project.path
     assert al3d(["loop", str(path), *TRAINING, "--method", "random", "--count", "6", "--no-evaluate"]) == 0
     assert al3d(["annotate", str(path), "--oracle"]) == 0
     assert al3d(["train", str(path), *TRAINING]) == 0
