@@ -527,23 +527,20 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.goToBox(nextBox.id)
 
     def _saveSettings(self):
-        p = self._parameterNode
-        return self.controller.save_settings(method=p.method, query_size=p.querySize, python=p.python or None,
-                                      device=p.device, profile=p.profile, parallel=p.parallel or None,
-                                      prefill=bool(p.prefill), init=p.init)
+        """The fields that are panel settings go to the project (annotation.PANEL_FIELDS says which)."""
+        from ActiveLearning3DLib.gui.annotation import settings_from_fields
+
+        return self.controller.save_settings(**settings_from_fields(self._parameterNode))
 
     def _loadSettings(self, parameterNode=None):
         """An opened project's own settings come into the fields (those the lists offer)."""
-        s, p = self.controller.settings, parameterNode if parameterNode is not None else self._parameterNode
-        values = {"method": (s.method, CHOICES.methods), "device": (s.device, CHOICES.devices),
-                  "profile": (s.profile, CHOICES.profiles), "init": (s.init, CHOICES.inits)}
-        for name, (value, allowed) in values.items():
-            if value in allowed:
-                setattr(p, name, value)
-        if s.query_size:
-            p.querySize = int(s.query_size)
-        p.parallel = int(s.parallel or 0)
-        p.prefill = bool(s.prefill)
+        from ActiveLearning3DLib.gui.annotation import fields_from_settings
+
+        p = parameterNode if parameterNode is not None else self._parameterNode
+        offered = {"method": CHOICES.methods, "device": CHOICES.devices, "profile": CHOICES.profiles,
+                   "init": CHOICES.inits}
+        for name, value in fields_from_settings(self.controller.settings, offered).items():
+            setattr(p, name, value)
 
     # ------------------------------------------------------------------ boxes
     def refreshTable(self):

@@ -144,3 +144,40 @@ def test_the_uncertainty_map_is_the_newest_models(tmp_path):
         written[folder] = path
     assert s.uncertainty_map(case) == written["loop_001_cpu-small_aaa"]  # the highest loop, though not the latest file
     assert s.logic.uncertainty_map("no-such-case") is None
+
+
+def test_the_panels_fields_round_trip_through_the_saved_settings_and_make_the_loop_settings(tmp_path):
+    """The panel's fields -> panel.json -> the fields of a reopened panel, and the settings -> the loop's
+    LoopSettings: one table (PANEL_FIELDS) and one method (loop_settings), so nothing is dropped on the way."""
+    from dataclasses import fields
+    from types import SimpleNamespace
+
+    from ActiveLearning3DLib.gui.annotation import (PANEL_FIELDS, PanelSettings, fields_from_settings,
+                                                    settings_from_fields)
+    from ActiveLearning3DLib.pipeline import LoopSettings
+
+    shown = SimpleNamespace(method="random", device="cpu", profile="test", init="warm", querySize=7, parallel=2,
+                            prefill=False, python="/opt/PythonSlicer")
+    assert set(vars(shown)) == set(PANEL_FIELDS)
+    session = _session(tmp_path)
+    session.save_settings(**settings_from_fields(shown))
+    reopened = AnnotationSession.open(session.logic.project.path).settings
+    offered = {"method": ("random", "clasp_pe"), "device": ("cpu",), "profile": ("test",), "init": ("scratch", "warm")}
+    back = fields_from_settings(reopened, offered)
+    assert back == {k: v for k, v in vars(shown).items() if k != "python"}  # the interpreter is never read back
+    assert reopened.python is None and session.settings.python == "/opt/PythonSlicer"
+    # the defaults: no parallel limit is 0 in the field, an empty interpreter the default, a choice not offered
+    # leaves the field as it is
+    empty = settings_from_fields(SimpleNamespace(**{**vars(shown), "parallel": 0, "python": ""}))
+    assert (empty["parallel"], empty["python"]) == (None, None)
+    assert "method" not in fields_from_settings(PanelSettings(method="bald"), offered)
+    assert fields_from_settings(PanelSettings(), offered)["parallel"] == 0
+    assert "querySize" not in fields_from_settings(PanelSettings(), offered)
+
+    loop = session.settings.loop_settings()
+    assert (loop.method, loop.device, loop.profile, loop.init, loop.count, loop.parallel, loop.python) == (
+        "random", "cpu", "test", "warm", 7, 2, "/opt/PythonSlicer")
+    # a panel that changed nothing starts the loop the command line starts without options
+    shared = {f.name for f in fields(PanelSettings)} & {f.name for f in fields(LoopSettings)}
+    assert shared == {"method", "profile", "device", "parallel", "init", "python"}
+    assert all(getattr(PanelSettings().loop_settings(), n) == getattr(LoopSettings(), n) for n in shared)

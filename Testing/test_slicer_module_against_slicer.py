@@ -820,6 +820,33 @@ def test_panel_choices_come_from_the_registry_and_the_profiles():
     assert not assigned & {"METHODS", "START_METHODS", "DEVICES", "PROFILES"}, "hard-coded lists in the module"
 
 
+def test_the_parameter_nodes_fields_are_the_panel_settings_or_creation_inputs():
+    """The parameter node, PanelSettings and the field table of the annotation core describe one set of inputs:
+    every field of the node is a panel setting (PANEL_FIELDS) or an input of project creation (CREATION_FIELDS),
+    every panel setting has its field, the module saves and loads them through that table, and the node's
+    defaults are PanelSettings' (choices through panel_choices, the rest checked here)."""
+    from dataclasses import fields
+
+    from ActiveLearning3DLib.gui.annotation import CREATION_FIELDS, PANEL_FIELDS, PanelSettings
+
+    module = ast.parse(MODULE_FILE.read_text())
+    node_class = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "ActiveLearning3DParameterNode")
+    declared = {a.target.id: a for a in node_class.body if isinstance(a, ast.AnnAssign)}
+    assert set(declared) == set(PANEL_FIELDS) | set(CREATION_FIELDS), "a parameter node field missing from a table"
+    assert not set(PANEL_FIELDS) & set(CREATION_FIELDS)
+    settings = {f.name: f for f in fields(PanelSettings)}
+    named = list(PANEL_FIELDS.values()) + [v for v in CREATION_FIELDS.values() if v]
+    assert sorted(named) == sorted(settings), "a panel setting without its field, or one field for two settings"
+    defaults = {name: ast.unparse(a.value) for name, a in declared.items() if a.value is not None}
+    for name in ("method", "startMethod", "device", "profile", "init"):  # panel_choices: PanelSettings' defaults
+        assert defaults[name] == f"CHOICES.{PANEL_FIELDS.get(name) or CREATION_FIELDS[name]}"
+    assert defaults["prefill"] == repr(settings["prefill"].default)
+    assert defaults["parallel"] == "0" and settings["parallel"].default is None  # 0 in the spin box: no limit
+    widget = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "ActiveLearning3DWidget")
+    methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert "settings_from_fields(" in methods["_saveSettings"] and "fields_from_settings(" in methods["_loadSettings"]
+
+
 def test_extension_urls_name_files_in_the_repository_and_the_license_is_there():
     cmake = (REPO / "CMakeLists.txt").read_text()
     paths = re.findall(r"https://raw\.githubusercontent\.com/[\w.-]+/[\w.-]+/main/([^\s\";]+)", cmake)

@@ -86,8 +86,52 @@ class PanelSettings:
     python: str | None = None
 
     def loop_settings(self) -> LoopSettings:
+        """The loop these settings start: the one place a front end's settings become the pipeline's."""
         return LoopSettings(profile=self.profile, device=self.device, parallel=self.parallel, method=self.method,
                             count=self.query_size, python=self.python, init=self.init)
+
+
+# The Slicer panel's fields (its parameter node in ActiveLearning3D.py) that hold a panel setting: field -> setting.
+# They are saved before a loop starts and come back when a project opens (settings_from_fields, fields_from_settings).
+# A test checks the parameter node's fields against these two tables and PanelSettings, so that a field added to
+# one and not the others fails.
+PANEL_FIELDS = {"method": "method", "device": "device", "profile": "profile", "init": "init", "querySize": "query_size",
+                "parallel": "parallel", "prefill": "prefill", "python": "python"}
+# The panel's other fields: what a new project is made from (startMethod and classNames are saved with it as
+# start_method and class_colors, by new_project) and what one action takes; None: not a panel setting.
+CREATION_FIELDS = {"projectPath": None, "imagesPath": None, "labelsPath": None, "classNames": "class_colors",
+                   "patchSize": None, "startMethod": "start_method", "exportPartialLabels": None}
+
+
+def settings_from_fields(fields: Any) -> dict[str, Any]:
+    """The panel settings that the panel's fields hold (``fields``: its parameter node, or any object with those
+    names), for :meth:`AnnotationSession.save_settings`: an empty interpreter and 0 parallel jobs mean the default."""
+    values = {setting: getattr(fields, name) for name, setting in PANEL_FIELDS.items()}
+    values["python"] = values["python"] or None
+    values["parallel"] = values["parallel"] or None
+    values["prefill"] = bool(values["prefill"])
+    return values
+
+
+def fields_from_settings(settings: PanelSettings, offered: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """What an opened project's settings put into the panel's fields: a choice only when its list offers it
+    (``offered``: field -> the combo box's items), the query size when the project has one, no parallel limit as
+    0; never the interpreter (the user's own, see USER_ONLY)."""
+    values: dict[str, Any] = {}
+    for name, setting in PANEL_FIELDS.items():
+        value = getattr(settings, setting)
+        if setting in USER_ONLY or (name in offered and value not in offered[name]):
+            continue
+        if setting == "query_size":
+            if value:
+                values[name] = int(value)
+        elif setting == "parallel":
+            values[name] = int(value or 0)
+        elif setting == "prefill":
+            values[name] = bool(value)
+        else:
+            values[name] = value
+    return values
 
 
 @dataclass
