@@ -317,7 +317,7 @@ class ActiveLearningLogic:
     # -------------------------------------------------------------------- jobs
     @property
     def jobs_dir(self) -> Path:
-        return self.project.path / "jobs"
+        return self.project.jobs_dir
 
     def jobs(self, runner: "JobRunner | None" = None) -> list[Job]:
         """The project's background jobs, oldest first, each checked by ``runner`` (default: a local one) for a

@@ -238,7 +238,7 @@ class LoopPipeline:
 
     @property
     def jobs_dir(self) -> Path:
-        return self.project.path / "jobs"  # the logic's jobs_dir
+        return self.project.jobs_dir
 
     @property
     def evaluates(self) -> bool:

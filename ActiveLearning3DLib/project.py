@@ -450,6 +450,11 @@ class Project:
     def loops_dir(self) -> Path:
         return self.path / "loops"
 
+    @property
+    def jobs_dir(self) -> Path:
+        """Where the project's background jobs keep their folders (every runner, the pipeline and the embeddings)."""
+        return self.path / "jobs"
+
     def _case(self, case: str) -> CaseRecord:
         try:
             return self.cases[case]

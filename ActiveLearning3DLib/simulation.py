@@ -337,10 +337,8 @@ class Simulation:
             plan.header.update(self._write_header())
             if get_method(s.start).needs_embeddings or any(get_method(m).needs_embeddings for m in s.methods):
                 # once, in the base project: every seed's copy then finds them cached (they need no labels)
-                from .embeddings import pool_embeddings
-
                 self.echo("pool embeddings for the label-free methods (the autoencoder job, cached in the base project)")
-                pool_embeddings(base, runner=self.runner)
+                ActiveLearningLogic(base).pool_embeddings(runner=self.runner)
             if s.restore_from is not None:
                 check_restore_header(Path(s.restore_from), plan.header, s)
                 if s.reference:

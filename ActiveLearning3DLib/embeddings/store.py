@@ -67,7 +67,7 @@ def embedding_job(project, settings: AutoencoderSettings, threads: int | None = 
     threads = settings.threads or threads
     if threads:  # declared, so the runner can give it the cores of idle slots
         inputs["threads"] = int(threads)
-    return Job.create(project.path / "jobs", f"embeddings-{folder.name}", "pool_embeddings", inputs)
+    return Job.create(project.jobs_dir, f"embeddings-{folder.name}", "pool_embeddings", inputs)
 
 
 class EmbeddingStage:
@@ -98,7 +98,7 @@ class EmbeddingStage:
         """
         if self.done:
             return None
-        running = Job(self.project.path / "jobs" / f"embeddings-{self.path.parent.name}")
+        running = Job(self.project.jobs_dir / f"embeddings-{self.path.parent.name}")
         if running.spec_path.is_file() and running.status().state == JobState.RUNNING:
             return running
         return embedding_job(self.project, self.settings, runner.slot_threads() if runner is not None else None)
