@@ -717,6 +717,7 @@ def export_records(out: Path | str, target: Path | str) -> int:
 
 DEMO_METHODS = ("random", "random_fg66", "clasp_pe")
 DEMO_MAX_CASES = 64
+DEMO_PROFILE = "quick"
 
 
 def demo_settings(data, out: Path | str, max_cases: int | None = None) -> SimulationSettings:
@@ -726,10 +727,13 @@ def demo_settings(data, out: Path | str, max_cases: int | None = None) -> Simula
     cases = max_cases or DEMO_MAX_CASES
     return SimulationSettings(
         images=data.images, labels=data.labels, methods=DEMO_METHODS, out=Path(out), budget="low", loops=3, seeds=(0,),
-        profile="demo", device="cpu", max_cases=cases, parallel=max(2, default_job_parallel("cpu")),
+        profile=DEMO_PROFILE, device="cpu", init="warm", max_cases=cases,
+        parallel=max(2, default_job_parallel("cpu")),
         reductions=(f"the first {cases} cases of {data.name} instead of all (75 / 25 split of those)",
                     "3 loops instead of 5 (query size stays 20 % of the low budget)", "one seed instead of 4",
                     "two jobs at a time with one torch thread each",
-                    f"training profile 'demo': {PROFILES['demo'].description} (the study: 3d_fullres, 5 folds x "
-                    "200 epochs x 250 iterations)"),
+                    f"training profile '{DEMO_PROFILE}': {PROFILES[DEMO_PROFILE].description} (the study: 3d_fullres, "
+                    "5 folds x 200 epochs x 250 iterations)",
+                    "loops after the first warm-started from the previous loop's members (--init warm; the study "
+                    "trains every loop from scratch; the full-data reference trains from scratch)"),
     )

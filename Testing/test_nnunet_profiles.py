@@ -1,6 +1,7 @@
 """Training profiles: the named ones, overrides, device choice, and how a profile changes nnU-Net's plans."""
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from ActiveLearning3DLib.nnunet.profiles import (
 
 
 def test_named_profiles_have_the_documented_budgets():
-    assert profile_names() == ["paper", "cpu-small", "demo", "test"]
+    assert profile_names() == ["paper", "cpu-small", "demo", "quick", "test"]
     paper = resolve_profile("paper")
     assert (paper.configuration, paper.epochs, paper.iterations_per_epoch, paper.folds) == ("3d_fullres", 200, 250, 5)
     assert not paper.changes_network and paper.batch_size is None  # nnU-Net's plans unchanged
@@ -27,6 +28,21 @@ def test_named_profiles_have_the_documented_budgets():
     assert (demo.base_features, demo.max_features, demo.folds) == (small.base_features, small.max_features, 2)
     assert np.prod(demo.patch_size) < np.prod(small.patch_size) and demo.initial_lr > small.initial_lr
     assert demo.total_iterations < small.total_iterations / 2 and not demo.evaluation_mirroring
+    quick = resolve_profile("quick")  # the main job's: demo's network trained as many iterations as cpu-small
+    assert dataclasses.replace(quick, name="demo", epochs=demo.epochs, iterations_per_epoch=demo.iterations_per_epoch,
+                               description=demo.description) == demo
+    assert quick.total_iterations == small.total_iterations and quick.warm_epochs * 3 == quick.epochs
+
+
+def test_the_main_job_warm_starts_the_quick_profile_and_says_what_it_reduced(tmp_path):
+    from ActiveLearning3DLib.default_data import resolve_default_data
+    from ActiveLearning3DLib.simulation import demo_settings
+
+    data = resolve_default_data({}, tmp_path, tmp_path / "phantoms", 0)
+    settings = demo_settings(data, tmp_path / "out")
+    assert (settings.profile, settings.init, settings.loops, settings.seeds) == ("quick", "warm", 3, (0,))
+    reductions = " ".join(settings.reductions)
+    assert "'quick'" in reductions and "1500 iterations" in reductions and "warm-started" in reductions
     test = resolve_profile("test")
     assert test.total_iterations <= 10 and test.patch_size == (16, 16, 16) and not test.evaluation_mirroring
 
