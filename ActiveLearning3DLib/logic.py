@@ -34,7 +34,7 @@ from .partial_labels import MergeResult
 from .prefill import box_effort, effort_totals, prefill_model, read_prediction_box, uncertainty_map
 from .project import BoxRecord, LoopConflict, LoopFile, Project, ProjectError, now_iso
 from .project import BudgetSettings  # noqa: F401  (front ends take the store's records from the logic)
-from .query_methods import DEFAULT_METHOD, QueryContext, get_method
+from .query_methods import DEFAULT_METHOD, PESpatialOptions, QueryContext, get_method
 from .query_methods.base import no_progress
 from .query_methods.clasp import clasp_beta
 from .scores import ScoreStore
@@ -247,7 +247,9 @@ class ActiveLearningLogic:
         """
         p = self.project
         query_method = get_method(method)
-        _check_query_arguments(count, seed, stride, n_per_image, min_distance, distance_space)
+        _check_query_arguments(count, seed, stride, n_per_image)
+        options = PESpatialOptions(min_distance, distance_space)  # pe_spatial's record; validates both; others ignore it
+        wants_embeddings = query_method.wants_embeddings(options)
         refusal = self.pending_refusal()
         if refusal:
             raise ProjectError(f"{p.path}: {refusal}")
@@ -256,7 +258,7 @@ class ActiveLearningLogic:
             raise ProjectError(f"{p.path}: give the number of boxes (no query size in the project's budget)")
         if isinstance(probabilities, (str, Path)) and not Path(probabilities).is_dir():
             raise ProjectError(f"probabilities: {probabilities}: no such folder")
-        if autoencoder is not None and autoencoder.encoder and (query_method.needs_embeddings or distance_space == "embedding"):
+        if autoencoder is not None and autoencoder.encoder and wants_embeddings:
             from .embeddings.autoencoder import check_encoder
 
             check_encoder(autoencoder.encoder)  # before the pool autoencoder trains, not after
@@ -281,11 +283,10 @@ class ActiveLearningLogic:
             label_counts={c: p.cases[c].label_counts for c in p.pool_cases} if p.has_ground_truth else None,
             stride=tuple(stride) if stride else None,  # type: ignore[arg-type]
             n_per_image=n_per_image,
-            min_distance=min_distance,
-            distance_space=distance_space,
+            options=options,
             progress=progress,
         )
-        if query_method.needs_embeddings or distance_space == "embedding":
+        if wants_embeddings:
             context.embeddings = self.pool_embeddings(autoencoder)  # cached per project; a background job the first time
         extra_info = dict(info or {})
         started = time.perf_counter()
@@ -676,7 +677,7 @@ def _whole(value, minimum: int) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
 
 
-def _check_query_arguments(count, seed, stride, n_per_image, min_distance, distance_space) -> None:
+def _check_query_arguments(count, seed, stride, n_per_image) -> None:
     """The query's arguments, as strictly as the command line checks its options (one error naming the argument)."""
     if count is not None and not _whole(count, 1):
         raise ValueError(f"count: expected a whole number of boxes of at least 1 (or None: the query size), got {count!r}")
@@ -686,11 +687,6 @@ def _check_query_arguments(count, seed, stride, n_per_image, min_distance, dista
         raise ValueError(f"stride: expected three positive whole numbers (Z Y X), got {stride!r}")
     if n_per_image is not None and not _whole(n_per_image, 1):
         raise ValueError(f"n_per_image: expected a whole number of at least 1, got {n_per_image!r}")
-    if min_distance is not None and (isinstance(min_distance, bool) or not isinstance(min_distance, (int, float))
-                                     or not min_distance >= 0 or not np.isfinite(min_distance)):
-        raise ValueError(f"min_distance: expected a non-negative number, got {min_distance!r}")
-    if distance_space not in ("voxels", "embedding"):
-        raise ValueError(f"distance_space: expected 'voxels' or 'embedding', got {distance_space!r}")
 
 
 def _record(pick: Pick, loop: int, index: int, method: str) -> BoxRecord:

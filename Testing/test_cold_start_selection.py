@@ -200,7 +200,7 @@ def test_pe_spatial_in_embedding_space_rejects_a_far_box_that_looks_the_same():
     assert sorted(p.box.coords for p in voxel) == [(0, 0, 0), (20, 20, 20)]
 
 
-def test_pe_spatial_options_are_a_validated_record_and_the_old_keywords_make_it():
+def test_pe_spatial_options_are_a_validated_record():
     shape = (24, 24, 24)
     probs = np.full((2, *shape), 0.5, np.float32)
     probs[0], probs[1] = 0.99, 0.01
@@ -210,11 +210,6 @@ def test_pe_spatial_options_are_a_validated_record_and_the_old_keywords_make_it(
     method = get_method("pe_spatial")
     assert method.options is PESpatialOptions and get_method("pe").options is None
     by_record = method(QueryContext(**common, options=PESpatialOptions(min_distance=12.0)), 3)
-    by_keywords = QueryContext(**common, min_distance=12.0)  # what logic.query still passes
-    assert by_keywords.options == PESpatialOptions(12.0, "voxels")
-    assert [p.box for p in method(by_keywords, 3)] == [p.box for p in by_record]
-    with pytest.raises(AttributeError):
-        by_keywords.min_distance  # noqa: B018 - not a field: the record holds it
     default = QueryContext(**common)
     assert default.options is None and method.options_of(default) == PESpatialOptions()
     far = method(QueryContext(**common, options=PESpatialOptions(min_distance=20.0)), 2)
@@ -229,9 +224,7 @@ def test_pe_spatial_options_are_a_validated_record_and_the_old_keywords_make_it(
                        (dict(distance_space="pixels"), "distance_space: expected 'voxels' or 'embedding'")]:
         with pytest.raises(ValueError, match=f"pe_spatial: {match}"):
             PESpatialOptions(**bad)
-        with pytest.raises(ValueError, match=f"pe_spatial: {match}"):
-            QueryContext(**common, **bad)
-    with pytest.raises(ValueError, match="not beside one"):
-        QueryContext(**common, options=PESpatialOptions(), min_distance=3.0)
+    with pytest.raises(TypeError, match="min_distance"):  # the record holds pe_spatial's options, not the context
+        QueryContext(**common, min_distance=12.0)
     with pytest.raises(ValueError, match="options must be a query method's option record, got dict"):
         method(QueryContext(**common, options={"min_distance": 12.0}), 3)

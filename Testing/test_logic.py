@@ -151,6 +151,22 @@ def test_model_method_with_probabilities_through_the_logic(phantom_project):
     assert all(b.score is not None for b in loop.boxes)
 
 
+def test_the_query_keywords_min_distance_and_distance_space_reach_pe_spatial(tmp_path):
+    """logic.query makes pe_spatial's option record from its keywords (the CLI and the panel pass them)."""
+    data = make_phantom_dataset(tmp_path / "data", PhantomSettings(cases=8))
+    picks = {}
+    for distance in (None, 40.0):
+        logic = ActiveLearningLogic.create(tmp_path / f"p{distance}", data.images, data.labels, seed=1)
+        boxes = logic.query("pe_spatial", 6, probabilities=_random_probabilities(logic), min_distance=distance).boxes
+        picks[distance] = [(b.case, b.box.coords) for b in boxes]
+        same_image = [np.linalg.norm(a.box.centre - b.box.centre) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                      if a.case == b.case]
+        assert all(d >= (distance or 20) for d in same_image)  # default: the longest box edge (20 voxels)
+    assert picks[None] != picks[40.0]  # the two boxes of one image 34.5 voxels apart by default are too close at 40
+    with pytest.raises(ValueError, match="pe_spatial: distance_space: expected 'voxels' or 'embedding'"):
+        logic.query("pe_spatial", 6, probabilities=_random_probabilities(logic), distance_space="pixels")
+
+
 def test_a_project_planned_for_more_loops_queries_on_their_noise_schedule(phantom_project):
     """A run of 1 planned loop extended to 5: ClaSP PE's beta follows the 5-loop schedule, and the plan is saved."""
     logic = phantom_project

@@ -1,7 +1,7 @@
 """What every query method gets and returns, and the registry entry that describes it."""
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -10,7 +10,7 @@ from ..aggregation import BoxScores, Pick, default_stride
 from ..boxes import Box, Shape3, effective_patch_size
 from ..scores import ScoreStore, score_maps
 from ..uncertainty import ProbabilitySource, ensemble_maps
-from .options import OPTION_RECORDS, PESpatialOptions
+from .options import OPTION_RECORDS
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..embeddings import EmbeddingSet
@@ -30,10 +30,6 @@ class QueryContext:
     ``options`` is the option record of the method that runs (``QueryMethod.options``,
     e.g. :class:`~.options.PESpatialOptions`); a method reads only a record of its
     own type, so one made for another method is ignored, as is none (its defaults).
-
-    ``min_distance`` and ``distance_space`` are the keywords of callers written
-    before the option records (``logic.query``): given, they make the
-    ``PESpatialOptions`` record; they are not fields.
     """
 
     cases: Mapping[str, Shape3]  # pool case -> image shape (k, j, i)
@@ -52,16 +48,6 @@ class QueryContext:
     embeddings: "EmbeddingSet | None" = None  # cluster, cscs: the pool's candidate boxes embedded (no labels)
     options: Any = None  # the running method's option record (QueryMethod.options); None: its defaults
     progress: Callable[[Iterable, str], Iterable] = no_progress
-    min_distance: InitVar[float | None] = None  # -> options=PESpatialOptions(min_distance, ...)
-    distance_space: InitVar[str | None] = None  # -> options=PESpatialOptions(..., distance_space)
-
-    def __post_init__(self, min_distance: float | None, distance_space: str | None) -> None:
-        if min_distance is None and distance_space is None:
-            return
-        if self.options is not None:
-            raise ValueError("QueryContext: give pe_spatial's min_distance and distance_space in its options record "
-                             "(PESpatialOptions), not beside one")
-        self.options = PESpatialOptions(min_distance, "voxels" if distance_space is None else distance_space)
 
     def rng(self, purpose: str) -> np.random.Generator:
         """A generator fixed by seed, loop and purpose: the same inputs always give the same query."""
@@ -96,9 +82,6 @@ class QueryContext:
             maps = ensemble_maps(self.probabilities, case, self.cases[case], self.n_classes, map_names)  # type: ignore[arg-type]
             yield score_maps(case, maps, map_names, self.patch_size, self.stride_for(case))
             del maps
-
-
-del QueryContext.min_distance, QueryContext.distance_space  # init-only: reading them must fail, not give None
 
 
 @dataclass(frozen=True)
