@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..fileio import now_iso
-from .store import Job, JobError, JobStatus
+from .store import Job, JobError, JobState, JobStatus
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds ActiveLearning3DLib
 
@@ -352,8 +352,8 @@ class SlurmRunner:
         status = job.status()
         followed = job.path in self._tracked or job.path in self._unsure
         if followed and status.final and not self._folder_says_ended(job):
-            return replace(status, state="running", message="ending; waiting for Slurm to say why")
-        if not followed and status.state == "running" and status.runner != self.kind:
+            return replace(status, state=JobState.RUNNING, message="ending; waiting for Slurm to say why")
+        if not followed and status.state == JobState.RUNNING and status.runner != self.kind:
             from .local import judged_here, mark_dead_worker_failed, worker_alive
 
             return mark_dead_worker_failed(job, lambda st: not judged_here(st)
@@ -371,12 +371,12 @@ class SlurmRunner:
         if job.path in self._tracked or job.path in self._unsure or job.path in self._foreign or job in self._waiting:
             return
         status = self.refresh(job)
-        if status.state == "done":
+        if status.state == JobState.DONE:
             return
-        if status.state == "running" and status.runner != self.kind:
+        if status.state == JobState.RUNNING and status.runner != self.kind:
             self._foreign[job.path] = job
             return
-        if status.state in ("queued", "running") and self.record(job):
+        if status.state in (JobState.QUEUED, JobState.RUNNING) and self.record(job):
             self._unsure[job.path] = (job, True)
             return
         if self._full():
@@ -394,7 +394,7 @@ class SlurmRunner:
         with job.lock.hold("submit the job to Slurm"):
             current = job.status()
             record = self.record(job)
-            if current.state == "done":
+            if current.state == JobState.DONE:
                 return
             if record and str(record["job_id"]) != str(known_id or "") and not current.final:
                 self._tracked[job.path] = job
@@ -404,17 +404,17 @@ class SlurmRunner:
             job.threads_path.unlink(missing_ok=True)
             if self.settings.cpus_per_task:  # the worker follows it (Reporter.follow_threads) whatever threads it asked
                 job.allot_threads(self.settings.cpus_per_task)
-            job.update(state="queued", progress=0.0, message="submitting to Slurm", pid=None, pid_started=None,
+            job.update(state=JobState.QUEUED, progress=0.0, message="submitting to Slurm", pid=None, pid_started=None,
                        host=None, runner=self.kind, runner_id=None, started=None, ended=None, exit_code=None,
                        earlier=current.attempts_before_restart())
             try:
                 out = self._command(["sbatch", "--parsable", str(script)], f"submit {job.name}")
             except SlurmError as e:
-                job.update(state="failed", ended=now_iso(), message=str(e))
+                job.update(state=JobState.FAILED, ended=now_iso(), message=str(e))
                 raise
             job_id = out.strip().split(";")[0]
             if not re.match(r"^\d+(_\d+)?$", job_id):
-                job.update(state="failed", ended=now_iso(), message=f"sbatch printed no job id: {out.strip()[:200]}")
+                job.update(state=JobState.FAILED, ended=now_iso(), message=f"sbatch printed no job id: {out.strip()[:200]}")
                 raise SlurmError(f"submit {job.name}: sbatch printed no job id ({out.strip()[:200]})")
             atomic_write_json(self.record_path(job), {"job_id": job_id, "submitted": now_iso(), "cancelled": False,
                                                       "replaced": record.get("job_id")})
@@ -491,7 +491,7 @@ class SlurmRunner:
             if self._folder_says_ended(job) and not resubmit:
                 ended.append(job)
                 continue
-            if job.status().state == "done":
+            if job.status().state == JobState.DONE:
                 continue
             self._fail_if_unfinished(job, state, need.get(path))
             if resubmit:
@@ -525,12 +525,12 @@ class SlurmRunner:
         """Jobs of another backend that ended; held-back jobs submitted where ``max_submitted`` allows."""
         ended = []
         for path, job in list(self._foreign.items()):
-            if self.refresh(job).state != "running":
+            if self.refresh(job).state != JobState.RUNNING:
                 del self._foreign[path]
                 ended.append(job)
         while self._waiting and not self._full():
             job = self._waiting.pop(0)
-            if job.status().state not in ("done", "cancelled"):
+            if job.status().state not in (JobState.DONE, JobState.CANCELLED):
                 self._submit_new(job, self.record(job).get("job_id"))
         return ended
 
@@ -541,7 +541,8 @@ class SlurmRunner:
         a preemption) has not ended until the scheduler says why.
         """
         state = job.status().state
-        return state in ("done", "failed") or (state == "cancelled" and bool(self.record(job).get("cancelled")))
+        cancelled_here = state == JobState.CANCELLED and bool(self.record(job).get("cancelled"))
+        return state in (JobState.DONE, JobState.FAILED) or cancelled_here
 
     def _fail_if_unfinished(self, job: Job, state: BatchState | None, job_id: str | None) -> None:
         """Mark a job failed whose batch job ended without its worker finishing, with Slurm's reason and the log."""
@@ -556,9 +557,9 @@ class SlurmRunner:
                 code = f", exit status {state.exit_code}" if state.exit_code not in ("", "0") else ""
                 why = f"ended {state.state}{reason}{code}"
             tail = job.log_summary()
-            job.update(state="failed", ended=status.updated or now_iso(),
+            job.update(state=JobState.FAILED, ended=status.updated or now_iso(),
                        message=f"Slurm batch job {job_id} {why} without the worker finishing"
-                               + (" (the worker had been sent SIGTERM)" if status.state == "cancelled" else "")
+                               + (" (the worker had been sent SIGTERM)" if status.state == JobState.CANCELLED else "")
                                + (f"; log:\n{tail}" if tail else ""))
 
     def cancel(self, job: Job) -> JobStatus:
@@ -581,7 +582,7 @@ class SlurmRunner:
             self._draining.pop(job.path, None)
             self._waiting = [w for w in self._waiting if w.path != job.path]
             if self._foreign.pop(job.path, None) is not None or (job.status().runner not in (None, self.kind)
-                                                                 and job.status().state == "running"):
+                                                                 and job.status().state == JobState.RUNNING):
                 raise SlurmError(f"{job.path}: its worker runs under the {job.status().runner} runner; "
                                  "cancel it with that runner")
             record = self.record(job)
@@ -592,7 +593,7 @@ class SlurmRunner:
             self._command(["scancel", *ids], "cancel the batch jobs")
         for job in jobs:
             if not job.status().final:
-                job.update(state="cancelled", ended=now_iso(), message="cancelled")
+                job.update(state=JobState.CANCELLED, ended=now_iso(), message="cancelled")
 
     def wait(self, jobs: Sequence[Job] | None = None, timeout: float | None = None,
              on_poll: Callable[[list[Job]], None] | None = None) -> bool:
