@@ -17,7 +17,7 @@ from . import __version__
 from .aggregation import NotEnoughCandidates
 from .dataset import DatasetError
 from .fileio import read_json
-from .jobs import JobError, RunnerSettings, make_runner
+from .jobs import JobError, JobState, RunnerSettings, make_runner
 from .logic import ActiveLearningLogic
 from .nnunet.profiles import ProfileError, profile_names
 from .prefill import EffortModel
@@ -340,7 +340,7 @@ def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
         state = pipeline.run(live)
     except KeyboardInterrupt:
         live.close()
-        running = [j.name for j in pipeline.all_jobs() if pipeline.runner.refresh(j).state == "running"]
+        running = [j.name for j in pipeline.all_jobs() if pipeline.runner.refresh(j).state == JobState.RUNNING]
         print(f"interrupted: {len(running)} job(s) go on in the background ({', '.join(running)}); "
               f"`al3d cancel {args.project}` stops them, running this command again resumes", file=sys.stderr)
         return 130

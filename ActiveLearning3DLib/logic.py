@@ -32,7 +32,7 @@ from .locking import holder_gone, owner_info, pid_namespace, this_host
 from .nnunet.paths import NnunetPaths
 from .partial_labels import MergeResult
 from .prefill import box_effort, effort_totals, prefill_model, read_prediction_box, uncertainty_map
-from .project import BoxRecord, LoopConflict, LoopFile, Project, ProjectError, now_iso
+from .project import BoxRecord, BoxState, LoopConflict, LoopFile, Project, ProjectError, now_iso
 from .project import BudgetSettings  # noqa: F401  (front ends take the store's records from the logic)
 from .query_methods import DEFAULT_METHOD, PESpatialOptions, QueryContext, get_method
 from .query_methods.base import no_progress
@@ -161,7 +161,7 @@ class ActiveLearningLogic:
 
     def pending_boxes(self, loop: int | None = None) -> list[BoxRecord]:
         """The boxes still to annotate or skip (all loops', or ``loop``'s), in query order."""
-        return [b for b in self.boxes(loop) if b.state == "pending"]
+        return [b for b in self.boxes(loop) if b.state == BoxState.PENDING]
 
     def pending_refusal(self) -> str | None:
         """Why no new loop may be queried or trained yet (boxes still pending), or None when nothing is pending.
@@ -198,7 +198,7 @@ class ActiveLearningLogic:
         p = self.project
         loops = p.loops()
         records = [b for loop in loops for b in loop.boxes]
-        count = {s: sum(1 for b in records if b.state == s) for s in ("pending", "annotated", "skipped")}
+        count = {s: sum(1 for b in records if b.state == s) for s in BoxState}
         if not loops:
             next_step = "query the starting budget (loop 0)"
         elif count["pending"]:
@@ -209,9 +209,9 @@ class ActiveLearningLogic:
             name=p.name, path=str(p.path), pool_cases=len(p.pool_cases), test_cases=len(p.test_cases),
             classes=dict(p.classes), patch_size=p.patch_size, has_ground_truth=p.has_ground_truth, loops=len(loops),
             boxes=len(records), pending=count["pending"], annotated=count["annotated"], skipped=count["skipped"],
-            annotated_voxels=sum(b.box.voxels for b in records if b.state == "annotated"), next_step=next_step,
-            per_loop=[{"loop": lp.loop, "method": lp.method, "boxes": len(lp.boxes), "pending": lp.count("pending"),
-                       "annotated": lp.count("annotated"), "effort": effort_totals(lp.boxes)} for lp in loops],
+            annotated_voxels=sum(b.box.voxels for b in records if b.state == BoxState.ANNOTATED), next_step=next_step,
+            per_loop=[{"loop": lp.loop, "method": lp.method, "boxes": len(lp.boxes), "pending": lp.count(BoxState.PENDING),
+                       "annotated": lp.count(BoxState.ANNOTATED), "effort": effort_totals(lp.boxes)} for lp in loops],
         )
 
     def annotated_foreground_fraction(self) -> float:
@@ -382,7 +382,7 @@ class ActiveLearningLogic:
             record = self.find_box(box)
             self._refuse_if_claimed(record, "submit")
             result = self.project.merge_annotation(record.box, labels)  # on disk before the record changes
-            record.state, record.annotator, record.annotated_at = "annotated", annotator, now_iso()
+            record.state, record.annotator, record.annotated_at = BoxState.ANNOTATED, annotator, now_iso()
             record.seconds = seconds
             record.effort = self._effort(record, labels, prefill_shown)
             self.project.update_box(record)
@@ -536,10 +536,10 @@ class ActiveLearningLogic:
         box_id = _box_id(box)
         with self.project.writing(f"skip box {box_id}"):
             record = self.find_box(box)
-            if record.state == "annotated":
+            if record.state == BoxState.ANNOTATED:
                 raise ProjectError(f"box {record.id} is already annotated; submit it again to change its labels")
             self._refuse_if_claimed(record, "skip")
-            record.state = "skipped"
+            record.state = BoxState.SKIPPED
             self.project.update_box(record)
             self._drop_claim(record.id)
         return record
@@ -566,7 +566,7 @@ class ActiveLearningLogic:
                 if boxes is None:
                     current = self.find_box(record.id)
                     claim = self.claims().get(record.id)
-                    if current.state != "pending" or (claim is not None and not claim.mine):
+                    if current.state != BoxState.PENDING or (claim is not None and not claim.mine):
                         continue
                 results.append(self.submit(record, cache[record.case][record.box.slices], ORACLE))
         return results

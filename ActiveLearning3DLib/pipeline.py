@@ -50,13 +50,13 @@ from typing import Callable, Protocol, Sequence
 
 from .embeddings import EmbeddingStage
 from .fileio import read_json
-from .jobs import Job, JobRunner, JobStatus, RunnerSettings, make_runner
+from .jobs import Job, JobRunner, JobState, JobStatus, RunnerSettings, make_runner
 from .jobs.runner import default_parallel
 from .nnunet.paths import NnunetPaths, nnunet_environment
 from .nnunet.profiles import PROFILES, TrainingProfile, resolve_device, resolve_profile
 from .nnunet.scoring import ScoringSettings
 from .prefill import PREDICTION_FOLDER, UNCERTAINTY_FOLDER
-from .project import LoopConflict, LoopFile, Project, ProjectError
+from .project import BoxState, LoopConflict, LoopFile, Project, ProjectError
 from .query_methods import DEFAULT_METHOD, get_method
 
 STAGES = ("prepare", "train", "predict", "query")
@@ -161,9 +161,9 @@ class PipelineState:
     def describe(self) -> str:
         parts = [f"{self.stage}: {100 * self.progress:5.1f}%"]
         for name, status in self.jobs:
-            if status.state == "running":
+            if status.state == JobState.RUNNING:
                 parts.append(f"{name.rsplit('-', 1)[-1]} {100 * status.progress:.0f}% {status.message.splitlines()[0] if status.message else ''}".rstrip())
-            elif status.state != "done":
+            elif status.state != JobState.DONE:
                 parts.append(f"{name.rsplit('-', 1)[-1]} {status.state}")
         return " | ".join(parts)
 
@@ -196,7 +196,7 @@ class LoopPipeline:
         self.threads = s.threads or max(1, (os.cpu_count() or 1) // self.parallel)
         self.runner = runner or make_runner((s.runner or RunnerSettings()).with_defaults(python=s.python,
                                                                                        max_parallel=self.parallel))
-        annotated = [b for b in self.project.all_boxes() if b.state == "annotated"]
+        annotated = [b for b in self.project.all_boxes() if b.state == BoxState.ANNOTATED]
         if not annotated:
             raise ProjectError(f"{self.project.path}: no annotated boxes yet; query the starting budget (loop 0) "
                                "and annotate it before training")
@@ -310,7 +310,7 @@ class LoopPipeline:
         """
         name = f"{self.model_name}-{suffix}"
         existing = Job(self.jobs_dir / name)
-        if existing.spec_path.is_file() and self.runner.refresh(existing).state in ("done", "running"):
+        if existing.spec_path.is_file() and self.runner.refresh(existing).state in (JobState.DONE, JobState.RUNNING):
             return existing
         background = {"background": True} if self.settings.background else {}
         return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs, **background},
@@ -336,7 +336,7 @@ class LoopPipeline:
         job = Job(self.jobs_dir / f"{self.model_name}-score")
         if job.spec_path.is_file():
             had = [str(m) for m in job.spec().inputs.get("maps", [])]
-            if self.runner.refresh(job).state == "done" and not set(maps) <= set(had):
+            if self.runner.refresh(job).state == JobState.DONE and not set(maps) <= set(had):
                 job.set_aside()  # bookkeeping only: the score files stay and are rescored in place
                 self._submitted.discard(job.name)
             maps = list(dict.fromkeys(had + maps))
@@ -425,20 +425,21 @@ class LoopPipeline:
                 return self._query()
             jobs = self.jobs(stage)
             statuses = [self.runner.refresh(job) for job in jobs]
-            if all(s.state == "done" for s in statuses):
+            if all(s.state == JobState.DONE for s in statuses):
                 done_weight += _WEIGHTS[stage]
                 continue
             for job, status in zip(jobs, statuses):
                 # queued ones start; failed and cancelled ones start again, once per pipeline run; running ones
                 # (another driver's) are handed over too, so the runner counts them against its parallel limit
-                if status.state in ("queued", "running", "failed", "cancelled") and job.name not in self._submitted:
+                if status.state != JobState.DONE and job.name not in self._submitted:
                     self._submitted.add(job.name)
                     self.runner.submit(job)
             self.runner.poll()
             statuses = [self.runner.refresh(job) for job in jobs]
             listed = [(job.name, s) for job, s in zip(jobs, statuses)]
-            fraction = done_weight + _WEIGHTS[stage] * sum(1.0 if s.state == "done" else s.progress for s in statuses) / len(jobs)
-            bad = [(job, s) for job, s in zip(jobs, statuses) if s.state in ("failed", "cancelled")]
+            done = sum(1.0 if s.state == JobState.DONE else s.progress for s in statuses)
+            fraction = done_weight + _WEIGHTS[stage] * done / len(jobs)
+            bad = [(job, s) for job, s in zip(jobs, statuses) if s.state in (JobState.FAILED, JobState.CANCELLED)]
             if bad and all(s.final for s in statuses):
                 job, status = bad[0]
                 return PipelineState(stage, "failed", fraction, f"{job.name} {status.state}: {status.message}", listed)
@@ -459,7 +460,7 @@ class LoopPipeline:
                 return False
             names = [f"fold_{k}" for k in range(folds)]
         jobs = [Job(self.jobs_dir / f"{self.model_name}-{n}") for n in names]
-        return all(j.spec_path.is_file() and self.runner.refresh(j).state == "done" for j in jobs)
+        return all(j.spec_path.is_file() and self.runner.refresh(j).state == JobState.DONE for j in jobs)
 
     def _state(self, stage: str, state: str, progress: float, message: str) -> PipelineState:
         return PipelineState(stage, state, progress, message, [(j.name, j.status()) for j in self.all_jobs()],
@@ -480,7 +481,7 @@ class LoopPipeline:
             self.runner.submit(job)
         self.runner.poll()
         status = self.runner.refresh(job)
-        if status.state == "done":
+        if status.state == JobState.DONE:
             return None
         listed = [*self._state("query", "running", 1.0, "").jobs, (job.name, status)]
         if status.final:

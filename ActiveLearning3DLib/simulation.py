@@ -58,7 +58,7 @@ import numpy as np
 from . import __version__
 from .boxes import Box
 from .fileio import atomic_copy, atomic_write_json, read_json
-from .jobs import Job, RunnerSettings, busy_seconds, make_runner
+from .jobs import Job, JobState, RunnerSettings, busy_seconds, make_runner
 from .logic import ActiveLearningLogic
 from .loop_records import EffortTotals, LoopRecord, LoopRecordStore
 from .nnunet.determinism import model_determinism
@@ -195,7 +195,7 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
     groups = {"prepare": ["prepare"], "train": [n for n in jobs if n.startswith("fold_")], "evaluate": ["evaluate"],
               "score": ["score"]}
     for stage, names in groups.items():
-        statuses = [jobs[n] for n in names if n in jobs and jobs[n].state == "done"]
+        statuses = [jobs[n] for n in names if n in jobs and jobs[n].state == JobState.DONE]
         if statuses:
             out[stage] = busy_seconds(a for s in statuses for a in s.attempts())
     return out

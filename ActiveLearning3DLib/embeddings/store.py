@@ -114,7 +114,7 @@ class EmbeddingStage:
                 runner.submit(job)
                 runner.wait([job])
                 status = runner.refresh(job)
-                if status.state != "done":
+                if status.state != JobState.DONE:
                     raise RuntimeError(f"{job.path}: making the pool embeddings {status.state}: {status.message}")
         return self.load()
 

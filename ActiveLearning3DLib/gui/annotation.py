@@ -23,8 +23,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..jobs import Job, JobRunner, JobStatus, RunnerSettings, make_runner
-from ..logic import CLAIM_TTL, DEFAULT_METHOD, ActiveLearningLogic, BoxRecord, BudgetSettings, ProjectError, describe_effort
+from ..jobs import Job, JobRunner, JobState, JobStatus, RunnerSettings, make_runner
+from ..logic import (CLAIM_TTL, DEFAULT_METHOD, ActiveLearningLogic, BoxRecord, BoxState, BudgetSettings, ProjectError,
+                     describe_effort)
 from ..pipeline import LoopPipeline, LoopSettings, PipelineState
 
 PANEL_SETTINGS = "panel.json"
@@ -294,7 +295,7 @@ class AnnotationSession:
 
     def counts(self, loop: int | None = None) -> dict[str, int]:
         rows = self.table(loop=loop)
-        counts = {state: sum(1 for r in rows if r.state == state) for state in ("pending", "annotated", "skipped")}
+        counts = {state: sum(1 for r in rows if r.state == state) for state in BoxState}
         counts["total"] = len(rows)
         return counts
 
@@ -339,7 +340,7 @@ class AnnotationSession:
         shown = self.current is not None and record.id == self.current.id
         if shown:
             self.prefill_shown = False
-        if record.state == "annotated":
+        if record.state == BoxState.ANNOTATED:
             return self.logic.project.read_partial_labels(record.case)[record.box.slices]
         if self.settings.prefill and self.logic.prefill_model(record) is not None:
             if shown:
@@ -438,7 +439,7 @@ class AnnotationSession:
         self._job_runner().poll()
         status = self._job_runner().refresh(job)
         entry = [_job_entry(job.name, status)]
-        if status.state == "done":
+        if status.state == JobState.DONE:
             self._watched = None
             return LoopProgress(stage, "done", 100.0, when_done(), entry, "")
         if status.final:
@@ -455,7 +456,7 @@ class AnnotationSession:
 
     # -------------------------------------------------------------------- loop
     def can_start_next_loop(self) -> bool:
-        return not self.logic.pending_boxes() and any(b.state == "annotated" for b in self.logic.boxes())
+        return not self.logic.pending_boxes() and any(b.state == BoxState.ANNOTATED for b in self.logic.boxes())
 
     def start_next_loop(self, settings: LoopSettings | None = None) -> LoopProgress:
         """Start training, evaluation, scoring and the next query as background jobs; poll() reports."""
@@ -487,7 +488,7 @@ class AnnotationSession:
         jobs, tail = [], ""
         for name, status in state.jobs:
             jobs.append(_job_entry(name, status))
-            if status.state in ("running", "failed"):
+            if status.state in (JobState.RUNNING, JobState.FAILED):
                 tail = Job(self.logic.jobs_dir / name).log_tail(12)
         return LoopProgress(state.stage, state.state, round(100 * state.progress, 1), state.message or state.describe(),
                             jobs, tail)

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..fileio import make_staging_dir
-from ..logic import ActiveLearningLogic, BoxRecord, ProjectError
+from ..logic import ActiveLearningLogic, BoxRecord, BoxState, ProjectError
 from . import mrml
 from .geometry import CaseGrid, box_frame, voxel_at
 
@@ -106,7 +106,7 @@ class SlicerView:
 
     def mark(self, record: BoxRecord) -> None:
         """A box changed state (submitted, skipped): its colour, and the partial labels to reload when annotated."""
-        if record.state == "annotated":
+        if record.state == BoxState.ANNOTATED:
             self._labels_changed = True
         self.box_nodes.set_state(record.id, record.state)
 
