@@ -201,14 +201,15 @@ class ActiveLearningLogic:
         count = {s: sum(1 for b in records if b.state == s) for s in BoxState}
         if not loops:
             next_step = "query the starting budget (loop 0)"
-        elif count["pending"]:
-            next_step = f"annotate or skip {count['pending']} pending boxes"
+        elif count[BoxState.PENDING]:
+            next_step = f"annotate or skip {count[BoxState.PENDING]} pending boxes"
         else:
             next_step = f"query loop {loops[-1].loop + 1}"
         return ProjectStatus(
             name=p.name, path=str(p.path), pool_cases=len(p.pool_cases), test_cases=len(p.test_cases),
             classes=dict(p.classes), patch_size=p.patch_size, has_ground_truth=p.has_ground_truth, loops=len(loops),
-            boxes=len(records), pending=count["pending"], annotated=count["annotated"], skipped=count["skipped"],
+            boxes=len(records), pending=count[BoxState.PENDING], annotated=count[BoxState.ANNOTATED],
+            skipped=count[BoxState.SKIPPED],
             annotated_voxels=sum(b.box.voxels for b in records if b.state == BoxState.ANNOTATED), next_step=next_step,
             per_loop=[{"loop": lp.loop, "method": lp.method, "boxes": len(lp.boxes), "pending": lp.count(BoxState.PENDING),
                        "annotated": lp.count(BoxState.ANNOTATED), "effort": effort_totals(lp.boxes)} for lp in loops],
