@@ -28,6 +28,7 @@ import SimpleITK as sitk
 
 from .boxes import Box
 from .fileio import atomic_write_image, read_image
+from .project import BoxState
 
 PREDICTION_FOLDER = "pool_prediction"  # inside a model folder: <model>/pool_prediction/<case>.nii.gz
 UNCERTAINTY_FOLDER = "uncertainty"  # inside a model folder: <model>/uncertainty/<case>.nii.gz, the heat map
@@ -190,7 +191,7 @@ def effort_totals(records: Iterable) -> dict:
     seconds, dice = [], []
     for r in records:
         state = r.get("state") if isinstance(r, Mapping) else r.state
-        if state != "annotated":
+        if state != BoxState.ANNOTATED:
             continue
         boxes += 1
         effort = r.get("effort") if isinstance(r, Mapping) else r.effort

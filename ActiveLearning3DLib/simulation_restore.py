@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .fileio import atomic_write_json, read_json
 from .loop_records import LoopRecord, LoopRecordStore, read_record
-from .project import LoopFile, Project, ProjectError
+from .project import BoxState, LoopFile, Project, ProjectError
 
 if TYPE_CHECKING:
     from .logic import ActiveLearningLogic
@@ -89,7 +89,7 @@ def restore_run(source: Path, store: LoopRecordStore, method: str, seed: int, lo
     for t, data in enumerate(loop_files):
         loop_file = LoopFile.from_json(data, t)
         for box in loop_file.boxes:  # the oracle annotates them again; who and when are today's
-            box.state, box.annotator, box.annotated_at, box.seconds = "pending", None, None, None
+            box.state, box.annotator, box.annotated_at, box.seconds = BoxState.PENDING, None, None, None
         logic.project.write_loop(loop_file)
     logic.annotate_with_oracle(progress=progress)
     for record in records:

@@ -14,14 +14,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..project import BoxRecord
+from ..project import BoxRecord, BoxState
 from .geometry import CaseGrid, box_frame, lps_to_ras_matrix
 
 # Box outline colours (RGB 0..1) by state; the selected box is drawn in SELECTED.
 STATE_COLORS: dict[str, tuple[float, float, float]] = {
-    "pending": (1.0, 0.85, 0.0),    # yellow: to do
-    "annotated": (0.1, 0.8, 0.2),   # green: done
-    "skipped": (0.55, 0.55, 0.55),  # grey
+    BoxState.PENDING: (1.0, 0.85, 0.0),    # yellow: to do
+    BoxState.ANNOTATED: (0.1, 0.8, 0.2),   # green: done
+    BoxState.SKIPPED: (0.55, 0.55, 0.55),  # grey
 }
 SELECTED = (1.0, 0.2, 0.2)
 # Class colours when the project gives none (Slicer's generic anatomy-like defaults).
@@ -175,7 +175,7 @@ class BoxNodes:
         return node
 
     def _colour(self, node, state: str, selected: bool = False) -> None:
-        colour = SELECTED if selected else STATE_COLORS.get(state, STATE_COLORS["pending"])
+        colour = SELECTED if selected else STATE_COLORS.get(state, STATE_COLORS[BoxState.PENDING])
         display = node.GetDisplayNode()
         display.SetColor(*colour)
         display.SetSelectedColor(*colour)
