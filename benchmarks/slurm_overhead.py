@@ -127,7 +127,11 @@ def lost_or_doubled(jobs: list[Job], slurm: SlurmRunner | None) -> list[str]:
         ids = [slurm.record(job).get("job_id") for job in jobs]
         if len(set(ids)) != len(jobs) or any(slurm.record(job).get("replaced") for job in jobs):
             problems.append(f"{len(set(ids))} batch job ids for {len(jobs)} jobs (or a job submitted twice)")
+        deadline = time.monotonic() + 30  # the runner sees done in the folder; the batch job ends a moment later
         states = slurm.batch_states(ids)
+        while any(s.active for s in states.values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            states = slurm.batch_states(ids)
         bad = {i: s.state for i, s in states.items() if s.state != "COMPLETED"}
         if bad or len(states) != len(ids):
             problems.append(f"batch jobs not COMPLETED: {bad or 'some unknown to squeue'}")
@@ -191,13 +195,15 @@ def main() -> int:
                 return 1
             scheduler_env = read_env(Path(out.stdout.strip().splitlines()[-1]))
         conf = scheduler_env.get("SLURM_CONF", "")
-        cpus = next((w.split("=")[1] for w in Path(conf).read_text().split() if w.startswith("CPUs=")), "?") if conf else "?"
+        conf_text = Path(conf).read_text() if conf else ""
+        cpus = next((w.split("=")[1] for w in conf_text.split() if w.startswith("CPUs=")), "?")
+        scheduler = [line for line in conf_text.splitlines() if line.startswith("SchedulerParameters=")]
         slurm_poll = args.poll if args.slurm_poll is None else args.slurm_poll
         slurm_settings = SlurmSettings(scheduler_env=scheduler_env, poll_seconds=slurm_poll)
         version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, check=False,
                                  env={**os.environ, **scheduler_env}).stdout.strip()
         print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; {version}, "
-              f"one node ({cpus} CPUs), one CPU per job; extra slurm.conf: {'; '.join(args.extra_conf) or 'none'}; "
+              f"one node ({cpus} CPUs), one CPU per job; {'; '.join(scheduler) or 'SchedulerParameters: Slurm defaults'}; "
               f"the local runner polls every {args.poll:g} s, the Slurm runner's poll_seconds is {slurm_poll:g} s")
 
         if args.grid:
@@ -217,6 +223,12 @@ def main() -> int:
               f"(min {min(slurm_s):.2f}, max {max(slurm_s):.2f}); Slurm adds {sm - lm:.2f} s per job")
         print(f"  phases, median s: local {phases(local_runs)}; Slurm {phases(slurm_runs)} (Slurm {slurm.scheduler_calls} "
               f"commands for {args.jobs + 1} jobs)")
+        said = {tag: statistics.median(r["submit"] + r["start"] + r["worker"] for r in runs)
+                for tag, runs in (("local", local_runs), ("slurm", slurm_runs))}
+        ours = statistics.median(r["submit"] + r["notice"] for r in slurm_runs)
+        print(f"  submit until the worker wrote done, median: local {said['local']:.2f} s, Slurm {said['slurm']:.2f} s: "
+              f"Slurm's scheduling and launch add {said['slurm'] - said['local']:.2f} s; the Slurm runner's own share "
+              f"(sbatch + seeing done) {ours:.2f} s")
 
         if args.burst < 1:
             return 0
