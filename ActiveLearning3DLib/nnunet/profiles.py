@@ -192,6 +192,27 @@ class TrainingProfile:
         return cls(**values)
 
 
+_DEMO = TrainingProfile(
+    name="demo",
+    epochs=20,
+    iterations_per_epoch=25,
+    val_iterations=2,
+    folds=2,
+    batch_size=4,
+    patch_size=(24, 32, 24),
+    base_features=8,
+    max_features=64,
+    conv_per_stage=1,
+    num_workers=0,
+    initial_lr=0.05,
+    save_every=10,
+    evaluation_mirroring=False,
+    description="the main job until 2026-12-05 (and the pre-fill study's profile): cpu-small's network on patch "
+                "24x32x24, learning rate 0.05, 2 folds x 500 iterations (about 70 s per fold, two folds at a time "
+                "on 2 cores), test evaluation without mirroring",
+)
+
+
 PROFILES: dict[str, TrainingProfile] = {
     "paper": TrainingProfile(
         name="paper",
@@ -217,40 +238,9 @@ PROFILES: dict[str, TrainingProfile] = {
         description="2 CPU cores, ~5 min per fold: 8..64 features, 1 conv per stage, patch 32x40x32, "
                     "batch 4, 30 epochs x 50 iterations",
     ),
-    "demo": TrainingProfile(
-        name="demo",
-        epochs=20,
-        iterations_per_epoch=25,
-        val_iterations=2,
-        folds=2,
-        batch_size=4,
-        patch_size=(24, 32, 24),
-        base_features=8,
-        max_features=64,
-        conv_per_stage=1,
-        num_workers=0,
-        initial_lr=0.05,
-        save_every=10,
-        evaluation_mirroring=False,
-        description="the main job until 2026-12-05 (and the pre-fill study's profile): cpu-small's network on patch "
-                    "24x32x24, learning rate 0.05, 2 folds x 500 iterations (about 70 s per fold, two folds at a time "
-                    "on 2 cores), test evaluation without mirroring",
-    ),
-    "quick": TrainingProfile(
-        name="quick",
-        epochs=30,
-        iterations_per_epoch=50,
-        val_iterations=2,
-        folds=2,
-        batch_size=4,
-        patch_size=(24, 32, 24),
-        base_features=8,
-        max_features=64,
-        conv_per_stage=1,
-        num_workers=0,
-        initial_lr=0.05,
-        save_every=10,
-        evaluation_mirroring=False,
+    "demo": _DEMO,
+    "quick": dataclasses.replace(
+        _DEMO, name="quick", epochs=30, iterations_per_epoch=50,
         description="the main job (make demo): demo's network, patch and learning rate, 2 folds x 1500 iterations; "
                     "with --init warm the loops after the first train a third of that from a tenth of the rate",
     ),
