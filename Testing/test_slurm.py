@@ -20,7 +20,7 @@ import pytest
 from ActiveLearning3DLib.jobs import Job
 from ActiveLearning3DLib.jobs.slurm import (SlurmError, SlurmRunner, SlurmSettings, load_project_settings,
                                             save_project_settings)
-from conftest import wait_for
+from conftest import annotated_project, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / ".ci" / "services" / "slurm.sh"
@@ -311,16 +311,7 @@ def test_max_submitted_keeps_at_most_that_many_batch_jobs_in_the_queue_and_runs_
 
 # ---------------------------------------------------------------------- nnU-Net loops through Slurm
 def _project(tmp_path_factory, name: str):
-    from conftest import default_data_dir
-
-    from ActiveLearning3DLib import ActiveLearningLogic
-
-    data = default_data_dir(tmp_path_factory, phantom_cases=LOOP_CASES)
-    path = tmp_path_factory.mktemp(name) / "project"
-    logic = ActiveLearningLogic.create(path, data / "imagesTr", data / "labelsTr", max_cases=LOOP_CASES, seed=1)
-    logic.query("nnactive_start", 8)
-    logic.annotate_with_oracle()
-    return logic
+    return annotated_project(tmp_path_factory, name, LOOP_CASES, 8)
 
 
 LOOP_CASES = 16
@@ -333,7 +324,6 @@ def test_al3d_loop_through_slurm_survives_a_restart_and_queries_what_the_local_r
     batch jobs instead of submitting them twice, and the next boxes of the model-free method are those of the same
     loop through the local runner."""
     import signal
-    import sys
 
     from ActiveLearning3DLib.cli import main as al3d
     from ActiveLearning3DLib.fileio import read_json
