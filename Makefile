@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: all demo test test-fast lint install clean benchmark
+.PHONY: all demo test test-fast lint format install clean benchmark
 
 all: test
 
@@ -29,8 +29,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" Testing
 
+LINTED := ActiveLearning3D ActiveLearning3DLib Testing benchmarks
+
+# ruff: likely bugs (check) and one layout for all code (format --check; `make format` applies it)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ActiveLearning3D ActiveLearning3DLib Testing benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format $(LINTED)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/bench_query.py

@@ -246,8 +246,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         The fields stay bound when the node is the one they are bound to already:
         connecting again would add a second set of connectors.
         """
-        if (parameterNode is not None and self._guiBound
-                and parameterNode.parameterNode is self._parameterNode.parameterNode):
+        if parameterNode is not None and self._guiBound and parameterNode.parameterNode is self._parameterNode.parameterNode:
             return
         self._unbindGui()
         self._parameterNode = parameterNode
@@ -302,8 +301,9 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             logging.error(details)
-            slicer.util.errorDisplay(f"Active Learning 3D failed: {message}", windowTitle="Active Learning 3D",
-                                     detailedText=details)
+            slicer.util.errorDisplay(
+                f"Active Learning 3D failed: {message}", windowTitle="Active Learning 3D", detailedText=details
+            )
 
     # ------------------------------------------------------------- background
     def _runInBackground(self, what, call, onDone):
@@ -384,9 +384,12 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError(ProjectError(f"{self._pending[1]} still runs; wait until it ends"))
             return False
         if self.controller is not None and self.controller.busy:
-            self._showError(ProjectError(
-                f"a loop of project {self.controller.logic.project.path.name} still runs in the background: "
-                "cancel it or wait until it ends before opening another project"))
+            self._showError(
+                ProjectError(
+                    f"a loop of project {self.controller.logic.project.path.name} still runs in the background: "
+                    "cancel it or wait until it ends before opening another project"
+                )
+            )
             return False
         return True
 
@@ -408,11 +411,20 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if fromFolders and not os.path.isdir(images):
             raise ValueError(f"Images: {images} is not a folder")
         if (labels is None or not fromFolders) and get_method(p.startMethod).needs_ground_truth:
-            raise ValueError(f"Starting boxes: {p.startMethod} reads the ground truth (simulation only); "
-                             + ("choose a labels folder or another method" if fromFolders else "choose another method"))
+            raise ValueError(
+                f"Starting boxes: {p.startMethod} reads the ground truth (simulation only); "
+                + ("choose a labels folder or another method" if fromFolders else "choose another method")
+            )
         names, colors = parse_classes(p.classNames)
-        request = dict(path=path, class_names=names, class_colors=colors, patch_size=parse_patch_size(p.patchSize),
-                       method=p.method, query_size=p.querySize, start_method=p.startMethod)
+        request = dict(
+            path=path,
+            class_names=names,
+            class_colors=colors,
+            patch_size=parse_patch_size(p.patchSize),
+            method=p.method,
+            query_size=p.querySize,
+            start_method=p.startMethod,
+        )
         if fromFolders:
             request.update(images=images, labels=labels)
         return request
@@ -426,9 +438,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from ActiveLearning3DLib.gui import AnnotationController
 
         ctx, runner = self.logic.context(), self.runner
-        self._runInBackground("Creating the project",
-                              lambda: AnnotationController.create_project(ctx, runner=runner, **request),
-                              lambda controller: self._projectOpened(controller, created=True))
+        self._runInBackground(
+            "Creating the project",
+            lambda: AnnotationController.create_project(ctx, runner=runner, **request),
+            lambda controller: self._projectOpened(controller, created=True),
+        )
 
     def onCreateFromScene(self):
         """A project of the scene's grey-scale volumes: written on this thread (storage nodes are scene work), the
@@ -444,10 +458,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         staged = self._guard(AnnotationController.stage_scene_volumes, ctx, path, self.sceneVolumes())
         if staged is None:
             return
-        self._runInBackground("Creating the project from the scene volumes",
-                              lambda: AnnotationController.create_project_from_staged(ctx, path, staged, runner=runner,
-                                                                                      **request),
-                              lambda controller: self._projectOpened(controller, created=True))
+        self._runInBackground(
+            "Creating the project from the scene volumes",
+            lambda: AnnotationController.create_project_from_staged(ctx, path, staged, runner=runner, **request),
+            lambda controller: self._projectOpened(controller, created=True),
+        )
 
     def sceneVolumes(self):
         """The scene's grey-scale volumes but this project's own (its case on screen, its uncertainty map)."""
@@ -455,8 +470,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         c = self.controller
         own = {n.GetID() for n in ((c.volume, c.heat_map) if c else ()) if n is not None}
-        return [n for n in mrml.nodes_of_class(slicer.mrmlScene, "vtkMRMLScalarVolumeNode")
-                if not n.IsA("vtkMRMLLabelMapVolumeNode") and n.GetID() not in own]
+        return [
+            n
+            for n in mrml.nodes_of_class(slicer.mrmlScene, "vtkMRMLScalarVolumeNode")
+            if not n.IsA("vtkMRMLLabelMapVolumeNode") and n.GetID() not in own
+        ]
 
     def onCreateFromDicom(self):
         """A project of the series selected in the DICOM module's browser: their file lists are read from the
@@ -472,10 +490,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from ActiveLearning3DLib.gui import AnnotationController
 
         ctx, runner, path = self.logic.context(), self.runner, request.pop("path")
-        self._runInBackground("Creating the project from the DICOM series",
-                              lambda: AnnotationController.create_project_from_dicom_files(ctx, path, files,
-                                                                                           runner=runner, **request),
-                              lambda controller: self._projectOpened(controller, created=True))
+        self._runInBackground(
+            "Creating the project from the DICOM series",
+            lambda: AnnotationController.create_project_from_dicom_files(ctx, path, files, runner=runner, **request),
+            lambda controller: self._projectOpened(controller, created=True),
+        )
 
     def dicomSelection(self):
         """Series UID -> files of the series selected in the DICOM module's browser (Slicer's DICOM database)."""
@@ -537,8 +556,7 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from ActiveLearning3DLib.gui.annotation import fields_from_settings
 
         p = parameterNode if parameterNode is not None else self._parameterNode
-        offered = {"method": CHOICES.methods, "device": CHOICES.devices, "profile": CHOICES.profiles,
-                   "init": CHOICES.inits}
+        offered = {"method": CHOICES.methods, "device": CHOICES.devices, "profile": CHOICES.profiles, "init": CHOICES.inits}
         for name, value in fields_from_settings(self.controller.settings, offered).items():
             setattr(p, name, value)
 
@@ -558,8 +576,10 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setSortingEnabled(True)
         if self.controller:
             counts = self.controller.counts()
-            self.ui.countsLabel.text = (f"{counts['total']} boxes: {counts['pending']} pending, "
-                                        f"{counts['annotated']} annotated, {counts['skipped']} skipped")
+            self.ui.countsLabel.text = (
+                f"{counts['total']} boxes: {counts['pending']} pending, "
+                f"{counts['annotated']} annotated, {counts['skipped']} skipped"
+            )
             self.ui.projectStatusLabel.text = str(self.controller.logic.status().next_step)
         self.ui.effortLabel.text = self.controller.effort_summary() if self.controller else ""
 
@@ -635,8 +655,9 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if progress.running:
             return
         if progress.state == "failed":
-            slicer.util.errorDisplay(f"The loop failed: {progress.message}", windowTitle="Active Learning 3D",
-                                     detailedText=progress.log_tail)
+            slicer.util.errorDisplay(
+                f"The loop failed: {progress.message}", windowTitle="Active Learning 3D", detailedText=progress.log_tail
+            )
         self.refreshTable()
         nextBox = self.controller.next_pending() if self.controller else None
         if nextBox:
@@ -652,16 +673,26 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         has = self.controller is not None
         working = self._working()
         running = has and self.controller.busy
-        for button in (self.ui.createProjectButton, self.ui.createFromSceneButton, self.ui.createFromDicomButton,
-                       self.ui.openProjectButton):
+        for button in (
+            self.ui.createProjectButton,
+            self.ui.createFromSceneButton,
+            self.ui.createFromDicomButton,
+            self.ui.openProjectButton,
+        ):
             button.enabled = not working
         self.ui.startButton.text = "Cancel" if running else "Start next loop"
         self.ui.startButton.enabled = (running and not self._cancelRequested and not working) or (
-            has and not running and not working and self.controller.can_start_next_loop())
+            has and not running and not working and self.controller.can_start_next_loop()
+        )
         for button in (self.ui.submitButton, self.ui.skipButton, self.ui.addBoxButton):
             button.enabled = has and self.controller.current is not None and not running and not working
-        for button in (self.ui.uncertaintyButton, self.ui.predictButton, self.ui.loadPredictionsButton,
-                       self.ui.exportModelButton, self.ui.exportDicomSegButton):
+        for button in (
+            self.ui.uncertaintyButton,
+            self.ui.predictButton,
+            self.ui.loadPredictionsButton,
+            self.ui.exportModelButton,
+            self.ui.exportDicomSegButton,
+        ):
             button.enabled = has and not running and not working
 
     # ---------------------------------------------------------------- results
@@ -680,11 +711,11 @@ class ActiveLearning3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if target is not None:
                 self.ui.stageLabel.text = f"Model saved to {target}"
 
-
     def onExportDicomSeg(self):
         partial = bool(self._parameterNode.exportPartialLabels)
-        self._runInBackground("Writing DICOM SEG objects",
-                              lambda: self.controller.export_dicom_seg(None, partial_labels=partial), self._segsWritten)
+        self._runInBackground(
+            "Writing DICOM SEG objects", lambda: self.controller.export_dicom_seg(None, partial_labels=partial), self._segsWritten
+        )
 
     def _segsWritten(self, result):
         """Say what the export wrote; the reasons of the cases left out go to the log field."""
@@ -739,8 +770,10 @@ class ActiveLearning3DTest(ScriptedLoadableModuleTest):
         missing = [name for name in ("torch", "nnunetv2") if importlib.util.find_spec(name) is None]
         if missing:
             # As SlicerNNUnet's self-test does: without the Python stack the panel cannot create a project.
-            message = (f"Active Learning 3D self-test skipped: {', '.join(missing)} not installed "
-                       "(creating a project in the panel offers to install them)")
+            message = (
+                f"Active Learning 3D self-test skipped: {', '.join(missing)} not installed "
+                "(creating a project in the panel offers to install them)"
+            )
             logging.warning(message)
             self.delayDisplay(message)
             return
@@ -758,7 +791,7 @@ class ActiveLearning3DTest(ScriptedLoadableModuleTest):
         root = tempfile.mkdtemp()
         for n in range(4):
             label = np.zeros((16, 18, 20), np.uint8)
-            label[4 + n:10 + n, 5:12, 6:14] = 1
+            label[4 + n : 10 + n, 5:12, 6:14] = 1
             image = sitk.GetImageFromArray((label * 100 + np.random.default_rng(n).normal(0, 10, label.shape)).astype(np.float32))
             os.makedirs(os.path.join(root, "imagesTr"), exist_ok=True)
             os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)

@@ -3,6 +3,7 @@
 Nothing here imports Qt, so the Slicer module, the Python console, the command
 line and CI all run the same code.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

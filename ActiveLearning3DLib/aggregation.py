@@ -5,6 +5,7 @@ every corner of a strided grid with a summed-area table (O(voxels)). The last
 corner along each axis is always included, so the far edge of an image is
 never out of reach whatever the stride.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

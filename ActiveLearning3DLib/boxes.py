@@ -3,6 +3,7 @@
 A box is stored as its lower corner and its size, exactly as nnActive's loop
 files store a patch, so loop files stay readable by nnActive tools.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

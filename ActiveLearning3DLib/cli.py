@@ -1,4 +1,5 @@
 """``al3d``: the command line of ActiveLearning3D (the same logic the Slicer module uses)."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def at_least(minimum: int | float, kind: type = int):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if not value >= minimum:  # also refuses NaN
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
@@ -145,8 +147,13 @@ def progress(items: Iterable, desc: str) -> Iterable:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    options = dict(patch_size=args.patch_size, test_fraction=args.test_fraction, seed=args.seed,
-                   max_cases=args.max_cases, budget=BudgetSettings(query_size=args.query_size, loops=args.loops))
+    options = dict(
+        patch_size=args.patch_size,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        max_cases=args.max_cases,
+        budget=BudgetSettings(query_size=args.query_size, loops=args.loops),
+    )
     if args.dicomweb:
         from .dicom.commands import create_from_dicomweb
 
@@ -178,10 +185,16 @@ def _autoencoder(args: argparse.Namespace, logic: ActiveLearningLogic):
 
 
 def _add_autoencoder_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ae-iterations", type=POSITIVE,
-                   help="cscs/cluster: training iterations of the pool autoencoder (default 600; fewer is faster)")
-    p.add_argument("--encoder", type=torchscript_file, help="cscs/cluster: a TorchScript encoder (N,1,16,16,16) -> (N,E) to use "
-                   "for the embeddings instead of the autoencoder's")
+    p.add_argument(
+        "--ae-iterations",
+        type=POSITIVE,
+        help="cscs/cluster: training iterations of the pool autoencoder (default 600; fewer is faster)",
+    )
+    p.add_argument(
+        "--encoder",
+        type=torchscript_file,
+        help="cscs/cluster: a TorchScript encoder (N,1,16,16,16) -> (N,E) to use for the embeddings instead of the autoencoder's",
+    )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -192,9 +205,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_query(args: argparse.Namespace) -> int:
     logic = ActiveLearningLogic.open(args.project)
-    loop = logic.query(args.method, args.count, seed=args.seed, probabilities=args.probabilities, stride=args.stride,
-                       n_per_image=args.per_image, progress=progress, min_distance=args.min_distance,
-                       autoencoder=_autoencoder(args, logic), distance_space=args.distance)
+    loop = logic.query(
+        args.method,
+        args.count,
+        seed=args.seed,
+        probabilities=args.probabilities,
+        stride=args.stride,
+        n_per_image=args.per_image,
+        progress=progress,
+        min_distance=args.min_distance,
+        autoencoder=_autoencoder(args, logic),
+        distance_space=args.distance,
+    )
     print(f"loop {loop.loop}: {len(loop.boxes)} boxes by {loop.method} -> {logic.project.loop_path(loop.loop)}")
     for record in loop.boxes[: args.show]:
         print(f"  {record!r}")
@@ -227,9 +249,13 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         print("no jobs")
     for job in jobs:
         s = job.status()
-        where = " ".join(f"{k} {v}" for k, v in (("epoch", s.epoch), ("iteration", s.iteration), ("case", s.case)) if v is not None)
+        where = " ".join(
+            f"{k} {v}" for k, v in (("epoch", s.epoch), ("iteration", s.iteration), ("case", s.case)) if v is not None
+        )
         message = s.message.splitlines()[0] if s.message else ""
-        print(f"{job.name:28s} {job.spec().kind:15s} {s.state:9s} {100 * s.progress:5.1f}%  {s.stage} {where}  {message}".rstrip())
+        print(
+            f"{job.name:28s} {job.spec().kind:15s} {s.state:9s} {100 * s.progress:5.1f}%  {s.stage} {where}  {message}".rstrip()
+        )
     return 0
 
 
@@ -263,8 +289,7 @@ class LiveProgress:
         line = state.describe()
         if self.tty:
             self.stream.write("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(self._last)))
-        elif line.split(" | ")[1:] != self._last.split(" | ")[1:] or int(state.progress * 20) != int(
-                self._progress * 20):
+        elif line.split(" | ")[1:] != self._last.split(" | ")[1:] or int(state.progress * 20) != int(self._progress * 20):
             self.stream.write(line + "\n")
         self._last, self._progress = line, state.progress
         self.stream.flush()
@@ -276,16 +301,29 @@ class LiveProgress:
 
 
 # --slurm-* option -> SlurmSettings field
-SLURM_OPTIONS = {"slurm_partition": "partition", "slurm_account": "account", "slurm_qos": "qos",
-                 "slurm_time": "time_limit", "slurm_gpus": "gpus", "slurm_gres": "gres", "slurm_cpus": "cpus_per_task",
-                 "slurm_mem": "mem", "slurm_arg": "extra_args", "slurm_setup": "setup", "slurm_python": "python"}
+SLURM_OPTIONS = {
+    "slurm_partition": "partition",
+    "slurm_account": "account",
+    "slurm_qos": "qos",
+    "slurm_time": "time_limit",
+    "slurm_gpus": "gpus",
+    "slurm_gres": "gres",
+    "slurm_cpus": "cpus_per_task",
+    "slurm_mem": "mem",
+    "slurm_arg": "extra_args",
+    "slurm_setup": "setup",
+    "slurm_python": "python",
+}
 
 
 def _add_runner_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where jobs run (a project saves the runner and its Slurm settings: give them once)")
-    g.add_argument("--runner", choices=["local", "slurm"],
-                   help="local worker processes, or one Slurm batch job per job (the project folder must be on the "
-                   "cluster's shared filesystem); default: the project's saved choice, else local")
+    g.add_argument(
+        "--runner",
+        choices=["local", "slurm"],
+        help="local worker processes, or one Slurm batch job per job (the project folder must be on the "
+        "cluster's shared filesystem); default: the project's saved choice, else local",
+    )
     g.add_argument("--slurm-partition", metavar="NAME")
     g.add_argument("--slurm-account", metavar="NAME")
     g.add_argument("--slurm-qos", metavar="NAME")
@@ -294,11 +332,19 @@ def _add_runner_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-gres", metavar="SPEC", help="sbatch --gres, e.g. gpu:1")
     g.add_argument("--slurm-cpus", type=POSITIVE, metavar="N", help="CPUs per batch job (default: the job's threads)")
     g.add_argument("--slurm-mem", metavar="SIZE", help="memory per batch job, e.g. 32G")
-    g.add_argument("--slurm-arg", action="append", metavar="OPTION",
-                   help="another sbatch option, e.g. --slurm-arg=--constraint=a100 (repeatable)")
-    g.add_argument("--slurm-setup", action="append", metavar="LINE",
-                   help="shell line run before the worker, e.g. 'module load cuda' or 'source /shared/venv/bin/activate' "
-                   "(repeatable; replaces the saved lines)")
+    g.add_argument(
+        "--slurm-arg",
+        action="append",
+        metavar="OPTION",
+        help="another sbatch option, e.g. --slurm-arg=--constraint=a100 (repeatable)",
+    )
+    g.add_argument(
+        "--slurm-setup",
+        action="append",
+        metavar="LINE",
+        help="shell line run before the worker, e.g. 'module load cuda' or 'source /shared/venv/bin/activate' "
+        "(repeatable; replaces the saved lines)",
+    )
     g.add_argument("--slurm-python", metavar="PATH", help="the worker's interpreter as the nodes see it (default: this one)")
 
 
@@ -317,32 +363,50 @@ def _runner_settings(args: argparse.Namespace, project: Path | None = None, save
         names = ", ".join("--" + o.replace("_", "-") for o in SLURM_OPTIONS if getattr(args, o, None))
         raise SlurmError(f"{names} need --runner slurm")
     slurm = (saved or SlurmSettings()).merged(**given) if kind == "slurm" else saved
-    if (save and project is not None and (project / "project.json").is_file() and (getattr(args, "runner", None) or given)
-            and (kind, slurm) != (saved_kind, saved)):
+    if (
+        save
+        and project is not None
+        and (project / "project.json").is_file()
+        and (getattr(args, "runner", None) or given)
+        and (kind, slurm) != (saved_kind, saved)
+    ):
         path = save_project_runner(project, kind, slurm)
         print(f"runner: {kind}, saved in {path}")
     return RunnerSettings(kind="slurm", slurm=slurm) if kind == "slurm" else None
 
 
 def _loop_settings(args: argparse.Namespace, stages: tuple[str, ...], **extra) -> LoopSettings:
-    return LoopSettings(profile=args.profile, folds=getattr(args, "folds", None), device=args.device,
-                        parallel=getattr(args, "parallel", None), python=getattr(args, "python", None), stages=stages,
-                        runner=_runner_settings(args, args.project), init=getattr(args, "init", "scratch"), **extra)
+    return LoopSettings(
+        profile=args.profile,
+        folds=getattr(args, "folds", None),
+        device=args.device,
+        parallel=getattr(args, "parallel", None),
+        python=getattr(args, "python", None),
+        stages=stages,
+        runner=_runner_settings(args, args.project),
+        init=getattr(args, "init", "scratch"),
+        **extra,
+    )
 
 
 def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
     logic = ActiveLearningLogic.open(args.project)
     pipeline = logic.loop_pipeline(settings)
-    print(f"{logic.project.name}: model {pipeline.model_name} ({pipeline.profile.name} profile, "
-          f"{pipeline.profile.folds} folds, device {pipeline.profile.device}, {pipeline.parallel} at a time)")
+    print(
+        f"{logic.project.name}: model {pipeline.model_name} ({pipeline.profile.name} profile, "
+        f"{pipeline.profile.folds} folds, device {pipeline.profile.device}, {pipeline.parallel} at a time)"
+    )
     live = LiveProgress()
     try:
         state = pipeline.run(live)
     except KeyboardInterrupt:
         live.close()
         running = [j.name for j in pipeline.all_jobs() if pipeline.runner.refresh(j).state == JobState.RUNNING]
-        print(f"interrupted: {len(running)} job(s) go on in the background ({', '.join(running)}); "
-              f"`al3d cancel {args.project}` stops them, running this command again resumes", file=sys.stderr)
+        print(
+            f"interrupted: {len(running)} job(s) go on in the background ({', '.join(running)}); "
+            f"`al3d cancel {args.project}` stops them, running this command again resumes",
+            file=sys.stderr,
+        )
         return 130
     live.close()
     if state.state == "failed":
@@ -352,8 +416,10 @@ def _run_pipeline(args: argparse.Namespace, settings: LoopSettings) -> int:
         summary = read_json(pipeline.evaluation_summary)
         per_class = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in summary["per_class"].items())
         mean = summary["mean_dice"]
-        print(f"test split ({summary['test_cases']} cases): Mean Dice {mean if mean is None else round(mean, 4)} ({per_class}) "
-              f"-> {pipeline.evaluation_summary}")
+        print(
+            f"test split ({summary['test_cases']} cases): Mean Dice {mean if mean is None else round(mean, 4)} ({per_class}) "
+            f"-> {pipeline.evaluation_summary}"
+        )
     if settings.score and pipeline.scores and "predict" in settings.stages:
         print(f"pool scores ({', '.join(pipeline.score_job_maps())}) -> {pipeline.scores_dir}")
     print(state.message)
@@ -365,8 +431,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    return _run_pipeline(args, _loop_settings(args, ("predict",), method=args.method, evaluate=False,
-                                              uncertainty_maps=not args.no_uncertainty_maps))
+    return _run_pipeline(
+        args,
+        _loop_settings(args, ("predict",), method=args.method, evaluate=False, uncertainty_maps=not args.no_uncertainty_maps),
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -378,8 +446,9 @@ def _cmd_loop(args: argparse.Namespace) -> int:
     if refusal:
         print(f"al3d loop: {refusal}", file=sys.stderr)
         return 1
-    return _run_pipeline(args, _loop_settings(args, STAGES, method=args.method, count=args.count, seed=args.seed,
-                                              evaluate=not args.no_evaluate))
+    return _run_pipeline(
+        args, _loop_settings(args, STAGES, method=args.method, count=args.count, seed=args.seed, evaluate=not args.no_evaluate)
+    )
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -391,10 +460,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _run_simulation(settings: SimulationSettings, report_dir: Path | None, effort_model: EffortModel | None = None) -> int:
     simulation = Simulation(settings, echo=print, progress=progress).prepare()  # base project, budget, header
-    print(f"simulation in {settings.out}: {len(simulation.runs)} runs ({', '.join(settings.methods)} x seeds "
-          f"{', '.join(map(str, settings.seeds))}), budget {simulation.budget} boxes ({simulation.budget_rule}), "
-          f"query size {simulation.query_size}, {settings.loops} loops, profile {simulation.profile_name}, "
-          f"{simulation.parallel} job(s) at a time")
+    print(
+        f"simulation in {settings.out}: {len(simulation.runs)} runs ({', '.join(settings.methods)} x seeds "
+        f"{', '.join(map(str, settings.seeds))}), budget {simulation.budget} boxes ({simulation.budget_rule}), "
+        f"query size {simulation.query_size}, {settings.loops} loops, profile {simulation.profile_name}, "
+        f"{simulation.parallel} job(s) at a time"
+    )
     last = [""]
 
     def show(sim: Simulation) -> None:
@@ -423,41 +494,72 @@ def _csv(text: str) -> list[str]:
 
 def _effort_model(args: argparse.Namespace) -> EffortModel | None:
     """The effort model of the options (None: EffortModel's own defaults); only the report's estimates use it."""
-    given = {k: v for k, v in (("box_seconds", args.box_seconds), ("seconds_per_voxel", args.seconds_per_voxel))
-             if v is not None}
+    given = {k: v for k, v in (("box_seconds", args.box_seconds), ("seconds_per_voxel", args.seconds_per_voxel)) if v is not None}
     return EffortModel(**given) if given else None
 
 
 def _add_init_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", default="scratch", choices=["scratch", "warm"],
-                   help="how each loop's members start: scratch (random weights, the full schedule) or warm (member k "
-                   "of the previous loop, the profile's shorter warm schedule, folds kept); a separate model name")
+    p.add_argument(
+        "--init",
+        default="scratch",
+        choices=["scratch", "warm"],
+        help="how each loop's members start: scratch (random weights, the full schedule) or warm (member k "
+        "of the previous loop, the profile's shorter warm schedule, folds kept); a separate model name",
+    )
 
 
 def _add_effort_options(p: argparse.ArgumentParser) -> None:
     defaults = EffortModel()
-    p.add_argument("--box-seconds", type=seconds_value, metavar="S",
-                   help="effort model: estimated annotator seconds per box whatever its content (navigating to it, "
-                   f"checking its slices; default {defaults.box_seconds:g})")
-    p.add_argument("--seconds-per-voxel", type=seconds_value, metavar="S",
-                   help="effort model: estimated seconds per corrected voxel (painting; default "
-                   f"{defaults.seconds_per_voxel:g}); the report's minutes are box seconds x boxes + this x corrected voxels")
+    p.add_argument(
+        "--box-seconds",
+        type=seconds_value,
+        metavar="S",
+        help="effort model: estimated annotator seconds per box whatever its content (navigating to it, "
+        f"checking its slices; default {defaults.box_seconds:g})",
+    )
+    p.add_argument(
+        "--seconds-per-voxel",
+        type=seconds_value,
+        metavar="S",
+        help="effort model: estimated seconds per corrected voxel (painting; default "
+        f"{defaults.seconds_per_voxel:g}); the report's minutes are box seconds x boxes + this x corrected voxels",
+    )
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     effort_model = _effort_model(args)
     if effort_model is not None and not args.report:
-        print("al3d simulate: error: --box-seconds and --seconds-per-voxel change only the report's estimated minutes; "
-              "add --report (or give them to al3d report)", file=sys.stderr)
+        print(
+            "al3d simulate: error: --box-seconds and --seconds-per-voxel change only the report's estimated minutes; "
+            "add --report (or give them to al3d report)",
+            file=sys.stderr,
+        )
         return 2
     settings = SimulationSettings(
-        images=args.images, labels=args.labels, methods=args.method, out=args.out, budget=args.budget,
-        loops=args.loops, seeds=args.seeds,
-        patch_size=tuple(args.patch_size) if args.patch_size else None, profile=args.profile, device=args.device,
-        folds=args.folds, parallel=args.parallel, start=args.start, max_cases=args.max_cases,
-        reference=not args.no_reference, reference_cache=args.reference_cache, python=args.python,
-        restore_from=args.restore_from, runner=_runner_settings(args), init=args.init,
-        training_seed=args.training_seed, warm_fraction=args.warm_fraction, warm_initial_lr=args.warm_initial_lr)
+        images=args.images,
+        labels=args.labels,
+        methods=args.method,
+        out=args.out,
+        budget=args.budget,
+        loops=args.loops,
+        seeds=args.seeds,
+        patch_size=tuple(args.patch_size) if args.patch_size else None,
+        profile=args.profile,
+        device=args.device,
+        folds=args.folds,
+        parallel=args.parallel,
+        start=args.start,
+        max_cases=args.max_cases,
+        reference=not args.no_reference,
+        reference_cache=args.reference_cache,
+        python=args.python,
+        restore_from=args.restore_from,
+        runner=_runner_settings(args),
+        init=args.init,
+        training_seed=args.training_seed,
+        warm_fraction=args.warm_fraction,
+        warm_initial_lr=args.warm_initial_lr,
+    )
     return _run_simulation(settings, args.out / "report" if args.report else None, effort_model)
 
 
@@ -491,8 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create a project from a folder of images (and ground truth for simulation)")
     p.add_argument("project", type=Path)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd) and/or DICOM "
-                        "series (any nesting; each 3D image series becomes a case)")
+    source.add_argument(
+        "--images",
+        type=Path,
+        help="folder of images (.nii.gz, .nii, .nrrd, .mha, .mhd) and/or DICOM "
+        "series (any nesting; each 3D image series becomes a case)",
+    )
     p.add_argument("--labels", type=Path, help="folder of dense ground truth with the same case ids (simulation)")
     p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"), help="query box size in voxels")
     p.add_argument("--test-fraction", type=fraction, default=0.25, help="held-out test share when labels are given")
@@ -500,8 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-size", type=POSITIVE, help="boxes per loop (default: ask per query)")
     p.add_argument("--loops", type=POSITIVE, default=5, help="planned loops (ClaSP PE's noise schedule)")
     p.add_argument("--max-cases", type=POSITIVE, help="use only the first N cases (sorted by id)")
-    p.add_argument("--start", choices=list(METHODS),
-                   help="query the starting budget (loop 0) at once: e.g. cscs or cluster (label-free), random")
+    p.add_argument(
+        "--start",
+        choices=list(METHODS),
+        help="query the starting budget (loop 0) at once: e.g. cscs or cluster (label-free), random",
+    )
     p.add_argument("--start-count", type=POSITIVE, help="boxes in the starting budget (default: --query-size)")
     _add_autoencoder_options(p)
     from .dicom.commands import add_export_parser, add_init_options
@@ -515,14 +624,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     p.add_argument("--count", type=POSITIVE, help="number of boxes (default: the project's query size)")
     p.add_argument("--seed", type=NON_NEGATIVE, help="default: the project seed")
-    p.add_argument("--probabilities", type=existing_folder, help="DIR/<member>/<case>.npz|.npy ensemble probabilities (C, Z, Y, X)")
+    p.add_argument(
+        "--probabilities", type=existing_folder, help="DIR/<member>/<case>.npz|.npy ensemble probabilities (C, Z, Y, X)"
+    )
     p.add_argument("--stride", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"), help="candidate corner stride")
     p.add_argument("--per-image", type=POSITIVE, help="boxes considered per image (default: the count)")
-    p.add_argument("--min-distance", type=at_least(0.0, float),
-                   help="pe_spatial: minimum distance between boxes (voxels: default the longest box edge; "
-                   "embedding: default the median nearest-neighbour distance of the pool embeddings)")
-    p.add_argument("--distance", choices=["voxels", "embedding"], default="voxels",
-                   help="pe_spatial: distance between box centres in voxels, or between autoencoder embeddings")
+    p.add_argument(
+        "--min-distance",
+        type=at_least(0.0, float),
+        help="pe_spatial: minimum distance between boxes (voxels: default the longest box edge; "
+        "embedding: default the median nearest-neighbour distance of the pool embeddings)",
+    )
+    p.add_argument(
+        "--distance",
+        choices=["voxels", "embedding"],
+        default="voxels",
+        help="pe_spatial: distance between box centres in voxels, or between autoencoder embeddings",
+    )
     _add_autoencoder_options(p)
     p.add_argument("--show", type=NON_NEGATIVE, default=10, help="boxes to list")
 
@@ -530,18 +648,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", action="store_true")
     p = _project_command(sub, "jobs", "list a project's background jobs with their progress", _cmd_jobs, json=True)
     p.add_argument("--runner", choices=["local", "slurm"], help="the runner that judges the jobs (default: the project's)")
-    p = _project_command(sub, "cancel", "cancel a project's queued and running jobs (and every process they started)",
-                         _cmd_cancel)
-    p.add_argument("--runner", choices=["local", "slurm"],
-                   help="the runner that cancels the jobs (slurm: scancel; default: the project's)")
+    p = _project_command(
+        sub, "cancel", "cancel a project's queued and running jobs (and every process they started)", _cmd_cancel
+    )
+    p.add_argument(
+        "--runner", choices=["local", "slurm"], help="the runner that cancels the jobs (slurm: scancel; default: the project's)"
+    )
 
     def training_options(p: argparse.ArgumentParser, train: bool = True) -> None:
-        p.add_argument("--profile", default="auto", choices=["auto", *profile_names()],
-                       help="training profile (auto: paper with a CUDA GPU, else cpu-small)")
+        p.add_argument(
+            "--profile",
+            default="auto",
+            choices=["auto", *profile_names()],
+            help="training profile (auto: paper with a CUDA GPU, else cpu-small)",
+        )
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         _add_init_option(p)
-        p.add_argument("--python", type=interpreter,
-                       help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)")
+        p.add_argument(
+            "--python", type=interpreter, help="interpreter of the worker processes (default: this one; PythonSlicer in Slicer)"
+        )
         if train:
             p.add_argument("--folds", type=at_least(2), help="ensemble size, at least 2 (default: the profile's)")
             p.add_argument("--parallel", type=POSITIVE, help="folds trained at a time (default: 1 on a GPU, CPU cores / 2)")
@@ -551,8 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
     training_options(p)
     p = _project_command(sub, "score", "score the pool's candidate boxes with the trained ensemble", _cmd_score)
     training_options(p, train=False)
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=[m for m, q in METHODS.items() if q.needs_model],
-                   help="the query method the scores are for (decides which uncertainty maps are computed)")
+    p.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=[m for m, q in METHODS.items() if q.needs_model],
+        help="the query method the scores are for (decides which uncertainty maps are computed)",
+    )
     p.add_argument("--no-uncertainty-maps", action="store_true", help="do not write uncertainty images for the viewer")
     p = _project_command(sub, "evaluate", "Dice of the trained ensemble on the test split", _cmd_evaluate)
     training_options(p, train=False)
@@ -571,34 +700,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="benchmark query methods with an oracle (nnActive protocol)")
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--labels", type=Path, required=True)
-    p.add_argument("--method", required=True, type=method_list,
-                   help="query method(s), comma separated: " + ",".join(METHODS))
-    p.add_argument("--budget", default="low", type=budget_value, help="low, medium, high (nnActive table, else a rule) or a number of boxes")
-    p.add_argument("--loops", type=POSITIVE, default=5,
-                   help="loops per run; again with a larger number, a finished folder adds the loops")
+    p.add_argument("--method", required=True, type=method_list, help="query method(s), comma separated: " + ",".join(METHODS))
+    p.add_argument(
+        "--budget", default="low", type=budget_value, help="low, medium, high (nnActive table, else a rule) or a number of boxes"
+    )
+    p.add_argument(
+        "--loops", type=POSITIVE, default=5, help="loops per run; again with a larger number, a finished folder adds the loops"
+    )
     p.add_argument("--seeds", default=(0,), type=seed_list, help="comma separated, e.g. 0,1,2")
-    p.add_argument("--training-seed", type=NON_NEGATIVE,
-                   help="base seed of every training (per loop and fold), apart from the query seeds; "
-                   "default: each run's seed. Repeats with other training seeds measure training noise")
+    p.add_argument(
+        "--training-seed",
+        type=NON_NEGATIVE,
+        help="base seed of every training (per loop and fold), apart from the query seeds; "
+        "default: each run's seed. Repeats with other training seeds measure training noise",
+    )
     p.add_argument("--patch-size", type=POSITIVE, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--profile", default="auto", choices=["auto", *profile_names()])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--folds", type=at_least(2), help="ensemble size, at least 2 (default: the profile's)")
     _add_init_option(p)
-    p.add_argument("--warm-fraction", type=float, metavar="F",
-                   help="with --init warm: share of the profile's epochs a warm-started member trains (0 < F <= 1; "
-                   "default: the profile's, a third)")
-    p.add_argument("--warm-initial-lr", type=float, metavar="LR",
-                   help="with --init warm: starting learning rate of a warm-started member (default: the profile's, "
-                   "a tenth of its initial learning rate)")
+    p.add_argument(
+        "--warm-fraction",
+        type=float,
+        metavar="F",
+        help="with --init warm: share of the profile's epochs a warm-started member trains (0 < F <= 1; "
+        "default: the profile's, a third)",
+    )
+    p.add_argument(
+        "--warm-initial-lr",
+        type=float,
+        metavar="LR",
+        help="with --init warm: starting learning rate of a warm-started member (default: the profile's, "
+        "a tenth of its initial learning rate)",
+    )
     p.add_argument("--parallel", type=POSITIVE, help="jobs at a time over the whole grid")
     p.add_argument("--start", default="nnactive_start", choices=list(METHODS), help="starting budget method (loop 0)")
     p.add_argument("--max-cases", type=POSITIVE, help="use only the first N cases")
     p.add_argument("--no-reference", action="store_true", help="skip the full-data run (no FG-Eff)")
     p.add_argument("--reference-cache", type=Path, help="folder to share full-data runs between simulations")
-    p.add_argument("--restore-from", type=existing_folder, metavar="DIR",
-                   help="records of an earlier run of this simulation (a results copy with its simulation.json): "
-                   "runs missing here are rebuilt from their recorded boxes and go on from their first unrecorded loop")
+    p.add_argument(
+        "--restore-from",
+        type=existing_folder,
+        metavar="DIR",
+        help="records of an earlier run of this simulation (a results copy with its simulation.json): "
+        "runs missing here are rebuilt from their recorded boxes and go on from their first unrecorded loop",
+    )
     p.add_argument("--python", type=interpreter, help="interpreter of the worker processes")
     _add_runner_options(p)
     p.add_argument("--report", action="store_true", help="write OUT/report when done")

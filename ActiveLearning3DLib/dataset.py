@@ -3,6 +3,7 @@
 Everything is checked before anything is written, so a bad folder gives one
 error listing every file and its problem, and no half-made project.
 """
+
 from __future__ import annotations
 
 import re
@@ -127,7 +128,9 @@ def _dataset_jsons(folders: Sequence[Path | str | None]) -> Iterator[dict]:
                 try:
                     data = read_json(candidate)
                 except (OSError, ValueError, UnicodeDecodeError) as e:
-                    raise DatasetError([f"{candidate}: unreadable dataset.json ({str(e).replace(str(candidate) + ': ', '')})"]) from None
+                    raise DatasetError(
+                        [f"{candidate}: unreadable dataset.json ({str(e).replace(str(candidate) + ': ', '')})"]
+                    ) from None
                 if isinstance(data, dict):
                     yield candidate, data
 
@@ -146,8 +149,7 @@ def find_class_names(*folders: Path | str | None) -> tuple[dict[int, str] | None
         if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background"}
             return {int(k): str(v) for k, v in labels.items()}, path
         # nnU-Net v2: {"background": 0}; region-based entries (lists) are not supported here
-        names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool)
-                 and k != "ignore"}
+        names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int) and not isinstance(v, bool) and k != "ignore"}
         if names:
             return names, path
         raise DatasetError([f"{path}: 'labels' declares no class as name -> value (nnU-Net) or \"value\": name (MSD)"])
@@ -209,8 +211,10 @@ def label_array(image: sitk.Image, path: Path, classes: Iterable[int] | None) ->
     if values.size and values.min() < 0:
         return None, f"negative label value {int(values.min())}"
     if values.size and values.max() > MAX_CLASS:
-        return None, (f"label value {int(values.max())} is above the largest supported class value {MAX_CLASS} "
-                      "(label maps hold class numbers 0, 1, 2, ...)")
+        return None, (
+            f"label value {int(values.max())} is above the largest supported class value {MAX_CLASS} "
+            "(label maps hold class numbers 0, 1, 2, ...)"
+        )
     if classes is not None:
         undeclared = sorted(set(int(v) for v in values) - set(classes))
         if undeclared:
@@ -245,7 +249,9 @@ def validate_dataset(
         label_files, label_problems = discover_labels(labels)
         problems += label_problems
     if not cases:
-        raise DatasetError(problems + [f"{images}: no images found (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM series); the pool would be empty"])
+        raise DatasetError(
+            problems + [f"{images}: no images found (.nii.gz, .nii, .nrrd, .mha, .mhd, DICOM series); the pool would be empty"]
+        )
     case_ids = sorted(cases)
     if max_cases is not None:
         case_ids = case_ids[:max_cases]
@@ -258,11 +264,11 @@ def validate_dataset(
         problems.append(f"{images}: cases have different numbers of channels {sorted(n_channels)}")
     declared, declared_in = (dict(classes), None) if classes is not None else find_class_names(images, labels)
     if declared is not None and sorted(declared) != list(range(len(declared))):
-        problems.append(f"{declared_in or 'classes'}: class values {sorted(declared)} must be 0 (background), 1, 2, "
-                        f"... without gaps")
+        problems.append(
+            f"{declared_in or 'classes'}: class values {sorted(declared)} must be 0 (background), 1, 2, ... without gaps"
+        )
     if declared is not None and max(declared, default=0) > MAX_CLASS:
-        problems.append(f"{declared_in or 'classes'}: class value {max(declared)} is above the largest supported, "
-                        f"{MAX_CLASS}")
+        problems.append(f"{declared_in or 'classes'}: class value {max(declared)} is above the largest supported, {MAX_CLASS}")
 
     infos: list[CaseInfo] = []
     found_values: set[int] = set()
@@ -311,8 +317,10 @@ def validate_dataset(
                 continue
             arr, problem = label_array(lab, label_path, declared.keys() if declared else None)
             if problem:
-                problems.append(f"{label_path}: {problem}" + (f" (classes from {declared_in})" if declared_in and
-                                                               "declared" in problem else ""))
+                problems.append(
+                    f"{label_path}: {problem}"
+                    + (f" (classes from {declared_in})" if declared_in and "declared" in problem else "")
+                )
                 continue
             values, n = np.unique(arr, return_counts=True)
             counts = {int(v): int(c) for v, c in zip(values, n)}

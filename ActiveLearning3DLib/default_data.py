@@ -3,6 +3,7 @@
 Nothing is downloaded and the shared data is never copied: a project copies only
 the cases it is made of, into its own folder outside the repository's sources.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,10 +94,16 @@ def make_phantom_dataset(folder: Path, settings: PhantomSettings = PhantomSettin
             out = sitk.GetImageFromArray(array)
             out.SetSpacing(tuple(reversed(settings.spacing)))
             atomic_write_image(out, path)
-    atomic_write_json(done, {  # written last: its presence marks a complete phantom set
-        "name": "ActiveLearning3D phantoms", "labels": {str(k): v for k, v in PHANTOM_CLASSES.items()},
-        "modality": {"0": "MRI-like phantom"}, "numTraining": settings.cases, "seed": seed,
-    })
+    atomic_write_json(
+        done,
+        {  # written last: its presence marks a complete phantom set
+            "name": "ActiveLearning3D phantoms",
+            "labels": {str(k): v for k, v in PHANTOM_CLASSES.items()},
+            "modality": {"0": "MRI-like phantom"},
+            "numTraining": settings.cases,
+            "seed": seed,
+        },
+    )
     return _as_source(folder, "phantom")
 
 

@@ -4,6 +4,7 @@ Every write goes to a temporary file in the target's folder and is moved into
 place with ``os.replace``, which is atomic on POSIX and Windows: a crash leaves
 either the old file or the new one, never a torn one.
 """
+
 from __future__ import annotations
 
 import errno
@@ -43,7 +44,7 @@ def split_image_suffix(name: str) -> tuple[str, str] | None:
     lower = name.lower()
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
+            return name[: -len(suffix)], name[-len(suffix) :]
     return None
 
 
@@ -55,8 +56,9 @@ def _temporary_path(path: Path) -> Path:
     """
     parsed = split_image_suffix(path.name)
     suffix = parsed[1] if parsed else path.suffix
-    return _create_fresh(path.parent, TMP_PREFIX, suffix,
-                         lambda name: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+    return _create_fresh(
+        path.parent, TMP_PREFIX, suffix, lambda name: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    )
 
 
 def _create_fresh(parent: Path, prefix: str, suffix: str, create: Callable[[Path], object]) -> Path:
@@ -98,7 +100,6 @@ def make_staging_dir(parent: Path, prefix: str, stale_after: float = 3600.0) -> 
 def _host_tag() -> str:
     """8 hex digits naming this machine, so a folder on a network share is judged only by its own host."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
 
     return True
 
@@ -160,9 +161,12 @@ def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = Tru
         problem = _written_image_problem(tmp, image)
         if problem:
             full = shutil.disk_usage(tmp.parent).free < (1 << 20)
-            raise OSError(errno.ENOSPC if full else errno.EIO,
-                          f"{path}: the image was not written ({problem})"
-                          + ("; No space left on device" if full else "") + "; the previous file is kept")
+            raise OSError(
+                errno.ENOSPC if full else errno.EIO,
+                f"{path}: the image was not written ({problem})"
+                + ("; No space left on device" if full else "")
+                + "; the previous file is kept",
+            )
 
 
 def _written_image_problem(path: Path, image: sitk.Image) -> str | None:
@@ -267,7 +271,7 @@ def nifti_has_non_finite(path: Path | str, chunk_voxels: int = 1 << 20) -> bool:
             if datatype not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
                 return False
             dtype = np.dtype(endian + _NIFTI_FLOATS[datatype])
-            remaining = int(np.prod([max(d, 1) for d in dims[1: dims[0] + 1]]))
+            remaining = int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]]))
             f.seek(max(offset, header_size))
             while remaining > 0:
                 data = f.read(min(remaining, chunk_voxels) * dtype.itemsize)
@@ -326,11 +330,13 @@ def nifti_truncation(path: Path | str, chunk_bytes: int = 1 << 22) -> str | None
     size, dims, bitpix, offset = header
     if not 1 <= dims[0] <= 7 or bitpix <= 0:
         return None
-    voxels = int(np.prod([max(int(d), 1) for d in dims[1: dims[0] + 1]], dtype=np.int64))
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
     needed = max(int(offset), size) + voxels * bitpix // 8
     if total < needed:
-        return (f"truncated file: {total} bytes of image data where the header announces {needed} "
-                f"({'decompressed, ' if opener is gzip.open else ''}the missing voxels would read as zeros)")
+        return (
+            f"truncated file: {total} bytes of image data where the header announces {needed} "
+            f"({'decompressed, ' if opener is gzip.open else ''}the missing voxels would read as zeros)"
+        )
     return None
 
 

@@ -21,6 +21,7 @@ script) cannot starve another: a waiter touches ``<lock>.waiting``, and a
 holder that finds it on release steps aside for a moment before its next
 acquisition. No clocks are compared, so hosts with skewed clocks behave alike.
 """
+
 from __future__ import annotations
 
 import json
@@ -125,9 +126,13 @@ def pid_alive(pid: int) -> bool:
 def owner_info(purpose: str) -> dict:
     """Who takes a lock or a claim: host, pid, process start time, purpose, time (UTC and epoch) and a random token."""
     return {
-        "host": this_host(), "pid": os.getpid(), "pid_started": process_start_time(os.getpid()),
-        "pid_namespace": pid_namespace(), "purpose": purpose,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "epoch": time.time(),
+        "host": this_host(),
+        "pid": os.getpid(),
+        "pid_started": process_start_time(os.getpid()),
+        "pid_namespace": pid_namespace(),
+        "purpose": purpose,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "epoch": time.time(),
         "token": os.urandom(8).hex(),
     }
 
@@ -281,8 +286,7 @@ class FileLock:
         holder = self.read_holder()
         if not self._stale(holder):
             return False
-        breaker = FileLock(self.path.with_name(self.path.name + ".break"),
-                           LockSettings(timeout=0.0, stale_after=30.0), self.what)
+        breaker = FileLock(self.path.with_name(self.path.name + ".break"), LockSettings(timeout=0.0, stale_after=30.0), self.what)
         try:
             fd = os.open(breaker.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:

@@ -9,6 +9,7 @@ Example (Slicer's Python console or any script)::
     logic.submit(box, labels_of_the_box)       # merged into the partial map and saved at once
     logic.status()
 """
+
 from __future__ import annotations
 
 import os
@@ -74,17 +75,25 @@ class BoxClaim:
 
     @property
     def live(self) -> bool:
-        return time.time() < self.expires and not holder_gone({"host": self.host, "pid": self.pid,
-                                                                "pid_started": self.pid_started,
-                                                                "pid_namespace": self.pid_namespace})
+        return time.time() < self.expires and not holder_gone(
+            {"host": self.host, "pid": self.pid, "pid_started": self.pid_started, "pid_namespace": self.pid_namespace}
+        )
 
     def describe(self) -> str:
         return f"{self.annotator!r} (pid {self.pid} on {self.host}) since {self.since}"
 
     @classmethod
     def from_json(cls, box: str, d: dict) -> "BoxClaim":
-        return cls(box, str(d["annotator"]), str(d["host"]), int(d["pid"]), str(d.get("since", "")),
-                   float(d["expires"]), d.get("pid_started"), d.get("pid_namespace"))
+        return cls(
+            box,
+            str(d["annotator"]),
+            str(d["host"]),
+            int(d["pid"]),
+            str(d.get("since", "")),
+            float(d["expires"]),
+            d.get("pid_started"),
+            d.get("pid_namespace"),
+        )
 
 
 @dataclass
@@ -123,8 +132,10 @@ class ProjectStatus:
             f"{self.skipped} skipped); annotated voxels: {self.annotated_voxels}",
         ]
         for loop in self.per_loop:
-            lines.append(f"    loop {loop['loop']}: {loop['method']}, {loop['boxes']} boxes, {loop['pending']} pending"
-                         + describe_effort(loop.get("effort")))
+            lines.append(
+                f"    loop {loop['loop']}: {loop['method']}, {loop['boxes']} boxes, {loop['pending']} pending"
+                + describe_effort(loop.get("effort"))
+            )
         lines.append(f"  next: {self.next_step}")
         return "\n".join(lines)
 
@@ -174,8 +185,13 @@ class ActiveLearningLogic:
             return None
         return f"{len(pending)} boxes of loop {pending[0].loop} are still pending; annotate or skip them first"
 
-    def next_pending(self, case: str | None = None, after: str | None = None, loop: int | None = None,
-                     free: Callable[[BoxRecord], bool] | None = None) -> BoxRecord | None:
+    def next_pending(
+        self,
+        case: str | None = None,
+        after: str | None = None,
+        loop: int | None = None,
+        free: Callable[[BoxRecord], bool] | None = None,
+    ) -> BoxRecord | None:
         """The next pending box (``loop``'s only when given), without claiming it (None when there is none).
 
         Prefers a box of ``case`` (fewer volume loads) and a box other than
@@ -206,13 +222,31 @@ class ActiveLearningLogic:
         else:
             next_step = f"query loop {loops[-1].loop + 1}"
         return ProjectStatus(
-            name=p.name, path=str(p.path), pool_cases=len(p.pool_cases), test_cases=len(p.test_cases),
-            classes=dict(p.classes), patch_size=p.patch_size, has_ground_truth=p.has_ground_truth, loops=len(loops),
-            boxes=len(records), pending=count[BoxState.PENDING], annotated=count[BoxState.ANNOTATED],
+            name=p.name,
+            path=str(p.path),
+            pool_cases=len(p.pool_cases),
+            test_cases=len(p.test_cases),
+            classes=dict(p.classes),
+            patch_size=p.patch_size,
+            has_ground_truth=p.has_ground_truth,
+            loops=len(loops),
+            boxes=len(records),
+            pending=count[BoxState.PENDING],
+            annotated=count[BoxState.ANNOTATED],
             skipped=count[BoxState.SKIPPED],
-            annotated_voxels=sum(b.box.voxels for b in records if b.state == BoxState.ANNOTATED), next_step=next_step,
-            per_loop=[{"loop": lp.loop, "method": lp.method, "boxes": len(lp.boxes), "pending": lp.count(BoxState.PENDING),
-                       "annotated": lp.count(BoxState.ANNOTATED), "effort": effort_totals(lp.boxes)} for lp in loops],
+            annotated_voxels=sum(b.box.voxels for b in records if b.state == BoxState.ANNOTATED),
+            next_step=next_step,
+            per_loop=[
+                {
+                    "loop": lp.loop,
+                    "method": lp.method,
+                    "boxes": len(lp.boxes),
+                    "pending": lp.count(BoxState.PENDING),
+                    "annotated": lp.count(BoxState.ANNOTATED),
+                    "effort": effort_totals(lp.boxes),
+                }
+                for lp in loops
+            ],
         )
 
     def annotated_foreground_fraction(self) -> float:
@@ -301,18 +335,26 @@ class ActiveLearningLogic:
         if method == "clasp_pe":
             info["beta"] = clasp_beta(loop - 1, total_loops)
         info.update(extra_info)
-        loop_file = LoopFile(loop, method, seed, now_iso(), [_record(pick, loop, i, method) for i, pick in enumerate(picks)], info)
+        loop_file = LoopFile(
+            loop, method, seed, now_iso(), [_record(pick, loop, i, method) for i, pick in enumerate(picks)], info
+        )
         with p.writing(f"query loop {loop}"):
             # The query ran without the lock (it may take minutes); what it saw must still hold. Another query
             # that finished first wins and this one fails, as it would have had it started a moment later
             # (its boxes would be pending): a second loop file beside it would hold boxes chosen without it.
             now = (p.loop_indices() or [-1])[-1] + 1
             if now != loop or p.loop_path(loop).exists():
-                raise LoopConflict(f"{p.path}: loop {now - 1} was written by another process while this query ran; "
-                                   f"this query of loop {loop} is not saved (annotate the new loop first)", now - 1)
+                raise LoopConflict(
+                    f"{p.path}: loop {now - 1} was written by another process while this query ran; "
+                    f"this query of loop {loop} is not saved (annotate the new loop first)",
+                    now - 1,
+                )
             if [b.box for b in p.all_boxes()] != context.blocked:
-                raise LoopConflict(f"{p.path}: the boxes changed in another process while this query ran; "
-                                   f"this query of loop {loop} is not saved, run it again", now - 1)
+                raise LoopConflict(
+                    f"{p.path}: the boxes changed in another process while this query ran; "
+                    f"this query of loop {loop} is not saved, run it again",
+                    now - 1,
+                )
             p.write_loop(loop_file)
         return loop_file
 
@@ -354,7 +396,11 @@ class ActiveLearningLogic:
 
     # -------------------------------------------------------------- annotating
     def submit(
-        self, box: BoxRecord | str, labels: np.ndarray, annotator: str = "user", seconds: float | None = None,
+        self,
+        box: BoxRecord | str,
+        labels: np.ndarray,
+        annotator: str = "user",
+        seconds: float | None = None,
         prefill_shown: bool | None = None,
     ) -> MergeResult:
         """Merge an annotation of a box into the partial map, save it, and mark the box annotated.
@@ -370,8 +416,9 @@ class ActiveLearningLogic:
         """
         if not isinstance(annotator, str) or not annotator.strip():
             raise ValueError(f"annotator: expected a non-empty name, got {annotator!r}")
-        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                                    or not np.isfinite(seconds) or seconds < 0):
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not np.isfinite(seconds) or seconds < 0
+        ):
             raise ValueError(f"seconds: expected a non-negative number of seconds or None, got {seconds!r}")
         if prefill_shown is not None and not isinstance(prefill_shown, (bool, np.bool_)):
             raise ValueError(f"prefill_shown: expected True, False or None, got {prefill_shown!r}")
@@ -464,14 +511,16 @@ class ActiveLearningLogic:
 
         return EmbeddingStage(self.project, autoencoder)
 
-    def pool_embeddings(self, autoencoder: "AutoencoderSettings | None" = None,
-                        runner: "JobRunner | None" = None) -> "EmbeddingSet":
+    def pool_embeddings(
+        self, autoencoder: "AutoencoderSettings | None" = None, runner: "JobRunner | None" = None
+    ) -> "EmbeddingSet":
         """The pool embeddings, blocking: cached, else their stage's job run through ``runner`` (default: a local
         one, one job at a time) and waited for."""
         return self.embedding_stage(autoencoder).run(runner)
 
-    def starting_embeddings(self, method: str, runner: "JobRunner | None" = None
-                            ) -> "tuple[AutoencoderSettings | None, Job | None]":
+    def starting_embeddings(
+        self, method: str, runner: "JobRunner | None" = None
+    ) -> "tuple[AutoencoderSettings | None, Job | None]":
         """What a query by ``method`` needs first: the pool autoencoder's settings for :meth:`query` (None: the
         method reads no embeddings) and the stage's job that computes the embeddings (None: not needed, or
         cached), its threads ``runner``'s share of a slot."""
@@ -512,8 +561,11 @@ class ActiveLearningLogic:
         if not loops:
             raise ProjectError(f"{p.path}: query the starting budget (loop 0) before adding boxes by hand")
         shape = p.cases[case].shape
-        if (isinstance(center, (str, bytes)) or len(center) != 3
-                or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in center)):
+        if (
+            isinstance(center, (str, bytes))
+            or len(center) != 3
+            or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in center)
+        ):
             raise ProjectError(f"center: expected three whole voxel indices (k, j, i), got {center!r}")
         if any(not 0 <= int(c) < n for c, n in zip(center, shape)):
             raise ProjectError(f"{p.path}: voxel {list(center)} lies outside {case!r} of shape {list(shape)}")
@@ -523,11 +575,12 @@ class ActiveLearningLogic:
         with p.writing(f"add a box to {case}"):  # the overlap check and the append see the same loop files
             clash = next((b for b in p.all_boxes() if b.case == case and b.box.overlaps(new_box)), None)
             if clash is not None:
-                raise ProjectError(f"{p.path}: a box at {list(corner)} size {list(size)} would overlap box {clash.id} "
-                                   f"({clash.state}) of {case!r}; no box may overlap another")
+                raise ProjectError(
+                    f"{p.path}: a box at {list(corner)} size {list(size)} would overlap box {clash.id} "
+                    f"({clash.state}) of {case!r}; no box may overlap another"
+                )
             loop_file = p.read_loop(p.loop_indices()[-1])
-            record = BoxRecord(Box(case, corner, size), loop_file.loop, len(loop_file.boxes), "annotator",
-                               source="annotator")
+            record = BoxRecord(Box(case, corner, size), loop_file.loop, len(loop_file.boxes), "annotator", source="annotator")
             loop_file.boxes.append(record)
             p.write_loop(loop_file)
         return record
@@ -599,17 +652,33 @@ class ActiveLearningLogic:
             claims = self.claims()
             other = claims.get(record.id)
             if other is not None and not other.mine:
-                raise BoxClaimed(f"{self.project.path}: box {record.id} is open by {other.describe()}; "
-                                 "choose another box or wait until it is submitted or closed")
+                raise BoxClaimed(
+                    f"{self.project.path}: box {record.id} is open by {other.describe()}; "
+                    "choose another box or wait until it is submitted or closed"
+                )
             claims = {k: c for k, c in claims.items() if not c.mine}
             info = owner_info(f"claim {record.id}")
-            claims[record.id] = BoxClaim(record.id, annotator, info["host"], info["pid"], info["time"],
-                                         time.time() + float(ttl), info["pid_started"], info["pid_namespace"])
+            claims[record.id] = BoxClaim(
+                record.id,
+                annotator,
+                info["host"],
+                info["pid"],
+                info["time"],
+                time.time() + float(ttl),
+                info["pid_started"],
+                info["pid_namespace"],
+            )
             self._write_claims(claims)
         return record
 
-    def claim_next_pending(self, annotator: str = "user", case: str | None = None, after: str | None = None,
-                           loop: int | None = None, ttl: float = CLAIM_TTL) -> BoxRecord | None:
+    def claim_next_pending(
+        self,
+        annotator: str = "user",
+        case: str | None = None,
+        after: str | None = None,
+        loop: int | None = None,
+        ttl: float = CLAIM_TTL,
+    ) -> BoxRecord | None:
         """Claim and return the next pending box nobody else has open (None when there is none).
 
         Prefers ``case`` (fewer volume loads) and a box other than ``after``; only
@@ -633,8 +702,10 @@ class ActiveLearningLogic:
     def _refuse_if_claimed(self, record: BoxRecord, action: str) -> None:
         claim = self.claims().get(record.id)
         if claim is not None and not claim.mine:
-            raise BoxClaimed(f"{self.project.path}: cannot {action} box {record.id}: it is open by {claim.describe()}; "
-                             "it is free once they submit or close it, or their claim expires")
+            raise BoxClaimed(
+                f"{self.project.path}: cannot {action} box {record.id}: it is open by {claim.describe()}; "
+                "it is free once they submit or close it, or their claim expires"
+            )
 
     def _drop_claim(self, box_id: str) -> None:
         claims = self.claims()
@@ -643,13 +714,14 @@ class ActiveLearningLogic:
             self._write_claims(claims)
 
     def _write_claims(self, claims: dict[str, BoxClaim]) -> None:
-        atomic_write_json(self.claims_path, {k: {f: v for f, v in asdict(c).items() if f != "box"}
-                                             for k, c in claims.items()})
+        atomic_write_json(self.claims_path, {k: {f: v for f, v in asdict(c).items() if f != "box"} for k, c in claims.items()})
 
     def __repr__(self) -> str:
         s = self.status()
-        return (f"<ActiveLearningLogic {s.name!r}: {s.pool_cases} pool cases, {s.loops} loops, "
-                f"{s.annotated}/{s.boxes} boxes annotated, next: {s.next_step}>")
+        return (
+            f"<ActiveLearningLogic {s.name!r}: {s.pool_cases} pool cases, {s.loops} loops, "
+            f"{s.annotated}/{s.boxes} boxes annotated, next: {s.next_step}>"
+        )
 
 
 def describe_effort(totals: dict | None) -> str:

@@ -11,6 +11,7 @@ in :data:`RECORD_ORDER`; a key added later (the next loop's boxes, where it
 was restored from) goes after the keys already there, as the old dict merge
 did.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,8 +93,17 @@ class EffortTotals(_OrderedJson):
     extra: dict[str, Any] = field(default_factory=dict)
     key_order: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
-    ORDER: ClassVar[tuple[str, ...]] = ("boxes", "boxes_with_effort", "prefill_shown", "corrected_voxels", "box_voxels",
-                                        "foreground_voxels", "mean_prefill_dice", "seconds", "boxes_with_seconds")
+    ORDER: ClassVar[tuple[str, ...]] = (
+        "boxes",
+        "boxes_with_effort",
+        "prefill_shown",
+        "corrected_voxels",
+        "box_voxels",
+        "foreground_voxels",
+        "mean_prefill_dice",
+        "seconds",
+        "boxes_with_seconds",
+    )
     ALWAYS: ClassVar[frozenset[str]] = frozenset(ORDER)
 
     @classmethod
@@ -134,9 +144,26 @@ class LoopRecord(_OrderedJson):
     key_order: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     ORDER: ClassVar[tuple[str, ...]] = (
-        "method", "seed", "loop", "boxes", "annotated_voxels", "foreground_voxels", "foreground_fraction", "mean_dice",
-        "per_class", "model", "seconds", "loop_method", "written", "loop_file", "effort", "determinism", "training",
-        "next_loop_file", "restored_from")
+        "method",
+        "seed",
+        "loop",
+        "boxes",
+        "annotated_voxels",
+        "foreground_voxels",
+        "foreground_fraction",
+        "mean_dice",
+        "per_class",
+        "model",
+        "seconds",
+        "loop_method",
+        "written",
+        "loop_file",
+        "effort",
+        "determinism",
+        "training",
+        "next_loop_file",
+        "restored_from",
+    )
     ALWAYS: ClassVar[frozenset[str]] = frozenset(ORDER[:13])
 
     @classmethod
@@ -241,8 +268,9 @@ class LoopRecordStore:
             yield loop, path
             loop += 1
 
-    def update(self, method: str, seed: int, loop: int, seconds: Mapping[str, float | None] | None = None,
-               **fields: Any) -> LoopRecord | None:
+    def update(
+        self, method: str, seed: int, loop: int, seconds: Mapping[str, float | None] | None = None, **fields: Any
+    ) -> LoopRecord | None:
         """Add what a step after a loop learnt to its record (stage seconds, rounded to ms; other fields replaced).
 
         Nothing where the loop has no record (loop -1 of a fresh run, a record not written yet)."""

@@ -46,9 +46,7 @@ _DIFF_TOLERANCE = 1e-12
 # ----------------------------------------------------------------------------
 
 
-def dice_per_class(
-    prediction: np.ndarray, reference: np.ndarray, classes: Sequence[int]
-) -> np.ndarray:
+def dice_per_class(prediction: np.ndarray, reference: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Dice = 2TP / (2TP + FP + FN) of each class in ``classes`` for one case.
 
     A class absent from both prediction and reference has no defined Dice and
@@ -194,9 +192,7 @@ def fg_efficiency(x: Sequence[float], y: Sequence[float], y_full: float) -> FGEf
     xs = np.asarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
     if xs.ndim != 1 or ys.ndim != 1 or xs.shape != ys.shape:
-        raise ValueError(
-            f"x and y must be 1D sequences of equal length, got shapes {xs.shape} and {ys.shape}"
-        )
+        raise ValueError(f"x and y must be 1D sequences of equal length, got shapes {xs.shape} and {ys.shape}")
     if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and math.isfinite(y_full)):
         raise ValueError("fg_efficiency needs finite x, y and y_full (no NaN/inf)")
     if xs.size == 0:
@@ -205,15 +201,11 @@ def fg_efficiency(x: Sequence[float], y: Sequence[float], y_full: float) -> FGEf
     x0 = float(xs.min())
     at_x0 = np.abs(xs - x0) <= _X_TOLERANCE
     if at_x0.all():
-        raise ValueError(
-            f"fg_efficiency needs at least 2 distinct x values, all {xs.size} points are at x = {x0}"
-        )
+        raise ValueError(f"fg_efficiency needs at least 2 distinct x values, all {xs.size} points are at x = {x0}")
     y0 = float(ys[at_x0].mean())
     y_full = float(y_full)
     if abs(y_full - y0) <= _DIFF_TOLERANCE:
-        raise ValueError(
-            f"fg_efficiency cannot fit gamma: y_full ({y_full}) equals y0 ({y0}), the curve is flat"
-        )
+        raise ValueError(f"fg_efficiency cannot fit gamma: y_full ({y_full}) equals y0 ({y0}), the curve is flat")
 
     def model(xv: np.ndarray, gamma: float) -> np.ndarray:
         return _saturation(xv, gamma, x0, y0, y_full)
@@ -279,8 +271,7 @@ def pairwise_penalty_matrix(dice: Mapping[str, np.ndarray], alpha: float = 0.05)
             raise ValueError(f"Dice of method {name!r} must be 2D (seeds x steps), got shape {array.shape}")
         if array.shape != shape:
             raise ValueError(
-                f"all methods need the same (seeds x steps) shape: {methods[0]!r} has {shape}, "
-                f"{name!r} has {array.shape}"
+                f"all methods need the same (seeds x steps) shape: {methods[0]!r} has {shape}, {name!r} has {array.shape}"
             )
         if not np.all(np.isfinite(array)):
             raise ValueError(f"Dice of method {name!r} contains NaN or inf")
@@ -314,8 +305,7 @@ def sum_penalty_matrices(results: Sequence[PenaltyMatrix]) -> PenaltyMatrix:
     for k, result in enumerate(results):
         if sorted(result.methods) != sorted(methods):
             raise ValueError(
-                f"penalty matrix {k} compares methods {list(result.methods)}, "
-                f"expected the same methods as the first: {methods}"
+                f"penalty matrix {k} compares methods {list(result.methods)}, expected the same methods as the first: {methods}"
             )
         order = [list(result.methods).index(name) for name in methods]
         total += np.asarray(result.matrix, dtype=np.float64)[np.ix_(order, order)]

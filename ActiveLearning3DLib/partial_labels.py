@@ -4,6 +4,7 @@ nnU-Net v2 trains on such maps natively when dataset.json declares a label
 named ``ignore`` with the highest value. Inside an annotated box every voxel is
 labelled: what the annotator did not paint is background.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -37,6 +37,7 @@ warm first) and keeps its folds (stable splits from that model's
 ``splits_final.json``). Loop 0, or no previous model, trains from scratch; the
 fold jobs say so (trainer.py). Scratch models keep their names and fresh splits.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,10 +73,16 @@ def profile_tag(profile: TrainingProfile, init: str = "scratch") -> str:
     ``init="warm"`` adds ``-warm`` (and the warm schedule counts); a scratch
     model's tag is what it was before warm starts existed.
     """
+
     def model_settings(p: TrainingProfile) -> dict:
         d = p.to_json()
-        for key in ("device", "num_workers", "description", "compile",
-                    *(("warm_fraction", "warm_initial_lr") if init != "warm" else ())):
+        for key in (
+            "device",
+            "num_workers",
+            "description",
+            "compile",
+            *(("warm_fraction", "warm_initial_lr") if init != "warm" else ()),
+        ):
             d.pop(key, None)
         return d
 
@@ -139,7 +146,9 @@ class LoopSettings:
         get_method(self.method)  # an unknown method fails here, with the known ones
         if self.init not in INITS:
             raise ValueError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
-        if self.stride is not None and (len(self.stride) != 3 or not all(isinstance(v, Integral) and v >= 1 for v in self.stride)):
+        if self.stride is not None and (
+            len(self.stride) != 3 or not all(isinstance(v, Integral) and v >= 1 for v in self.stride)
+        ):
             raise ValueError(f"stride: expected three positive whole numbers (Z Y X), got {self.stride!r}")
 
 
@@ -162,7 +171,9 @@ class PipelineState:
         parts = [f"{self.stage}: {100 * self.progress:5.1f}%"]
         for name, status in self.jobs:
             if status.state == JobState.RUNNING:
-                parts.append(f"{name.rsplit('-', 1)[-1]} {100 * status.progress:.0f}% {status.message.splitlines()[0] if status.message else ''}".rstrip())
+                parts.append(
+                    f"{name.rsplit('-', 1)[-1]} {100 * status.progress:.0f}% {status.message.splitlines()[0] if status.message else ''}".rstrip()
+                )
             elif status.state != JobState.DONE:
                 parts.append(f"{name.rsplit('-', 1)[-1]} {status.state}")
         return " | ".join(parts)
@@ -172,8 +183,15 @@ class QueryFunction(Protocol):
     """What the query stage calls to write the next loop file: ``ActiveLearningLogic.query`` (the pending-box rule,
     the claims on the loop file and the query context are the logic's)."""
 
-    def __call__(self, method: str, count: int | None = None, seed: int | None = None, *,
-                 scores: Path | None = None, info: dict | None = None) -> LoopFile: ...
+    def __call__(
+        self,
+        method: str,
+        count: int | None = None,
+        seed: int | None = None,
+        *,
+        scores: Path | None = None,
+        info: dict | None = None,
+    ) -> LoopFile: ...
 
 
 class LoopPipeline:
@@ -183,23 +201,28 @@ class LoopPipeline:
     hands in the logic's query); the pipeline reads the project, never the logic.
     """
 
-    def __init__(self, project: Project, query: QueryFunction, settings: LoopSettings | None = None,
-                 runner: JobRunner | None = None):
+    def __init__(
+        self, project: Project, query: QueryFunction, settings: LoopSettings | None = None, runner: JobRunner | None = None
+    ):
         self.project = project
         self.query = query
         self.settings = settings or LoopSettings()
         s = self.settings
         device = s.device or "auto"
-        name = s.profile if isinstance(s.profile, TrainingProfile) else (auto_profile(device) if s.profile == "auto" else s.profile)
+        name = (
+            s.profile if isinstance(s.profile, TrainingProfile) else (auto_profile(device) if s.profile == "auto" else s.profile)
+        )
         self.profile = resolve_profile(name, folds=s.folds, device=device)
         self.parallel = s.parallel or default_job_parallel(self.profile.device)
         self.threads = s.threads or max(1, (os.cpu_count() or 1) // self.parallel)
-        self.runner = runner or make_runner((s.runner or RunnerSettings()).with_defaults(python=s.python,
-                                                                                       max_parallel=self.parallel))
+        self.runner = runner or make_runner(
+            (s.runner or RunnerSettings()).with_defaults(python=s.python, max_parallel=self.parallel)
+        )
         annotated = [b for b in self.project.all_boxes() if b.state == BoxState.ANNOTATED]
         if not annotated:
-            raise ProjectError(f"{self.project.path}: no annotated boxes yet; query the starting budget (loop 0) "
-                               "and annotate it before training")
+            raise ProjectError(
+                f"{self.project.path}: no annotated boxes yet; query the starting budget (loop 0) and annotate it before training"
+            )
         self.loop = max(b.loop for b in annotated)
         self.annotation_key = self.project.annotation_key()  # read once: advance() runs every poll
         self.model_name = f"loop_{self.loop:03d}_{profile_tag(self.profile, s.init)}_{self.annotation_key}"
@@ -246,8 +269,7 @@ class LoopPipeline:
 
     @property
     def scores(self) -> bool:
-        return self.settings.score and (self.method.needs_model or (self.settings.predict_pool
-                                                                    and self.settings.pool_prediction))
+        return self.settings.score and (self.method.needs_model or (self.settings.predict_pool and self.settings.pool_prediction))
 
     @property
     def method(self):
@@ -313,8 +335,7 @@ class LoopPipeline:
         if existing.spec_path.is_file() and self.runner.refresh(existing).state in (JobState.DONE, JobState.RUNNING):
             return existing
         background = {"background": True} if self.settings.background else {}
-        return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs, **background},
-                          env=self.env)
+        return Job.create(self.jobs_dir, name, kind, {"project": str(self.project.path), **inputs, **background}, env=self.env)
 
     def score_job_maps(self) -> list[str]:
         """The maps of the score job: those its existing job has, then ``score_maps`` (each once).
@@ -345,15 +366,28 @@ class LoopPipeline:
 
     def jobs(self, stage: str) -> list[Job]:
         """The jobs of a stage (created on first use; the folds once ``prepare`` is done)."""
-        common = {"device": self.profile.device, "threads": self.threads,
-                  **({"fixed_threads": True} if self.settings.fixed_threads else {})}
+        common = {
+            "device": self.profile.device,
+            "threads": self.threads,
+            **({"fixed_threads": True} if self.settings.fixed_threads else {}),
+        }
         if stage == "prepare":
             previous, _ = self.previous_model()
             stable = {"previous_splits": str(previous / "splits_final.json")} if previous is not None else {}
-            return [self._job("prepare", "nnunet_prepare", {"configuration": self.profile.configuration,
-                                                             "folds": self.profile.folds, "seed": self.project.settings.seed,
-                                                             "threads": self.threads, "model_folder": str(self.model_folder),
-                                                             **stable})]
+            return [
+                self._job(
+                    "prepare",
+                    "nnunet_prepare",
+                    {
+                        "configuration": self.profile.configuration,
+                        "folds": self.profile.folds,
+                        "seed": self.project.settings.seed,
+                        "threads": self.threads,
+                        "model_folder": str(self.model_folder),
+                        **stable,
+                    },
+                )
+            ]
         if stage == "train":
             folds = self._prepared_folds()
             if folds is None:
@@ -362,28 +396,48 @@ class LoopPipeline:
             if self.settings.init == "warm":
                 previous, how = self.previous_model()
                 warm = {"init": "warm", "warm_from": None if previous is None else str(previous), "warm_note": how}
-            return [self._job(f"fold_{k}", "nnunet_train", {"fold": k, "profile": self.profile.to_json(),
-                                                             "output": str(self.model_folder),
-                                                             "seed": self.training_seed, "loop": self.loop, **warm,
-                                                             **common})
-                    for k in range(folds)]
+            return [
+                self._job(
+                    f"fold_{k}",
+                    "nnunet_train",
+                    {
+                        "fold": k,
+                        "profile": self.profile.to_json(),
+                        "output": str(self.model_folder),
+                        "seed": self.training_seed,
+                        "loop": self.loop,
+                        **warm,
+                        **common,
+                    },
+                )
+                for k in range(folds)
+            ]
         if stage == "predict":
             jobs = []
             if self.evaluates:
-                jobs.append(self._job("evaluate", "nnunet_evaluate", {
-                    "model": str(self.model_folder), "output": str(self.evaluation_dir),
-                    "mirroring": self.profile.evaluation_mirroring,
-                    "summary_copy": str(self.evaluation_summary),
-                    "extra": {"loop": self.loop, "profile": self.profile.name, "annotation_key": self.annotation_key},
-                    **common}))
+                jobs.append(
+                    self._job(
+                        "evaluate",
+                        "nnunet_evaluate",
+                        {
+                            "model": str(self.model_folder),
+                            "output": str(self.evaluation_dir),
+                            "mirroring": self.profile.evaluation_mirroring,
+                            "summary_copy": str(self.evaluation_summary),
+                            "extra": {"loop": self.loop, "profile": self.profile.name, "annotation_key": self.annotation_key},
+                            **common,
+                        },
+                    )
+                )
             if self.scores:
                 scoring = ScoringSettings(
-                    tuple(self.score_job_maps()), self.scores_dir,
+                    tuple(self.score_job_maps()),
+                    self.scores_dir,
                     self.uncertainty_dir if self.settings.uncertainty_maps else None,
                     tuple(self.settings.stride) if self.settings.stride else None,  # type: ignore[arg-type]
-                    self.pool_prediction_dir if self.settings.pool_prediction else None)
-                jobs.append(self._job("score", "nnunet_score", {"model": str(self.model_folder), **scoring.to_json(),
-                                                                **common}))
+                    self.pool_prediction_dir if self.settings.pool_prediction else None,
+                )
+                jobs.append(self._job("score", "nnunet_score", {"model": str(self.model_folder), **scoring.to_json(), **common}))
             return jobs
         raise ValueError(f"stage {stage!r} has no jobs")
 
@@ -393,9 +447,18 @@ class LoopPipeline:
 
     def prediction_job(self, cases: Sequence[str] | None = None) -> Job:
         """A job that segments ``cases`` (default: every case) with this loop's ensemble, for the final results."""
-        return self._job("predict_cases", "nnunet_predict", {
-            "model": str(self.model_folder), "output": str(self.predictions_dir), "cases": list(cases) if cases else None,
-            "mirroring": self.profile.evaluation_mirroring, "device": self.profile.device, "threads": self.threads})
+        return self._job(
+            "predict_cases",
+            "nnunet_predict",
+            {
+                "model": str(self.model_folder),
+                "output": str(self.predictions_dir),
+                "cases": list(cases) if cases else None,
+                "mirroring": self.profile.evaluation_mirroring,
+                "device": self.profile.device,
+                "threads": self.threads,
+            },
+        )
 
     def all_jobs(self) -> list[Job]:
         """The jobs of this run's stages that exist so far (listing never creates a job of a stage not run)."""
@@ -417,8 +480,12 @@ class LoopPipeline:
         for stage in STAGES:
             if stage not in self.settings.stages:
                 if stage in ("prepare", "train") and not self._stage_done(stage):
-                    return self._state(stage, "failed", done_weight, f"{stage} has not been done for the current "
-                                       f"annotations ({self.model_name}); run `al3d train` first")
+                    return self._state(
+                        stage,
+                        "failed",
+                        done_weight,
+                        f"{stage} has not been done for the current annotations ({self.model_name}); run `al3d train` first",
+                    )
                 done_weight += _WEIGHTS[stage]
                 continue
             if stage == "query":
@@ -463,8 +530,7 @@ class LoopPipeline:
         return all(j.spec_path.is_file() and self.runner.refresh(j).state == JobState.DONE for j in jobs)
 
     def _state(self, stage: str, state: str, progress: float, message: str) -> PipelineState:
-        return PipelineState(stage, state, progress, message, [(j.name, j.status()) for j in self.all_jobs()],
-                             self._loop_file)
+        return PipelineState(stage, state, progress, message, [(j.name, j.status()) for j in self.all_jobs()], self._loop_file)
 
     def _embeddings(self) -> PipelineState | None:
         """A query method that reads the pool embeddings: their stage's job first, through this runner, never
@@ -500,14 +566,20 @@ class LoopPipeline:
             self._loop_file = self._queried_by_another_driver()
             try:
                 if self._loop_file is None:
-                    self._loop_file = self.query(s.method, s.count, s.seed, info=info,
-                                                 scores=self.scores_dir if self.method.needs_model else None)
+                    self._loop_file = self.query(
+                        s.method, s.count, s.seed, info=info, scores=self.scores_dir if self.method.needs_model else None
+                    )
             except LoopConflict:
                 self._loop_file = self._queried_by_another_driver()
                 if self._loop_file is None:
                     raise
-        return self._state("done", "done", 1.0, f"loop {self._loop_file.loop}: {len(self._loop_file.boxes)} boxes by "
-                           f"{self._loop_file.method} -> {self.project.loop_path(self._loop_file.loop)}")
+        return self._state(
+            "done",
+            "done",
+            1.0,
+            f"loop {self._loop_file.loop}: {len(self._loop_file.boxes)} boxes by "
+            f"{self._loop_file.method} -> {self.project.loop_path(self._loop_file.loop)}",
+        )
 
     def _queried_by_another_driver(self) -> LoopFile | None:
         """The next loop's file when another driver of this loop (a second `al3d loop`, the panel) wrote it first.
@@ -522,8 +594,9 @@ class LoopPipeline:
         mine = (self.settings.method, str(self.model_folder))
         return theirs if (theirs.method, theirs.info.get("model")) == mine else None
 
-    def run(self, on_update: Callable[[PipelineState], None] | None = None, poll_seconds: float = 0.5,
-            timeout: float | None = None) -> PipelineState:
+    def run(
+        self, on_update: Callable[[PipelineState], None] | None = None, poll_seconds: float = 0.5, timeout: float | None = None
+    ) -> PipelineState:
         """Advance until done or failed (the blocking use: command line, scripts, simulations)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -544,4 +617,3 @@ class LoopPipeline:
                 self.runner.cancel(job)
                 cancelled.append(job)
         return cancelled
-

@@ -16,6 +16,7 @@ was shown, the pre-fill's Dice per class against the submitted labels says how
 right the model was inside the box. :class:`EffortModel` turns corrections into
 estimated annotator seconds.
 """
+
 from __future__ import annotations
 
 import re
@@ -107,8 +108,9 @@ def read_prediction_box(model_folder: Path | str, box: Box, shape: Sequence[int]
     return np.ascontiguousarray(labels[box.slices])
 
 
-def box_effort(start: np.ndarray, submitted: np.ndarray, prefill: np.ndarray | None, classes: Iterable[int],
-               shown: bool, model: str | None) -> dict:
+def box_effort(
+    start: np.ndarray, submitted: np.ndarray, prefill: np.ndarray | None, classes: Iterable[int], shown: bool, model: str | None
+) -> dict:
     """What an annotator changed in a box, and how right the pre-fill was; stored in the box's record.
 
     ``start`` is what the box showed when it opened (the pre-fill, or zeros),
@@ -130,10 +132,17 @@ def box_effort(start: np.ndarray, submitted: np.ndarray, prefill: np.ndarray | N
             p, s = prefill == c, submitted == c
             total = int(np.count_nonzero(p)) + int(np.count_nonzero(s))
             dice[str(int(c))] = None if total == 0 else round(2.0 * np.count_nonzero(p & s) / total, 6)
-    return {"prefill_shown": bool(shown), "prefill_model": model, "voxels": int(submitted.size),
-            "foreground": int(np.count_nonzero(now)),  # what painting the box from nothing would have corrected
-            "added": added, "removed": removed, "relabelled": relabelled, "corrected": added + removed + relabelled,
-            "prefill_dice": dice}
+    return {
+        "prefill_shown": bool(shown),
+        "prefill_model": model,
+        "voxels": int(submitted.size),
+        "foreground": int(np.count_nonzero(now)),  # what painting the box from nothing would have corrected
+        "added": added,
+        "removed": removed,
+        "relabelled": relabelled,
+        "corrected": added + removed + relabelled,
+        "prefill_dice": dice,
+    }
 
 
 def mean_dice(dice: Mapping[str, float | None] | None) -> float | None:
@@ -169,8 +178,10 @@ class EffortModel:
         return self.box_seconds * boxes + self.seconds_per_voxel * corrected_voxels
 
     def describe(self) -> str:
-        return (f"seconds = {self.box_seconds:g} per box + {self.seconds_per_voxel:g} per corrected voxel "
-                "(assumed parameters, not measured)")
+        return (
+            f"seconds = {self.box_seconds:g} per box + {self.seconds_per_voxel:g} per corrected voxel "
+            "(assumed parameters, not measured)"
+        )
 
     @classmethod
     def fit(cls, corrected_voxels: Sequence[float], seconds: Sequence[float]) -> "EffortModel":
@@ -208,6 +219,14 @@ def effort_totals(records: Iterable) -> dict:
         d = mean_dice(effort.get("prefill_dice"))
         if d is not None:
             dice.append(d)
-    return {"boxes": boxes, "boxes_with_effort": with_effort, "prefill_shown": shown, "corrected_voxels": corrected,
-            "box_voxels": voxels, "foreground_voxels": foreground, "mean_prefill_dice": float(np.mean(dice)) if dice else None,
-            "seconds": round(sum(seconds), 3) if seconds else None, "boxes_with_seconds": len(seconds)}
+    return {
+        "boxes": boxes,
+        "boxes_with_effort": with_effort,
+        "prefill_shown": shown,
+        "corrected_voxels": corrected,
+        "box_voxels": voxels,
+        "foreground_voxels": foreground,
+        "mean_prefill_dice": float(np.mean(dice)) if dice else None,
+        "seconds": round(sum(seconds), 3) if seconds else None,
+        "boxes_with_seconds": len(seconds),
+    }

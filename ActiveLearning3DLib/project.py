@@ -15,6 +15,7 @@ Layout of a project folder::
 Every file is written atomically; a new project is built in a temporary folder
 and renamed into place, so a crash never leaves a half-made project.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,6 @@ PROJECT_VERSION = 1
 FILE_ENDING = ".nii.gz"
 LOOP_FILE = re.compile(r"^loop_(\d{3,})\.json$")
 LOCK_FILE = "project.lock"
-
 
 
 class BoxState(str, Enum):
@@ -156,9 +156,17 @@ class BoxRecord:
     def to_json(self) -> dict:
         d = self.box.to_patch()
         d.update(
-            loop=self.loop, index=self.index, method=self.method, score=self.score, priority=self.priority,
-            stratum=self.stratum, state=self.state, annotator=self.annotator, annotated_at=self.annotated_at,
-            seconds=self.seconds, source=self.source,
+            loop=self.loop,
+            index=self.index,
+            method=self.method,
+            score=self.score,
+            priority=self.priority,
+            stratum=self.stratum,
+            state=self.state,
+            annotator=self.annotator,
+            annotated_at=self.annotated_at,
+            seconds=self.seconds,
+            source=self.source,
         )
         if self.effort is not None:
             d["effort"] = self.effort
@@ -171,10 +179,17 @@ class BoxRecord:
         case = parsed[0] if parsed else case
         return cls(
             box=Box(case, tuple(d["coords"]), tuple(d["size"])),  # type: ignore[arg-type]
-            loop=int(d.get("loop", loop)), index=int(d.get("index", index)), method=str(d.get("method", "unknown")),
-            score=d.get("score"), priority=d.get("priority"), stratum=d.get("stratum"),
-            state=str(d.get("state", "annotated")), annotator=d.get("annotator"), annotated_at=d.get("annotated_at"),
-            seconds=d.get("seconds"), source=str(d.get("source", "query")),
+            loop=int(d.get("loop", loop)),
+            index=int(d.get("index", index)),
+            method=str(d.get("method", "unknown")),
+            score=d.get("score"),
+            priority=d.get("priority"),
+            stratum=d.get("stratum"),
+            state=str(d.get("state", "annotated")),
+            annotator=d.get("annotator"),
+            annotated_at=d.get("annotated_at"),
+            seconds=d.get("seconds"),
+            source=str(d.get("source", "query")),
             effort=dict(d["effort"]) if isinstance(d.get("effort"), Mapping) else None,
         )
 
@@ -196,8 +211,12 @@ class LoopFile:
 
     def to_json(self) -> dict:
         return {
-            "loop": self.loop, "method": self.method, "seed": self.seed, "created": self.created,
-            "info": self.info, "patches": [b.to_json() for b in self.boxes],
+            "loop": self.loop,
+            "method": self.method,
+            "seed": self.seed,
+            "created": self.created,
+            "info": self.info,
+            "patches": [b.to_json() for b in self.boxes],
         }
 
     @classmethod
@@ -208,7 +227,9 @@ class LoopFile:
         if not isinstance(patches, list):
             raise ValueError("no 'patches' list")
         boxes = [BoxRecord.from_json(p, loop, i) for i, p in enumerate(patches)]
-        return cls(loop, str(d.get("method", "unknown")), d.get("seed"), str(d.get("created", "")), boxes, dict(d.get("info", {})))
+        return cls(
+            loop, str(d.get("method", "unknown")), d.get("seed"), str(d.get("created", "")), boxes, dict(d.get("info", {}))
+        )
 
     def count(self, state: BoxState | str) -> int:
         return sum(1 for b in self.boxes if b.state == state)
@@ -240,12 +261,22 @@ class Project:
         self.channels: dict[int, str] = {int(k): v for k, v in meta["channels"].items()}
         budget = BudgetSettings(**meta.get("budget", {}))
         self.settings = ProjectSettings(
-            tuple(meta["patch_size"]), int(meta["seed"]), float(meta["test_fraction"]), budget,
+            tuple(meta["patch_size"]),
+            int(meta["seed"]),
+            float(meta["test_fraction"]),
+            budget,
             meta.get("patch_size_rule", "given"),
         )
         self.cases: dict[str, CaseRecord] = {
-            c: CaseRecord(c, v["split"], tuple(v["shape"]), tuple(v["spacing"]), tuple(v["origin"]),
-                          tuple(v["direction"]), {int(k): int(n) for k, n in v.get("label_counts", {}).items()})
+            c: CaseRecord(
+                c,
+                v["split"],
+                tuple(v["shape"]),
+                tuple(v["spacing"]),
+                tuple(v["origin"]),
+                tuple(v["direction"]),
+                {int(k): int(n) for k, n in v.get("label_counts", {}).items()},
+            )
             for c, v in meta["cases"].items()
         }
         self.has_ground_truth: bool = bool(meta["has_ground_truth"])
@@ -292,14 +323,39 @@ class Project:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ProjectError(f"{path}: exists and is not an empty folder; open it instead or choose another path")
         with converted_dicom_input(images, path, progress) as dicom:
-            return cls._create(path, images, labels, patch_size, test_fraction, seed, classes, budget, max_cases,
-                               tolerance, progress, dicom, source)
+            return cls._create(
+                path,
+                images,
+                labels,
+                patch_size,
+                test_fraction,
+                seed,
+                classes,
+                budget,
+                max_cases,
+                tolerance,
+                progress,
+                dicom,
+                source,
+            )
 
     @classmethod
-    def _create(cls, path: Path, images: Path | str, labels: Path | str | None, patch_size: Sequence[int] | None,
-                test_fraction: float, seed: int, classes: Mapping[int, str] | None, budget: BudgetSettings | None,
-                max_cases: int | None, tolerance: GeometryTolerance, progress: Callable[[Iterable, str], Iterable],
-                dicom, source: Mapping[str, object] | None) -> "Project":
+    def _create(
+        cls,
+        path: Path,
+        images: Path | str,
+        labels: Path | str | None,
+        patch_size: Sequence[int] | None,
+        test_fraction: float,
+        seed: int,
+        classes: Mapping[int, str] | None,
+        budget: BudgetSettings | None,
+        max_cases: int | None,
+        tolerance: GeometryTolerance,
+        progress: Callable[[Iterable, str], Iterable],
+        dicom,
+        source: Mapping[str, object] | None,
+    ) -> "Project":
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ProjectError(f"{path}: exists and is not an empty folder; open it instead or choose another path")
         if not 0 <= test_fraction < 1:
@@ -307,7 +363,12 @@ class Project:
         if patch_size is not None and (len(patch_size) != 3 or min(patch_size) < 1):
             raise ProjectError(f"patch size must be three positive integers (Z Y X), got {list(patch_size)}")
         infos, class_names = validate_dataset(
-            images, labels, classes, tolerance, max_cases, progress=lambda it: progress(it, "checking data"),
+            images,
+            labels,
+            classes,
+            tolerance,
+            max_cases,
+            progress=lambda it: progress(it, "checking data"),
             extra_images=dicom.images if dicom else None,
         )
         split = _split_cases([i.case for i in infos], test_fraction if labels is not None else 0.0, seed)
@@ -323,18 +384,34 @@ class Project:
         channels = {c: channel_names.get(c, f"channel_{c}") for c in range(n_channels)}
         ignore_value = max(class_names) + 1
         meta = {
-            "format": PROJECT_FORMAT, "version": PROJECT_VERSION, "name": path.name, "created": now_iso(),
-            "patch_size": [int(p) for p in patch_size], "patch_size_rule": rule, "seed": int(seed),
+            "format": PROJECT_FORMAT,
+            "version": PROJECT_VERSION,
+            "name": path.name,
+            "created": now_iso(),
+            "patch_size": [int(p) for p in patch_size],
+            "patch_size_rule": rule,
+            "seed": int(seed),
             "test_fraction": float(test_fraction) if labels is not None else 0.0,
-            "classes": {str(k): v for k, v in class_names.items()}, "ignore_value": ignore_value,
-            "channels": {str(k): v for k, v in channels.items()}, "file_ending": FILE_ENDING,
+            "classes": {str(k): v for k, v in class_names.items()},
+            "ignore_value": ignore_value,
+            "channels": {str(k): v for k, v in channels.items()},
+            "file_ending": FILE_ENDING,
             "has_ground_truth": labels is not None,
             "budget": asdict(budget or BudgetSettings()),
-            "source": {"images": str(Path(images).absolute()), "labels": str(Path(labels).absolute()) if labels else None,
-                       **({"dicom_skipped": dicom.skipped} if dicom else {}), **dict(source or {})},
-            "cases": {i.case: {"split": split[i.case], **i.to_json(),
-                               **({"dicom": dicom.records[i.case]} if dicom and i.case in dicom.records else {})}
-                      for i in infos},
+            "source": {
+                "images": str(Path(images).absolute()),
+                "labels": str(Path(labels).absolute()) if labels else None,
+                **({"dicom_skipped": dicom.skipped} if dicom else {}),
+                **dict(source or {}),
+            },
+            "cases": {
+                i.case: {
+                    "split": split[i.case],
+                    **i.to_json(),
+                    **({"dicom": dicom.records[i.case]} if dicom and i.case in dicom.records else {}),
+                }
+                for i in infos
+            },
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = make_staging_dir(path.parent, f".{path.name}.creating-")
@@ -516,13 +593,16 @@ class Project:
                 raise ProjectError(f"{path}: box {record.id} has unknown state {record.state!r}")
         for position, record in enumerate(loop_file.boxes):
             if (record.loop, record.index) != (loop, position):
-                raise ProjectError(f"{path}: entry {position} says it is box {record.id}, expected "
-                                   f"{loop:03d}-{position:04d} (duplicate or reordered indices; each box's 'loop' "
-                                   f"and 'index' must match the file and its place in 'patches')")
+                raise ProjectError(
+                    f"{path}: entry {position} says it is box {record.id}, expected "
+                    f"{loop:03d}-{position:04d} (duplicate or reordered indices; each box's 'loop' "
+                    f"and 'index' must match the file and its place in 'patches')"
+                )
         clash = _first_overlap(loop_file.boxes)
         if clash:
-            raise ProjectError(f"{path}: box {clash[1].id} overlaps box {clash[0].id} of {clash[0].case!r} "
-                               f"(no box may overlap another)")
+            raise ProjectError(
+                f"{path}: box {clash[1].id} overlaps box {clash[0].id} of {clash[0].case!r} (no box may overlap another)"
+            )
         return loop_file
 
     def write_loop(self, loop_file: LoopFile) -> None:
@@ -534,8 +614,10 @@ class Project:
         clash = _first_overlap([b for loop in loops for b in loop.boxes])  # within a file: read_loop said it
         if clash:
             a, b = clash
-            raise ProjectError(f"{self.loop_path(b.loop)}: box {b.id} overlaps box {a.id} of {a.case!r} in "
-                               f"{self.loop_path(a.loop).name} (no box may overlap another)")
+            raise ProjectError(
+                f"{self.loop_path(b.loop)}: box {b.id} overlaps box {a.id} of {a.case!r} in "
+                f"{self.loop_path(a.loop).name} (no box may overlap another)"
+            )
         return loops
 
     def all_boxes(self) -> list[BoxRecord]:
@@ -574,17 +656,21 @@ class Project:
         self._meta, self.settings.budget.loops = meta, int(loops)
 
     def __repr__(self) -> str:
-        return (f"<Project {self.name!r} at {self.path}: {len(self.pool_cases)} pool / {len(self.test_cases)} test cases, "
-                f"patch {list(self.patch_size)}, {len(self.loop_indices())} loops>")
+        return (
+            f"<Project {self.name!r} at {self.path}: {len(self.pool_cases)} pool / {len(self.test_cases)} test cases, "
+            f"patch {list(self.patch_size)}, {len(self.loop_indices())} loops>"
+        )
 
 
 def case_id_problem(case: object) -> str | None:
     """Why ``case`` cannot be a case id, or None: ids name files inside the project and must not lead out of it."""
     if not isinstance(case, str) or not case:
         return f"case id {case!r} is not a non-empty string"
-    if case in (".", "..") or case.startswith(".") or any(ch in case for ch in '/\\:\0') or case != case.strip():
-        return (f"case id {case!r} is not a plain file name (no '/', '\\', ':', leading '.' or surrounding spaces); "
-                "it would name a file outside the project")
+    if case in (".", "..") or case.startswith(".") or any(ch in case for ch in "/\\:\0") or case != case.strip():
+        return (
+            f"case id {case!r} is not a plain file name (no '/', '\\', ':', leading '.' or surrounding spaces); "
+            "it would name a file outside the project"
+        )
     return None
 
 
@@ -635,15 +721,19 @@ def _check_create_arguments(patch_size, test_fraction, seed, classes, budget, ma
     """Project.create's arguments, as strictly as ``al3d init`` checks its options (one error naming the argument)."""
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 <= test_fraction < 1:
         raise ProjectError(f"test fraction (test_fraction) must be a number in [0, 1), got {test_fraction!r}")
-    if patch_size is not None and (isinstance(patch_size, (str, bytes)) or len(patch_size) != 3
-                                   or not all(_whole(int(p) if isinstance(p, np.integer) else p, 1) for p in patch_size)):
+    if patch_size is not None and (
+        isinstance(patch_size, (str, bytes))
+        or len(patch_size) != 3
+        or not all(_whole(int(p) if isinstance(p, np.integer) else p, 1) for p in patch_size)
+    ):
         raise ProjectError(f"patch size (patch_size) must be three positive whole numbers (Z Y X), got {patch_size!r}")
     if not _whole(int(seed) if isinstance(seed, np.integer) else seed, 0):
         raise ProjectError(f"seed: must be a non-negative whole number, got {seed!r}")
     if max_cases is not None and not _whole(max_cases, 1):
         raise ProjectError(f"max_cases: must be a whole number of at least 1 (or None: all cases), got {max_cases!r}")
-    if classes is not None and (not isinstance(classes, Mapping) or not all(
-            _whole(k, 0) and isinstance(v, str) and v.strip() for k, v in classes.items())):
+    if classes is not None and (
+        not isinstance(classes, Mapping) or not all(_whole(k, 0) and isinstance(v, str) and v.strip() for k, v in classes.items())
+    ):
         raise ProjectError(f"classes: must map class values 0, 1, ... to names, got {classes!r}")
     if budget is not None:
         if not isinstance(budget, BudgetSettings):

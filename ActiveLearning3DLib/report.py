@@ -26,6 +26,7 @@ start and the penalty matrix between starts.
 
 The PNGs are written beside ``report.md`` and embedded in ``report.html``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -182,8 +183,10 @@ class SettingResults:
         """Data, budget, loops and profile; the start too, except where folders are compared by their start."""
         h = self.header
         start = f", start {self.start}" if with_start else ""
-        return (f"{Path(h['settings']['images']).parent.name or h['settings']['images']}, budget {h['budget']} boxes "
-                f"({h['settings']['budget']}), {h['settings']['loops']} loops{start}, profile {h['profile_tag']}")
+        return (
+            f"{Path(h['settings']['images']).parent.name or h['settings']['images']}, budget {h['budget']} boxes "
+            f"({h['settings']['budget']}), {h['settings']['loops']} loops{start}, profile {h['profile_tag']}"
+        )
 
     @property
     def comparable(self) -> tuple:
@@ -248,19 +251,34 @@ class SettingResults:
         for m in self.methods:
             seeds, aubc_text, final_text = self.outcome(m)
             fit = self.fg_fit(m)
-            rows.append([m, str(len(seeds)), aubc_text, final_text,
-                         "n/a" if fit is None else f"{fit.gamma:.2f}",
-                         _pm([self.curve(m, s, "foreground_fraction")[-1] for s in seeds])])
+            rows.append(
+                [
+                    m,
+                    str(len(seeds)),
+                    aubc_text,
+                    final_text,
+                    "n/a" if fit is None else f"{fit.gamma:.2f}",
+                    _pm([self.curve(m, s, "foreground_fraction")[-1] for s in seeds]),
+                ]
+            )
         y_full = self.y_full()
-        note = (f"Mean Dice x 100 on {self.header['test_cases']} test cases, mean ± sd over seeds. Full-data reference "
-                f"(same profile, every pool label): {'not available' if y_full is None else f'{100 * y_full:.1f}'}. "
-                "FG-Eff = gamma of the saturation fit over all seeds and loops (higher is better).")
+        note = (
+            f"Mean Dice x 100 on {self.header['test_cases']} test cases, mean ± sd over seeds. Full-data reference "
+            f"(same profile, every pool label): {'not available' if y_full is None else f'{100 * y_full:.1f}'}. "
+            "FG-Eff = gamma of the saturation fit over all seeds and loops (higher is better)."
+        )
         best = max((r.mean_dice for r in self.records if r.mean_dice is not None), default=None)
         if y_full is not None and best is not None and best > y_full:
-            note += (f" Caution: the full-data reference is below the best active-learning Dice ({100 * best:.1f}), so "
-                     "the profile's training budget is too short for the full data and FG-Eff is not meaningful here.")
-        return Table(f"Summary: {self.name}", ["method", "seeds", "AUBC", "Final Dice", "FG-Eff",
-                                               "pool foreground annotated (%)"], rows, note)
+            note += (
+                f" Caution: the full-data reference is below the best active-learning Dice ({100 * best:.1f}), so "
+                "the profile's training budget is too short for the full data and FG-Eff is not meaningful here."
+            )
+        return Table(
+            f"Summary: {self.name}",
+            ["method", "seeds", "AUBC", "Final Dice", "FG-Eff", "pool foreground annotated (%)"],
+            rows,
+            note,
+        )
 
     def loop_table(self) -> Table:
         rows = []
@@ -274,14 +292,32 @@ class SettingResults:
                     for k, v in r.seconds.items():
                         if v is not None:
                             seconds.setdefault(k, []).append(v)
-                rows.append([m, str(t), str(rs[0].boxes), _seed_ids(r.seed for r in rs), _pm([r.mean_dice for r in rs]),
-                             _pm([r.foreground_fraction for r in rs], digits=2),
-                             ", ".join(f"{k} {_short(float(np.mean(v)))}" for k, v in seconds.items())])
-        return Table("Per loop", ["method", "loop", "boxes", "seeds", "Mean Dice", "pool foreground annotated (%)",
-                                  "stage wall time (s, mean over seeds)"], rows,
-                     "Each row averages the seeds that finished that loop (mean ± sd), so while a study runs the "
-                     "rows of one method can average different seeds.")
-
+                rows.append(
+                    [
+                        m,
+                        str(t),
+                        str(rs[0].boxes),
+                        _seed_ids(r.seed for r in rs),
+                        _pm([r.mean_dice for r in rs]),
+                        _pm([r.foreground_fraction for r in rs], digits=2),
+                        ", ".join(f"{k} {_short(float(np.mean(v)))}" for k, v in seconds.items()),
+                    ]
+                )
+        return Table(
+            "Per loop",
+            [
+                "method",
+                "loop",
+                "boxes",
+                "seeds",
+                "Mean Dice",
+                "pool foreground annotated (%)",
+                "stage wall time (s, mean over seeds)",
+            ],
+            rows,
+            "Each row averages the seeds that finished that loop (mean ± sd), so while a study runs the "
+            "rows of one method can average different seeds.",
+        )
 
     # ------------------------------------------------------------------ effort
     @property
@@ -313,20 +349,46 @@ class SettingResults:
                 minutes = [model.seconds(x.corrected_voxels, x.boxes_with_effort) / 60 for x in e]
                 empty = [model.seconds(x.foreground_voxels, x.boxes_with_effort) / 60 for x in e]
                 shown = sum(x.prefill_shown for x in e)
-                rows.append([m, str(t), _seed_ids(r.seed for r in rs), f"{shown}/{sum(x.boxes_with_effort for x in e)}",
-                             _pm(per_box, 1, 0), _pm(painted, 1, 0), _pm(saved, digits=1) if saved else "n/a",
-                             _pm(unpainted, digits=1), _pm(dice, digits=1) if dice else "n/a",
-                             _pm(minutes, 1, 1), _pm(empty, 1, 1)])
-        note = ("Corrected voxels: added, removed and relabelled against the model's pre-fill (loop 0: no model, so "
-                "every painted voxel). Painted without pre-fill: the foreground voxels of the same boxes. Saved: the "
-                "share of that painting the pre-fill spared; box voxels not painted: 1 - corrected / box voxels. "
-                "Pre-fill Dice: mean over the queried boxes and the classes present, x 100. Minutes are ESTIMATES "
-                f"from the effort model ({model.describe()}), not measured annotator time; mean ± sd over seeds.")
-        return Table("Annotation effort per loop", ["method", "loop", "seeds", "pre-filled boxes",
-                                                    "corrected voxels per box", "painted per box without pre-fill",
-                                                    "painting saved (%)", "box voxels not painted (%)",
-                                                    "pre-fill Dice in queried boxes", "est. minutes",
-                                                    "est. minutes without pre-fill"], rows, note)
+                rows.append(
+                    [
+                        m,
+                        str(t),
+                        _seed_ids(r.seed for r in rs),
+                        f"{shown}/{sum(x.boxes_with_effort for x in e)}",
+                        _pm(per_box, 1, 0),
+                        _pm(painted, 1, 0),
+                        _pm(saved, digits=1) if saved else "n/a",
+                        _pm(unpainted, digits=1),
+                        _pm(dice, digits=1) if dice else "n/a",
+                        _pm(minutes, 1, 1),
+                        _pm(empty, 1, 1),
+                    ]
+                )
+        note = (
+            "Corrected voxels: added, removed and relabelled against the model's pre-fill (loop 0: no model, so "
+            "every painted voxel). Painted without pre-fill: the foreground voxels of the same boxes. Saved: the "
+            "share of that painting the pre-fill spared; box voxels not painted: 1 - corrected / box voxels. "
+            "Pre-fill Dice: mean over the queried boxes and the classes present, x 100. Minutes are ESTIMATES "
+            f"from the effort model ({model.describe()}), not measured annotator time; mean ± sd over seeds."
+        )
+        return Table(
+            "Annotation effort per loop",
+            [
+                "method",
+                "loop",
+                "seeds",
+                "pre-filled boxes",
+                "corrected voxels per box",
+                "painted per box without pre-fill",
+                "painting saved (%)",
+                "box voxels not painted (%)",
+                "pre-fill Dice in queried boxes",
+                "est. minutes",
+                "est. minutes without pre-fill",
+            ],
+            rows,
+            note,
+        )
 
 
 class StartComparison:
@@ -352,19 +414,42 @@ class StartComparison:
         for s, m, _ in self.runs:
             loop0 = s.loop_records(m, 0, scored=True)
             seeds, aubc_text, final_text = s.outcome(m)
-            rows.append([s.start, m, _seed_ids(r.seed for r in loop0),
-                         _pm([r.mean_dice for r in loop0]), _pm([r.foreground_fraction for r in loop0], digits=2),
-                         _seed_ids(seeds), aubc_text, final_text])
-        return Table("Per starting budget",
-                     ["starting budget", "then", "seeds after loop 0", "Mean Dice after loop 0",
-                      "pool foreground after loop 0 (%)", "seeds with every loop", "AUBC", "Final Dice"], rows,
-                     "Mean Dice x 100 on the test split, mean ± sd over seeds. Loop 0 is the model trained on the "
-                     "starting budget alone; AUBC and Final Dice count only the seeds that finished every loop.")
+            rows.append(
+                [
+                    s.start,
+                    m,
+                    _seed_ids(r.seed for r in loop0),
+                    _pm([r.mean_dice for r in loop0]),
+                    _pm([r.foreground_fraction for r in loop0], digits=2),
+                    _seed_ids(seeds),
+                    aubc_text,
+                    final_text,
+                ]
+            )
+        return Table(
+            "Per starting budget",
+            [
+                "starting budget",
+                "then",
+                "seeds after loop 0",
+                "Mean Dice after loop 0",
+                "pool foreground after loop 0 (%)",
+                "seeds with every loop",
+                "AUBC",
+                "Final Dice",
+            ],
+            rows,
+            "Mean Dice x 100 on the test split, mean ± sd over seeds. Loop 0 is the model trained on the "
+            "starting budget alone; AUBC and Final Dice count only the seeds that finished every loop.",
+        )
 
     def penalty_matrix(self):
         """The PPM between starts over the seeds every start finished (None with fewer than two)."""
-        seeds = [k for k in sorted(set.intersection(*(set(s.seeds) for s in self.settings)))
-                 if all(s.curve(m, k) is not None for s, m, _ in self.runs)]
+        seeds = [
+            k
+            for k in sorted(set.intersection(*(set(s.seeds) for s in self.settings)))
+            if all(s.curve(m, k) is not None for s, m, _ in self.runs)
+        ]
         if len(seeds) < 2:
             return None
         dice = {label: np.asarray([s.curve(m, k) for k in seeds]) for s, m, label in self.runs}
@@ -382,10 +467,16 @@ def start_comparisons(settings: Sequence[SettingResults]) -> list[StartCompariso
 
 
 def penalty_table(ppm, title: str) -> Table:
-    rows = [[m] + [f"{ppm.matrix[i, j]:.2f}" for j in range(len(ppm.methods))] + [f"{ppm.matrix[:, i].sum():.2f}"]
-            for i, m in enumerate(ppm.methods)]
-    return Table(title, ["i beats j"] + ppm.methods + ["beaten (column sum)"], rows,
-                 "Entry (i, j): fraction of budget steps where i beats j (paired t-test over seeds, p < 0.05).")
+    rows = [
+        [m] + [f"{ppm.matrix[i, j]:.2f}" for j in range(len(ppm.methods))] + [f"{ppm.matrix[:, i].sum():.2f}"]
+        for i, m in enumerate(ppm.methods)
+    ]
+    return Table(
+        title,
+        ["i beats j"] + ppm.methods + ["beaten (column sum)"],
+        rows,
+        "Entry (i, j): fraction of budget steps where i beats j (paired t-test over seeds, p < 0.05).",
+    )
 
 
 # ------------------------------------------------------------------------ plots
@@ -442,9 +533,15 @@ def draw_dice_vs_boxes(ax, setting: SettingResults) -> None:
                 continue
             rows = [r for r in setting.run_records(m, s) if r.mean_dice is not None]
             if rows:
-                ax.plot([r.boxes for r in rows], [100 * r.mean_dice for r in rows], linestyle="--",
-                        marker="s^vD<>"[i % 6], markersize=4,
-                        color=colours[m], label=f"{m} seed {s}, running ({len(rows)} of {setting.loops} loops)")
+                ax.plot(
+                    [r.boxes for r in rows],
+                    [100 * r.mean_dice for r in rows],
+                    linestyle="--",
+                    marker="s^vD<>"[i % 6],
+                    markersize=4,
+                    color=colours[m],
+                    label=f"{m} seed {s}, running ({len(rows)} of {setting.loops} loops)",
+                )
 
 
 def plot_dice_vs_corrections(setting: SettingResults, path: Path) -> None:
@@ -495,8 +592,14 @@ def plot_dice_vs_foreground(setting: SettingResults, path: Path) -> None:
         if fit is not None:
             xs = np.linspace(fit.x0, max(r.foreground_fraction for r in rows) * 1.05, 100)
             ax.plot(100 * xs, 100 * fit.predict(xs), color=colours[m], label=f"{m} fit, FG-Eff {fit.gamma:.2f}")
-    _finish_dice_plot(fig, ax, setting, path, "pool foreground inside annotated boxes (%)",
-                      "Dice against annotated foreground, with FG-Eff fits")
+    _finish_dice_plot(
+        fig,
+        ax,
+        setting,
+        path,
+        "pool foreground inside annotated boxes (%)",
+        "Dice against annotated foreground, with FG-Eff fits",
+    )
 
 
 def plot_starts_vs_boxes(comparison: StartComparison, path: Path) -> None:
@@ -573,7 +676,7 @@ def plot_queried_boxes(setting: SettingResults, path: Path, seed: int | None = N
         for bs in boxes.values():
             for b in bs:
                 if b.case == case:
-                    crossing[b.box.coords[0]: b.box.coords[0] + b.box.size[0]] += 1
+                    crossing[b.box.coords[0] : b.box.coords[0] + b.box.size[0]] += 1
         k = int(np.argmax(crossing))
         gt = any_project.read_ground_truth(case)[k]
         for col, (m, bs) in enumerate(boxes.items()):
@@ -593,8 +696,7 @@ def plot_queried_boxes(setting: SettingResults, path: Path, seed: int | None = N
                 ax.set_title(m, color=colours[m], fontsize=9)
             if col == 0:
                 ax.set_ylabel(f"{case}\nslice {k}", fontsize=8)
-    fig.suptitle(f"queried boxes after the starting budget (seed {seed}; number = loop; yellow = ground truth)",
-                 fontsize=9)
+    fig.suptitle(f"queried boxes after the starting budget (seed {seed}; number = loop; yellow = ground truth)", fontsize=9)
     _save(fig, path)
     return True
 
@@ -632,20 +734,33 @@ def _write_report(settings: Sequence[SettingResults], out: Path, effort_model: E
         prefix = f"setting{index + 1}"
         p = out / f"{prefix}_dice_vs_boxes.png"
         plot_dice_vs_boxes(setting, p)
-        figures.append(Figure("Dice against the number of boxes", p, "Mean over the seeds that finished every loop, band ± 1 sd; "
-                              "dashed: a run still going, its loops so far."))
+        figures.append(
+            Figure(
+                "Dice against the number of boxes",
+                p,
+                "Mean over the seeds that finished every loop, band ± 1 sd; dashed: a run still going, its loops so far.",
+            )
+        )
         p = out / f"{prefix}_dice_vs_foreground.png"
         plot_dice_vs_foreground(setting, p)
-        figures.append(Figure("Dice against annotated foreground", p,
-                              "Every seed and loop; lines: FG-Eff fits (need the full-data reference)."))
+        figures.append(
+            Figure(
+                "Dice against annotated foreground", p, "Every seed and loop; lines: FG-Eff fits (need the full-data reference)."
+            )
+        )
         notes = []
         if setting.has_effort:
             tables.append(setting.effort_table(effort_model))
             p = out / f"{prefix}_dice_vs_corrections.png"
             plot_dice_vs_corrections(setting, p)
-            figures.append(Figure("Dice against corrected voxels, beside Dice against boxes", p,
-                                  "Right: x is the mean over seeds of the voxels corrected against the model's "
-                                  "pre-fill so far; band ± 1 sd of the Dice over seeds."))
+            figures.append(
+                Figure(
+                    "Dice against corrected voxels, beside Dice against boxes",
+                    p,
+                    "Right: x is the mean over seeds of the voxels corrected against the model's "
+                    "pre-fill so far; band ± 1 sd of the Dice over seeds.",
+                )
+            )
         else:
             notes.append("Annotation effort: these records hold no per-box corrections (run before pre-filled boxes).")
         ppm = setting.penalty_matrix()
@@ -661,12 +776,18 @@ def _write_report(settings: Sequence[SettingResults], out: Path, effort_model: E
         if plot_queried_boxes(setting, p):
             figures.append(Figure("Queried boxes", p, "One slice per case; each column a method."))
         h = setting.header
-        notes.append(f"Data: {h['settings']['images']} ({h['pool_cases']} pool / {h['test_cases']} test cases), "
-                     f"patch {' x '.join(map(str, h['patch_size']))}, budget {h['budget']} boxes ({h['budget_rule']}), "
-                     f"query size {h['query_size']}, starting budget {h['settings']['start']}, seeds "
-                     f"{', '.join(map(str, setting.seeds))}.")
-        notes.append("Versions: " + ", ".join(f"{k} {v}" for k, v in h["versions"].items()) + "; profile: "
-                     + ", ".join(f"{k}={v}" for k, v in h["profile"].items() if k != "description" and v is not None))
+        notes.append(
+            f"Data: {h['settings']['images']} ({h['pool_cases']} pool / {h['test_cases']} test cases), "
+            f"patch {' x '.join(map(str, h['patch_size']))}, budget {h['budget']} boxes ({h['budget_rule']}), "
+            f"query size {h['query_size']}, starting budget {h['settings']['start']}, seeds "
+            f"{', '.join(map(str, setting.seeds))}."
+        )
+        notes.append(
+            "Versions: "
+            + ", ".join(f"{k} {v}" for k, v in h["versions"].items())
+            + "; profile: "
+            + ", ".join(f"{k}={v}" for k, v in h["profile"].items() if k != "description" and v is not None)
+        )
         if h["settings"].get("reductions"):
             notes.append("Reduced against the nnActive protocol: " + "; ".join(h["settings"]["reductions"]) + ".")
         sections.append((setting.name, tables, figures, notes))
@@ -674,20 +795,28 @@ def _write_report(settings: Sequence[SettingResults], out: Path, effort_model: E
         p = out / f"starts{index + 1}_dice_vs_boxes.png"
         plot_starts_vs_boxes(comparison, p)
         tables = [comparison.table()]
-        figures = [Figure("Dice against the number of boxes, per starting budget", p,
-                          "Each point averages the seeds that finished that loop; the first point is the starting "
-                          "budget alone.")]
+        figures = [
+            Figure(
+                "Dice against the number of boxes, per starting budget",
+                p,
+                "Each point averages the seeds that finished that loop; the first point is the starting budget alone.",
+            )
+        ]
         ppm = comparison.penalty_matrix()
         notes = []
         if ppm is not None:
             tables.append(penalty_table(ppm, "Pairwise penalty matrix between starting budgets"))
             p = out / f"starts{index + 1}_penalty_matrix.png"
             plot_penalty_matrix(ppm, p, "starting budgets")
-            figures.append(Figure("Pairwise penalty matrix between starting budgets", p,
-                                  "Row i, column j: share of budget steps where i beats j."))
+            figures.append(
+                Figure(
+                    "Pairwise penalty matrix between starting budgets",
+                    p,
+                    "Row i, column j: share of budget steps where i beats j.",
+                )
+            )
         else:
-            notes.append("Pairwise penalty matrix between starting budgets: needs two or more seeds that every "
-                         "start finished.")
+            notes.append("Pairwise penalty matrix between starting budgets: needs two or more seeds that every start finished.")
         sections.append((f"Starting budgets compared: {comparison.name}", tables, figures, notes))
     if len(ppms) > 1:
         total = sum_penalty_matrices(ppms)
@@ -701,16 +830,26 @@ def _write_report(settings: Sequence[SettingResults], out: Path, effort_model: E
         md += [f"## {title}", ""] + [f"- {n}" for n in notes] + [""]
         md += [t.markdown() for t in tables]
         md += [f"![{f.title}]({f.path.name})\n\n{f.caption}\n" for f in figures]
-        body.append(f"<h2>{html.escape(title)}</h2>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-                    + "".join(t.html() for t in tables)
-                    + "".join(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,"
-                              f"{base64.b64encode(f.path.read_bytes()).decode()}'><figcaption>{html.escape(f.caption)}"
-                              f"</figcaption></figure>" for f in figures))
+        body.append(
+            f"<h2>{html.escape(title)}</h2>"
+            + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+            + "".join(t.html() for t in tables)
+            + "".join(
+                f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,"
+                f"{base64.b64encode(f.path.read_bytes()).decode()}'><figcaption>{html.escape(f.caption)}"
+                f"</figcaption></figure>"
+                for f in figures
+            )
+        )
     atomic_write_text(out / "report.md", "\n".join(md))
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}"
-             "th{background:#eee}img{max-width:100%}figcaption{font-size:12px;color:#555}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ActiveLearning3D simulation report</title>"
-            f"<style>{style}</style></head><body><h1>ActiveLearning3D simulation report</h1>{''.join(body)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;font-size:13px}"
+        "th{background:#eee}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ActiveLearning3D simulation report</title>"
+        f"<style>{style}</style></head><body><h1>ActiveLearning3D simulation report</h1>{''.join(body)}</body></html>"
+    )
     atomic_write_text(out / "report.html", page)
     return out / "report.html"

@@ -5,6 +5,7 @@ aggregates the maps a query needs into box scores on the corner grid, and
 saves them here; a query then reads them instead of the probabilities, which
 for a CT-sized pool would be far too large to keep.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,9 @@ from .fileio import replacing_file
 from .uncertainty import EnsembleMaps, ProbabilitySource, ensemble_maps
 
 
-def score_maps(case: str, maps: EnsembleMaps, names: Sequence[str], patch_size: Sequence[int],
-               stride: Sequence[int]) -> dict[str, BoxScores]:
+def score_maps(
+    case: str, maps: EnsembleMaps, names: Sequence[str], patch_size: Sequence[int], stride: Sequence[int]
+) -> dict[str, BoxScores]:
     """Aggregate each named uncertainty map of one case into candidate box scores."""
     return {name: score_boxes(case, maps.map(name), patch_size, stride) for name in names}
 

@@ -40,6 +40,7 @@ The records are :class:`~.loop_records.LoopRecord` in a
 in :mod:`~.simulation_restore`. A :class:`Simulation` touches no file until
 :meth:`Simulation.prepare` (which :meth:`Simulation.run` calls).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,8 +99,7 @@ def resolve_budget(budget: str | int, patch_size: tuple[int, int, int], pool_vox
         return NNACTIVE_BUDGETS[tuple(patch_size)][level], f"nnActive table for patch {list(patch_size)}"
     box = int(np.prod(patch_size))
     n = max(5, int(round((level + 1) * LOW_BUDGET_VOXEL_SHARE * pool_voxels / box / 5)) * 5)
-    return n, (f"rule: {budget} = {level + 1} x {100 * LOW_BUDGET_VOXEL_SHARE:.1f} % of the pool's voxels "
-               f"in boxes, rounded to 5")
+    return n, (f"rule: {budget} = {level + 1} x {100 * LOW_BUDGET_VOXEL_SHARE:.1f} % of the pool's voxels in boxes, rounded to 5")
 
 
 @dataclass
@@ -147,8 +147,9 @@ class SimulationSettings:
             raise ValueError("seeds: give at least one seed (e.g. 0,1,2)")
         if min(self.seeds) < 0:
             raise ValueError(f"seeds: must be non-negative, got {list(self.seeds)}")
-        if self.training_seed is not None and (isinstance(self.training_seed, bool) or not isinstance(self.training_seed, int)
-                                               or self.training_seed < 0):
+        if self.training_seed is not None and (
+            isinstance(self.training_seed, bool) or not isinstance(self.training_seed, int) or self.training_seed < 0
+        ):
             raise ValueError(f"training_seed: expected a non-negative whole number, got {self.training_seed!r}")
         for name in ("loops", "folds", "parallel", "max_cases"):
             value = getattr(self, name)
@@ -192,8 +193,12 @@ def stage_seconds(pipeline: LoopPipeline) -> dict[str, float | None]:
     not at all)."""
     out: dict[str, float | None] = {}
     jobs = {j.name.rsplit("-", 1)[-1]: j.status() for j in pipeline.all_jobs()}
-    groups = {"prepare": ["prepare"], "train": [n for n in jobs if n.startswith("fold_")], "evaluate": ["evaluate"],
-              "score": ["score"]}
+    groups = {
+        "prepare": ["prepare"],
+        "train": [n for n in jobs if n.startswith("fold_")],
+        "evaluate": ["evaluate"],
+        "score": ["score"],
+    }
     for stage, names in groups.items():
         statuses = [jobs[n] for n in names if n in jobs and jobs[n].state == JobState.DONE]
         if statuses:
@@ -273,8 +278,7 @@ def model_training(model_folder: Path | str) -> dict:
         folds[path.parent.name] = {"init": start.get("init"), "reason": start.get("reason"), "epochs": summary.get("epochs")}
         iterations += int(summary.get("epochs") or 0) * int(summary.get("iterations_per_epoch") or 0)
     kinds = sorted({f["init"] for f in folds.values()})
-    return {"init": kinds[0] if len(kinds) == 1 else ("mixed" if kinds else None), "folds": folds,
-            "iterations": iterations}
+    return {"init": kinds[0] if len(kinds) == 1 else ("mixed" if kinds else None), "folds": folds, "iterations": iterations}
 
 
 @dataclass
@@ -291,8 +295,12 @@ class SimulationPlan:
 class Simulation:
     """Runs (or resumes) a simulation grid; :meth:`run` blocks, :meth:`step` advances everything once."""
 
-    def __init__(self, settings: SimulationSettings, echo: Callable[[str], None] = lambda s: None,
-                 progress: Callable[[Iterable, str], Iterable] = no_progress):
+    def __init__(
+        self,
+        settings: SimulationSettings,
+        echo: Callable[[str], None] = lambda s: None,
+        progress: Callable[[Iterable, str], Iterable] = no_progress,
+    ):
         """What the settings decide alone (profile, parallel jobs, loop settings, runner): no file is read or
         written here. :meth:`prepare` (which :meth:`run` and :meth:`step` call) makes the base project, the budget
         and the header."""
@@ -305,11 +313,17 @@ class Simulation:
         self.profile_name = auto_profile(s.device) if s.profile == "auto" else s.profile
         self.parallel = s.parallel or default_job_parallel(s.device)
         warm_schedule = (s.warm_fraction, s.warm_initial_lr) != (None, None)  # the profile with it, else its name
-        self.loop_settings = LoopSettings(profile=self.loop_settings_profile() if warm_schedule else self.profile_name,
-                                          folds=s.folds, device=s.device,
-                                          parallel=self.parallel, python=s.python, predict_pool=s.prefill,
-                                          training_seed=s.training_seed, fixed_threads=True,  # records reproducible
-                                          init=s.init)
+        self.loop_settings = LoopSettings(
+            profile=self.loop_settings_profile() if warm_schedule else self.profile_name,
+            folds=s.folds,
+            device=s.device,
+            parallel=self.parallel,
+            python=s.python,
+            predict_pool=s.prefill,
+            training_seed=s.training_seed,
+            fixed_threads=True,  # records reproducible
+            init=s.init,
+        )
         self.runner = make_runner((s.runner or RunnerSettings()).with_defaults(python=s.python, max_parallel=self.parallel))
         self.runs = [(m, seed) for seed in s.seeds for m in s.methods]
         self._plan: SimulationPlan | None = None
@@ -386,19 +400,34 @@ class Simulation:
             return project
         self.out.mkdir(parents=True, exist_ok=True)
         self.echo(f"creating the base project from {s.images}")
-        return Project.create(path, s.images, s.labels, patch_size=s.patch_size, test_fraction=s.test_fraction,
-                              seed=SPLIT_SEED, max_cases=s.max_cases,
-                              budget=BudgetSettings(loops=s.loops), progress=self.progress)
+        return Project.create(
+            path,
+            s.images,
+            s.labels,
+            patch_size=s.patch_size,
+            test_fraction=s.test_fraction,
+            seed=SPLIT_SEED,
+            max_cases=s.max_cases,
+            budget=BudgetSettings(loops=s.loops),
+            progress=self.progress,
+        )
 
     def _write_header(self) -> dict:
         path = self.out / "simulation.json"
         profile = self.loop_settings_profile()
         header = {
-            "settings": self.settings.to_json(), "profile": profile.to_json(), "profile_tag": profile_tag(profile),
-            "budget": self.budget, "budget_rule": self.budget_rule, "query_size": self.query_size,
-            "patch_size": list(self.base.patch_size), "pool_cases": len(self.base.pool_cases),
-            "test_cases": len(self.base.test_cases), "classes": {str(k): v for k, v in self.base.classes.items()},
-            "pool_foreground_voxels": self.base.pool_foreground_voxels, "split_seed": SPLIT_SEED,
+            "settings": self.settings.to_json(),
+            "profile": profile.to_json(),
+            "profile_tag": profile_tag(profile),
+            "budget": self.budget,
+            "budget_rule": self.budget_rule,
+            "query_size": self.query_size,
+            "patch_size": list(self.base.patch_size),
+            "pool_cases": len(self.base.pool_cases),
+            "test_cases": len(self.base.test_cases),
+            "classes": {str(k): v for k, v in self.base.classes.items()},
+            "pool_foreground_voxels": self.base.pool_foreground_voxels,
+            "split_seed": SPLIT_SEED,
             "reference_dir": str(self.reference_dir()) if self.settings.reference else None,
             "versions": versions(),
         }
@@ -408,12 +437,15 @@ class Simulation:
                 header["created"] = old.get("created")
                 for key in ("budget", "query_size", "patch_size", "pool_cases"):
                     if old.get(key) != json.loads(json.dumps(header[key])):
-                        raise ProjectError(f"{path}: this folder holds a simulation with {key} {old.get(key)}; "
-                                           f"the new settings give {header[key]}. Use another --out")
+                        raise ProjectError(
+                            f"{path}: this folder holds a simulation with {key} {old.get(key)}; "
+                            f"the new settings give {header[key]}. Use another --out"
+                        )
                 for key, was, now in training_differences(old, self.settings)[:1]:  # records of both would mix
                     option = "--" + key.replace("_", "-")
-                    raise ProjectError(f"{path}: this folder holds a simulation with {option} {was}; "
-                                       f"use another --out for {option} {now}")
+                    raise ProjectError(
+                        f"{path}: this folder holds a simulation with {option} {was}; use another --out for {option} {now}"
+                    )
                 header["settings"]["methods"] = list(dict.fromkeys([*old["settings"]["methods"], *header["settings"]["methods"]]))
                 header["settings"]["seeds"] = sorted(set(old["settings"]["seeds"]) | set(header["settings"]["seeds"]))
         header.setdefault("created", now_iso())
@@ -424,8 +456,13 @@ class Simulation:
     def loop_settings_profile(self):
         from .nnunet.profiles import resolve_profile
 
-        return resolve_profile(self.profile_name, folds=self.settings.folds, device=self.settings.device,
-                               warm_fraction=self.settings.warm_fraction, warm_initial_lr=self.settings.warm_initial_lr)
+        return resolve_profile(
+            self.profile_name,
+            folds=self.settings.folds,
+            device=self.settings.device,
+            warm_fraction=self.settings.warm_fraction,
+            warm_initial_lr=self.settings.warm_initial_lr,
+        )
 
     def reference_profile(self):
         """The full-data run's profile: the loops' without the warm schedule (one loop trains from scratch), so a
@@ -444,9 +481,12 @@ class Simulation:
 
     def reference_dir(self) -> Path:
         base = self.base
-        key_source = {"cases": sorted(base.cases), "split": {c: base.cases[c].split for c in sorted(base.cases)},
-                      "shapes": {c: list(base.cases[c].shape) for c in sorted(base.cases)},
-                      "profile": self.reference_profile().to_json()}
+        key_source = {
+            "cases": sorted(base.cases),
+            "split": {c: base.cases[c].split for c in sorted(base.cases)},
+            "shapes": {c: list(base.cases[c].shape) for c in sorted(base.cases)},
+            "profile": self.reference_profile().to_json(),
+        }
         key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:10]
         root = self.settings.reference_cache or (self.out / "reference")
         return Path(root) / f"{profile_tag(self.reference_profile())}_{key}"
@@ -485,14 +525,19 @@ class Simulation:
 
     def _start_step(self, seed: int) -> bool:
         """Loop 0 of a seed: starting budget, oracle, loop-0 model, its evaluation and pool scores. True when done."""
+
         def starting_budget(logic: ActiveLearningLogic) -> None:
             loop = logic.query(self.settings.start, self.query_size, seed)
             self.echo(f"seed {seed}: starting budget of {len(loop.boxes)} boxes by {self.settings.start}")
 
         logic = self._loop0_logic(self.start_dir(seed), starting_budget)
-        state = self._pipeline(("start", seed), logic, stages=("prepare", "train", "predict"), seed=seed,
-                               **shared_scoring(self.settings.methods, logic.project.foreground_classes,
-                                               self.settings.prefill)).advance()
+        state = self._pipeline(
+            ("start", seed),
+            logic,
+            stages=("prepare", "train", "predict"),
+            seed=seed,
+            **shared_scoring(self.settings.methods, logic.project.foreground_classes, self.settings.prefill),
+        ).advance()
         return self._check(state, f"seed {seed} start")
 
     def _check(self, state, what: str) -> bool:
@@ -517,8 +562,17 @@ class Simulation:
             self._checked.add((method, seed))
             path = self.run_dir(method, seed)
             if self.settings.restore_from is not None and not (path / "project.json").is_file():
-                restore_run(Path(self.settings.restore_from), self.records, method, seed, self.settings.loops, path,
-                            self._copy_base, self.progress, self.echo)
+                restore_run(
+                    Path(self.settings.restore_from),
+                    self.records,
+                    method,
+                    seed,
+                    self.settings.loops,
+                    path,
+                    self._copy_base,
+                    self.progress,
+                    self.echo,
+                )
             if (path / "project.json").is_file():
                 backfill(self.records, method, seed, self._open(path).project)
         if self.records.exists(method, seed, last):
@@ -532,13 +586,13 @@ class Simulation:
         if logic.pending_boxes():
             t = time.perf_counter()
             logic.annotate_with_oracle()
-            self.records.update(method, seed, logic.project.loop_indices()[-1] - 1,
-                                seconds={"oracle": time.perf_counter() - t})
+            self.records.update(method, seed, logic.project.loop_indices()[-1] - 1, seconds={"oracle": time.perf_counter() - t})
         loop = logic.project.loop_indices()[-1]
         common = {"method": method, "seed": seed, "count": self.query_size}
         if not self.records.exists(method, seed, loop):
-            pipeline = self._pipeline((method, seed, loop), logic, stages=("prepare", "train", "predict"),
-                                      score=loop < last, **common)  # the last loop's scores would not be used
+            pipeline = self._pipeline(
+                (method, seed, loop), logic, stages=("prepare", "train", "predict"), score=loop < last, **common
+            )  # the last loop's scores would not be used
             state = pipeline.advance()
             if state.state == "failed":
                 return self._fail(key, loop, state.message)
@@ -551,8 +605,13 @@ class Simulation:
         if state.state == "failed":
             return self._fail(key, loop, state.message)
         if state.loop_file is not None:
-            self.records.update(method, seed, loop, seconds={"query": state.loop_file.info.get("seconds")},
-                                next_loop_file=state.loop_file.to_json())
+            self.records.update(
+                method,
+                seed,
+                loop,
+                seconds={"query": state.loop_file.info.get("seconds")},
+                next_loop_file=state.loop_file.to_json(),
+            )
         return False  # the oracle annotates the new loop at the next step
 
     def _fail(self, key: str, loop: int, message: str) -> bool:
@@ -568,18 +627,30 @@ class Simulation:
         boxes, voxels, inside = project.annotated_foreground()[loop]
         summary = read_json(pipeline.evaluation_summary)
         record = LoopRecord(
-            method=method, seed=seed, loop=loop, boxes=boxes, annotated_voxels=voxels, foreground_voxels=inside,
-            foreground_fraction=inside / project.pool_foreground_voxels, mean_dice=summary["mean_dice"],
-            per_class=summary["per_class"], model=pipeline.model_name, seconds=stage_seconds(pipeline),
-            loop_method=loop_file.method, written=now_iso(), loop_file=loop_file.to_json(),
+            method=method,
+            seed=seed,
+            loop=loop,
+            boxes=boxes,
+            annotated_voxels=voxels,
+            foreground_voxels=inside,
+            foreground_fraction=inside / project.pool_foreground_voxels,
+            mean_dice=summary["mean_dice"],
+            per_class=summary["per_class"],
+            model=pipeline.model_name,
+            seconds=stage_seconds(pipeline),
+            loop_method=loop_file.method,
+            written=now_iso(),
+            loop_file=loop_file.to_json(),
             effort=EffortTotals(**effort_totals(loop_file.boxes)),  # the oracle's labels against the pre-fill, box by box
             determinism=model_determinism(pipeline.model_folder),  # reproducible bit for bit, and why (not)
             training=model_training(pipeline.model_folder),  # warm or scratch per fold, iterations
         )
         self.records.write(record)
         dice = "n/a" if record.mean_dice is None else f"{record.mean_dice:.4f}"
-        self.echo(f"{method} seed {seed} loop {loop}: {boxes} boxes, {100 * record.foreground_fraction:.2f} % of "
-                  f"pool foreground, test Mean Dice {dice}")
+        self.echo(
+            f"{method} seed {seed} loop {loop}: {boxes} boxes, {100 * record.foreground_fraction:.2f} % of "
+            f"pool foreground, test Mean Dice {dice}"
+        )
 
     def _reference_step(self) -> bool:
         """The full-data run: every pool image annotated whole, the same profile; its Mean Dice is y_full."""
@@ -587,16 +658,24 @@ class Simulation:
         result = root / "reference.json"
         if result.is_file():
             return True
+
         def whole_images(logic: ActiveLearningLogic) -> None:
             project = logic.project
-            boxes = [BoxRecord(Box(c, (0, 0, 0), tuple(project.cases[c].shape)), 0, i, "full_data")
-                     for i, c in enumerate(sorted(project.pool_cases))]
+            boxes = [
+                BoxRecord(Box(c, (0, 0, 0), tuple(project.cases[c].shape)), 0, i, "full_data")
+                for i, c in enumerate(sorted(project.pool_cases))
+            ]
             project.write_loop(LoopFile(0, "full_data", None, now_iso(), boxes, {"reference": True}))
 
         logic = self._loop0_logic(root / "project", whole_images)
-        pipeline = self._pipeline("reference", logic, stages=("prepare", "train", "predict"), score=False,
-                                  background=True,  # it fills idle slots; the runs' loops go first
-                                  init="scratch")  # one loop: nothing to start from (shared with scratch simulations)
+        pipeline = self._pipeline(
+            "reference",
+            logic,
+            stages=("prepare", "train", "predict"),
+            score=False,
+            background=True,  # it fills idle slots; the runs' loops go first
+            init="scratch",
+        )  # one loop: nothing to start from (shared with scratch simulations)
         state = pipeline.advance()
         if state.state == "failed":
             self.failed["reference"] = state.message
@@ -604,10 +683,18 @@ class Simulation:
         if state.state != "done":
             return False
         summary = read_json(pipeline.evaluation_summary)
-        atomic_write_json(result, {"mean_dice": summary["mean_dice"], "per_class": summary["per_class"],
-                                   "model": pipeline.model_name, "profile": self.reference_profile().to_json(),
-                                   "determinism": model_determinism(pipeline.model_folder),
-                                   "seconds": stage_seconds(pipeline), "written": now_iso()})
+        atomic_write_json(
+            result,
+            {
+                "mean_dice": summary["mean_dice"],
+                "per_class": summary["per_class"],
+                "model": pipeline.model_name,
+                "profile": self.reference_profile().to_json(),
+                "determinism": model_determinism(pipeline.model_folder),
+                "seconds": stage_seconds(pipeline),
+                "written": now_iso(),
+            },
+        )
         self.echo(f"full-data reference: test Mean Dice {summary['mean_dice']}")
         return True
 
@@ -620,8 +707,11 @@ class Simulation:
         jobs before a later run hands over its live ones, and the cores would be
         oversubscribed until those end.
         """
-        folders = [*self.out.glob("seed_*/*/jobs/*"), *(self.out / "base" / "jobs").glob("*"),
-                   *(self.reference_dir() / "project" / "jobs").glob("*")]
+        folders = [
+            *self.out.glob("seed_*/*/jobs/*"),
+            *(self.out / "base" / "jobs").glob("*"),
+            *(self.reference_dir() / "project" / "jobs").glob("*"),
+        ]
         # a worker that died is marked failed on the way, not adopted
         return [job for job in (Job(f) for f in sorted(folders) if (f / "status.json").is_file()) if self.runner.adopt(job)]
 
@@ -658,8 +748,10 @@ class Simulation:
         lines = []
         for job in self.runner.active():
             s = job.status()
-            lines.append(f"{job.path.parents[1].parent.name}/{job.path.parents[1].name} {job.name.rsplit('-', 1)[-1]}: "
-                         f"{s.state} {100 * s.progress:.0f}% {s.message.splitlines()[0] if s.message else ''}".rstrip())
+            lines.append(
+                f"{job.path.parents[1].parent.name}/{job.path.parents[1].name} {job.name.rsplit('-', 1)[-1]}: "
+                f"{s.state} {100 * s.progress:.0f}% {s.message.splitlines()[0] if s.message else ''}".rstrip()
+            )
         return "\n".join(lines)
 
 
@@ -714,7 +806,6 @@ def export_records(out: Path | str, target: Path | str) -> int:
     return len(records)
 
 
-
 DEMO_METHODS = ("random", "random_fg66", "clasp_pe")
 DEMO_MAX_CASES = 64
 DEMO_PROFILE = "quick"
@@ -726,14 +817,26 @@ def demo_settings(data, out: Path | str, max_cases: int | None = None) -> Simula
 
     cases = max_cases or DEMO_MAX_CASES
     return SimulationSettings(
-        images=data.images, labels=data.labels, methods=DEMO_METHODS, out=Path(out), budget="low", loops=3, seeds=(0,),
-        profile=DEMO_PROFILE, device="cpu", init="warm", max_cases=cases,
+        images=data.images,
+        labels=data.labels,
+        methods=DEMO_METHODS,
+        out=Path(out),
+        budget="low",
+        loops=3,
+        seeds=(0,),
+        profile=DEMO_PROFILE,
+        device="cpu",
+        init="warm",
+        max_cases=cases,
         parallel=max(2, default_job_parallel("cpu")),
-        reductions=(f"the first {cases} cases of {data.name} instead of all (75 / 25 split of those)",
-                    "3 loops instead of 5 (query size stays 20 % of the low budget)", "one seed instead of 4",
-                    "two jobs at a time with one torch thread each",
-                    f"training profile '{DEMO_PROFILE}': {PROFILES[DEMO_PROFILE].description} (the study: 3d_fullres, "
-                    "5 folds x 200 epochs x 250 iterations)",
-                    "loops after the first warm-started from the previous loop's members (--init warm; the study "
-                    "trains every loop from scratch; the full-data reference trains from scratch)"),
+        reductions=(
+            f"the first {cases} cases of {data.name} instead of all (75 / 25 split of those)",
+            "3 loops instead of 5 (query size stays 20 % of the low budget)",
+            "one seed instead of 4",
+            "two jobs at a time with one torch thread each",
+            f"training profile '{DEMO_PROFILE}': {PROFILES[DEMO_PROFILE].description} (the study: 3d_fullres, "
+            "5 folds x 200 epochs x 250 iterations)",
+            "loops after the first warm-started from the previous loop's members (--init warm; the study "
+            "trains every loop from scratch; the full-data reference trains from scratch)",
+        ),
     )

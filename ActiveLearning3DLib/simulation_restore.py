@@ -7,6 +7,7 @@ the oracle annotates the recorded boxes, the records are copied, and training
 starts at the first loop without a record. Records written before they kept
 their boxes get them from the run's project (:func:`backfill`).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -30,8 +31,11 @@ TRAINING_KEYS = (("init", "scratch"), ("training_seed", None), ("warm_fraction",
 def training_differences(header: dict, settings: "SimulationSettings") -> list[tuple[str, Any, Any]]:
     """How a recorded simulation header trains differently from these settings (warm or scratch, training seed)."""
     recorded = header.get("settings", {})
-    return [(key, recorded.get(key, default), getattr(settings, key)) for key, default in TRAINING_KEYS
-            if recorded.get(key, default) != getattr(settings, key)]
+    return [
+        (key, recorded.get(key, default), getattr(settings, key))
+        for key, default in TRAINING_KEYS
+        if recorded.get(key, default) != getattr(settings, key)
+    ]
 
 
 def check_restore_header(folder: Path, header: dict, settings: "SimulationSettings") -> None:
@@ -42,11 +46,14 @@ def check_restore_header(folder: Path, header: dict, settings: "SimulationSettin
     old = read_json(path)
     for key in PROTOCOL_KEYS:
         if old.get(key) != header.get(key):
-            raise ProjectError(f"{path}: recorded {key} {old.get(key)} differs from this simulation's "
-                               f"{header.get(key)}; these records cannot be restored here")
+            raise ProjectError(
+                f"{path}: recorded {key} {old.get(key)} differs from this simulation's "
+                f"{header.get(key)}; these records cannot be restored here"
+            )
     for key, was, now in training_differences(old, settings)[:1]:
-        raise ProjectError(f"{path}: recorded {key} {was} differs from this simulation's {now}; "
-                           "these records cannot be restored here")
+        raise ProjectError(
+            f"{path}: recorded {key} {was} differs from this simulation's {now}; these records cannot be restored here"
+        )
 
 
 def restore_reference(folder: Path, target: Path) -> None:
@@ -57,8 +64,9 @@ def restore_reference(folder: Path, target: Path) -> None:
         atomic_write_json(target, read_json(reference))
 
 
-def restorable(folder: Path, method: str, seed: int, loops: int,
-               echo: Callable[[str], None]) -> tuple[list[LoopRecord], list[dict]]:
+def restorable(
+    folder: Path, method: str, seed: int, loops: int, echo: Callable[[str], None]
+) -> tuple[list[LoopRecord], list[dict]]:
     """The recorded chain 0..L of a run that carries its boxes, and the loop files to rebuild (0..L+1)."""
     records: list[LoopRecord] = []
     for _, path in LoopRecordStore(folder).recorded_loops(method, seed, loops):
@@ -75,9 +83,17 @@ def restorable(folder: Path, method: str, seed: int, loops: int,
     return records, loop_files
 
 
-def restore_run(source: Path, store: LoopRecordStore, method: str, seed: int, loops: int, path: Path,
-                copy_base: Callable[[Path], "ActiveLearningLogic"], progress: Callable[[Iterable, str], Iterable],
-                echo: Callable[[str], None]) -> None:
+def restore_run(
+    source: Path,
+    store: LoopRecordStore,
+    method: str,
+    seed: int,
+    loops: int,
+    path: Path,
+    copy_base: Callable[[Path], "ActiveLearningLogic"],
+    progress: Callable[[Iterable, str], Iterable],
+    echo: Callable[[str], None],
+) -> None:
     """Rebuild the run at ``path`` (which has no project) from the records under ``source``: its boxes annotated by
     the oracle, no training. ``copy_base`` makes a copy of the base project at a folder and opens it."""
     records, loop_files = restorable(source, method, seed, loops, echo)
@@ -97,8 +113,10 @@ def restore_run(source: Path, store: LoopRecordStore, method: str, seed: int, lo
             record.restored_from = str(source)
             store.write(record)
     staging.rename(path)
-    echo(f"{method} seed {seed}: restored loops 0-{len(records) - 1} from their records"
-         + (f", loop {len(loop_files) - 1} queried" if len(loop_files) > len(records) else ""))
+    echo(
+        f"{method} seed {seed}: restored loops 0-{len(records) - 1} from their records"
+        + (f", loop {len(loop_files) - 1} queried" if len(loop_files) > len(records) else "")
+    )
 
 
 def backfill(store: LoopRecordStore, method: str, seed: int, project: Project) -> None:

@@ -4,6 +4,7 @@ Only the running mean of the probabilities and, when BALD is wanted, the running
 mean of the member entropies are kept, so memory does not grow with the number
 of members. Maps a query does not need are never computed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ class EnsembleMaps:
                 raise ValueError("expected entropy was not accumulated")
             return self.expected_entropy
         if name.startswith("class_"):
-            return self.class_weighted(int(name[len("class_"):]))
+            return self.class_weighted(int(name[len("class_") :]))
         raise ValueError(f"unknown uncertainty map {name!r}")
 
 

@@ -5,6 +5,7 @@ worker marks the job running, runs its task, and ends it done (with the
 task's result in result.json) or failed (with the error and the log tail).
 SIGTERM (cancel) ends it as cancelled.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ The helpers are plain functions (import them with ``from conftest import ...``)
 plus a few fixtures built on them. Images are tiny (about 12 x 16 x 14 voxels)
 so that a whole project is created in well under a second.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,15 +29,17 @@ CLASS_NAMES = {0: "background", 1: "anterior", 2: "posterior"}
 # autoencoder, run a simulation, a Slurm cluster or a race of processes. Every test that uses one of these fixtures
 # is marked slow here, so a new test on them needs no mark of its own; a test that trains or races in its own body
 # carries @pytest.mark.slow. `make test` runs every test, slow or not.
-SLOW_FIXTURES = frozenset({
-    "looped",  # test_loop_pipeline: `al3d loop --profile test` (train, evaluate, score, query)
-    "prepared",  # test_nnunet_pipeline, test_determinism: nnU-Net planning and preprocessing, for tests that train
-    "simulated",  # test_simulation: an `al3d simulate` killed and resumed
-    "two_simulations",  # test_determinism: `al3d simulate` twice
-    "two_loops",  # test_warm_start: two loops of training
-    "planted",  # test_cold_start_embeddings: a pool whose autoencoder the tests train (400 iterations)
-    "slurm_env",  # test_slurm: a Slurm cluster started for the session, and its batch jobs
-})
+SLOW_FIXTURES = frozenset(
+    {
+        "looped",  # test_loop_pipeline: `al3d loop --profile test` (train, evaluate, score, query)
+        "prepared",  # test_nnunet_pipeline, test_determinism: nnU-Net planning and preprocessing, for tests that train
+        "simulated",  # test_simulation: an `al3d simulate` killed and resumed
+        "two_simulations",  # test_determinism: `al3d simulate` twice
+        "two_loops",  # test_warm_start: two loops of training
+        "planted",  # test_cold_start_embeddings: a pool whose autoencoder the tests train (400 iterations)
+        "slurm_env",  # test_slurm: a Slurm cluster started for the session, and its batch jobs
+    }
+)
 FAST_TIER_HINT_SECONDS = 5.0
 
 

@@ -6,6 +6,7 @@ column cosine = axis y, ImagePositionPatient = origin + k * spacing z * axis z.
 The direction must be a rotation (determinant +1), as a DICOM stack sorted along
 its normal is.
 """
+
 from __future__ import annotations
 
 import random
@@ -44,8 +45,16 @@ def hu_volume(shape: Sequence[int], seed: int = 0) -> np.ndarray:
     return (vol + rng.integers(-20, 21, shape)).astype(np.int16)
 
 
-def _base(patient_id: str, study_uid: str, series_uid: str, frame_uid: str, modality: str, sop_class: str,
-          series_number: int, description: str) -> Dataset:
+def _base(
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    frame_uid: str,
+    modality: str,
+    sop_class: str,
+    series_number: int,
+    description: str,
+) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -83,10 +92,20 @@ def _base(patient_id: str, study_uid: str, series_uid: str, frame_uid: str, moda
 
 
 def write_ct_series(
-    folder: Path, volume: np.ndarray, spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float],
-    patient_id: str = "AL3D-0001", description: str = "Abdomen 2.0 mm", series_number: int = 3,
-    study_uid: str | None = None, drop_slices: Sequence[int] = (), image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
-    nested: bool = True, seed: int = 0, name_prefix: str = "IM",
+    folder: Path,
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    patient_id: str = "AL3D-0001",
+    description: str = "Abdomen 2.0 mm",
+    series_number: int = 3,
+    study_uid: str | None = None,
+    drop_slices: Sequence[int] = (),
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    nested: bool = True,
+    seed: int = 0,
+    name_prefix: str = "IM",
 ) -> WrittenSeries:
     """One file per slice of a HU volume, stored as uint16 with RescaleIntercept -1024, files named in random order."""
     study_uid = study_uid or generate_uid()
@@ -154,8 +173,16 @@ def write_localizer(folder: Path, patient_id: str = "AL3D-0001", study_uid: str 
 
 def write_secondary_capture(folder: Path, patient_id: str = "AL3D-0001", study_uid: str | None = None) -> WrittenSeries:
     """A 2D secondary capture (a screenshot-like picture) without patient geometry."""
-    ds = _base(patient_id, study_uid or generate_uid(), generate_uid(), generate_uid(), "OT", SECONDARY_CAPTURE, 99,
-               "Dose report screenshot")
+    ds = _base(
+        patient_id,
+        study_uid or generate_uid(),
+        generate_uid(),
+        generate_uid(),
+        "OT",
+        SECONDARY_CAPTURE,
+        99,
+        "Dose report screenshot",
+    )
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1

@@ -23,6 +23,7 @@ subprocess of the tests: ``python slicer_desktop_standins.py VERSION CHECKS_FILE
 OUT_JSON [--without-dependencies] NAME...`` runs the named ``check_*`` functions
 of ``CHECKS_FILE``, each with a fresh :class:`Desktop`, and writes what failed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,7 +65,7 @@ def segment_editor_header(version: str) -> Path:
 def public_methods(header: Path, class_name: str) -> set[str]:
     """Names of the methods and slots a Qt header declares public for ``class_name`` (what Python can call)."""
     text = header.read_text()
-    body = text[text.index(f"class Q_SLICER_MODULE_SEGMENTATIONS_WIDGETS_EXPORT {class_name}"):]
+    body = text[text.index(f"class Q_SLICER_MODULE_SEGMENTATIONS_WIDGETS_EXPORT {class_name}") :]
     names, public = set(), False
     for line in body.splitlines():
         stripped = line.strip()
@@ -91,7 +92,7 @@ def _invoke(slot, args):
         return slot(*args)
     if any(p.kind == p.VAR_POSITIONAL for p in parameters):
         return slot(*args)
-    return slot(*args[:sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)])
+    return slot(*args[: sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)])
 
 
 class Signal:
@@ -588,8 +589,18 @@ class ctkMessageBox(QWidget):
 
 # Classes that Slicer's connectors name (``type(widget) in (...)``) and that the panel does not use.
 QT_UNUSED = ("QSlider", "QDoubleSpinBox", "QTextEdit", "QToolButton", "QMenu", "QAction", "QDialog")
-CTK_UNUSED = ("ctkCheckBox", "ctkCheckablePushButton", "ctkSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox",
-              "ctkComboBox", "ctkRangeWidget", "ctkDoubleRangeSlider", "ctkDirectoryButton", "ctkColorPickerButton")
+CTK_UNUSED = (
+    "ctkCheckBox",
+    "ctkCheckablePushButton",
+    "ctkSliderWidget",
+    "ctkDoubleSlider",
+    "ctkDoubleSpinBox",
+    "ctkComboBox",
+    "ctkRangeWidget",
+    "ctkDoubleRangeSlider",
+    "ctkDirectoryButton",
+    "ctkColorPickerButton",
+)
 SLICER_UNUSED = ("qMRMLNodeComboBox", "qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLRangeWidget", "qSlicerWidget")
 
 
@@ -610,12 +621,26 @@ class qMRMLSegmentEditorWidget(qMRMLWidget):
     """The embedded editor: only what the release's header declares public, with the behaviour the panel relies on."""
 
     declared: set = set()  # filled from the vendored header
-    EMULATED = {"setMRMLScene", "setMRMLSegmentEditorNode", "mrmlSegmentEditorNode", "setSegmentationNode",
-                "segmentationNode", "setSourceVolumeNode", "sourceVolumeNode", "setActiveEffect", "activeEffect",
-                "installKeyboardShortcuts", "uninstallKeyboardShortcuts", "setupViewObservations",
-                "removeViewObservations", "updateWidgetFromMRML", "setSegmentationNodeSelectorVisible",
-                "setSourceVolumeNodeSelectorVisible", "segmentationNodeSelectorVisible",
-                "sourceVolumeNodeSelectorVisible"}
+    EMULATED = {
+        "setMRMLScene",
+        "setMRMLSegmentEditorNode",
+        "mrmlSegmentEditorNode",
+        "setSegmentationNode",
+        "segmentationNode",
+        "setSourceVolumeNode",
+        "sourceVolumeNode",
+        "setActiveEffect",
+        "activeEffect",
+        "installKeyboardShortcuts",
+        "uninstallKeyboardShortcuts",
+        "setupViewObservations",
+        "removeViewObservations",
+        "updateWidgetFromMRML",
+        "setSegmentationNodeSelectorVisible",
+        "setSourceVolumeNodeSelectorVisible",
+        "segmentationNodeSelectorVisible",
+        "sourceVolumeNodeSelectorVisible",
+    }
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -743,7 +768,8 @@ class QUiLoader:
         for connection in connections if connections is not None else []:
             sender, receiver = named[connection.findtext("sender")], named[connection.findtext("receiver")]
             getattr(sender, connection.findtext("signal").split("(")[0]).connect(
-                getattr(receiver, connection.findtext("slot").split("(")[0]))
+                getattr(receiver, connection.findtext("slot").split("(")[0])
+            )
         return widget
 
 
@@ -821,9 +847,33 @@ def install(version: str) -> types.ModuleType:
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: Slicer's Python sources are needed")
     qt = types.ModuleType("qt")
-    for cls in (QObject, QWidget, QVBoxLayout, QHBoxLayout, QFormLayout, QLabel, QPushButton, QCheckBox, QLineEdit,
-                QComboBox, QSpinBox, QProgressBar, QPlainTextEdit, QTableWidget, QTableWidgetItem, QAbstractItemView,
-                QTimer, Qt, QMessageBox, QFile, QIcon, QColor, QSettings, QFileDialog, QUiLoader):
+    for cls in (
+        QObject,
+        QWidget,
+        QVBoxLayout,
+        QHBoxLayout,
+        QFormLayout,
+        QLabel,
+        QPushButton,
+        QCheckBox,
+        QLineEdit,
+        QComboBox,
+        QSpinBox,
+        QProgressBar,
+        QPlainTextEdit,
+        QTableWidget,
+        QTableWidgetItem,
+        QAbstractItemView,
+        QTimer,
+        Qt,
+        QMessageBox,
+        QFile,
+        QIcon,
+        QColor,
+        QSettings,
+        QFileDialog,
+        QUiLoader,
+    ):
         setattr(qt, cls.__name__, cls)
     ctk = types.ModuleType("ctk")
     for cls in (ctkPathLineEdit, ctkCollapsibleButton, ctkMessageBox):
@@ -878,8 +928,10 @@ class Desktop:
         self.dialogs = ctkMessageBox.shown
         slicer.app, slicer.mrmlScene = self.app, self.scene
         vars(slicer).pop("dicomDatabase", None)  # the desktop's DICOM database: a check that needs one sets it
-        logics = {name.lower(): types.SimpleNamespace(logic=(lambda logic=logic: logic))
-                  for name, logic in self.ctx.module_logics.items()}
+        logics = {
+            name.lower(): types.SimpleNamespace(logic=(lambda logic=logic: logic))
+            for name, logic in self.ctx.module_logics.items()
+        }
         slicer.modules = types.SimpleNamespace(**logics)
         self.module = self._load_module()
         slicer.modules.activelearning3d = types.SimpleNamespace(path=str(MODULE_FILE), widgetRepresentation=self._representation)
@@ -950,8 +1002,9 @@ class Desktop:
     def dataset(self, name: str = "source", n_cases: int = 4):
         from conftest import make_dataset
 
-        return make_dataset(self.work / name, n_cases=n_cases, shape=(14, 16, 18), spacing=(0.9, 1.1, 1.3),
-                            origin=(5.0, -3.0, 2.0))
+        return make_dataset(
+            self.work / name, n_cases=n_cases, shape=(14, 16, 18), spacing=(0.9, 1.1, 1.3), origin=(5.0, -3.0, 2.0)
+        )
 
     def create_project(self, panel, name: str = "project", data=None, start: str = "random", query_size: int = 3):
         """Fill the fields as a user does, click Create, and let the timer finish the work."""
@@ -961,8 +1014,9 @@ class Desktop:
         fields["imagesPath"].currentPath = str(data.images)
         fields["patchSize"].text = "4 5 6"
         fields["querySize"].value = query_size
-        fields["startMethod"].currentIndex = [fields["startMethod"].itemText(i)
-                                              for i in range(fields["startMethod"].count())].index(start)
+        fields["startMethod"].currentIndex = [
+            fields["startMethod"].itemText(i) for i in range(fields["startMethod"].count())
+        ].index(start)
         panel.logic.ensureDependencies = lambda: True  # the Python stack is there (installing it is not tested here)
         panel.ui.createProjectButton.click()
         panel.waitUntilIdle(timeoutSeconds=120)
@@ -990,7 +1044,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(REPO))
     logging.basicConfig(level=logging.WARNING)
     results = {}
-    with (_without(PYTHON_STACK) if without else contextlib.nullcontext()):
+    with _without(PYTHON_STACK) if without else contextlib.nullcontext():
         install(version)
         spec = importlib.util.spec_from_file_location("slicer_module_checks", checks_file)
         checks = importlib.util.module_from_spec(spec)

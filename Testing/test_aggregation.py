@@ -38,7 +38,10 @@ def test_box_overlap_known_answers():
     assert Box("c", (0, 0, 0), (4, 4, 4)).fits((4, 5, 6))
     assert not Box("c", (1, 0, 0), (4, 4, 4)).fits((4, 5, 6))
     assert Box("hippo_001", (1, 2, 3), (4, 5, 6)).to_patch() == {
-        "file": "hippo_001.nii.gz", "coords": [1, 2, 3], "size": [4, 5, 6]}
+        "file": "hippo_001.nii.gz",
+        "coords": [1, 2, 3],
+        "size": [4, 5, 6],
+    }
     with pytest.raises(ValueError):
         Box("c", (-1, 0, 0), (2, 2, 2))
     with pytest.raises(ValueError):
@@ -148,7 +151,7 @@ def test_box_means_brute_force(shape, size, stride):
     for i, z in enumerate(expected_axes[0]):
         for j, y in enumerate(expected_axes[1]):
             for k, x in enumerate(expected_axes[2]):
-                block = volume[z:z + eff[0], y:y + eff[1], x:x + eff[2]].astype(np.float64)
+                block = volume[z : z + eff[0], y : y + eff[1], x : x + eff[2]].astype(np.float64)
                 assert block.size == np.prod(eff)
                 assert means[i, j, k] == pytest.approx(block.mean(), rel=1e-9, abs=1e-9)
 

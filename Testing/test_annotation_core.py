@@ -3,6 +3,7 @@
 The full cycle runs in a fresh interpreter, so that what it loaded can be
 checked: no ``slicer``, no VTK, no MRML module of ours.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ from ActiveLearning3DLib.project import ProjectError
 REPO = Path(__file__).resolve().parents[1]
 PATCH = (5, 6, 4)
 
-CYCLE = textwrap.dedent('''
+CYCLE = textwrap.dedent("""
     import json, sys
     import numpy as np
     from ActiveLearning3DLib.gui.annotation import AnnotationSession
@@ -52,15 +53,16 @@ CYCLE = textwrap.dedent('''
                                                           "ActiveLearning3DLib.gui.controller",
                                                           "ActiveLearning3DLib.gui.headless")),
     }))
-''')
+""")
 
 
 def test_a_console_user_annotates_a_box_with_the_core_alone_and_no_mrml_is_loaded(tmp_path):
     data = make_dataset(tmp_path / "source", n_cases=4)
     project = tmp_path / "project"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", CYCLE, str(data.root), str(project)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", CYCLE, str(data.root), str(project)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["modules"] == [], f"the annotation core loaded {out['modules']}"
@@ -85,8 +87,9 @@ def test_a_console_user_annotates_a_box_with_the_core_alone_and_no_mrml_is_loade
 
 def _session(tmp_path: Path, query_size: int = 3) -> AnnotationSession:
     data = make_dataset(tmp_path / "source", n_cases=4)
-    return AnnotationSession.create(tmp_path / "project", data.images, data.labels, patch_size=PATCH,
-                                    query_size=query_size, test_fraction=0.25)
+    return AnnotationSession.create(
+        tmp_path / "project", data.images, data.labels, patch_size=PATCH, query_size=query_size, test_fraction=0.25
+    )
 
 
 def test_the_core_skips_and_refuses_the_next_loop_with_the_one_pending_rule(tmp_path):
@@ -152,12 +155,19 @@ def test_the_panels_fields_round_trip_through_the_saved_settings_and_make_the_lo
     from dataclasses import fields
     from types import SimpleNamespace
 
-    from ActiveLearning3DLib.gui.annotation import (PANEL_FIELDS, PanelSettings, fields_from_settings,
-                                                    settings_from_fields)
+    from ActiveLearning3DLib.gui.annotation import PANEL_FIELDS, PanelSettings, fields_from_settings, settings_from_fields
     from ActiveLearning3DLib.pipeline import LoopSettings
 
-    shown = SimpleNamespace(method="random", device="cpu", profile="test", init="warm", querySize=7, parallel=2,
-                            prefill=False, python="/opt/PythonSlicer")
+    shown = SimpleNamespace(
+        method="random",
+        device="cpu",
+        profile="test",
+        init="warm",
+        querySize=7,
+        parallel=2,
+        prefill=False,
+        python="/opt/PythonSlicer",
+    )
     assert set(vars(shown)) == set(PANEL_FIELDS)
     session = _session(tmp_path)
     session.save_settings(**settings_from_fields(shown))
@@ -176,7 +186,14 @@ def test_the_panels_fields_round_trip_through_the_saved_settings_and_make_the_lo
 
     loop = session.settings.loop_settings()
     assert (loop.method, loop.device, loop.profile, loop.init, loop.count, loop.parallel, loop.python) == (
-        "random", "cpu", "test", "warm", 7, 2, "/opt/PythonSlicer")
+        "random",
+        "cpu",
+        "test",
+        "warm",
+        7,
+        2,
+        "/opt/PythonSlicer",
+    )
     # a panel that changed nothing starts the loop the command line starts without options
     shared = {f.name for f in fields(PanelSettings)} & {f.name for f in fields(LoopSettings)}
     assert shared == {"method", "profile", "device", "parallel", "init", "python"}

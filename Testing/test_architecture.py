@@ -4,6 +4,7 @@ The Slicer desktop cannot run here; these checks catch what would break its
 loading (a Qt import in the library, a file the CMake build names but that is
 missing, a malformed .ui file) without it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -77,8 +78,18 @@ def test_cmake_resources_exist_and_icons_are_128_square():
 
 # ------------------------------------------------------------------ layers
 # What the jobs layer may not know of: it runs any task by name, so it never imports the code its tasks run.
-ABOVE_JOBS = ("pipeline", "logic", "gui", "simulation", "query_methods", "embeddings", "cli", "nnunet", "report",
-              "project")  # the project store is what jobs work for; jobs keep their own folders
+ABOVE_JOBS = (
+    "pipeline",
+    "logic",
+    "gui",
+    "simulation",
+    "query_methods",
+    "embeddings",
+    "cli",
+    "nnunet",
+    "report",
+    "project",
+)  # the project store is what jobs work for; jobs keep their own folders
 
 
 def _module_name(path: Path) -> str:
@@ -199,8 +210,12 @@ ANNOTATION_CORE = "ActiveLearning3DLib.gui.annotation"
 CORE_MAY_IMPORT = ("logic", "pipeline", "jobs")  # the logic; the loop's settings and state; the job runners
 # (and gui helpers without MRML: the test below keeps MRML out)
 BEHIND_THE_LOGIC = ("project", "fileio", "query_methods", "embeddings")
-MRML_SIDE = ("ActiveLearning3DLib.gui.mrml", "ActiveLearning3DLib.gui.view", "ActiveLearning3DLib.gui.controller",
-             "ActiveLearning3DLib.gui.headless")
+MRML_SIDE = (
+    "ActiveLearning3DLib.gui.mrml",
+    "ActiveLearning3DLib.gui.view",
+    "ActiveLearning3DLib.gui.controller",
+    "ActiveLearning3DLib.gui.headless",
+)
 MRML_TOP_MODULES = {"slicer", "vtk", "vtkmodules", "mrml", "MRMLCorePython"} | GUI_MODULES - {"__main__"}
 
 

@@ -5,6 +5,7 @@ Each case asserts the outcome the user sees: a one-line error that names the opt
 cases that failed before (wrong argument order in ``al3d query``, ``--parallel -1`` hanging, truncated
 images accepted, hand-edited loop files and ``project.json`` case ids, tracebacks instead of errors).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -32,8 +33,23 @@ def project(tmp_path):
     """A 4-case project (3 pool, 1 test) with loop 0 of 3 random boxes annotated by the oracle."""
     data = make_dataset(tmp_path / "source", n_cases=4)
     path = tmp_path / "project"
-    assert main(["init", str(path), "--images", str(data.images), "--labels", str(data.labels),
-                 "--patch-size", *PATCH, "--query-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(path),
+                "--images",
+                str(data.images),
+                "--labels",
+                str(data.labels),
+                "--patch-size",
+                *PATCH,
+                "--query-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert main(["query", str(path), "--method", "random", "--count", "3"]) == 0
     assert main(["annotate", str(path), "--oracle"]) == 0
     return path
@@ -68,8 +84,10 @@ BAD_OPTIONS = [
     (["loop", "{p}", "--count", "0"], "--count"),
     (["loop", "{p}", "--folds", "0"], "--folds"),
     (["loop", "{p}", "--folds", "1"], "--folds"),  # one fold trains on nothing (it crashed in the worker)
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--folds", "1"], "--folds"),
+    (
+        ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o", "--folds", "1"],
+        "--folds",
+    ),
     (["train", "{p}", "--parallel", "0"], "--parallel"),
     (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--query-size", "0"], "--query-size"),
     (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--query-size", "-5"], "--query-size"),
@@ -79,29 +97,68 @@ BAD_OPTIONS = [
     (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--test-fraction", "1"], "--test-fraction"),
     (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--max-cases", "0"], "--max-cases"),
     (["init", "{tmp}/new", "--images", "{tmp}/source/imagesTr", "--start-count", "0"], "--start-count"),
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--seeds", ""], "--seeds"),
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--seeds", "0,0"], "--seeds"),
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--loops", "0"], "--loops"),
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--budget", "3"], "--budget"),
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--parallel", "-1"], "--parallel"),
+    (
+        ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o", "--seeds", ""],
+        "--seeds",
+    ),
+    (
+        ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o", "--seeds", "0,0"],
+        "--seeds",
+    ),
+    (
+        ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o", "--loops", "0"],
+        "--loops",
+    ),
+    (
+        ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o", "--budget", "3"],
+        "--budget",
+    ),
+    (
+        ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o", "--parallel", "-1"],
+        "--parallel",
+    ),
     (["demo", "--max-cases", "0"], "--max-cases"),
     (["loop", "{p}", "--python", "{tmp}/no-such-python"], "--python"),
     (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "", "--out", "{tmp}/o"], "--method"),
     (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random,nope", "--out", "{tmp}/o"], "--method"),
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--restore-from", "{tmp}/missing"], "--restore-from"),
-    (["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method", "random", "--out", "{tmp}/o",
-      "--python", "{tmp}/no-such-python"], "--python"),
+    (
+        [
+            "simulate",
+            "--images",
+            "{tmp}/i",
+            "--labels",
+            "{tmp}/l",
+            "--method",
+            "random",
+            "--out",
+            "{tmp}/o",
+            "--restore-from",
+            "{tmp}/missing",
+        ],
+        "--restore-from",
+    ),
+    (
+        [
+            "simulate",
+            "--images",
+            "{tmp}/i",
+            "--labels",
+            "{tmp}/l",
+            "--method",
+            "random",
+            "--out",
+            "{tmp}/o",
+            "--python",
+            "{tmp}/no-such-python",
+        ],
+        "--python",
+    ),
 ]
 
 
-@pytest.mark.parametrize("argv,option", BAD_OPTIONS, ids=[f"{a[0]} {o} {a[a.index(o) + 1] if a.index(o) + 1 < len(a) else ''}"
-                                                          for a, o in BAD_OPTIONS])
+@pytest.mark.parametrize(
+    "argv,option", BAD_OPTIONS, ids=[f"{a[0]} {o} {a[a.index(o) + 1] if a.index(o) + 1 < len(a) else ''}" for a, o in BAD_OPTIONS]
+)
 def test_a_bad_option_is_refused_up_front_in_one_line_naming_it(project, tmp_path, capsys, argv, option):
     before = checksums(project)
     argv = [a.format(p=project, tmp=tmp_path) for a in argv]
@@ -164,8 +221,7 @@ def test_query_probabilities_option_is_used(project, tmp_path, capsys):
 def test_query_per_image_option_limits_the_boxes_per_image(project, tmp_path):
     p = Project.open(project)
     probs = _probabilities(tmp_path / "probs", project, p.pool_cases[0])
-    assert main(["query", str(project), "--method", "pe", "--count", "3", "--probabilities", str(probs),
-                 "--per-image", "1"]) == 0
+    assert main(["query", str(project), "--method", "pe", "--count", "3", "--probabilities", str(probs), "--per-image", "1"]) == 0
     files = [b["file"] for b in _last_loop(project)["patches"]]
     assert len(files) == 3 and len(set(files)) == 3  # without --per-image all three come from the uncertain case
 
@@ -173,8 +229,10 @@ def test_query_per_image_option_limits_the_boxes_per_image(project, tmp_path):
 def test_query_stride_option_sets_the_corner_grid(project, tmp_path):
     p = Project.open(project)
     probs = _probabilities(tmp_path / "probs", project, p.pool_cases[0])
-    assert main(["query", str(project), "--method", "pe", "--count", "3", "--probabilities", str(probs),
-                 "--stride", "5", "5", "5"]) == 0
+    assert (
+        main(["query", str(project), "--method", "pe", "--count", "3", "--probabilities", str(probs), "--stride", "5", "5", "5"])
+        == 0
+    )
     allowed = []  # 0, 5, 10, ... and the last corner D - 4 along each axis
     for d in next(iter(p.cases.values())).shape:
         allowed.append(set(range(0, d - 4 + 1, 5)) | {d - 4})
@@ -192,13 +250,23 @@ def test_query_count_seed_show_and_distance_options(project, capsys):
 
 
 # ------------------------------------------------------------------ the Python API checks as strictly
-@pytest.mark.parametrize("kwargs,name", [
-    ({"count": 0}, "count"), ({"count": -1}, "count"), ({"count": 2.5}, "count"), ({"count": True}, "count"),
-    ({"seed": -1}, "seed"), ({"stride": (0, 1, 1)}, "stride"), ({"stride": (2, 2)}, "stride"),
-    ({"n_per_image": 0}, "n_per_image"), ({"min_distance": -1.0}, "min_distance"),
-    ({"min_distance": float("nan")}, "min_distance"), ({"distance_space": "pixels"}, "distance_space"),
-    ({"method": "nope"}, "unknown query method"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"count": 0}, "count"),
+        ({"count": -1}, "count"),
+        ({"count": 2.5}, "count"),
+        ({"count": True}, "count"),
+        ({"seed": -1}, "seed"),
+        ({"stride": (0, 1, 1)}, "stride"),
+        ({"stride": (2, 2)}, "stride"),
+        ({"n_per_image": 0}, "n_per_image"),
+        ({"min_distance": -1.0}, "min_distance"),
+        ({"min_distance": float("nan")}, "min_distance"),
+        ({"distance_space": "pixels"}, "distance_space"),
+        ({"method": "nope"}, "unknown query method"),
+    ],
+)
 def test_api_query_checks_its_arguments(project, kwargs, name):
     logic = ActiveLearningLogic.open(project)
     before = checksums(project)
@@ -220,12 +288,17 @@ def test_api_submit_checks_its_arguments(project):
     box = logic.pending_boxes()[0]
     good = np.zeros(box.box.size, np.uint8)
     before = checksums(project)
-    for kwargs, name in [({"annotator": ""}, "annotator"), ({"annotator": None}, "annotator"),
-                         ({"seconds": -1}, "seconds"), ({"seconds": float("inf")}, "seconds"),
-                         ({"labels": np.zeros(box.box.size, object)}, "labels"),
-                         ({"labels": np.zeros((2, 2, 2), np.uint8)}, "shape"),
-                         ({"labels": np.full(box.box.size, 9, np.uint8)}, "classes are 0..2"),
-                         ({"box": 5}, "box"), ({"box": "999-0000"}, "no box")]:
+    for kwargs, name in [
+        ({"annotator": ""}, "annotator"),
+        ({"annotator": None}, "annotator"),
+        ({"seconds": -1}, "seconds"),
+        ({"seconds": float("inf")}, "seconds"),
+        ({"labels": np.zeros(box.box.size, object)}, "labels"),
+        ({"labels": np.zeros((2, 2, 2), np.uint8)}, "shape"),
+        ({"labels": np.full(box.box.size, 9, np.uint8)}, "classes are 0..2"),
+        ({"box": 5}, "box"),
+        ({"box": "999-0000"}, "no box"),
+    ]:
         args = {"box": box, "labels": good, **kwargs}
         with pytest.raises((ValueError, ProjectError), match=name):
             logic.submit(**args)
@@ -253,9 +326,14 @@ def test_api_add_box_refuses_an_overlap_with_any_box_and_bad_centres(project):
     p = Project.open(project)
     shape = p.cases[existing.case].shape
     taken = [b.box for b in logic.boxes() if b.case == existing.case]
-    free = next(c for c in np.ndindex(*shape) if not any(
-        t.overlaps(type(t)(existing.case, tuple(max(0, min(v - 2, n - 4)) for v, n in zip(c, shape)), (4, 4, 4)))
-        for t in taken))
+    free = next(
+        c
+        for c in np.ndindex(*shape)
+        if not any(
+            t.overlaps(type(t)(existing.case, tuple(max(0, min(v - 2, n - 4)) for v, n in zip(c, shape)), (4, 4, 4)))
+            for t in taken
+        )
+    )
     added = logic.add_box(existing.case, list(free))
     assert added.state == "pending"
     with pytest.raises(ProjectError, match=f"would overlap box {added.id} \\(pending\\)"):
@@ -263,16 +341,31 @@ def test_api_add_box_refuses_an_overlap_with_any_box_and_bad_centres(project):
 
 
 def test_loop_settings_and_simulation_settings_check_their_fields(tmp_path):
-    for kwargs, name in [({"parallel": -1}, "parallel"), ({"parallel": 0}, "parallel"), ({"count": -1}, "count"),
-                         ({"folds": 0}, "folds"), ({"threads": 0}, "threads"), ({"seed": -2}, "seed"),
-                         ({"method": "nope"}, "unknown query method"), ({"stride": (1, 0, 1)}, "stride")]:
+    for kwargs, name in [
+        ({"parallel": -1}, "parallel"),
+        ({"parallel": 0}, "parallel"),
+        ({"count": -1}, "count"),
+        ({"folds": 0}, "folds"),
+        ({"threads": 0}, "threads"),
+        ({"seed": -2}, "seed"),
+        ({"method": "nope"}, "unknown query method"),
+        ({"stride": (1, 0, 1)}, "stride"),
+    ]:
         with pytest.raises(ValueError, match=name):
             LoopSettings(**kwargs)
     base = dict(images=tmp_path, labels=tmp_path, methods=("random",), out=tmp_path / "o")
-    for kwargs, name in [({"seeds": ()}, "seeds"), ({"seeds": (-1,)}, "seeds"), ({"loops": 0}, "loops"),
-                         ({"parallel": 0}, "parallel"), ({"folds": -1}, "folds"), ({"max_cases": 0}, "max_cases"),
-                         ({"budget": "huge"}, "budget"), ({"budget": 2}, "budget"), ({"test_fraction": 1.0}, "test_fraction"),
-                         ({"patch_size": (0, 4, 4)}, "patch_size")]:
+    for kwargs, name in [
+        ({"seeds": ()}, "seeds"),
+        ({"seeds": (-1,)}, "seeds"),
+        ({"loops": 0}, "loops"),
+        ({"parallel": 0}, "parallel"),
+        ({"folds": -1}, "folds"),
+        ({"max_cases": 0}, "max_cases"),
+        ({"budget": "huge"}, "budget"),
+        ({"budget": 2}, "budget"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"patch_size": (0, 4, 4)}, "patch_size"),
+    ]:
         with pytest.raises(ValueError, match=name):
             SimulationSettings(**{**base, **kwargs})
     assert not (tmp_path / "o").exists()
@@ -304,15 +397,18 @@ def test_a_case_id_that_leads_out_of_the_project_is_refused_on_open(project, tmp
     assert victim.read_bytes() == b"outside the project"
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: d["cases"][next(iter(d["cases"]))].update(split="train"), "split"),
-    (lambda d: d["cases"][next(iter(d["cases"]))].update(shape=[12, -1, 14]), "shape"),
-    (lambda d: d.update(patch_size=[4, 4]), "patch_size"),
-    (lambda d: d.update(seed=-1), "seed"),
-    (lambda d: d["budget"].update(query_size=0), "query_size"),
-    (lambda d: d["budget"].update(loops="many"), "loops"),
-    (lambda d: d.update(cases={}), "cases"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d["cases"][next(iter(d["cases"]))].update(split="train"), "split"),
+        (lambda d: d["cases"][next(iter(d["cases"]))].update(shape=[12, -1, 14]), "shape"),
+        (lambda d: d.update(patch_size=[4, 4]), "patch_size"),
+        (lambda d: d.update(seed=-1), "seed"),
+        (lambda d: d["budget"].update(query_size=0), "query_size"),
+        (lambda d: d["budget"].update(loops="many"), "loops"),
+        (lambda d: d.update(cases={}), "cases"),
+    ],
+)
 def test_damaged_project_fields_are_refused_naming_project_json(project, change, message):
     _edit_json(project / "project.json", change)
     with pytest.raises(ProjectError, match=f"project\\.json: .*{message}"):
@@ -326,8 +422,10 @@ def test_hand_edited_loop_files_are_refused_naming_the_file(project):
     cases = [
         (lambda d: d["patches"][1].update(index=0), "entry 1 says it is box 000-0000"),
         (lambda d: d["patches"].append(dict(d["patches"][0], index=3)), "overlaps box 000-0000"),
-        (lambda d: d["patches"].append(dict(d["patches"][0], index=3, coords=[c + 1 for c in d["patches"][0]["coords"]])),
-         "overlaps box 000-0000"),
+        (
+            lambda d: d["patches"].append(dict(d["patches"][0], index=3, coords=[c + 1 for c in d["patches"][0]["coords"]])),
+            "overlaps box 000-0000",
+        ),
         (lambda d: d["patches"][0].update(loop=4), "says it is box 004-0000"),
     ]
     for change, message in cases:
@@ -340,9 +438,12 @@ def test_hand_edited_loop_files_are_refused_naming_the_file(project):
     # a later loop that repeats a box of an earlier one names both files
     logic = ActiveLearningLogic.open(project)
     logic.query("random", 2)
-    _edit_json(project / "loops" / "loop_001.json",
-               lambda d: d["patches"][0].update(file=json.loads(original)["patches"][0]["file"],
-                                                coords=json.loads(original)["patches"][0]["coords"]))
+    _edit_json(
+        project / "loops" / "loop_001.json",
+        lambda d: d["patches"][0].update(
+            file=json.loads(original)["patches"][0]["file"], coords=json.loads(original)["patches"][0]["coords"]
+        ),
+    )
     with pytest.raises(ProjectError, match=r"loop_001.json: box 001-0000 overlaps box 000-0000 .* in loop_000.json"):
         logic.pending_boxes()
 
@@ -360,9 +461,16 @@ def _cut_stream(path: Path) -> None:
     path.write_bytes(data[: len(data) * 2 // 3])
 
 
-@pytest.mark.parametrize("what,cut", [("image", _truncate_payload), ("image", _cut_stream),
-                                      ("label", _truncate_payload), ("label", _cut_stream),
-                                      ("plain .nii image", None)])
+@pytest.mark.parametrize(
+    "what,cut",
+    [
+        ("image", _truncate_payload),
+        ("image", _cut_stream),
+        ("label", _truncate_payload),
+        ("label", _cut_stream),
+        ("plain .nii image", None),
+    ],
+)
 def test_a_truncated_nifti_is_refused_at_init_naming_the_file(tmp_path, capsys, what, cut):
     """SimpleITK reads a truncated NIfTI and fills the missing half with zeros; init accepted it."""
     suffix = ".nii" if what.startswith("plain") else ".nii.gz"
@@ -392,12 +500,15 @@ def test_a_label_value_above_the_supported_range_is_an_error_not_a_traceback(tmp
     assert "Traceback" not in err and not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{not json", "unreadable dataset.json"),
-    (json.dumps({"labels": {"0": "background", "2": "liver"}}), "class values [0, 2] must be 0"),
-    (json.dumps({"labels": {"background": "zero"}}), "'labels' declares no class"),
-    (json.dumps({"labels": {"0": "background", "1": "a", "2": "b"}, "channel_names": {"T1": "x"}}), "channel numbers"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "unreadable dataset.json"),
+        (json.dumps({"labels": {"0": "background", "2": "liver"}}), "class values [0, 2] must be 0"),
+        (json.dumps({"labels": {"background": "zero"}}), "'labels' declares no class"),
+        (json.dumps({"labels": {"0": "background", "1": "a", "2": "b"}, "channel_names": {"T1": "x"}}), "channel numbers"),
+    ],
+)
 def test_dataset_json_errors_name_the_file(tmp_path, capsys, content, message):
     data = make_dataset(tmp_path / "source", n_cases=3)
     (data.root / "dataset.json").write_text(content)
@@ -408,8 +519,9 @@ def test_dataset_json_errors_name_the_file(tmp_path, capsys, content, message):
 
 
 # ------------------------------------------------------------------ jobs
-@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", json.dumps({"state": "exploded"}),
-                                    json.dumps({"state": "running", "progress": "half"}), ""])
+@pytest.mark.parametrize(
+    "damage", ["{not json", "[1, 2]", json.dumps({"state": "exploded"}), json.dumps({"state": "running", "progress": "half"}), ""]
+)
 def test_a_damaged_status_json_is_reported_and_the_job_runs_again(project, capsys, damage):
     """It blocked ``al3d jobs``, ``score`` and ``loop`` until someone edited it by hand."""
     from ActiveLearning3DLib.jobs import Job, LocalRunner, LocalRunnerSettings
@@ -455,19 +567,48 @@ def test_a_workers_death_message_is_short_even_when_its_log_holds_kilobyte_lines
 def _study(root: Path, seeds=(0, 1), loops: int = 2) -> Path:
     """A simulation folder with hand-written records (no training)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "simulation.json").write_text(json.dumps({
-        "settings": {"methods": ["random", "pe"], "seeds": list(seeds), "loops": loops, "images": "data/imagesTr",
-                     "budget": 60, "start": "random"},
-        "budget": 60, "budget_rule": "given", "query_size": 20, "profile_tag": "test", "patch_size": [20, 20, 20],
-        "pool_cases": 10, "test_cases": 4, "profile": {"name": "test"}, "versions": {}}))
+    (root / "simulation.json").write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "methods": ["random", "pe"],
+                    "seeds": list(seeds),
+                    "loops": loops,
+                    "images": "data/imagesTr",
+                    "budget": 60,
+                    "start": "random",
+                },
+                "budget": 60,
+                "budget_rule": "given",
+                "query_size": 20,
+                "profile_tag": "test",
+                "patch_size": [20, 20, 20],
+                "pool_cases": 10,
+                "test_cases": 4,
+                "profile": {"name": "test"},
+                "versions": {},
+            }
+        )
+    )
     for method in ("random", "pe"):
         for seed in seeds:
             folder = root / "results" / method / f"seed_{seed}"
             folder.mkdir(parents=True)
             for loop in range(loops):
-                (folder / f"loop_{loop:03d}.json").write_text(json.dumps({
-                    "method": method, "seed": seed, "loop": loop, "boxes": 20 * (loop + 1), "foreground_fraction": 0.1,
-                    "mean_dice": 0.5 + 0.1 * loop, "per_class": {}, "seconds": {"train": 3.0}}))
+                (folder / f"loop_{loop:03d}.json").write_text(
+                    json.dumps(
+                        {
+                            "method": method,
+                            "seed": seed,
+                            "loop": loop,
+                            "boxes": 20 * (loop + 1),
+                            "foreground_fraction": 0.1,
+                            "mean_dice": 0.5 + 0.1 * loop,
+                            "per_class": {},
+                            "seconds": {"train": 3.0},
+                        }
+                    )
+                )
     return root
 
 
@@ -475,21 +616,26 @@ def _no_report_left(out: Path) -> bool:
     return not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda r: shutil.rmtree(r / "results"), "no loop records"),
-    (lambda r: (r / "simulation.json").write_text("{oops"), "simulation.json: damaged simulation file"),
-    (lambda r: (r / "simulation.json").write_text("[]"), "simulation.json: damaged simulation file"),
-    (lambda r: _edit_json(r / "simulation.json", lambda d: d.pop("settings")), "no 'settings'"),
-    (lambda r: _edit_json(r / "simulation.json", lambda d: d["settings"].update(methods="random")), "settings.methods"),
-    (lambda r: _edit_json(r / "simulation.json", lambda d: d["settings"].update(loops="2")), "settings.loops"),
-    (lambda r: _edit_json(r / "simulation.json", lambda d: d.pop("budget")), "no 'budget'"),
-    (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(mean_dice="high")),
-     "loop_001.json: damaged loop record (mean_dice"),
-    (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(seed="1")), "damaged loop record (seed"),
-    (lambda r: (r / "results/pe/seed_0/loop_000.json").write_text("[1]"), "damaged loop record (expected a JSON object"),
-    (lambda r: (r / "results/pe/seed_0/loop_000.json").write_text(""), "damaged loop record"),
-    (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(seconds=[1])), "'seconds'"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda r: shutil.rmtree(r / "results"), "no loop records"),
+        (lambda r: (r / "simulation.json").write_text("{oops"), "simulation.json: damaged simulation file"),
+        (lambda r: (r / "simulation.json").write_text("[]"), "simulation.json: damaged simulation file"),
+        (lambda r: _edit_json(r / "simulation.json", lambda d: d.pop("settings")), "no 'settings'"),
+        (lambda r: _edit_json(r / "simulation.json", lambda d: d["settings"].update(methods="random")), "settings.methods"),
+        (lambda r: _edit_json(r / "simulation.json", lambda d: d["settings"].update(loops="2")), "settings.loops"),
+        (lambda r: _edit_json(r / "simulation.json", lambda d: d.pop("budget")), "no 'budget'"),
+        (
+            lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(mean_dice="high")),
+            "loop_001.json: damaged loop record (mean_dice",
+        ),
+        (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(seed="1")), "damaged loop record (seed"),
+        (lambda r: (r / "results/pe/seed_0/loop_000.json").write_text("[1]"), "damaged loop record (expected a JSON object"),
+        (lambda r: (r / "results/pe/seed_0/loop_000.json").write_text(""), "damaged loop record"),
+        (lambda r: _edit_json(r / "results/pe/seed_1/loop_001.json", lambda d: d.update(seconds=[1])), "'seconds'"),
+    ],
+)
 def test_report_on_a_bad_simulation_folder_is_one_error_and_leaves_no_plots(tmp_path, capsys, damage, message):
     run = _study(tmp_path / "sim")
     damage(run)
@@ -529,7 +675,7 @@ def test_panel_json_python_of_a_project_folder_is_never_run(project, tmp_path):
 
     marker = tmp_path / "script-ran"
     script = tmp_path / "evil-python"
-    script.write_text(f"#!/bin/sh\ntouch {marker}\nexec {sys.executable} \"$@\"\n")
+    script.write_text(f'#!/bin/sh\ntouch {marker}\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
     (project / "panel.json").write_text(json.dumps({"method": "random", "python": str(script), "parallel": 1}))
     controller = AnnotationController.open_project(headless_slicer(), project)
@@ -552,11 +698,18 @@ def test_api_project_create_checks_its_arguments_before_any_work(tmp_path):
     from ActiveLearning3DLib.project import BudgetSettings
 
     data = make_dataset(tmp_path / "source", n_cases=3)
-    for kwargs, name in [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"max_cases": 0}, "max_cases"),
-                         ({"patch_size": (4, 4)}, "patch_size"), ({"patch_size": "444"}, "patch_size"),
-                         ({"test_fraction": True}, "test_fraction"), ({"classes": {0: "bg", 1: ""}}, "classes"),
-                         ({"budget": BudgetSettings(query_size=0)}, "budget.query_size"),
-                         ({"budget": BudgetSettings(loops=0)}, "budget.loops"), ({"budget": {"loops": 3}}, "budget")]:
+    for kwargs, name in [
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"max_cases": 0}, "max_cases"),
+        ({"patch_size": (4, 4)}, "patch_size"),
+        ({"patch_size": "444"}, "patch_size"),
+        ({"test_fraction": True}, "test_fraction"),
+        ({"classes": {0: "bg", 1: ""}}, "classes"),
+        ({"budget": BudgetSettings(query_size=0)}, "budget.query_size"),
+        ({"budget": BudgetSettings(loops=0)}, "budget.loops"),
+        ({"budget": {"loops": 3}}, "budget"),
+    ]:
         with pytest.raises(ProjectError, match=name):
             Project.create(tmp_path / "p", data.images, data.labels, **kwargs)
         assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.*"))

@@ -1,4 +1,5 @@
 """The pool autoencoder as a background job: difficulty finds an unusual box, the cache, and cold-start queries."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,8 +31,9 @@ def planted(tmp_path_factory):
             block = ((z // 2 + y // 2 + x // 2) % 2 * 8.0 - 4.0).astype(np.float32)
             smooth[2:12, 2:12, 2:12] = block[2:12, 2:12, 2:12]
         write_image(data.images / f"{case}_0000.nii.gz", smooth)
-    logic = ActiveLearningLogic.create(root / "project", data.images, data.labels, patch_size=(8, 8, 8),
-                                       test_fraction=0.0, seed=0)
+    logic = ActiveLearningLogic.create(
+        root / "project", data.images, data.labels, patch_size=(8, 8, 8), test_fraction=0.0, seed=0
+    )
     return logic, data.cases[2]
 
 
@@ -39,8 +41,11 @@ def test_reconstruction_error_is_higher_on_the_planted_structure(planted):
     logic, odd_case = planted
     embeddings = pool_embeddings(logic.project, SETTINGS)
     assert embeddings.embeddings.shape[0] == len(embeddings) == len(embeddings.errors) > 50
-    planted_box = [i for i, b in enumerate(embeddings.boxes)  # boxes mostly inside the planted block [2, 12)^3
-                   if b.case == odd_case and all(0 <= c <= 6 for c in b.coords)]
+    planted_box = [
+        i
+        for i, b in enumerate(embeddings.boxes)  # boxes mostly inside the planted block [2, 12)^3
+        if b.case == odd_case and all(0 <= c <= 6 for c in b.coords)
+    ]
     ordinary = [i for i, b in enumerate(embeddings.boxes) if b.case != odd_case]
     assert planted_box and ordinary
     assert embeddings.errors[planted_box].min() > np.percentile(embeddings.errors[ordinary], 95)
@@ -61,16 +66,39 @@ def test_label_free_starting_budget_from_the_command_line(planted, tmp_path):
     logic, _ = planted
     images = logic.project.path.parent / "source" / "imagesTr"
     out = tmp_path / "cscs"
-    done = subprocess.run([sys.executable, "-m", "ActiveLearning3DLib.cli", "init", str(out), "--images", str(images),
-                           "--patch-size", "8", "8", "8", "--start", "cscs", "--start-count", "6", "--query-size", "6",
-                           "--ae-iterations", "60"], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ActiveLearning3DLib.cli",
+            "init",
+            str(out),
+            "--images",
+            str(images),
+            "--patch-size",
+            "8",
+            "8",
+            "8",
+            "--start",
+            "cscs",
+            "--start-count",
+            "6",
+            "--query-size",
+            "6",
+            "--ae-iterations",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     opened = ActiveLearningLogic.open(out)
     boxes = opened.boxes(0)
     assert len(boxes) == 6 and {b.method for b in boxes} == {"cscs"}
     assert len({b.stratum for b in boxes}) >= 2  # spread over clusters
     for i, a in enumerate(boxes):
-        assert all(not a.box.overlaps(b.box) for b in boxes[i + 1:])
+        assert all(not a.box.overlaps(b.box) for b in boxes[i + 1 :])
     assert not opened.project.has_ground_truth
     # the partial labels were not touched by a label-free query
     assert set(np.unique(read_array(opened.project.partial_label_path(boxes[0].case)))) == {opened.project.ignore_value}
@@ -122,8 +150,9 @@ def test_a_loop_pipeline_runs_the_embeddings_stage_as_a_job_before_a_label_free_
     from ActiveLearning3DLib.pipeline import LoopPipeline, LoopSettings
 
     data = make_dataset(tmp_path / "source", n_cases=3, shape=SHAPE)
-    logic = ActiveLearningLogic.create(tmp_path / "project", data.images, data.labels, patch_size=(8, 8, 8),
-                                       test_fraction=0.0, seed=0)
+    logic = ActiveLearningLogic.create(
+        tmp_path / "project", data.images, data.labels, patch_size=(8, 8, 8), test_fraction=0.0, seed=0
+    )
     logic.query("random", 2)
     logic.annotate_with_oracle()
     calls = []
@@ -133,8 +162,9 @@ def test_a_loop_pipeline_runs_the_embeddings_stage_as_a_job_before_a_label_free_
         return logic.query(method, count, seed, scores=scores, info=info)
 
     runner = make_runner(RunnerSettings(max_parallel=1))
-    pipeline = LoopPipeline(logic.project, query, LoopSettings(profile="test", device="cpu", method="cluster", count=3,
-                                                                stages=("query",)), runner)
+    pipeline = LoopPipeline(
+        logic.project, query, LoopSettings(profile="test", device="cpu", method="cluster", count=3, stages=("query",)), runner
+    )
     stage = logic.embedding_stage()
     assert not stage.done
     # an earlier run's saved autoencoder (untrained here): the job resumes from it and only embeds. Training the
@@ -150,8 +180,9 @@ def test_a_loop_pipeline_runs_the_embeddings_stage_as_a_job_before_a_label_free_
     assert (first.stage, first.state) == ("query", "running") and calls == []
     job_name = f"embeddings-{stage.path.parent.name}"
     assert [name for name, _ in first.jobs] == [job_name]
-    done = wait_for(lambda: (lambda s: s if s.finished else None)(pipeline._query()), timeout=600,
-                    what="the embeddings job and the query")
+    done = wait_for(
+        lambda: (lambda s: s if s.finished else None)(pipeline._query()), timeout=600, what="the embeddings job and the query"
+    )
     assert done.state == "done", done.message
     assert calls == [("cluster", 3, None, None)] and stage.done
     assert [b.loop for b in done.loop_file.boxes] == [1, 1, 1] and logic.project.loop_indices() == [0, 1]

@@ -1,4 +1,5 @@
 """Known answers for the label-free selection math and PE with spatial diversity (docs/METHODS.md section 5)."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,8 +11,16 @@ from ActiveLearning3DLib.aggregation import NotEnoughCandidates, Pick
 from ActiveLearning3DLib.boxes import Box
 from ActiveLearning3DLib.query_methods import PESpatialOptions, QueryContext, get_method
 from ActiveLearning3DLib.query_methods.diversity import (
-    cluster_priority, cscs_scores, difficulty_coverage_ratio, kmeans_auto, pacing_weight, proportional_quotas,
-    rank_normalise, spatially_diverse, stratified_select, typicality,
+    cluster_priority,
+    cscs_scores,
+    difficulty_coverage_ratio,
+    kmeans_auto,
+    pacing_weight,
+    proportional_quotas,
+    rank_normalise,
+    spatially_diverse,
+    stratified_select,
+    typicality,
 )
 from ActiveLearning3DLib.uncertainty import MemoryProbabilities
 
@@ -33,12 +42,15 @@ def test_kmeans_recovers_planted_clusters_and_their_number():
     assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3 and len({b for _, b in pairs}) == 3
 
 
-@pytest.mark.parametrize("sizes, budget, expected", [
-    ((60, 30, 10), 10, [6, 3, 1]),
-    ((60, 30, 10), 20, [12, 6, 2]),
-    ((97, 2, 1), 10, [8, 1, 1]),      # at least one per cluster
-    ((5, 50, 20), 2, [0, 1, 1]),      # fewer boxes than clusters: the largest get one
-])
+@pytest.mark.parametrize(
+    "sizes, budget, expected",
+    [
+        ((60, 30, 10), 10, [6, 3, 1]),
+        ((60, 30, 10), 20, [12, 6, 2]),
+        ((97, 2, 1), 10, [8, 1, 1]),  # at least one per cluster
+        ((5, 50, 20), 2, [0, 1, 1]),  # fewer boxes than clusters: the largest get one
+    ],
+)
 def test_quotas_are_proportional_with_at_least_one(sizes, budget, expected):
     quotas = proportional_quotas(sizes, budget)
     assert quotas == expected and sum(quotas) == budget
@@ -108,7 +120,7 @@ def test_cscs_prefers_typical_boxes_on_a_small_budget_and_hard_ones_on_a_large_o
     small, info_small = cscs_scores(x, difficulty, budget=2)
     large, info_large = cscs_scores(x, difficulty, budget=200)
     assert info_small["dcr"] < 0.5 and info_small["difficulty_weight"] < info_large["difficulty_weight"]
-    assert np.argsort(-small)[:2].max() < 200       # small budget: typical (dense) boxes first
+    assert np.argsort(-small)[:2].max() < 200  # small budget: typical (dense) boxes first
 
     def outlier_positions(score):
         position = np.empty(len(score), int)
@@ -150,8 +162,14 @@ def test_pe_spatial_query_respects_the_minimum_distance_and_prefers_uncertainty(
     probs[0] = 0.99
     probs[1] = 0.01
     probs[:, 2:10, 2:10, 2:10] = 0.5  # one uncertain corner region: plain PE would crowd boxes there
-    ctx = QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
-                       probabilities=MemoryProbabilities({"m0": {"x": probs}}), options=PESpatialOptions(12.0))
+    ctx = QueryContext(
+        cases={"x": shape},
+        patch_size=(4, 4, 4),
+        foreground_classes=[1],
+        seed=0,
+        probabilities=MemoryProbabilities({"m0": {"x": probs}}),
+        options=PESpatialOptions(12.0),
+    )
     picks = get_method("pe_spatial")(ctx, 3)
     plain = get_method("pe")(ctx, 3)
     centre = lambda p: np.array(p.box.coords) + 1.5  # noqa: E731
@@ -179,24 +197,37 @@ def test_pe_spatial_in_embedding_space_rejects_a_far_box_that_looks_the_same():
     shape = (24, 24, 24)
     probs = np.empty((2, *shape), np.float32)
     probs[0], probs[1] = 0.9, 0.1
-    probs[:, 0:4, 0:4, 0:4] = 0.5     # two equally uncertain corners, far apart in voxels
+    probs[:, 0:4, 0:4, 0:4] = 0.5  # two equally uncertain corners, far apart in voxels
     probs[:, 20:24, 20:24, 20:24] = 0.5
     probs[0, 0:4, 20:24, 0:4], probs[1, 0:4, 20:24, 0:4] = 0.45, 0.55  # a third, a little less uncertain
     boxes = candidate_boxes("x", shape, (4, 4, 4), None)
     vectors = np.zeros((len(boxes), 2))
     for i, b in enumerate(boxes):
         vectors[i] = [(b.coords[1] - b.coords[0]) / 4.0, 0.0]  # (0,0,0) and (20,20,20) look alike, (0,20,0) does not
-    ctx = QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
-                       probabilities=MemoryProbabilities({"m0": {"x": probs}}),
-                       embeddings=EmbeddingSet(boxes, vectors, np.zeros(len(boxes))),
-                       options=PESpatialOptions(2.0, "embedding"))
+    ctx = QueryContext(
+        cases={"x": shape},
+        patch_size=(4, 4, 4),
+        foreground_classes=[1],
+        seed=0,
+        probabilities=MemoryProbabilities({"m0": {"x": probs}}),
+        embeddings=EmbeddingSet(boxes, vectors, np.zeros(len(boxes))),
+        options=PESpatialOptions(2.0, "embedding"),
+    )
     picks = get_method("pe_spatial")(ctx, 2)
     corners = sorted(p.box.coords for p in picks)
     assert (0, 0, 0) in corners or (20, 20, 20) in corners
     assert not ((0, 0, 0) in corners and (20, 20, 20) in corners)  # different places, same embedding: one of them
     assert (0, 20, 0) in corners  # the less uncertain box that looks different takes the second place
-    voxel = get_method("pe_spatial")(QueryContext(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1],
-                                                  seed=0, probabilities=MemoryProbabilities({"m0": {"x": probs}})), 2)
+    voxel = get_method("pe_spatial")(
+        QueryContext(
+            cases={"x": shape},
+            patch_size=(4, 4, 4),
+            foreground_classes=[1],
+            seed=0,
+            probabilities=MemoryProbabilities({"m0": {"x": probs}}),
+        ),
+        2,
+    )
     assert sorted(p.box.coords for p in voxel) == [(0, 0, 0), (20, 20, 20)]
 
 
@@ -205,8 +236,13 @@ def test_pe_spatial_options_are_a_validated_record():
     probs = np.full((2, *shape), 0.5, np.float32)
     probs[0], probs[1] = 0.99, 0.01
     probs[:, 2:10, 2:10, 2:10] = 0.5
-    common = dict(cases={"x": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
-                  probabilities=MemoryProbabilities({"m0": {"x": probs}}))
+    common = dict(
+        cases={"x": shape},
+        patch_size=(4, 4, 4),
+        foreground_classes=[1],
+        seed=0,
+        probabilities=MemoryProbabilities({"m0": {"x": probs}}),
+    )
     method = get_method("pe_spatial")
     assert method.options is PESpatialOptions and get_method("pe").options is None
     by_record = method(QueryContext(**common, options=PESpatialOptions(min_distance=12.0)), 3)
@@ -217,11 +253,17 @@ def test_pe_spatial_options_are_a_validated_record():
     # a record of another method is none of this one's business; pe ignores pe_spatial's, as it ignored the keywords
     assert get_method("pe")(QueryContext(**common, options=PESpatialOptions(20.0)), 3) == get_method("pe")(default, 3)
     assert method.wants_embeddings(PESpatialOptions(distance_space="embedding"))
-    assert not method.wants_embeddings(PESpatialOptions()) and not get_method("pe").wants_embeddings(
-        PESpatialOptions(distance_space="embedding")) and get_method("cluster").wants_embeddings()
-    for bad, match in [(dict(min_distance=-1.0), "min_distance: expected a non-negative number"),
-                       (dict(min_distance=float("nan")), "min_distance"), (dict(min_distance=True), "min_distance"),
-                       (dict(distance_space="pixels"), "distance_space: expected 'voxels' or 'embedding'")]:
+    assert (
+        not method.wants_embeddings(PESpatialOptions())
+        and not get_method("pe").wants_embeddings(PESpatialOptions(distance_space="embedding"))
+        and get_method("cluster").wants_embeddings()
+    )
+    for bad, match in [
+        (dict(min_distance=-1.0), "min_distance: expected a non-negative number"),
+        (dict(min_distance=float("nan")), "min_distance"),
+        (dict(min_distance=True), "min_distance"),
+        (dict(distance_space="pixels"), "distance_space: expected 'voxels' or 'embedding'"),
+    ]:
         with pytest.raises(ValueError, match=f"pe_spatial: {match}"):
             PESpatialOptions(**bad)
     with pytest.raises(TypeError, match="min_distance"):  # the record holds pe_spatial's options, not the context

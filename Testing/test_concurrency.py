@@ -5,6 +5,7 @@ module and run one side of each race after meeting at a barrier, so the races
 start together and the interpreter start-up is paid once. Each race runs on a
 fresh copy of a small project (10 pool images, 150 boxes of 4 x 4 x 4).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,7 @@ def template(tmp_path_factory) -> Path:
     """A project with ground truth and loop 0 of 150 pending boxes, copied for each race."""
     root = tmp_path_factory.mktemp("race")
     data = make_dataset(root / "source", n_cases=10, shape=(12, 16, 16))
-    logic = ActiveLearningLogic.create(root / "template", data.images, data.labels, patch_size=(4, 4, 4),
-                                       test_fraction=0.0)
+    logic = ActiveLearningLogic.create(root / "template", data.images, data.labels, patch_size=(4, 4, 4), test_fraction=0.0)
     assert len(logic.query("random", BOXES).boxes) == BOXES
     return logic.project.path
 
@@ -104,8 +104,9 @@ def _lost(path: Path) -> dict[str, int]:
     boxes = logic.boxes()
     pending = sum(b.state == "pending" for b in boxes)
     partial = {c: logic.project.read_partial_labels(c) for c in {b.case for b in boxes}}
-    lost = sum(not np.array_equal(partial[b.case][b.box.slices], logic.project.read_ground_truth(b.case)[b.box.slices])
-               for b in boxes)
+    lost = sum(
+        not np.array_equal(partial[b.case][b.box.slices], logic.project.read_ground_truth(b.case)[b.box.slices]) for b in boxes
+    )
     return {"boxes": len(boxes), "pending": pending, "labels_lost": lost}
 
 
@@ -191,8 +192,11 @@ def test_two_queries_at_once_never_replace_a_loop_file(pair, template, tmp_path)
         assert _oks(results), results  # one of them always gets its loop
         for r in results:  # the loser is refused plainly: mid-query (LoopConflict) or before it (pending boxes)
             if r[0] == "error":
-                assert re.match(r"(LoopConflict: .*loop 0 was written by another process while this query ran"
-                                r"|ProjectError: .*20 boxes of loop 0 are still pending)", r[1]), r
+                assert re.match(
+                    r"(LoopConflict: .*loop 0 was written by another process while this query ran"
+                    r"|ProjectError: .*20 boxes of loop 0 are still pending)",
+                    r[1],
+                ), r
     print(f"two queries: {replaced} results replaced, {refused} refused ({conflicts} mid-query) in {QUERY_ROUNDS} rounds")
     assert replaced == 0
 
@@ -243,8 +247,16 @@ def test_two_annotators_get_different_boxes_and_both_submissions_land(pair, temp
 @pytest.mark.slow
 def test_two_cli_oracles_at_once_share_the_boxes(template, tmp_path):
     path = _copy(template, tmp_path / "p")
-    procs = [subprocess.Popen([sys.executable, "-m", "ActiveLearning3DLib.cli", "annotate", str(path), "--oracle"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ActiveLearning3DLib.cli", "annotate", str(path), "--oracle"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     reported = [int(re.search(r"oracle annotated (\d+) boxes", out).group(1)) for out, _ in outputs]
@@ -275,8 +287,13 @@ time.sleep(600)
 
 def _holder(path: Path, what: str, ttl: float = 1800.0) -> subprocess.Popen:
     """A real process that takes the project lock or claims a box, says so, and sleeps until killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path), what, str(ttl)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path), what, str(ttl)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     line = proc.stdout.readline()
     assert line.strip() == "holding", proc.stderr.read() if proc.poll() is not None else line
     return proc
@@ -344,8 +361,11 @@ def test_a_lock_left_by_a_killed_process_is_broken_and_a_live_one_names_its_hold
     holder = _holder(logic.project.path, "lock")
     try:
         logic.project.lock.settings = LockSettings(timeout=0.5)
-        with pytest.raises(LockTimeout, match=rf"project {re.escape(str(logic.project.path))} is locked by pid "
-                                              rf"{holder.pid} on .*a test that holds the lock.*waited 0.5 s"):
+        with pytest.raises(
+            LockTimeout,
+            match=rf"project {re.escape(str(logic.project.path))} is locked by pid "
+            rf"{holder.pid} on .*a test that holds the lock.*waited 0.5 s",
+        ):
             logic.submit(box, labels)
         assert logic.find_box(box.id).state == "pending"
     finally:
@@ -364,8 +384,14 @@ def test_a_lock_of_another_host_is_broken_only_when_old(project):
     labels = logic.project.read_ground_truth(box.case)[box.box.slices]
     lock_path = logic.project.path / "project.lock"
     logic.project.lock.settings = LockSettings(timeout=0.3, stale_after=60)
-    holder = {"host": "another-host.invalid", "pid": os.getpid(), "purpose": "al3d annotate", "token": "x",
-              "time": "2026-01-01T00:00:00+00:00", "epoch": time.time() - 10}
+    holder = {
+        "host": "another-host.invalid",
+        "pid": os.getpid(),
+        "purpose": "al3d annotate",
+        "token": "x",
+        "time": "2026-01-01T00:00:00+00:00",
+        "epoch": time.time() - 10,
+    }
     lock_path.write_text(json.dumps(holder))  # this pid lives here, but it names a process of another host
     with pytest.raises(LockTimeout, match="locked by pid .* on another-host.invalid"):
         logic.submit(box, labels)

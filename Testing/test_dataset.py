@@ -4,6 +4,7 @@ Every bad input must give a DatasetError that names the file and the problem,
 and Project.create must then leave nothing behind: no project folder (or the
 empty folder it was given), no staging folder, and untouched source files.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,7 +143,10 @@ def test_mixed_formats_in_one_folder(tmp_path):
     ds = make_dataset(tmp_path, n_cases=3)
     # re-save one case as NRRD and one as MetaImage, images and labels alike
     for case, suffix in (("case_001", ".nrrd"), ("case_002", ".mha")):
-        for old, new in ((ds.image_file(case), ds.image_file(case, suffix=suffix)), (ds.label_file(case), ds.label_file(case, suffix))):
+        for old, new in (
+            (ds.image_file(case), ds.image_file(case, suffix=suffix)),
+            (ds.label_file(case), ds.label_file(case, suffix)),
+        ):
             sitk.WriteImage(sitk.ReadImage(str(old)), str(new))
             old.unlink()
     infos, _ = validate_dataset(ds.images, ds.labels)

@@ -3,6 +3,7 @@
 10 real Hippocampus cases when the shared data is present (else phantoms), ``test`` profile. Weights are compared
 bit for bit (``torch.equal`` on every tensor of the state dict); records as JSON, without wall times and dates.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,15 @@ def _worker(args: list[str], project: Path) -> list[str]:
 def _run_worker(args: list[str], project: Path) -> dict:
     """The step as a job in a new folder beside the project; its result from the job's result.json."""
     job = Path(tempfile.mkdtemp(prefix="job_", dir=project.parent))
-    done = subprocess.run(_worker([*args, "--job", str(job)], project), env={**os.environ, **nnunet_environment(project)},
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert done.returncode == 0 and read_json(job / "status.json")["state"] == "done", \
-        done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run(
+        _worker([*args, "--job", str(job)], project),
+        env={**os.environ, **nnunet_environment(project)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0 and read_json(job / "status.json")["state"] == "done", done.stdout[-3000:] + done.stderr[-3000:]
     return read_json(job / "result.json")
 
 
@@ -114,8 +120,14 @@ def test_a_killed_training_resumed_ends_with_the_weights_of_one_that_ran_through
     assert through["determinism"]["deterministic"] is True
 
     model = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILLED_IN_EPOCH_1, str(prepared), str(model)], cwd=REPO, timeout=300,
-                            env={**os.environ, **nnunet_environment(prepared)}, capture_output=True, text=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_EPOCH_1, str(prepared), str(model)],
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, **nnunet_environment(prepared)},
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == 137, killed.stderr[-3000:]
     latest = model / "fold_1" / "checkpoint_latest.pth"
     assert latest.is_file() and not (model / "fold_1" / "checkpoint_final.pth").exists()
@@ -134,7 +146,10 @@ def test_a_killed_training_resumed_ends_with_the_weights_of_one_that_ran_through
     torch.save({k: v for k, v in saved.items() if k != RNG_KEY}, older / "fold_1" / "checkpoint_latest.pth")
     again = train_fold(prepared, 1, resolve_profile("test", epochs=3), older, "cpu", seed=5)
     assert again["resumed_from_epoch"] == 1 and again["determinism"] == {
-        **again["determinism"], "deterministic": False, "reason": "resumed from a checkpoint without random states"}
+        **again["determinism"],
+        "deterministic": False,
+        "reason": "resumed from a checkpoint without random states",
+    }
     assert not _identical(_weights(older, 1), _weights(tmp_path / "through", 1))  # the random states are what matters
 
 
@@ -146,9 +161,37 @@ def two_simulations(tmp_path_factory):
     for name in ("first", "second"):
         out = tmp_path_factory.mktemp(f"sim_{name}") / "run"
         started = time.perf_counter()
-        assert al3d(["simulate", "--images", str(data / "imagesTr"), "--labels", str(data / "labelsTr"), "--method",
-                     "clasp_pe", "--budget", "10", "--loops", "2", "--seeds", "7", "--profile", "test", "--device", "cpu",
-                     "--max-cases", str(CASES), "--parallel", "2", "--no-reference", "--out", str(out)]) == 0
+        assert (
+            al3d(
+                [
+                    "simulate",
+                    "--images",
+                    str(data / "imagesTr"),
+                    "--labels",
+                    str(data / "labelsTr"),
+                    "--method",
+                    "clasp_pe",
+                    "--budget",
+                    "10",
+                    "--loops",
+                    "2",
+                    "--seeds",
+                    "7",
+                    "--profile",
+                    "test",
+                    "--device",
+                    "cpu",
+                    "--max-cases",
+                    str(CASES),
+                    "--parallel",
+                    "2",
+                    "--no-reference",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         print(f"simulation {name}: {time.perf_counter() - started:.1f} s")
         outs.append(out)
     return outs
@@ -160,13 +203,17 @@ def _records(out: Path) -> dict[str, dict]:
 
 def test_the_next_query_after_a_loop_is_the_same_in_two_runs(two_simulations):
     first, second = two_simulations
-    queried = [_comparable(read_json(out / "results" / "clasp_pe" / "seed_7" / "loop_000.json")["next_loop_file"], out)
-               for out in (first, second)]
+    queried = [
+        _comparable(read_json(out / "results" / "clasp_pe" / "seed_7" / "loop_000.json")["next_loop_file"], out)
+        for out in (first, second)
+    ]
     assert queried[0]["method"] == "clasp_pe" and queried[0]["info"]["trained_on_loop"] == 0
     assert len(queried[0]["patches"]) == 2 and all(b["score"] is not None for b in queried[0]["patches"])
     assert queried[0] == queried[1]
     # it is the same because the scores it ranked are: the loop-0 models' scores of the pool, bit for bit
-    stores = [ScoreStore(next((out / "seed_7" / "start" / "nnunet" / "results").glob("loop_000_*/scores"))) for out in (first, second)]
+    stores = [
+        ScoreStore(next((out / "seed_7" / "start" / "nnunet" / "results").glob("loop_000_*/scores"))) for out in (first, second)
+    ]
     cases = sorted(p.stem for p in stores[0].root.glob("*.npz"))
     assert cases and cases == sorted(p.stem for p in stores[1].root.glob("*.npz"))
     for case in cases:

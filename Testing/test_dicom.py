@@ -1,4 +1,5 @@
 """DICOM series in (cases with the source geometry, skipped non-volumes with reasons), DICOM SEG out (highdicom)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,9 @@ CLASSES = {0: "background", 1: "liver", 2: "tumour"}
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _assert_geometry(image: sitk.Image, spacing, origin, direction) -> None:
@@ -72,10 +75,26 @@ def test_non_volume_series_are_skipped_with_their_reason_and_the_others_become_c
     good = write_ct_series(source / "p1" / "ct", hu_volume(SHAPE, 1), SPACING, ORIGIN, OBLIQUE)
     write_localizer(source / "p1" / "scout", study_uid=good.study_uid)
     write_secondary_capture(source / "p1" / "screens", study_uid=good.study_uid)
-    gap = write_ct_series(source / "p2" / "ct", hu_volume((8, 16, 16), 2), (1.0, 1.0, 2.0), (0, 0, 0), OBLIQUE,
-                          patient_id="AL3D-0002", description="Thorax", drop_slices=[4])
-    other = write_ct_series(source / "p3", hu_volume((6, 16, 16), 3), (0.9, 0.9, 3.0), (5, 5, 5), tuple(np.eye(3).ravel()),
-                            patient_id="AL3D-0003", description="Thorax", nested=False)
+    gap = write_ct_series(
+        source / "p2" / "ct",
+        hu_volume((8, 16, 16), 2),
+        (1.0, 1.0, 2.0),
+        (0, 0, 0),
+        OBLIQUE,
+        patient_id="AL3D-0002",
+        description="Thorax",
+        drop_slices=[4],
+    )
+    other = write_ct_series(
+        source / "p3",
+        hu_volume((6, 16, 16), 3),
+        (0.9, 0.9, 3.0),
+        (5, 5, 5),
+        tuple(np.eye(3).ravel()),
+        patient_id="AL3D-0003",
+        description="Thorax",
+        nested=False,
+    )
     write_image(source / "plain_0000.nii.gz", hu_volume((6, 16, 16), 4).astype(np.float32))  # a NIfTI case beside them
 
     project = Project.create(tmp_path / "project", source, patch_size=(4, 8, 8))
@@ -95,8 +114,9 @@ def test_series_with_the_same_description_in_one_folder_get_distinct_readable_id
     volumes = {}
     for n in range(n_series):
         volumes[n] = hu_volume((4, 8, 8), n)
-        written = write_ct_series(tmp_path / "in", volumes[n], (1, 1, 1), (0, 0, n), OBLIQUE, seed=n, nested=False,
-                                  name_prefix=f"S{n}-")
+        written = write_ct_series(
+            tmp_path / "in", volumes[n], (1, 1, 1), (0, 0, n), OBLIQUE, seed=n, nested=False, name_prefix=f"S{n}-"
+        )
         volumes[written.series_uid] = volumes.pop(n)
     project = Project.create(tmp_path / "project", tmp_path / "in", patch_size=(2, 4, 4))
     ids = sorted(project.cases)
@@ -224,8 +244,14 @@ def test_cli_init_prints_skipped_series_and_export_writes_seg(tmp_path, capsys):
     seg = pydicom.dcmread(predictions / f"{case}.seg.dcm")
     assert seg.Modality == "SEG" and seg.SeriesDescription == "AL3D prediction"
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["liver", "tumour"]
-    assert hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(
-        project.dicom_source(case)["SOPInstanceUIDs"], combine_segments=True, skip_overlap_checks=True).max() == labels.max()
+    assert (
+        hd.seg.Segmentation.from_dataset(seg)
+        .get_pixels_by_source_instance(
+            project.dicom_source(case)["SOPInstanceUIDs"], combine_segments=True, skip_overlap_checks=True
+        )
+        .max()
+        == labels.max()
+    )
 
 
 def test_cli_init_needs_exactly_one_source(tmp_path, capsys):

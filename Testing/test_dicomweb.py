@@ -4,6 +4,7 @@ CI (.ci/run) starts it with .ci/services/orthanc.sh and passes AL3D_TEST_DICOMWE
 AL3D_TEST_DICOMWEB_CREDENTIALS; without them the fixture starts one itself with the same
 script, and the tests skip (saying why) only where Orthanc cannot start.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,12 @@ from dicom_data import OBLIQUE, hu_volume, write_ct_series
 
 from ActiveLearning3DLib.cli import main
 from ActiveLearning3DLib.dicom.dicomweb import (
-    Credentials, DicomWebClient, DicomWebError, StudyFilters, check_url, staging_folder,
+    Credentials,
+    DicomWebClient,
+    DicomWebError,
+    StudyFilters,
+    check_url,
+    staging_folder,
 )
 from ActiveLearning3DLib.project import Project
 
@@ -48,8 +54,10 @@ def orthanc(tmp_path_factory):
     folder = tmp_path_factory.mktemp("orthanc")
     started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], capture_output=True, text=True, timeout=60)
     if started.returncode != 0:
-        pytest.skip(f"needs Orthanc with its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb): "
-                    f"{started.stderr.strip().splitlines()[-1] if started.stderr.strip() else 'it did not start'}")
+        pytest.skip(
+            f"needs Orthanc with its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb): "
+            f"{started.stderr.strip().splitlines()[-1] if started.stderr.strip() else 'it did not start'}"
+        )
     try:
         yield started.stdout.strip(), folder / "credentials.json"
     finally:
@@ -74,8 +82,17 @@ def _study(tmp_path: Path, orthanc, patient: str, n_series: int = 2, slices: int
     study = None
     for n in range(n_series):
         volume = hu_volume((slices, 16, 12), n)
-        written = write_ct_series(tmp_path / "upload" / f"s{n}", volume, (0.6, 0.75, 2.0 + n), (n, -3.0, 7.0), OBLIQUE,
-                                  patient_id=patient, study_uid=study, description=f"Series {n}", series_number=n + 2)
+        written = write_ct_series(
+            tmp_path / "upload" / f"s{n}",
+            volume,
+            (0.6, 0.75, 2.0 + n),
+            (n, -3.0, 7.0),
+            OBLIQUE,
+            patient_id=patient,
+            study_uid=study,
+            description=f"Series {n}",
+            series_number=n + 2,
+        )
         study = written.study_uid
         _upload(orthanc, written.files)
         volumes[written.series_uid] = volume
@@ -86,8 +103,12 @@ def _env(orthanc) -> dict:
     """The child's environment: credentials from variables (never the command line)."""
     creds = json.loads(Path(orthanc[1]).read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("AL3D_DICOMWEB_")}
-    return {**env, "AL3D_DICOMWEB_USER": creds["username"], "AL3D_DICOMWEB_PASSWORD": creds["password"],
-            "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")}
+    return {
+        **env,
+        "AL3D_DICOMWEB_USER": creds["username"],
+        "AL3D_DICOMWEB_PASSWORD": creds["password"],
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    }
 
 
 def _assert_cases(project: Project, volumes: dict) -> None:
@@ -102,8 +123,25 @@ def test_pull_from_orthanc_makes_the_cases_and_push_stores_the_seg(tmp_path, ort
     study, volumes = _study(tmp_path, orthanc, patient)
     _study(tmp_path / "other", orthanc, patient + "-B", n_series=1)  # not matched by the filter
     url, credentials = orthanc
-    assert main(["init", str(tmp_path / "project"), "--dicomweb", url, "--credentials", str(credentials),
-                 "--patient-id", patient, "--patch-size", "2", "4", "4"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(tmp_path / "project"),
+                "--dicomweb",
+                url,
+                "--credentials",
+                str(credentials),
+                "--patient-id",
+                patient,
+                "--patch-size",
+                "2",
+                "4",
+                "4",
+            ]
+        )
+        == 0
+    )
     project = Project.open(tmp_path / "project")
     _assert_cases(project, volumes)
     assert all(project.dicom_source(c)["StudyInstanceUID"] == study for c in project.cases)
@@ -121,8 +159,12 @@ def test_pull_from_orthanc_makes_the_cases_and_push_stores_the_seg(tmp_path, ort
     predictions.mkdir()
     sitk.WriteImage(image, str(predictions / f"{case}.nii.gz"))
     capsys.readouterr()
-    assert main(["export", str(project.path), "--predictions", str(predictions), "--dicomweb", url,
-                 "--credentials", str(credentials)]) == 0
+    assert (
+        main(
+            ["export", str(project.path), "--predictions", str(predictions), "--dicomweb", url, "--credentials", str(credentials)]
+        )
+        == 0
+    )
     assert "1 SEG objects stored" in capsys.readouterr().out
     client = _client(orthanc)
     segs = client.search_series(study, {"Modality": "SEG"})
@@ -138,8 +180,12 @@ def test_pull_from_orthanc_makes_the_cases_and_push_stores_the_seg(tmp_path, ort
     np.testing.assert_array_equal(back, labels)
 
     # pushing again sends nothing (recorded), and the store still holds one SEG
-    assert main(["export", str(project.path), "--predictions", str(predictions), "--dicomweb", url,
-                 "--credentials", str(credentials)]) == 0
+    assert (
+        main(
+            ["export", str(project.path), "--predictions", str(predictions), "--dicomweb", url, "--credentials", str(credentials)]
+        )
+        == 0
+    )
     assert "0 SEG objects stored" in capsys.readouterr().out
     assert len(client.search_series(study, {"Modality": "SEG"})) == 1
 
@@ -193,8 +239,21 @@ def test_a_pull_killed_midway_leaves_no_case_and_resumes(tmp_path, orthanc):
     study, volumes = _study(tmp_path, orthanc, "KILL-0001", n_series=2, slices=6)
     project = tmp_path / "project"
     gate = _gate(orthanc, allow=8)  # the first series (6 instances) and 2 of the second, then the pull hangs
-    command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "init", str(project), "--dicomweb",
-               f"http://127.0.0.1:{gate.server_port}/dicom-web", "--study", study, "--patch-size", "2", "4", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "ActiveLearning3DLib.cli",
+        "init",
+        str(project),
+        "--dicomweb",
+        f"http://127.0.0.1:{gate.server_port}/dicom-web",
+        "--study",
+        study,
+        "--patch-size",
+        "2",
+        "4",
+        "4",
+    ]
     process = subprocess.Popen(command, env=_env(orthanc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -238,8 +297,7 @@ def test_bad_dicomweb_input_is_one_clear_line_and_nothing_is_written(tmp_path, o
     assert main(["init", str(project), "--dicomweb", url, "--credentials", str(wrong)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HTTP 401" in err and url in err
-    assert main(["init", str(project), "--dicomweb", url, "--credentials", str(credentials),
-                 "--study", "1.2.3.4.5.6.7.8.9"]) == 1
+    assert main(["init", str(project), "--dicomweb", url, "--credentials", str(credentials), "--study", "1.2.3.4.5.6.7.8.9"]) == 1
     assert "no study matches" in capsys.readouterr().err
     assert main(["init", str(project), "--dicomweb", "http://127.0.0.1:9/dicom-web"]) == 1
     assert "cannot connect" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 A clone elsewhere has the repository and nothing beside it, so a link or a reference to a file outside it is broken
 there even when it resolves on the machine where it was written.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,8 +74,14 @@ def test_the_pages_are_found_and_the_readme_links_into_docs():
     names = {str(p.relative_to(REPO)) for p in PAGES}
     assert {"README.md", "benchmarks/RESULTS.md", "docs/METHODS.md", "docs/USAGE.md"} <= names
     targets = set(LINK.findall(_prose(REPO / "README.md")))
-    assert {"docs/USAGE.md", "docs/METHODS.md", "docs/ARCHITECTURE.md", "docs/EXTENDING.md",
-            "docs/REPRODUCIBILITY.md", "benchmarks/RESULTS.md"} <= targets
+    assert {
+        "docs/USAGE.md",
+        "docs/METHODS.md",
+        "docs/ARCHITECTURE.md",
+        "docs/EXTENDING.md",
+        "docs/REPRODUCIBILITY.md",
+        "benchmarks/RESULTS.md",
+    } <= targets
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
@@ -85,11 +92,15 @@ def test_every_relative_link_points_to_a_file_in_the_repository(page):
 def test_the_link_check_sees_a_missing_file_a_missing_heading_and_a_way_out():
     usage = REPO / "docs" / "USAGE.md"
     assert {"using-activelearning3d", "default-data", "the-slicer-panel"} <= _anchors(usage)
-    text = ("[a](USAGE.md#default-data) [b](NOPE.md) [c](USAGE.md#no-such-part) [d](../../x/y.md) ![e](../LICENSE)\n"
-            "```\n[f](inside-code.md)\n```\n[g](https://example.org/x.md)\n")
+    text = (
+        "[a](USAGE.md#default-data) [b](NOPE.md) [c](USAGE.md#no-such-part) [d](../../x/y.md) ![e](../LICENSE)\n"
+        "```\n[f](inside-code.md)\n```\n[g](https://example.org/x.md)\n"
+    )
     assert _broken_links(REPO / "docs" / "a-page-here.md", text) == [
-        "NOPE.md: no such file", "USAGE.md#no-such-part: no heading '#no-such-part' in docs/USAGE.md",
-        "../../x/y.md: outside the repository"]
+        "NOPE.md: no such file",
+        "USAGE.md#no-such-part: no heading '#no-such-part' in docs/USAGE.md",
+        "../../x/y.md: outside the repository",
+    ]
 
 
 def test_nothing_points_to_documents_outside_the_repository():
@@ -99,7 +110,12 @@ def test_nothing_points_to_documents_outside_the_repository():
 
 
 def test_every_docs_page_the_sources_name_exists():
-    missing = sorted({f"{p.relative_to(REPO)}: docs/{name}" for p in _text_files()
-                      for name in DOCS_PAGE.findall(p.read_text(encoding="utf-8", errors="ignore"))
-                      if not (REPO / "docs" / name).is_file()})
+    missing = sorted(
+        {
+            f"{p.relative_to(REPO)}: docs/{name}"
+            for p in _text_files()
+            for name in DOCS_PAGE.findall(p.read_text(encoding="utf-8", errors="ignore"))
+            if not (REPO / "docs" / name).is_file()
+        }
+    )
     assert missing == []

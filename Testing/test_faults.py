@@ -9,6 +9,7 @@
 - A full disk (a 4 MiB tmpfs, where this process may mount one: root on Linux, as in CI): a submit
   and a query that cannot be written leave the project readable and byte for byte unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,14 @@ print("submitted all", flush=True)
 """
 
 COMMANDS = {
-    "al3d annotate --oracle": lambda project: [sys.executable, "-m", "ActiveLearning3DLib.cli", "annotate",
-                                               str(project), "--oracle"],
+    "al3d annotate --oracle": lambda project: [
+        sys.executable,
+        "-m",
+        "ActiveLearning3DLib.cli",
+        "annotate",
+        str(project),
+        "--oracle",
+    ],
     "submit script": lambda project: [sys.executable, "-c", SUBMIT_SCRIPT, str(project)],
 }
 
@@ -127,8 +134,17 @@ def test_kill_9_during_init_leaves_a_folder_the_next_init_removes(tmp_path):
     data = make_dataset(tmp_path / "source", n_cases=40, shape=(40, 40, 40))
     before = checksums(data.root)
     project = tmp_path / "project"
-    argv = [sys.executable, "-m", "ActiveLearning3DLib.cli", "init", str(project), "--images", str(data.images),
-            "--labels", str(data.labels)]
+    argv = [
+        sys.executable,
+        "-m",
+        "ActiveLearning3DLib.cli",
+        "init",
+        str(project),
+        "--images",
+        str(data.images),
+        "--labels",
+        str(data.labels),
+    ]
     for attempt in range(2):  # killed while creating, twice: each leftover is removed by the next init
         proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -189,8 +205,10 @@ def test_a_full_disk_leaves_the_project_readable_and_unchanged(tmp_path, tiny_fi
 
     data = make_dataset(tmp_path / "source", n_cases=4, shape=(20, 20, 20))
     project = tiny_filesystem / "project"
-    assert main(["init", str(project), "--images", str(data.images), "--labels", str(data.labels),
-                 "--patch-size", "4", "4", "4"]) == 0
+    assert (
+        main(["init", str(project), "--images", str(data.images), "--labels", str(data.labels), "--patch-size", "4", "4", "4"])
+        == 0
+    )
     assert main(["query", str(project), "--method", "random", "--count", "5"]) == 0
     assert main(["annotate", str(project), "--oracle"]) == 0
     logic = ActiveLearningLogic.open(project)

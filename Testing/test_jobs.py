@@ -1,4 +1,5 @@
 """Background jobs: real worker processes started by the local runner, watched through their files."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,17 @@ import time
 
 import pytest
 
-from ActiveLearning3DLib.jobs import (InProcessRunner, InProcessRunnerSettings, Job, JobError, JobState, JobStatus,
-                                      LocalRunner, LocalRunnerSettings, busy_seconds)
+from ActiveLearning3DLib.jobs import (
+    InProcessRunner,
+    InProcessRunnerSettings,
+    Job,
+    JobError,
+    JobState,
+    JobStatus,
+    LocalRunner,
+    LocalRunnerSettings,
+    busy_seconds,
+)
 from ActiveLearning3DLib.jobs.local import worker_alive as process_alive
 from ActiveLearning3DLib.worker import run_job
 
@@ -251,8 +261,14 @@ def test_cli_lists_and_cancels_a_projects_jobs(tmp_path, capsys):
 def test_jobs_that_finish_a_stage_start_before_queued_training(tmp_path):
     """A simulation queues many folds; an evaluation queued after them must not wait for all of them."""
     runner = _runner(max_parallel=1)
-    kinds = [("fold_a", "nnunet_train"), ("fold_b", "nnunet_train"), ("prep", "nnunet_prepare"),
-             ("evaluate", "nnunet_evaluate"), ("other", "selftest"), ("score", "nnunet_score")]
+    kinds = [
+        ("fold_a", "nnunet_train"),
+        ("fold_b", "nnunet_train"),
+        ("prep", "nnunet_prepare"),
+        ("evaluate", "nnunet_evaluate"),
+        ("other", "selftest"),
+        ("score", "nnunet_score"),
+    ]
     for name, kind in kinds:
         runner.submit(Job.create(tmp_path, name, kind, {}))
     started = []
@@ -264,8 +280,13 @@ def test_jobs_that_finish_a_stage_start_before_queued_training(tmp_path):
 def test_background_jobs_start_only_when_nothing_else_waits(tmp_path):
     """A simulation's full-data reference is queued first but must not delay the runs' loops."""
     runner = _runner(max_parallel=1)
-    kinds = [("ref_prep", "nnunet_prepare", True), ("ref_fold", "nnunet_train", True), ("fold", "nnunet_train", False),
-             ("ref_eval", "nnunet_evaluate", True), ("evaluate", "nnunet_evaluate", False)]
+    kinds = [
+        ("ref_prep", "nnunet_prepare", True),
+        ("ref_fold", "nnunet_train", True),
+        ("fold", "nnunet_train", False),
+        ("ref_eval", "nnunet_evaluate", True),
+        ("evaluate", "nnunet_evaluate", False),
+    ]
     for name, kind, background in kinds:
         runner.submit(Job.create(tmp_path, name, kind, {"background": True} if background else {}))
     started = []
@@ -299,7 +320,6 @@ def test_busy_seconds_count_parallel_jobs_once_and_not_the_pause_between_session
     assert busy_seconds(folds) == (12 + 10) * 60
     assert busy_seconds([(at(0), at(0, 30))]) == 30
     assert busy_seconds([(at(0), None), (None, at(1))]) is None  # no job both started and ended
-
 
 
 def _threads_lines(job: Job) -> list[int]:

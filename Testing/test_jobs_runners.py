@@ -1,5 +1,6 @@
 """The runner seam: one factory, the local runner's process handling (trees, reused pids, adoption), the in-process
 runner, and jobs another backend or host has in hand. Real worker processes throughout."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,17 @@ from dataclasses import asdict
 import psutil
 import pytest
 
-from ActiveLearning3DLib.jobs import (InProcessRunner, Job, JobError, JobRunner, JobStatus, LocalRunner,
-                                      LocalRunnerSettings, RunnerSettings, make_runner)
+from ActiveLearning3DLib.jobs import (
+    InProcessRunner,
+    Job,
+    JobError,
+    JobRunner,
+    JobStatus,
+    LocalRunner,
+    LocalRunnerSettings,
+    RunnerSettings,
+    make_runner,
+)
 from ActiveLearning3DLib.jobs.local import process_create_time, worker_alive
 from ActiveLearning3DLib.locking import pid_alive, this_host
 
@@ -94,10 +104,12 @@ def test_cancel_kills_a_worker_that_ignores_terminate_after_the_grace(tmp_path):
     job = Job.create(tmp_path, "stubborn", "selftest", {"steps": 1000, "seconds": 0.1})
     runner = _local()
     runner.settings.grace_seconds = 0.5
-    stubborn = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                "c = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); "
-                "print('child pid', c.pid, flush=True); time.sleep(120)")
+    stubborn = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "c = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); "
+        "print('child pid', c.pid, flush=True); time.sleep(120)"
+    )
     runner._launch = lambda j: _launch_code(runner, j, stubborn)
     runner.submit(job)
     runner.poll()
@@ -116,8 +128,13 @@ def _launch_code(runner: LocalRunner, job: Job, code: str):
     from ActiveLearning3DLib.jobs.local import popen_options
 
     with open(job.log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(job.path)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, **popen_options())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(job.path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            **popen_options(),
+        )
     return proc, proc.pid, process_create_time(proc.pid)
 
 
@@ -142,8 +159,11 @@ def test_an_old_status_file_without_a_create_time_is_judged_by_the_command_line(
     """Projects written before create times were recorded still load; a live pid that is not this job's worker
     (its command line does not name the job folder) is not alive for the job."""
     job = Job.create(tmp_path, "old", "selftest", {})
-    old = {k: v for k, v in asdict(JobStatus(state="running", pid=sleeper.pid, started="2026-01-01T00:00:00+00:00")).items()
-           if k not in ("host", "pid_started", "runner", "runner_id")}
+    old = {
+        k: v
+        for k, v in asdict(JobStatus(state="running", pid=sleeper.pid, started="2026-01-01T00:00:00+00:00")).items()
+        if k not in ("host", "pid_started", "runner", "runner_id")
+    }
     job.status_path.write_text(json.dumps(old))
     assert job.status().state == "running" and job.status().pid_started is None
     assert _local().refresh(job).state == "failed"
@@ -258,8 +278,11 @@ def test_the_in_process_runner_fails_cancels_and_refuses_what_it_cannot_do(tmp_p
     time.sleep(0.2)
     assert long.status().iteration == iteration and long.status().state == "cancelled"
     with_env = Job.create(tmp_path, "nnunet_like", "selftest", {}, env={"nnUNet_raw": "/x"})
-    with pytest.raises(JobError, match=r"nnunet_like: the in-process runner cannot give a job its own environment "
-                                       r"\(nnUNet_raw\); use the local runner"):
+    with pytest.raises(
+        JobError,
+        match=r"nnunet_like: the in-process runner cannot give a job its own environment "
+        r"\(nnUNet_raw\); use the local runner",
+    ):
         runner.submit(with_env)
 
 

@@ -1,4 +1,5 @@
 """The headless logic, the command line and the demo, on real Hippocampus cases (or phantoms without them)."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from ActiveLearning3DLib.default_data import PhantomSettings, make_phantom_datas
 from ActiveLearning3DLib.project import ProjectError
 from ActiveLearning3DLib.uncertainty import MemoryProbabilities
 from conftest import default_data_dir
-
 
 
 def _data_dir(tmp_path_factory) -> Path:
@@ -159,8 +159,9 @@ def test_the_query_keywords_min_distance_and_distance_space_reach_pe_spatial(tmp
         logic = ActiveLearningLogic.create(tmp_path / f"p{distance}", data.images, data.labels, seed=1)
         boxes = logic.query("pe_spatial", 6, probabilities=_random_probabilities(logic), min_distance=distance).boxes
         picks[distance] = [(b.case, b.box.coords) for b in boxes]
-        same_image = [np.linalg.norm(a.box.centre - b.box.centre) for i, a in enumerate(boxes) for b in boxes[i + 1:]
-                      if a.case == b.case]
+        same_image = [
+            np.linalg.norm(a.box.centre - b.box.centre) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.case == b.case
+        ]
         assert all(d >= (distance or 20) for d in same_image)  # default: the longest box edge (20 voxels)
     assert picks[None] != picks[40.0]  # the two boxes of one image 34.5 voxels apart by default are too close at 40
     with pytest.raises(ValueError, match="pe_spatial: distance_space: expected 'voxels' or 'embedding'"):
@@ -181,7 +182,7 @@ def test_a_project_planned_for_more_loops_queries_on_their_noise_schedule(phanto
     loop = reopened.query("clasp_pe", 4, probabilities=_random_probabilities(reopened))
     # the model of loop 1 of 5 (10 ** 0.5); planned for 1 loop it would have been treated as the last but one of 3 (10)
     assert loop.loop == 2 and loop.info["total_loops"] == 5
-    assert loop.info["beta"] == pytest.approx(10 ** 0.5)
+    assert loop.info["beta"] == pytest.approx(10**0.5)
     with pytest.raises(ProjectError, match="at least 1 loop"):
         reopened.project.plan_loops(0)
 
@@ -189,8 +190,27 @@ def test_a_project_planned_for_more_loops_queries_on_their_noise_schedule(phanto
 def test_cli_init_query_annotate_status(tmp_path, capsys):
     data = make_phantom_dataset(tmp_path / "data", PhantomSettings(cases=8))
     project = tmp_path / "cli-project"
-    assert main(["init", str(project), "--images", str(data.images), "--labels", str(data.labels),
-                 "--patch-size", "16", "16", "16", "--query-size", "5", "--seed", "2"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                str(project),
+                "--images",
+                str(data.images),
+                "--labels",
+                str(data.labels),
+                "--patch-size",
+                "16",
+                "16",
+                "16",
+                "--query-size",
+                "5",
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(["query", str(project), "--method", "random_fg33"]) == 0
     assert "5 boxes by random_fg33" in capsys.readouterr().out
     assert main(["annotate", str(project), "--oracle"]) == 0

@@ -4,6 +4,7 @@
 12 pool / 4 test cases, 8 oracle-annotated starting boxes. Every stage runs
 in worker processes started by the local runner, as in real use.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,7 @@ def looped(tmp_path_factory):
     """A project after ``al3d loop --profile test`` (train, evaluate, score, query) on its starting boxes."""
     logic = annotated_project(tmp_path_factory, "loop", CASES, 8)
     environ = dict(os.environ)
-    code = al3d(["loop", str(logic.project.path), "--profile", "test", "--device", "cpu", "--count", "6",
-                 "--method", "clasp_pe"])
+    code = al3d(["loop", str(logic.project.path), "--profile", "test", "--device", "cpu", "--count", "6", "--method", "clasp_pe"])
     assert code == 0
     assert dict(os.environ) == environ  # the nnU-Net variables went to the workers only
     return logic, logic.loop_pipeline(LoopSettings(profile="test", device="cpu"))
@@ -49,7 +49,7 @@ def test_loop_writes_a_next_loop_whose_boxes_do_not_overlap_annotated_ones(loope
     annotated = [b.box for b in logic.boxes(0) if b.state == "annotated"]
     new = [b.box for b in loop.boxes]
     assert not any(a.overlaps(n) for a in annotated for n in new)
-    assert not any(a.overlaps(b) for i, a in enumerate(new) for b in new[i + 1:])
+    assert not any(a.overlaps(b) for i, a in enumerate(new) for b in new[i + 1 :])
     assert all(b.state == "pending" and np.isfinite(b.score) for b in loop.boxes)
 
 
@@ -124,8 +124,15 @@ def _group_gone(pid: int) -> bool:
 def test_cancel_kill_and_resume(tmp_path_factory):
     """Cancel ends a job as cancelled with its processes gone; SIGKILL ends one as failed; a rerun resumes."""
     logic = annotated_project(tmp_path_factory, "crash", CASES, 8)
-    settings = LoopSettings(profile=resolve_profile("test", epochs=16, save_every=4), device="cpu", parallel=1,
-                            stages=("prepare", "train", "predict"), evaluate=False, method="pe", uncertainty_maps=False)
+    settings = LoopSettings(
+        profile=resolve_profile("test", epochs=16, save_every=4),
+        device="cpu",
+        parallel=1,
+        stages=("prepare", "train", "predict"),
+        evaluate=False,
+        method="pe",
+        uncertainty_maps=False,
+    )
     pipeline = logic.loop_pipeline(settings)
 
     fold0 = Job(pipeline.jobs_dir / f"{pipeline.model_name}-fold_0")
@@ -185,10 +192,17 @@ def test_one_pass_scoring_equals_scoring_from_each_members_saved_probabilities(l
             arrays.setdefault(member, {})[case] = probabilities
     assert len(arrays) == 2 and not np.allclose(arrays["fold_0"][cases[0]], arrays["fold_1"][cases[0]])
     reference = ScoreStore(tmp_path / "reference")
-    score_pool(MemoryProbabilities(arrays), {c: project.cases[c].shape for c in cases}, len(project.classes), names,
-               project.patch_size, reference)
-    summary = score_pool_with_ensemble(project, ensemble, ScoringSettings(tuple(names), tmp_path / "one-pass",
-                                                                          prediction_dir=tmp_path / "labels"), cases)
+    score_pool(
+        MemoryProbabilities(arrays),
+        {c: project.cases[c].shape for c in cases},
+        len(project.classes),
+        names,
+        project.patch_size,
+        reference,
+    )
+    summary = score_pool_with_ensemble(
+        project, ensemble, ScoringSettings(tuple(names), tmp_path / "one-pass", prediction_dir=tmp_path / "labels"), cases
+    )
     assert summary["scored"] == 2 and summary["members"] == ["fold_0", "fold_1"]
     for case in cases:  # the kept prediction is the class of the highest mean probability
         mean = (arrays["fold_0"][case].astype(np.float32) + arrays["fold_1"][case]) / 2
@@ -198,8 +212,9 @@ def test_one_pass_scoring_equals_scoring_from_each_members_saved_probabilities(l
     one_pass = ScoreStore(tmp_path / "one-pass")
     for case in cases:
         for name in names:
-            np.testing.assert_allclose(one_pass.read(case, [name])[name].scores, reference.read(case, [name])[name].scores,
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                one_pass.read(case, [name])[name].scores, reference.read(case, [name])[name].scores, rtol=1e-5, atol=1e-6
+            )
     again = score_pool_with_ensemble(project, ensemble, ScoringSettings(tuple(names), tmp_path / "one-pass"), cases)
     assert again["scored"] == 0 and again["already_scored"] == 2  # resumable
 
@@ -248,8 +263,9 @@ def test_training_without_annotations_or_with_an_unknown_stage_is_refused(tmp_pa
     from ActiveLearning3DLib.project import ProjectError
 
     data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
-    logic = ActiveLearningLogic.create(tmp_path_factory.mktemp("empty") / "p", data / "imagesTr", data / "labelsTr",
-                                       max_cases=8, seed=1)
+    logic = ActiveLearningLogic.create(
+        tmp_path_factory.mktemp("empty") / "p", data / "imagesTr", data / "labelsTr", max_cases=8, seed=1
+    )
     with pytest.raises(ProjectError, match="no annotated boxes"):
         logic.loop_pipeline(LoopSettings(profile="test"))
     with pytest.raises(ValueError, match="unknown pipeline stages"):
@@ -265,8 +281,11 @@ def test_tile_batches_give_nnunets_own_sliding_window_result(looped):
     results = {}
     for batch in (1, 8):
         for mirroring in (False, True):
-            ensemble = Ensemble.load(pipeline.model_folder, folds=[0], settings=PredictionSettings(
-                tile_step=0.5, mirroring=mirroring, tile_batch=batch))
+            ensemble = Ensemble.load(
+                pipeline.model_folder,
+                folds=[0],
+                settings=PredictionSettings(tile_step=0.5, mirroring=mirroring, tile_batch=batch),
+            )
             assert (type(ensemble.predictor).__name__ == "TileBatchPredictor") == (batch > 1)
             data, _ = ensemble.preprocess(logic.project.image_paths(case))
             results[batch, mirroring] = ensemble.logits(data, 0).float()
@@ -342,8 +361,12 @@ def test_exported_model_predicts_in_stock_nnunet_without_this_package(looped, tm
     assert exported.archive == tmp_path / "export.zip" and exported.folds == ("0", "1")
     prefix = f"Dataset001_AL3D/nnUNetTrainer__nnUNetPlans__{exported.configuration}"
     names = set(zipfile.ZipFile(exported.archive).namelist())
-    assert names == {f"{prefix}/dataset.json", f"{prefix}/plans.json", f"{prefix}/fold_0/checkpoint_final.pth",
-                     f"{prefix}/fold_1/checkpoint_final.pth"}
+    assert names == {
+        f"{prefix}/dataset.json",
+        f"{prefix}/plans.json",
+        f"{prefix}/fold_0/checkpoint_final.pth",
+        f"{prefix}/fold_1/checkpoint_final.pth",
+    }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]  # the zip was moved into place
 
     results = tmp_path / "results"
@@ -351,8 +374,13 @@ def test_exported_model_predicts_in_stock_nnunet_without_this_package(looped, tm
     folder = results / prefix
     checkpoint = torch.load(folder / "fold_1" / "checkpoint_final.pth", weights_only=True)  # no pickled objects
     assert checkpoint["trainer_name"] == "nnUNetTrainer" and checkpoint["init_args"]["configuration"] == exported.configuration
-    assert set(checkpoint) == {"network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes",
-                               "current_epoch"}
+    assert set(checkpoint) == {
+        "network_weights",
+        "init_args",
+        "trainer_name",
+        "inference_allowed_mirroring_axes",
+        "current_epoch",
+    }
     original = torch.load(source / "fold_1" / "checkpoint_final.pth", weights_only=False)
     assert all(torch.equal(checkpoint["network_weights"][k], v) for k, v in original["network_weights"].items())
     assert "dataset" not in read_json(folder / "dataset.json")
@@ -380,10 +408,36 @@ def test_exported_model_predicts_in_stock_nnunet_without_this_package(looped, tm
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "nnUNet_extTrainer")}
     env.update(nnUNet_results=str(results), nnUNet_raw=str(results), nnUNet_preprocessed=str(results))
     outputs = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", script, "-d", exported.dataset, "-c",
-                           exported.configuration, "-f", *exported.folds, "-i", str(inputs), "-o", str(outputs),
-                           "-device", "cpu", "-npp", "1", "-nps", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            script,
+            "-d",
+            exported.dataset,
+            "-c",
+            exported.configuration,
+            "-f",
+            *exported.folds,
+            "-i",
+            str(inputs),
+            "-o",
+            str(outputs),
+            "-device",
+            "cpu",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # the control: our own folder names nnUNetTrainerPartial, which stock nnU-Net cannot find there
     assert "CONTROL: the project folder did not load" in done.stdout

@@ -1,6 +1,7 @@
 """Typed loop records and their store: the committed records read and write back unchanged, new records write the
 keys a reader of the old dicts expects, restore and backfill work on records, and a Simulation reads no file until it
 is prepared. No training here."""
+
 from __future__ import annotations
 
 import json
@@ -18,19 +19,47 @@ from ActiveLearning3DLib.simulation_restore import backfill, restorable
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = sorted(REPO.glob("benchmarks/results/*/results/*/seed_*/loop_*.json"))
 # the keys in the order the simulation wrote its record dict before records were typed
-WRITTEN_ORDER = ["method", "seed", "loop", "boxes", "annotated_voxels", "foreground_voxels", "foreground_fraction",
-                 "mean_dice", "per_class", "model", "seconds", "loop_method", "written", "loop_file", "effort",
-                 "determinism", "training"]
+WRITTEN_ORDER = [
+    "method",
+    "seed",
+    "loop",
+    "boxes",
+    "annotated_voxels",
+    "foreground_voxels",
+    "foreground_fraction",
+    "mean_dice",
+    "per_class",
+    "model",
+    "seconds",
+    "loop_method",
+    "written",
+    "loop_file",
+    "effort",
+    "determinism",
+    "training",
+]
 
 
 def _record(**changes) -> LoopRecord:
-    fields = dict(method="random", seed=0, loop=0, boxes=4, annotated_voxels=32000, foreground_voxels=900,
-                  foreground_fraction=0.05, mean_dice=0.5, per_class={"Anterior": 0.4, "Posterior": 0.6},
-                  model="loop_000_test_1", seconds={"prepare": 2.0, "train": 11.0}, loop_method="nnactive_start",
-                  written="2026-12-05T18:00:00+00:00", loop_file={"loop": 0, "method": "nnactive_start", "patches": []},
-                  effort=EffortTotals(boxes=4, boxes_with_effort=4, corrected_voxels=700, box_voxels=32000,
-                                      foreground_voxels=900),
-                  determinism={"deterministic": True}, training={"init": "scratch", "folds": {}, "iterations": 6})
+    fields = dict(
+        method="random",
+        seed=0,
+        loop=0,
+        boxes=4,
+        annotated_voxels=32000,
+        foreground_voxels=900,
+        foreground_fraction=0.05,
+        mean_dice=0.5,
+        per_class={"Anterior": 0.4, "Posterior": 0.6},
+        model="loop_000_test_1",
+        seconds={"prepare": 2.0, "train": 11.0},
+        loop_method="nnactive_start",
+        written="2026-12-05T18:00:00+00:00",
+        loop_file={"loop": 0, "method": "nnactive_start", "patches": []},
+        effort=EffortTotals(boxes=4, boxes_with_effort=4, corrected_voxels=700, box_voxels=32000, foreground_voxels=900),
+        determinism={"deterministic": True},
+        training={"init": "scratch", "folds": {}, "iterations": 6},
+    )
     return LoopRecord(**{**fields, **changes})
 
 
@@ -39,7 +68,10 @@ def test_every_committed_record_reads_typed_and_writes_back_byte_for_byte(tmp_pa
     for path in COMMITTED:
         record = read_record(path)
         assert (record.method, f"seed_{record.seed}", f"loop_{record.loop:03d}.json") == (
-            path.parents[1].name, path.parent.name, path.name)
+            path.parents[1].name,
+            path.parent.name,
+            path.name,
+        )
         assert record.boxes_of().loop == record.loop and len(record.boxes_of().boxes) > 0  # --restore-from reads them
         written = LoopRecordStore(tmp_path / path.parents[3].name).write(record)
         assert written.read_bytes() == path.read_bytes(), path
@@ -51,16 +83,34 @@ def test_a_new_record_writes_the_keys_of_the_old_dict_in_their_order(tmp_path):
     data = read_json(path)
     assert list(data) == WRITTEN_ORDER
     assert data["mean_dice"] is None and "next_loop_file" not in data and "restored_from" not in data
-    assert list(data["effort"]) == ["boxes", "boxes_with_effort", "prefill_shown", "corrected_voxels", "box_voxels",
-                                    "foreground_voxels", "mean_prefill_dice", "seconds", "boxes_with_seconds"]
+    assert list(data["effort"]) == [
+        "boxes",
+        "boxes_with_effort",
+        "prefill_shown",
+        "corrected_voxels",
+        "box_voxels",
+        "foreground_voxels",
+        "mean_prefill_dice",
+        "seconds",
+        "boxes_with_seconds",
+    ]
     assert store.read("random", 0, 0) == _record(mean_dice=None)
 
 
 def test_update_adds_rounded_seconds_and_new_keys_after_those_there_and_keeps_unknown_keys(tmp_path):
     store = LoopRecordStore(tmp_path)
     path = store.path("pe", 1, 2)
-    old = {"method": "pe", "seed": 1, "loop": 2, "boxes": 12, "note": "kept", "foreground_fraction": 0.1,
-           "mean_dice": 0.7, "seconds": {"train": 5.0}, "restored_from": "elsewhere"}
+    old = {
+        "method": "pe",
+        "seed": 1,
+        "loop": 2,
+        "boxes": 12,
+        "note": "kept",
+        "foreground_fraction": 0.1,
+        "mean_dice": 0.7,
+        "seconds": {"train": 5.0},
+        "restored_from": "elsewhere",
+    }
     path.parent.mkdir(parents=True)
     atomic_write_json(path, old)
     assert store.update("pe", 1, 2, seconds={"query": 0.12345, "oracle": None}, next_loop_file={"patches": []}) is not None
@@ -71,13 +121,16 @@ def test_update_adds_rounded_seconds_and_new_keys_after_those_there_and_keeps_un
     assert store.update("pe", 1, -1, seconds={"oracle": 1.0}) is None
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"seed": "1"}, "seed '1': expected a non-negative whole number"),
-    ({"mean_dice": "high"}, "mean_dice 'high': expected a number or null"),
-    ({"seconds": {"train": "long"}}, "'seconds' must map stages to numbers"),
-    ({"loop_file": [1]}, "loop_file: expected a JSON object or null, found list"),
-    ({"effort": {"corrected_voxels": "many"}}, "effort.corrected_voxels 'many': expected a number"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"seed": "1"}, "seed '1': expected a non-negative whole number"),
+        ({"mean_dice": "high"}, "mean_dice 'high': expected a number or null"),
+        ({"seconds": {"train": "long"}}, "'seconds' must map stages to numbers"),
+        ({"loop_file": [1]}, "loop_file: expected a JSON object or null, found list"),
+        ({"effort": {"corrected_voxels": "many"}}, "effort.corrected_voxels 'many': expected a number"),
+    ],
+)
 def test_a_damaged_record_is_refused_naming_the_file_and_the_field(tmp_path, change, message):
     path = LoopRecordStore(tmp_path).write(_record())
     atomic_write_json(path, {**read_json(path), **change})
@@ -89,8 +142,7 @@ def test_a_damaged_record_is_refused_naming_the_file_and_the_field(tmp_path, cha
 def test_the_restorable_chain_stops_where_a_model_is_needed_again(tmp_path):
     """Loop 2 recorded without its next query: loops 0-1 come back with loop 2's boxes, and loop 2 trains again."""
     folder = tmp_path / "records"
-    files = [{"loop": t, "patches": [{"file": f"case_{t}.nii.gz", "coords": [0, 0, 0], "size": [4, 4, 4]}]}
-             for t in range(4)]
+    files = [{"loop": t, "patches": [{"file": f"case_{t}.nii.gz", "coords": [0, 0, 0], "size": [4, 4, 4]}]} for t in range(4)]
     store = LoopRecordStore(folder)
     for t in range(3):
         store.write(_record(loop=t, loop_file=files[t], next_loop_file=files[t + 1] if t < 2 else None))
@@ -106,8 +158,9 @@ def test_the_restorable_chain_stops_where_a_model_is_needed_again(tmp_path):
 
 
 def test_backfill_gives_old_records_their_boxes_from_the_project_and_changes_nothing_else(tmp_path, dataset):
-    logic = ActiveLearningLogic.create(tmp_path / "project", dataset.images, dataset.labels, patch_size=(4, 4, 4),
-                                       test_fraction=0.25)
+    logic = ActiveLearningLogic.create(
+        tmp_path / "project", dataset.images, dataset.labels, patch_size=(4, 4, 4), test_fraction=0.25
+    )
     for t in range(2):
         logic.query("random", 2, seed=t)
         logic.annotate_with_oracle()
@@ -131,8 +184,17 @@ def test_backfill_gives_old_records_their_boxes_from_the_project_and_changes_not
 
 
 def test_a_simulation_reads_and_writes_nothing_until_it_is_prepared(tmp_path, dataset):
-    settings = SimulationSettings(images=dataset.images, labels=dataset.labels, methods=("random",), out=tmp_path / "sim",
-                                  budget=5, loops=2, profile="test", device="cpu", reference=False)
+    settings = SimulationSettings(
+        images=dataset.images,
+        labels=dataset.labels,
+        methods=("random",),
+        out=tmp_path / "sim",
+        budget=5,
+        loops=2,
+        profile="test",
+        device="cpu",
+        reference=False,
+    )
     simulation = Simulation(settings)
     assert not settings.out.exists() and simulation.runs == [("random", 0)]
     with pytest.raises(RuntimeError, match=r"prepare\(\) has not run"):
@@ -140,8 +202,16 @@ def test_a_simulation_reads_and_writes_nothing_until_it_is_prepared(tmp_path, da
     assert simulation.prepare() is simulation and simulation.prepare() is simulation  # once; the second is a no-op
     assert (simulation.budget, simulation.query_size) == (5, 1)
     assert read_json(settings.out / "simulation.json")["budget"] == 5 and (settings.out / "base" / "project.json").is_file()
-    missing = SimulationSettings(images=tmp_path / "nowhere", labels=tmp_path / "nowhere", methods=("random",),
-                                 out=tmp_path / "other", budget=5, profile="test", device="cpu", reference=False)
+    missing = SimulationSettings(
+        images=tmp_path / "nowhere",
+        labels=tmp_path / "nowhere",
+        methods=("random",),
+        out=tmp_path / "other",
+        budget=5,
+        profile="test",
+        device="cpu",
+        reference=False,
+    )
     unprepared = Simulation(missing)  # bad data is found by prepare, not by the constructor
     with pytest.raises((ProjectError, ValueError), match="nowhere"):
         unprepared.prepare()

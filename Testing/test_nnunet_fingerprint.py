@@ -1,4 +1,5 @@
 """The dataset fingerprint of partial labels: ignore voxels are not foreground (nnActive's fingerprint counts them)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,10 @@ def _dataset(root: Path, n: int = 3, annotate_foreground: bool = True, annotate:
             labels[organ] = 1
             image[organ] = 1000 + 20 * rng.normal(size=image[organ].shape)
         case = f"case_{i}"
-        cases[case] = ([_write(root / "imagesTr" / f"{case}_0000.nii.gz", image)],
-                       _write(root / "labelsTr" / f"{case}.nii.gz", labels))
+        cases[case] = (
+            [_write(root / "imagesTr" / f"{case}_0000.nii.gz", image)],
+            _write(root / "labelsTr" / f"{case}.nii.gz", labels),
+        )
     return cases
 
 
@@ -65,8 +68,12 @@ def test_ignore_voxels_are_not_foreground(tmp_path):
     assert np.allclose(fingerprint["spacings"][0], [2.5, 0.8, 0.8])
     written = read_json(out)
     assert written["foreground_intensity_properties_per_channel"]["0"]["mean"] == pytest.approx(stats["mean"])
-    assert set(written) >= {"spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
-                            "median_relative_size_after_cropping"}
+    assert set(written) >= {
+        "spacings",
+        "shapes_after_crop",
+        "foreground_intensity_properties_per_channel",
+        "median_relative_size_after_cropping",
+    }
 
 
 def test_fallbacks_when_no_foreground_is_annotated(tmp_path):

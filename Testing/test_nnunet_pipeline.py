@@ -5,6 +5,7 @@ with oracle-annotated starting boxes, prepared once for the module by
 ``python -m ActiveLearning3DLib.nnunet prepare`` in a child process whose
 environment is ``nnunet_environment(project)`` (this process's is never changed).
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,14 @@ def _run_worker(args: list[str], project: Project | Path, job: Path) -> dict:
     """``python -m ActiveLearning3DLib.nnunet`` as a job in ``job``: its status.json says how it went, result.json
     holds its result (the protocol every runner's worker follows)."""
     env = {**os.environ, **nnunet_environment(project)}
-    done = subprocess.run([sys.executable, "-m", "ActiveLearning3DLib.nnunet", *args, "--job", str(job)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "ActiveLearning3DLib.nnunet", *args, "--job", str(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     status = read_json(job / "status.json")
     assert done.returncode == 0 and status["state"] == "done", done.stdout[-3000:] + done.stderr[-3000:]
     assert status["progress"] == 1.0 and status["exit_code"] == 0 and status["ended"] and status["stage"]
@@ -89,8 +96,23 @@ def test_a_step_run_by_hand_reports_through_its_job_folder(tmp_path, prepared):
     """Failure and a second run of ``python -m ActiveLearning3DLib.nnunet``: status.json tells, as for any worker."""
     project, _ = prepared
     job = tmp_path / "train-job"
-    args = [sys.executable, "-m", "ActiveLearning3DLib.nnunet", "train", str(project.path), "--fold", "7",
-            "--profile", "test", "--device", "cpu", "--output", str(tmp_path / "model"), "--job", str(job)]
+    args = [
+        sys.executable,
+        "-m",
+        "ActiveLearning3DLib.nnunet",
+        "train",
+        str(project.path),
+        "--fold",
+        "7",
+        "--profile",
+        "test",
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "model"),
+        "--job",
+        str(job),
+    ]
     env = {**os.environ, **nnunet_environment(project)}
     failed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     status = read_json(job / "status.json")
@@ -149,8 +171,10 @@ def test_incremental_preprocessing_redoes_only_changed_cases(tmp_path, prepared)
             assert (data / name).stat().st_mtime_ns == stamp, f"{name} was rewritten"
     assert not list(data.glob(f"{emptied}*"))
     seg = np.asarray(__import__("blosc2").open(str(data / f"{changed}_seg.b2nd"))[:])
-    assert np.count_nonzero((seg >= 0) & (seg != copy.ignore_value)) >= \
-        read_manifest(paths)["labels"][changed]["annotated_voxels"] * 0.9  # the new box is in the data
+    assert (
+        np.count_nonzero((seg >= 0) & (seg != copy.ignore_value))
+        >= read_manifest(paths)["labels"][changed]["annotated_voxels"] * 0.9
+    )  # the new box is in the data
     assert preprocessing_is_current(copy) == (True, "current")
     again = preprocess(copy)
     assert again.processed == [] and again.removed == []
@@ -160,8 +184,11 @@ def _trainer(project: Project, output: Path) -> nnUNetTrainerPartial:
     paths = NnunetPaths.for_project(project)
     plans = read_json(paths.plans_file)
     plans["continue_training"] = False
-    plans[RUN_KEY] = {"profile": resolve_profile("test").to_json(), "preprocessed": str(paths.preprocessed_dataset),
-                      "output": str(output)}
+    plans[RUN_KEY] = {
+        "profile": resolve_profile("test").to_json(),
+        "preprocessed": str(paths.preprocessed_dataset),
+        "output": str(output),
+    }
     return nnUNetTrainerPartial(plans, "3d_fullres", 0, read_json(project.path / "dataset.json"), torch.device("cpu"))
 
 
@@ -358,7 +385,9 @@ def test_worker_environment_points_into_the_project(prepared):
     env = nnunet_environment(project, resolve_profile("cpu-small"))
     root = project.path / "nnunet"
     assert env["nnUNet_raw"] == str(root / "raw") and env["nnUNet_preprocessed"] == str(root / "preprocessed")
-    assert env["nnUNet_results"] == str(root / "results") and env["nnUNet_n_proc_DA"] == "1"  # 0 breaks the planner; our trainer reads 0 from the profile
+    assert (
+        env["nnUNet_results"] == str(root / "results") and env["nnUNet_n_proc_DA"] == "1"
+    )  # 0 breaks the planner; our trainer reads 0 from the profile
     assert Path(env["nnUNet_extTrainer"], "al3d_partial_trainer.py").is_file()
     assert all(isinstance(v, str) for v in env.values())
 

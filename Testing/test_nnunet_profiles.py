@@ -1,4 +1,5 @@
 """Training profiles: the named ones, overrides, device choice, and how a profile changes nnU-Net's plans."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,12 @@ def test_named_profiles_have_the_documented_budgets():
     assert np.prod(demo.patch_size) < np.prod(small.patch_size) and demo.initial_lr > small.initial_lr
     assert demo.total_iterations < small.total_iterations / 2 and not demo.evaluation_mirroring
     quick = resolve_profile("quick")  # the main job's: demo's network trained as many iterations as cpu-small
-    assert dataclasses.replace(quick, name="demo", epochs=demo.epochs, iterations_per_epoch=demo.iterations_per_epoch,
-                               description=demo.description) == demo
+    assert (
+        dataclasses.replace(
+            quick, name="demo", epochs=demo.epochs, iterations_per_epoch=demo.iterations_per_epoch, description=demo.description
+        )
+        == demo
+    )
     assert quick.total_iterations == small.total_iterations and quick.warm_epochs * 3 == quick.epochs
 
 
@@ -56,8 +61,18 @@ def test_overrides_replace_fields_and_none_means_not_given():
     assert (again.epochs, again.iterations_per_epoch) == (3, 7)
 
 
-@pytest.mark.parametrize("bad", [{"epochs": 0}, {"device": "tpu"}, {"batch_size": 0}, {"patch_size": (8, 0, 8)},
-                                 {"val_iterations": 0}, {"num_workers": -1}, {"folds": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"epochs": 0},
+        {"device": "tpu"},
+        {"batch_size": 0},
+        {"patch_size": (8, 0, 8)},
+        {"val_iterations": 0},
+        {"num_workers": -1},
+        {"folds": 1},
+    ],
+)
 def test_invalid_values_are_clear_errors(bad):
     with pytest.raises(ProfileError):
         resolve_profile("test", **bad)
@@ -92,20 +107,44 @@ def test_device_auto_follows_torch(monkeypatch):
 def _plans(patch=(40, 56, 40)) -> dict:
     """A Hippocampus-like 3d_fullres configuration as nnU-Net 2.8.1 plans it."""
     arch = {
-        "n_stages": 4, "features_per_stage": [32, 64, 128, 256], "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-        "n_conv_per_stage": [2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2], "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+        "n_stages": 4,
+        "features_per_stage": [32, 64, 128, 256],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * 4,
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [2, 2, 2, 2],
+        "n_conv_per_stage_decoder": [2, 2, 2],
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
     }
-    config = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 9,
-              "patch_size": list(patch), "median_image_size_in_voxels": [36, 50, 35], "spacing": [1.0, 1.0, 1.0],
-              "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-              "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                               "arch_kwargs": arch, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
-              "batch_dice": False}
-    return {"dataset_name": "Dataset001_AL3D", "plans_name": "nnUNetPlans", "configurations": {"3d_fullres": config},
-            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2]}
+    config = {
+        "data_identifier": "nnUNetPlans_3d_fullres",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 9,
+        "patch_size": list(patch),
+        "median_image_size_in_voxels": [36, 50, 35],
+        "spacing": [1.0, 1.0, 1.0],
+        "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [False],
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": arch,
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+        "batch_dice": False,
+    }
+    return {
+        "dataset_name": "Dataset001_AL3D",
+        "plans_name": "nnUNetPlans",
+        "configurations": {"3d_fullres": config},
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+    }
 
 
 def test_profile_changes_the_plans_network_and_keeps_the_data_identifier():
@@ -138,7 +177,14 @@ def test_profile_network_builds_with_nnunet():
 
     config = plans_for_profile(_plans(), "3d_fullres", resolve_profile("test"))["configurations"]["3d_fullres"]
     arch = config["architecture"]
-    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 3,
-                                 allow_init=True, deep_supervision=False)
+    net = get_network_from_plans(
+        arch["network_class_name"],
+        arch["arch_kwargs"],
+        arch["_kw_requires_import"],
+        1,
+        3,
+        allow_init=True,
+        deep_supervision=False,
+    )
     out = net(torch.zeros(1, 1, *config["patch_size"]))
     assert tuple(out.shape) == (1, 3, 16, 16, 16)

@@ -4,6 +4,7 @@ The loader runs on in-memory cases whose sample locations come from nnU-Net's
 own preprocessing function, exactly as they are stored for a dataset with an
 ignore label.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,8 +43,15 @@ def _case(shape, boxes, rng) -> tuple:
 
 
 def _loader(cases, batch_size, crop, final, oversample=0.0) -> RegionSamplingDataLoader:
-    return RegionSamplingDataLoader(MemoryDataset(cases), batch_size, crop, final, LabelManager(LABELS, None),
-                                    oversample_foreground_percent=oversample, transforms=None)
+    return RegionSamplingDataLoader(
+        MemoryDataset(cases),
+        batch_size,
+        crop,
+        final,
+        LabelManager(LABELS, None),
+        oversample_foreground_percent=oversample,
+        transforms=None,
+    )
 
 
 def _training_patches(batch, crop, final):
@@ -64,8 +72,14 @@ def test_every_training_patch_contains_an_annotated_voxel():
     cases = {
         "corner": _case((40, 48, 36), [((slice(0, 3), slice(0, 3), slice(0, 3)), small_box)], rng),
         "far_corner": _case((40, 48, 36), [((slice(37, 40), slice(45, 48), slice(33, 36)), small_box)], rng),
-        "two_boxes": _case((30, 50, 40), [((slice(5, 9), slice(10, 14), slice(20, 24)), small_box),
-                                          ((slice(20, 24), slice(40, 44), slice(2, 6)), lambda r, s: np.full(s, 2))], rng),
+        "two_boxes": _case(
+            (30, 50, 40),
+            [
+                ((slice(5, 9), slice(10, 14), slice(20, 24)), small_box),
+                ((slice(20, 24), slice(40, 44), slice(2, 6)), lambda r, s: np.full(s, 2)),
+            ],
+            rng,
+        ),
         "smaller_than_patch": _case((12, 14, 10), [((slice(4, 6), slice(4, 6), slice(4, 6)), small_box)], rng),
         "background_only": _case((40, 40, 40), [((slice(10, 14), slice(10, 14), slice(10, 14)), lambda r, s: np.zeros(s))], rng),
     }
@@ -98,8 +112,11 @@ def test_annotated_voxel_is_not_always_at_the_centre():
     rng = np.random.default_rng(2)
     np.random.seed(2)
     v = (20, 25, 22)
-    cases = {"one": _case((40, 50, 44), [((slice(v[0], v[0] + 1), slice(v[1], v[1] + 1), slice(v[2], v[2] + 1)),
-                                         lambda r, s: np.ones(s))], rng)}
+    cases = {
+        "one": _case(
+            (40, 50, 44), [((slice(v[0], v[0] + 1), slice(v[1], v[1] + 1), slice(v[2], v[2] + 1)), lambda r, s: np.ones(s))], rng
+        )
+    }
     crop, final = (24, 24, 24), (16, 16, 16)
     loader = _loader(cases, 2, crop, final)
     offsets = []
@@ -146,7 +163,14 @@ def test_without_ignore_label_nnunet_sampling_is_kept():
     seg[0, 5:8, 5:8, 5:8] = 1
     locs = DefaultPreprocessor._sample_foreground_locations(seg, [1], seed=0)
     cases = {"x": (rng.normal(size=(1, 20, 20, 20)).astype(np.float32), seg, {"class_locations": locs})}
-    loader = RegionSamplingDataLoader(MemoryDataset(cases), 2, (12, 12, 12), (12, 12, 12), LabelManager(labels, None),
-                                      oversample_foreground_percent=0.5, transforms=None)
+    loader = RegionSamplingDataLoader(
+        MemoryDataset(cases),
+        2,
+        (12, 12, 12),
+        (12, 12, 12),
+        LabelManager(labels, None),
+        oversample_foreground_percent=0.5,
+        transforms=None,
+    )
     batch = loader.generate_train_batch()
     assert loader.last_sample is None and tuple(batch["target"].shape) == (2, 1, 12, 12, 12)

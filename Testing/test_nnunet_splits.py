@@ -1,4 +1,5 @@
 """Class-aware k-fold splits: every class in two or more validation folds where the data allow, seeded."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Merge semantics of partial label maps (ActiveLearning3DLib.partial_labels) and Project.merge_annotation."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -188,7 +189,9 @@ def test_project_merge_is_saved_at_once(project, dataset):
 
     reopened = Project.open(project.path)
     np.testing.assert_array_equal(reopened.read_partial_labels(case), on_disk)
-    assert checksums(dataset.root, project.path / "groundtruth", project.path / "imagesTr", project.path / "imagesTs") == protected
+    assert (
+        checksums(dataset.root, project.path / "groundtruth", project.path / "imagesTr", project.path / "imagesTs") == protected
+    )
     assert {c: project.partial_label_path(c).read_bytes() for c in project.pool_cases[1:]} == other_partials
     assert [p.name for p in project.path.rglob(".al3d-tmp-*")] == []
 

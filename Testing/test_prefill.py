@@ -3,6 +3,7 @@
 The prediction store is our own file (``<model>/pool_prediction/<case>.nii.gz``),
 so these tests write it directly instead of training a model.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,14 @@ import pytest
 
 from ActiveLearning3DLib import ActiveLearningLogic
 from ActiveLearning3DLib.nnunet.paths import NnunetPaths
-from ActiveLearning3DLib.prefill import (EffortModel, box_effort, effort_totals, model_loop, prediction_labels,
-                                         write_pool_prediction)
+from ActiveLearning3DLib.prefill import (
+    EffortModel,
+    box_effort,
+    effort_totals,
+    model_loop,
+    prediction_labels,
+    write_pool_prediction,
+)
 from ActiveLearning3DLib.project import ProjectError
 from conftest import make_dataset
 
@@ -35,8 +42,9 @@ def random_labels(seed: int, shape=SHAPE) -> np.ndarray:
 def project(tmp_path) -> ActiveLearningLogic:
     """Loop 0 annotated by the oracle (no model), loop 1 queried with random boxes."""
     data = make_dataset(tmp_path / "data", n_cases=6, shape=SHAPE)
-    logic = ActiveLearningLogic.create(tmp_path / "project", data.images, data.labels, patch_size=(8, 8, 8),
-                                       test_fraction=0.2, seed=1)
+    logic = ActiveLearningLogic.create(
+        tmp_path / "project", data.images, data.labels, patch_size=(8, 8, 8), test_fraction=0.2, seed=1
+    )
     logic.query("random", 2, seed=0)
     logic.annotate_with_oracle()
     logic.query("random", 3, seed=1)
@@ -193,10 +201,16 @@ def test_effort_model_estimates_fits_and_refuses_bad_parameters():
 
 def test_effort_totals_skip_pending_boxes_and_undefined_dice():
     records = [
-        {"state": "annotated", "seconds": 4.0, "effort": {"prefill_shown": True, "corrected": 10, "voxels": 100,
-                                                          "prefill_dice": {"1": 0.5, "2": None}}},
-        {"state": "annotated", "seconds": None, "effort": {"prefill_shown": False, "corrected": 30, "voxels": 100,
-                                                           "prefill_dice": None}},
+        {
+            "state": "annotated",
+            "seconds": 4.0,
+            "effort": {"prefill_shown": True, "corrected": 10, "voxels": 100, "prefill_dice": {"1": 0.5, "2": None}},
+        },
+        {
+            "state": "annotated",
+            "seconds": None,
+            "effort": {"prefill_shown": False, "corrected": 30, "voxels": 100, "prefill_dice": None},
+        },
         {"state": "pending", "effort": None},
     ]
     totals = effort_totals(records)
@@ -216,20 +230,54 @@ def _effort_study(root: Path, with_effort: bool = True) -> Path:
     from ActiveLearning3DLib.fileio import atomic_write_json
 
     root.mkdir(parents=True)
-    atomic_write_json(root / "simulation.json", {
-        "settings": {"methods": ["random"], "seeds": [0, 1], "loops": 2, "images": "data/imagesTr", "budget": 20,
-                     "start": "random"},
-        "budget": 20, "budget_rule": "given", "query_size": 10, "profile_tag": "test", "patch_size": [10, 10, 10],
-        "pool_cases": 10, "test_cases": 4, "profile": {"name": "test"}, "versions": {}})
+    atomic_write_json(
+        root / "simulation.json",
+        {
+            "settings": {
+                "methods": ["random"],
+                "seeds": [0, 1],
+                "loops": 2,
+                "images": "data/imagesTr",
+                "budget": 20,
+                "start": "random",
+            },
+            "budget": 20,
+            "budget_rule": "given",
+            "query_size": 10,
+            "profile_tag": "test",
+            "patch_size": [10, 10, 10],
+            "pool_cases": 10,
+            "test_cases": 4,
+            "profile": {"name": "test"},
+            "versions": {},
+        },
+    )
     for seed in (0, 1):
         for loop in (0, 1):
             corrected = 4000 if loop == 0 else 1000 * (seed + 1)  # seed 0: 1000, seed 1: 2000 in loop 1
-            effort = {"boxes": 10, "boxes_with_effort": 10, "prefill_shown": 10 * loop, "corrected_voxels": corrected,
-                      "box_voxels": 10000, "foreground_voxels": 4000, "seconds": None, "boxes_with_seconds": 0,
-                      "mean_prefill_dice": None if loop == 0 else 0.5 + 0.1 * seed}
-            record = {"method": "random", "seed": seed, "loop": loop, "boxes": 10 * (loop + 1), "annotated_voxels": 0,
-                      "foreground_voxels": 0, "foreground_fraction": 0.1 * (loop + 1), "mean_dice": 0.3 + 0.1 * loop,
-                      "per_class": {}, "seconds": {}}
+            effort = {
+                "boxes": 10,
+                "boxes_with_effort": 10,
+                "prefill_shown": 10 * loop,
+                "corrected_voxels": corrected,
+                "box_voxels": 10000,
+                "foreground_voxels": 4000,
+                "seconds": None,
+                "boxes_with_seconds": 0,
+                "mean_prefill_dice": None if loop == 0 else 0.5 + 0.1 * seed,
+            }
+            record = {
+                "method": "random",
+                "seed": seed,
+                "loop": loop,
+                "boxes": 10 * (loop + 1),
+                "annotated_voxels": 0,
+                "foreground_voxels": 0,
+                "foreground_fraction": 0.1 * (loop + 1),
+                "mean_dice": 0.3 + 0.1 * loop,
+                "per_class": {},
+                "seconds": {},
+            }
             if with_effort:
                 record["effort"] = effort
             path = root / "results" / "random" / f"seed_{seed}" / f"loop_{loop:03d}.json"
@@ -279,8 +327,9 @@ def test_a_simulation_scores_for_the_prediction_also_where_the_method_needs_no_m
     job = next(j for j in simulated.jobs("predict") if j.name.endswith("-score"))
     assert job.spec().inputs["prediction_dir"] == str(simulated.model_folder / "pool_prediction")
     assert job.spec().inputs["maps"] == []
-    off = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", method="random", predict_pool=True,
-                                           pool_prediction=False))
+    off = logic.loop_pipeline(
+        LoopSettings(profile="test", device="cpu", method="random", predict_pool=True, pool_prediction=False)
+    )
     assert not off.scores
     classes = logic.project.foreground_classes
     assert shared_scoring(("random", "random_fg66"), classes, predict_pool=True) == {"score": True, "method": "random"}
@@ -290,7 +339,7 @@ def test_a_simulation_scores_for_the_prediction_also_where_the_method_needs_no_m
 # ------------------------------------------------------------------ command line: effort model options, status
 def _effort_row(report_md: str, loop: int) -> list[str]:
     """The cells of the report's effort table row of method random, loop ``loop``."""
-    table = report_md[report_md.index("Annotation effort per loop"):]
+    table = report_md[report_md.index("Annotation effort per loop") :]
     row = next(line for line in table.splitlines() if line.startswith(f"| random | {loop} |"))
     return [cell.strip() for cell in row.strip("|").split("|")]
 
@@ -300,11 +349,11 @@ def test_report_command_effort_options_change_the_estimated_minutes(tmp_path, ca
 
     study = _effort_study(tmp_path / "study")
     assert main(["report", str(study), "--out", str(tmp_path / "default")]) == 0
-    assert main(["report", str(study), "--out", str(tmp_path / "custom"), "--box-seconds", "6",
-                 "--seconds-per-voxel", "0.06"]) == 0
+    assert (
+        main(["report", str(study), "--out", str(tmp_path / "custom"), "--box-seconds", "6", "--seconds-per-voxel", "0.06"]) == 0
+    )
     assert main(["report", str(study), "--out", str(tmp_path / "boxes-only"), "--box-seconds", "0"]) == 0
-    default, custom, boxes_only = ((tmp_path / name / "report.md").read_text()
-                                   for name in ("default", "custom", "boxes-only"))
+    default, custom, boxes_only = ((tmp_path / name / "report.md").read_text() for name in ("default", "custom", "boxes-only"))
     # loop 1, 10 boxes, 1000 / 2000 corrected voxels (seeds 0, 1), 4000 painted without pre-fill:
     # default 20 s per box + 0.02 s per voxel: (200 + 20) / 60 and (200 + 40) / 60 minutes; (200 + 80) / 60 without
     assert _effort_row(default, 1)[9:11] == ["3.8 ± 0.2", "4.7 ± 0.0"]
@@ -320,14 +369,25 @@ SIMULATE = ["simulate", "--images", "{tmp}/i", "--labels", "{tmp}/l", "--method"
 
 
 @pytest.mark.parametrize("command", ["report", "simulate"])
-@pytest.mark.parametrize("option,value", [("--box-seconds", "-1"), ("--box-seconds", "nan"), ("--box-seconds", "x"),
-                                          ("--seconds-per-voxel", "inf"), ("--seconds-per-voxel", "-0.5")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--box-seconds", "-1"),
+        ("--box-seconds", "nan"),
+        ("--box-seconds", "x"),
+        ("--seconds-per-voxel", "inf"),
+        ("--seconds-per-voxel", "-0.5"),
+    ],
+)
 def test_effort_options_refuse_bad_values_in_one_line_naming_the_option(tmp_path, capsys, command, option, value):
     from ActiveLearning3DLib.cli import main
 
     study = _effort_study(tmp_path / "study")
-    head = (["report", str(study), "--out", str(tmp_path / "o")] if command == "report"
-            else [a.format(tmp=tmp_path) for a in SIMULATE] + ["--report"])
+    head = (
+        ["report", str(study), "--out", str(tmp_path / "o")]
+        if command == "report"
+        else [a.format(tmp=tmp_path) for a in SIMULATE] + ["--report"]
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(head + [option, value])
     assert exit_info.value.code == 2
@@ -340,8 +400,19 @@ def test_simulate_refuses_effort_options_without_a_report_before_anything_runs(t
     from ActiveLearning3DLib.cli import main
 
     data = make_dataset(tmp_path / "data", n_cases=4, shape=(8, 8, 8))
-    argv = ["simulate", "--images", str(data.images), "--labels", str(data.labels), "--method", "random",
-            "--out", str(tmp_path / "o"), "--box-seconds", "5"]
+    argv = [
+        "simulate",
+        "--images",
+        str(data.images),
+        "--labels",
+        str(data.labels),
+        "--method",
+        "random",
+        "--out",
+        str(tmp_path / "o"),
+        "--box-seconds",
+        "5",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--report" in err and "--box-seconds" in err, err
@@ -369,5 +440,4 @@ def test_status_command_shows_each_loops_effort_totals(project, capsys):
     assert "pre-fill Dice 0.933" in loop1[0] and "40 s recorded" in loop1[0]  # 2 x 448 / (512 + 448)
     assert main(["status", str(logic.project.path), "--json"]) == 0
     per_loop = json.loads(capsys.readouterr().out)["per_loop"]
-    assert [p["effort"] for p in per_loop] == [{k: v for k, v in t.items() if k != "loop"}
-                                               for t in logic.effort_per_loop()]
+    assert [p["effort"] for p in per_loop] == [{k: v for k, v in t.items() if k != "loop"} for t in logic.effort_per_loop()]

@@ -1,4 +1,5 @@
 """The project store (ActiveLearning3DLib.project): layout, split, patch size, crash safety, loop files."""
+
 from __future__ import annotations
 
 import json
@@ -117,8 +118,9 @@ def test_dataset_json(project, dataset):
 
 
 def test_label_names_made_unique_for_nnunet(tmp_path, dataset):
-    p = Project.create(tmp_path / "p", dataset.images, dataset.labels, patch_size=(4, 4, 4),
-                       classes={0: "background", 1: "ignore", 2: "ignore"})
+    p = Project.create(
+        tmp_path / "p", dataset.images, dataset.labels, patch_size=(4, 4, 4), classes={0: "background", 1: "ignore", 2: "ignore"}
+    )
     labels = read_json(p.path / "dataset.json")["labels"]
     assert labels == {"background": 0, "ignore_1": 1, "ignore_2": 2, "ignore": 3}
 
@@ -190,7 +192,9 @@ def test_split_is_seeded_and_reproducible():
     assert len({tuple(t) for t in [test, *other_seeds]}) >= 3
 
 
-@pytest.mark.parametrize("n, fraction, expected", [(12, 0.25, 3), (4, 0.25, 1), (2, 0.1, 1), (1, 0.25, 0), (12, 0.0, 0), (10, 0.5, 5)])
+@pytest.mark.parametrize(
+    "n, fraction, expected", [(12, 0.25, 3), (4, 0.25, 1), (2, 0.1, 1), (1, 0.25, 0), (12, 0.0, 0), (10, 0.5, 5)]
+)
 def test_split_sizes(n, fraction, expected):
     split = _split_cases([f"c{i}" for i in range(n)], fraction, seed=0)
     assert sum(s == "test" for s in split.values()) == expected
@@ -571,7 +575,9 @@ def test_damaged_loop_file(project, content, words):
 def test_loop_box_naming_a_test_case_is_refused(project):
     project.loops_dir.mkdir(exist_ok=True)
     test_case = project.test_cases[0]
-    project.loop_path(0).write_text(json.dumps({"patches": [{"file": f"{test_case}.nii.gz", "coords": [0, 0, 0], "size": [4, 4, 4]}]}))
+    project.loop_path(0).write_text(
+        json.dumps({"patches": [{"file": f"{test_case}.nii.gz", "coords": [0, 0, 0], "size": [4, 4, 4]}]})
+    )
     with pytest.raises(ProjectError, match=f"loop_000.json.*{test_case}"):
         project.read_loop(0)
 

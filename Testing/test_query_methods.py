@@ -22,8 +22,18 @@ from ActiveLearning3DLib.uncertainty import MemoryProbabilities
 MODEL_METHODS = ["clasp_pe", "pe", "bald", "power_pe", "power_bald", "softrank_bald", "pe_spatial"]
 GT_METHODS = ["random_fg33", "random_fg66", "nnactive_start"]
 EMBEDDING_METHODS = ["cluster", "cscs"]
-SEEDED_METHODS = ["clasp_pe", "power_pe", "power_bald", "softrank_bald", "random", "random_fg33", "random_fg66",
-                  "nnactive_start", "cluster", "cscs"]
+SEEDED_METHODS = [
+    "clasp_pe",
+    "power_pe",
+    "power_bald",
+    "softrank_bald",
+    "random",
+    "random_fg33",
+    "random_fg66",
+    "nnactive_start",
+    "cluster",
+    "cscs",
+]
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -45,7 +55,7 @@ def _random_ground_truth(rng: np.random.Generator, shape, classes) -> np.ndarray
         for _ in range(int(rng.integers(0, 3))):
             lo = [int(rng.integers(0, d)) for d in shape]
             hi = [min(d, low + int(rng.integers(1, 5))) for low, d in zip(lo, shape)]
-            gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = c
+            gt[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = c
     return gt
 
 
@@ -86,10 +96,17 @@ def _random_context(seed: int, blocked_per_case: int = 2, loop: int = 2) -> Quer
     candidates = [b for case, shape in cases.items() for b in candidate_boxes(case, shape, patch, None)]
     embeddings = EmbeddingSet(candidates, rng.normal(size=(len(candidates), 6)), rng.random(len(candidates)))
     return QueryContext(
-        cases=cases, patch_size=patch, foreground_classes=classes, seed=seed, loop=loop, total_loops=5,
+        cases=cases,
+        patch_size=patch,
+        foreground_classes=classes,
+        seed=seed,
+        loop=loop,
+        total_loops=5,
         blocked=_random_blocked(rng, cases, patch, blocked_per_case),
-        probabilities=MemoryProbabilities(arrays), ground_truth=gts.__getitem__,
-        label_counts=_label_counts(gts, [0, *classes]), embeddings=embeddings,
+        probabilities=MemoryProbabilities(arrays),
+        ground_truth=gts.__getitem__,
+        label_counts=_label_counts(gts, [0, *classes]),
+        embeddings=embeddings,
     )
 
 
@@ -132,7 +149,8 @@ def test_registry_and_unknown_method_lists_choices():
 
 @pytest.mark.parametrize(
     "name, missing, needed",
-    [(n, "ground_truth", "ground truth") for n in GT_METHODS] + [(n, "probabilities", "probabilities") for n in MODEL_METHODS]
+    [(n, "ground_truth", "ground truth") for n in GT_METHODS]
+    + [(n, "probabilities", "probabilities") for n in MODEL_METHODS]
     + [(n, "embeddings", "embeddings") for n in EMBEDDING_METHODS],
 )
 def test_methods_refuse_without_what_they_need(name, missing, needed):
@@ -182,12 +200,18 @@ def test_not_enough_candidates_is_a_clear_error(name):
     rng = np.random.default_rng(0)
     cases = {f"c{i}": (4, 4, 4) for i in range(3)}
     probs = {"m0": {c: _random_probabilities(rng, 1, 2, s)[0] for c, s in cases.items()}}
-    ctx = QueryContext(cases=cases, patch_size=(4, 4, 4), foreground_classes=[1], seed=0, loop=1,
-                       blocked=[Box("c1", (1, 1, 1), (1, 1, 1))], probabilities=MemoryProbabilities(probs),
-                       ground_truth=lambda case: np.ones(cases[case], dtype=np.uint8),
-                       label_counts={c: {0: 0, 1: 64} for c in cases},
-                       embeddings=EmbeddingSet([Box(c, (0, 0, 0), (4, 4, 4)) for c in cases], rng.normal(size=(3, 2)),
-                                               rng.random(3)))
+    ctx = QueryContext(
+        cases=cases,
+        patch_size=(4, 4, 4),
+        foreground_classes=[1],
+        seed=0,
+        loop=1,
+        blocked=[Box("c1", (1, 1, 1), (1, 1, 1))],
+        probabilities=MemoryProbabilities(probs),
+        ground_truth=lambda case: np.ones(cases[case], dtype=np.uint8),
+        label_counts={c: {0: 0, 1: 64} for c in cases},
+        embeddings=EmbeddingSet([Box(c, (0, 0, 0), (4, 4, 4)) for c in cases], rng.normal(size=(3, 2)), rng.random(3)),
+    )
     picks = get_method(name)(ctx, 2)
     assert sorted(p.box.case for p in picks) == ["c0", "c2"]
     with pytest.raises(NotEnoughCandidates, match=f"{name}.*only 2"):
@@ -240,8 +264,7 @@ def test_pe_picks_the_box_centred_on_a_planted_blob():
     strong = _blob_member(shape, (11, 6, 9), 0.5, 3.0)
     weak = _blob_member(shape, (5, 5, 5), 0.2, 3.0)
     probs = MemoryProbabilities({"m0": {"a": weak, "b": strong}, "m1": {"a": weak, "b": strong}})
-    ctx = QueryContext(cases={"a": shape, "b": shape}, patch_size=(5, 5, 5), foreground_classes=[1], seed=0,
-                       probabilities=probs)
+    ctx = QueryContext(cases={"a": shape, "b": shape}, patch_size=(5, 5, 5), foreground_classes=[1], seed=0, probabilities=probs)
     picks = get_method("pe")(ctx, 1)
     assert picks[0].box == Box("b", (9, 4, 7), (5, 5, 5))  # centre voxel (11, 6, 9)
     # Two boxes, one per image allowed each: both blobs' centred boxes.
@@ -268,8 +291,7 @@ def test_bald_prefers_disagreement_over_uniform_uncertainty():
     a[:, 7:11, 7:11, 7:11] = 0.5
     b[:, 7:11, 7:11, 7:11] = 0.5
     probs = MemoryProbabilities({"m0": {"c": a}, "m1": {"c": b}})
-    ctx = QueryContext(cases={"c": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0,
-                       probabilities=probs)
+    ctx = QueryContext(cases={"c": shape}, patch_size=(4, 4, 4), foreground_classes=[1], seed=0, probabilities=probs)
     assert get_method("pe")(ctx, 1)[0].box.coords == (7, 7, 7)
     bald = get_method("bald")(ctx, 1)[0]
     assert bald.box.coords == (1, 1, 1)
@@ -286,18 +308,25 @@ def test_power_pe_samples_roughly_in_proportion_to_score():
     # Two one-box images with PE box scores in ratio 1 : 3; beta = 1 picks the better one ~75 % of the time.
     h = _entropy2(0.05)
     q = brentq(lambda x: _entropy2(x) - 3 * h, 0.05, 0.5)
-    probs = MemoryProbabilities({"m0": {
-        "lo": np.array([0.95, 0.05], np.float32).reshape(2, 1, 1, 1) * np.ones((2, 3, 3, 3), np.float32),
-        "hi": np.array([1 - q, q], np.float32).reshape(2, 1, 1, 1) * np.ones((2, 3, 3, 3), np.float32),
-    }})
+    probs = MemoryProbabilities(
+        {
+            "m0": {
+                "lo": np.array([0.95, 0.05], np.float32).reshape(2, 1, 1, 1) * np.ones((2, 3, 3, 3), np.float32),
+                "hi": np.array([1 - q, q], np.float32).reshape(2, 1, 1, 1) * np.ones((2, 3, 3, 3), np.float32),
+            }
+        }
+    )
     cases = {"lo": (3, 3, 3), "hi": (3, 3, 3)}
-    greedy = get_method("pe")(QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1], seed=0,
-                                           probabilities=probs), 1)[0]
+    greedy = get_method("pe")(
+        QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1], seed=0, probabilities=probs), 1
+    )[0]
     assert greedy.box.case == "hi" and greedy.score == pytest.approx(3 * h, rel=1e-3)
     trials = 400
     wins = sum(
-        get_method("power_pe")(QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1], seed=seed,
-                                            probabilities=probs), 1)[0].box.case == "hi"
+        get_method("power_pe")(
+            QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1], seed=seed, probabilities=probs), 1
+        )[0].box.case
+        == "hi"
         for seed in range(trials)
     )
     assert abs(wins / trials - 0.75) < 0.07  # softmax of log scores: 3 / (1 + 3)
@@ -312,14 +341,14 @@ def test_clasp_beta_schedule():
     assert clasp_beta(0, 5) == pytest.approx(1.0)
     assert clasp_beta(1, 5) == pytest.approx(math.sqrt(10.0))  # 3.16
     assert clasp_beta(2, 5) == pytest.approx(10.0)
-    assert clasp_beta(3, 5) == pytest.approx(10 ** 1.5)  # 31.6
+    assert clasp_beta(3, 5) == pytest.approx(10**1.5)  # 31.6
     assert clasp_beta(4, 5) == pytest.approx(100.0)
     assert clasp_beta(1, 2) == pytest.approx(100.0)
     assert clasp_beta(0, 1) == 1.0
     assert clasp_beta(-1, 5) == 1.0 and clasp_beta(9, 5) == pytest.approx(100.0)  # clamped
 
 
-@pytest.mark.parametrize("loop,beta", [(1, 1.0), (2, math.sqrt(10)), (3, 10.0), (4, 10 ** 1.5)])
+@pytest.mark.parametrize("loop,beta", [(1, 1.0), (2, math.sqrt(10)), (3, 10.0), (4, 10**1.5)])
 def test_clasp_query_of_loop_l_uses_the_model_of_loop_l_minus_1(monkeypatch, loop, beta):
     scales = []
     real = clasp.gumbel
@@ -336,26 +365,32 @@ def test_clasp_query_of_loop_l_uses_the_model_of_loop_l_minus_1(monkeypatch, loo
     assert len(scales) == len(ctx.cases) * (len(ctx.foreground_classes) + 1)  # per image and stratum
 
 
-@pytest.mark.parametrize("n,k,expected", [
-    (20, 3, (6, 4)),   # int(6.8), int(13.2 / 3)
-    (10, 2, (3, 3)),   # int(3.4), int(3.3)
-    (50, 2, (17, 16)),  # int(17.0), int(16.5)
-    (1, 3, (1, 1)),    # at least one each
-    (3, 4, (1, 1)),    # int(1.02), int(0.495) -> 1
-    (100, 5, (34, 13)),
-])
+@pytest.mark.parametrize(
+    "n,k,expected",
+    [
+        (20, 3, (6, 4)),  # int(6.8), int(13.2 / 3)
+        (10, 2, (3, 3)),  # int(3.4), int(3.3)
+        (50, 2, (17, 16)),  # int(17.0), int(16.5)
+        (1, 3, (1, 1)),  # at least one each
+        (3, 4, (1, 1)),  # int(1.02), int(0.495) -> 1
+        (100, 5, (34, 13)),
+    ],
+)
 def test_per_image_quotas(n, k, expected):
     assert per_image_quotas(n, k) == expected
 
 
-@pytest.mark.parametrize("count,classes,plain,class_total,base", [
-    (20, [1, 2], 7, 13, 6),      # n_cls = int(13.2) = 13 -> 7 + 6 or 6 + 7
-    (10, [1, 2, 3], 4, 6, 2),    # int(6.6) = 6 -> 2 each
-    (20, [1, 2, 3], 7, 13, 4),   # 13 -> 4 each + one extra
-    (7, [1, 2], 3, 4, 2),        # int(4.62) = 4
-    (1, [1], 1, 0, 0),           # int(0.66) = 0
-    (100, [1, 2, 3, 4], 34, 66, 16),
-])
+@pytest.mark.parametrize(
+    "count,classes,plain,class_total,base",
+    [
+        (20, [1, 2], 7, 13, 6),  # n_cls = int(13.2) = 13 -> 7 + 6 or 6 + 7
+        (10, [1, 2, 3], 4, 6, 2),  # int(6.6) = 6 -> 2 each
+        (20, [1, 2, 3], 7, 13, 4),  # 13 -> 4 each + one extra
+        (7, [1, 2], 3, 4, 2),  # int(4.62) = 4
+        (1, [1], 1, 0, 0),  # int(0.66) = 0
+        (100, [1, 2, 3, 4], 34, 66, 16),
+    ],
+)
 def test_global_quotas(count, classes, plain, class_total, base):
     extras = Counter()
     for seed in range(40):
@@ -393,8 +428,7 @@ def test_fill_from_strata_by_hand():
     assert ("a3" in six) != ("c3" in six)  # one more from the next rank, never a4 or c4
     assert names(fill_from_strata(ranked, quotas, 9, "q")) == ["a1", "a2", "a3", "a4", "b1", "c1", "c2", "c3", "c4"]
     # every stratum full: exactly the quotas
-    assert names(fill_from_strata(ranked, {"pe": 3, "class_1": 1, "class_2": 1}, 5, "q")) == [
-        "a1", "a2", "a3", "b1", "c1"]
+    assert names(fill_from_strata(ranked, {"pe": 3, "class_1": 1, "class_2": 1}, 5, "q")) == ["a1", "a2", "a3", "b1", "c1"]
     # a stratum with a quota but no entry at all
     assert names(fill_from_strata({"pe": ranked["pe"]}, {"pe": 1, "class_1": 2}, 3, "q")) == ["a1", "a2", "a3"]
     with pytest.raises(NotEnoughCandidates, match="clasp_pe: only 10"):
@@ -414,8 +448,14 @@ def test_clasp_pe_fills_a_short_stratum_when_a_class_is_absent():
             arrays[f"m{m}"][case] = np.concatenate([p, np.zeros((1, *shape), np.float32)])
     short_seen = False
     for seed in range(8):
-        ctx = QueryContext(cases=cases, patch_size=(4, 4, 5), foreground_classes=[1, 2], seed=seed, loop=1,
-                           probabilities=MemoryProbabilities(arrays))
+        ctx = QueryContext(
+            cases=cases,
+            patch_size=(4, 4, 5),
+            foreground_classes=[1, 2],
+            seed=seed,
+            loop=1,
+            probabilities=MemoryProbabilities(arrays),
+        )
         picks = get_method("clasp_pe")(ctx, 10)
         assert sorted(p.box.case for p in picks) == sorted(cases)
         assert all(p.box == Box(p.box.case, (0, 0, 0), (3, 4, 5)) for p in picks)
@@ -437,11 +477,11 @@ def test_clasp_pe_late_loop_is_nearly_greedy_per_stratum(seed):
     p[:, 6:10, 6:10, 12:16] = np.array([0.2, 0.8, 0.0]).reshape(3, 1, 1, 1)  # PE 0.50, U_1 = 0.40
     p[:, 2:6, 6:10, 22:26] = np.array([0.2, 0.0, 0.8]).reshape(3, 1, 1, 1)  # PE 0.50, U_2 = 0.40
     probs = MemoryProbabilities({"m0": {"c": p}})
-    ctx = QueryContext(cases={"c": shape}, patch_size=(4, 4, 4), foreground_classes=[1, 2], seed=seed, loop=4,
-                       probabilities=probs, n_per_image=3)
+    ctx = QueryContext(
+        cases={"c": shape}, patch_size=(4, 4, 4), foreground_classes=[1, 2], seed=seed, loop=4, probabilities=probs, n_per_image=3
+    )
     picks = get_method("clasp_pe")(ctx, 3)
-    assert {pk.stratum: pk.box.coords for pk in picks} == {"pe": (1, 1, 1), "class_1": (6, 6, 12),
-                                                         "class_2": (2, 6, 22)}
+    assert {pk.stratum: pk.box.coords for pk in picks} == {"pe": (1, 1, 1), "class_1": (6, 6, 12), "class_2": (2, 6, 22)}
     h = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
     assert {pk.stratum: pk.score for pk in picks}["pe"] == pytest.approx(h, rel=1e-5)
 
@@ -464,8 +504,13 @@ def test_random_boxes_visit_images_round_robin():
 @pytest.mark.parametrize("name", ["random_fg33", "random_fg66"])
 def test_random_fg_without_foreground_falls_back_to_all(name):
     cases = {f"c{i}": (9, 9, 9) for i in range(3)}
-    ctx = QueryContext(cases=cases, patch_size=(4, 4, 4), foreground_classes=[1, 2], seed=0,
-                       ground_truth=lambda case: np.zeros(cases[case], dtype=np.uint8))
+    ctx = QueryContext(
+        cases=cases,
+        patch_size=(4, 4, 4),
+        foreground_classes=[1, 2],
+        seed=0,
+        ground_truth=lambda case: np.zeros(cases[case], dtype=np.uint8),
+    )
     picks = get_method(name)(ctx, 6)
     assert len(picks) == 6 and all(p.stratum == "all" for p in picks)
 
@@ -481,8 +526,7 @@ def test_random_fg_seg_and_border_boxes_are_centred_on_the_class(name):
         if i % 2:
             gt[13:18, 8:16, 10:14] = 2  # class 2 only in some images
         gts[case] = gt
-    ctx = QueryContext(cases=cases, patch_size=(5, 5, 5), foreground_classes=[1, 2], seed=3,
-                       ground_truth=gts.__getitem__)
+    ctx = QueryContext(cases=cases, patch_size=(5, 5, 5), foreground_classes=[1, 2], seed=3, ground_truth=gts.__getitem__)
     picks = get_method(name)(ctx, 12)
     areas = Counter(p.stratum.split(":")[0] for p in picks)
     assert areas["seg"] + areas["border"] > 0
@@ -505,8 +549,7 @@ def test_random_fg66_puts_more_boxes_on_foreground_than_fg33():
     cases = {f"c{i}": shape for i in range(30)}
     gt = np.zeros(shape, dtype=np.uint8)
     gt[5:25, 5:25, 5:25] = 1
-    ctx = QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1], seed=0,
-                       ground_truth=lambda case: gt)
+    ctx = QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1], seed=0, ground_truth=lambda case: gt)
     fg = {}
     for name in ("random_fg33", "random_fg66"):
         picks = get_method(name)(ctx, 90)
@@ -534,8 +577,14 @@ def _start_pool():
 def test_nnactive_start_rarest_label_first_each_image_once(seed):
     cases, gts = _start_pool()
     labels = [0, 1, 2, 3]
-    ctx = QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1, 2, 3], seed=seed,
-                       ground_truth=gts.__getitem__, label_counts=_label_counts(gts, labels))
+    ctx = QueryContext(
+        cases=cases,
+        patch_size=(3, 3, 3),
+        foreground_classes=[1, 2, 3],
+        seed=seed,
+        ground_truth=gts.__getitem__,
+        label_counts=_label_counts(gts, labels),
+    )
     picks = get_method("nnactive_start")(ctx, 12)
     assert len(picks) == 12
     head = picks[:8]
@@ -554,8 +603,14 @@ def test_nnactive_start_rarest_label_first_each_image_once(seed):
 def test_nnactive_start_label_in_fewer_images_than_boxes():
     cases, gts = _start_pool()
     gts["img1"][gts["img1"] == 3] = 1  # label 3 now only in img0
-    ctx = QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1, 2, 3], seed=0,
-                       ground_truth=gts.__getitem__, label_counts=_label_counts(gts, [0, 1, 2, 3]))
+    ctx = QueryContext(
+        cases=cases,
+        patch_size=(3, 3, 3),
+        foreground_classes=[1, 2, 3],
+        seed=0,
+        ground_truth=gts.__getitem__,
+        label_counts=_label_counts(gts, [0, 1, 2, 3]),
+    )
     picks = get_method("nnactive_start")(ctx, 10)
     strata = [p.stratum for p in picks]
     assert strata.count("label:3") == 1 and picks[0].box.case == "img0"
@@ -564,10 +619,15 @@ def test_nnactive_start_label_in_fewer_images_than_boxes():
 
 def test_nnactive_start_counts_labels_itself_without_label_counts():
     cases, gts = _start_pool()
-    with_counts = QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1, 2, 3], seed=1,
-                               ground_truth=gts.__getitem__, label_counts=_label_counts(gts, [0, 1, 2, 3]))
-    without = QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1, 2, 3], seed=1,
-                           ground_truth=gts.__getitem__)
+    with_counts = QueryContext(
+        cases=cases,
+        patch_size=(3, 3, 3),
+        foreground_classes=[1, 2, 3],
+        seed=1,
+        ground_truth=gts.__getitem__,
+        label_counts=_label_counts(gts, [0, 1, 2, 3]),
+    )
+    without = QueryContext(cases=cases, patch_size=(3, 3, 3), foreground_classes=[1, 2, 3], seed=1, ground_truth=gts.__getitem__)
     a = get_method("nnactive_start")(with_counts, 10)
     b = get_method("nnactive_start")(without, 10)
     assert [p.stratum for p in b[:8]] == [p.stratum for p in a[:8]]
@@ -582,8 +642,15 @@ def test_random_methods_find_the_last_free_box_of_a_nearly_covered_image(name):
     gt[1:3, 1:3, 1:3] = 1  # foreground only under the existing boxes
     blocked = [Box("c", (0, 0, 0), (4, 8, 8)), Box("c", (4, 0, 0), (4, 4, 8)), Box("c", (4, 4, 0), (4, 4, 4))]
     for seed in range(5):
-        ctx = QueryContext(cases=cases, patch_size=(4, 4, 4), foreground_classes=[1], seed=seed, blocked=blocked,
-                           ground_truth=lambda case: gt, label_counts={"c": {0: 504, 1: 8}})
+        ctx = QueryContext(
+            cases=cases,
+            patch_size=(4, 4, 4),
+            foreground_classes=[1],
+            seed=seed,
+            blocked=blocked,
+            ground_truth=lambda case: gt,
+            label_counts={"c": {0: 504, 1: 8}},
+        )
         picks = get_method(name)(ctx, 1)
         assert picks[0].box == Box("c", (4, 4, 4), (4, 4, 4))
         with pytest.raises(NotEnoughCandidates, match="only 1"):

@@ -1,4 +1,5 @@
 """The report's Dice-against-budget plot on a study that is still running (records written by hand, no training)."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from ActiveLearning3DLib.fileio import atomic_write_json  # noqa: E402
-from ActiveLearning3DLib.report import (SettingResults, draw_dice_vs_boxes, start_comparisons,  # noqa: E402
-                                        write_report)
+from ActiveLearning3DLib.report import (
+    SettingResults,
+    draw_dice_vs_boxes,
+    start_comparisons,  # noqa: E402
+    write_report,
+)
 
 LOOPS = 3
 
@@ -23,35 +28,68 @@ def _study(root: Path, dice: dict[tuple[str, int], list[float]], start: str = "n
     """A simulation folder with the records of ``dice[(method, seed)]`` (one value per finished loop)."""
     methods = list(dict.fromkeys(m for m, _ in dice))
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "simulation.json", {
-        "settings": {"methods": methods, "seeds": sorted({s for _, s in dice}), "loops": LOOPS, "images": "data/imagesTr",
-                     "budget": budget, "start": start},
-        "budget": budget, "budget_rule": "given", "query_size": 20, "profile_tag": "test", "patch_size": [20, 20, 20], "pool_cases": 10,
-        "test_cases": 4, "profile": {"name": "test"}, "versions": {}})
+    atomic_write_json(
+        root / "simulation.json",
+        {
+            "settings": {
+                "methods": methods,
+                "seeds": sorted({s for _, s in dice}),
+                "loops": LOOPS,
+                "images": "data/imagesTr",
+                "budget": budget,
+                "start": start,
+            },
+            "budget": budget,
+            "budget_rule": "given",
+            "query_size": 20,
+            "profile_tag": "test",
+            "patch_size": [20, 20, 20],
+            "pool_cases": 10,
+            "test_cases": 4,
+            "profile": {"name": "test"},
+            "versions": {},
+        },
+    )
     for (method, seed), values in dice.items():
         (root / "results" / method / f"seed_{seed}").mkdir(parents=True)
         for loop, value in enumerate(values):
-            atomic_write_json(root / "results" / method / f"seed_{seed}" / f"loop_{loop:03d}.json", {
-                "method": method, "seed": seed, "loop": loop, "boxes": 20 * (loop + 1), "annotated_voxels": 0,
-                "foreground_voxels": 0, "foreground_fraction": 0.05 * (loop + 1), "mean_dice": value,
-                "per_class": {}, "seconds": {}})
+            atomic_write_json(
+                root / "results" / method / f"seed_{seed}" / f"loop_{loop:03d}.json",
+                {
+                    "method": method,
+                    "seed": seed,
+                    "loop": loop,
+                    "boxes": 20 * (loop + 1),
+                    "annotated_voxels": 0,
+                    "foreground_voxels": 0,
+                    "foreground_fraction": 0.05 * (loop + 1),
+                    "mean_dice": value,
+                    "per_class": {},
+                    "seconds": {},
+                },
+            )
     return root
 
 
 def _lines(setting: SettingResults) -> dict[str, tuple[list, list, str]]:
     fig, ax = plt.subplots()
     draw_dice_vs_boxes(ax, setting)
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle())
-             for line in ax.get_lines()}
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle()) for line in ax.get_lines()}
     plt.close(fig)
     return lines
 
 
 def test_finished_seeds_are_averaged_and_running_ones_drawn_with_their_loops_so_far(tmp_path):
-    setting = SettingResults(_study(tmp_path, {
-        ("random", 0): [0.5, 0.6, 0.7], ("random", 1): [0.7, 0.8, 0.9],  # finished
-        ("clasp_pe", 0): [0.5, 0.65],  # still going
-    }))
+    setting = SettingResults(
+        _study(
+            tmp_path,
+            {
+                ("random", 0): [0.5, 0.6, 0.7],
+                ("random", 1): [0.7, 0.8, 0.9],  # finished
+                ("clasp_pe", 0): [0.5, 0.65],  # still going
+            },
+        )
+    )
     lines = _lines(setting)
     assert set(lines) == {"random (2 seeds)", "clasp_pe seed 0, running (2 of 3 loops)"}
     x, y, style = lines["random (2 seeds)"]
@@ -67,8 +105,10 @@ def test_one_finished_seed_is_labelled_in_the_singular(tmp_path):
 
 def test_a_report_of_a_study_with_no_finished_seed_still_plots_its_loops(tmp_path):
     run = _study(tmp_path / "run", {("random_fg66", 0): [0.80, 0.81], ("clasp_pe", 0): [0.80]})
-    assert set(_lines(SettingResults(run))) == {"random_fg66 seed 0, running (2 of 3 loops)",
-                                                "clasp_pe seed 0, running (1 of 3 loops)"}
+    assert set(_lines(SettingResults(run))) == {
+        "random_fg66 seed 0, running (2 of 3 loops)",
+        "clasp_pe seed 0, running (1 of 3 loops)",
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an empty legend would warn
         page = write_report([run], tmp_path / "report")
@@ -77,8 +117,9 @@ def test_a_report_of_a_study_with_no_finished_seed_still_plots_its_loops(tmp_pat
 
 
 def test_each_per_loop_row_names_the_seeds_it_averages(tmp_path):
-    setting = SettingResults(_study(tmp_path, {
-        ("clasp_pe", 0): [0.5, 0.6, 0.7], ("clasp_pe", 1): [0.7, 0.8], ("clasp_pe", 2): [0.6]}))
+    setting = SettingResults(
+        _study(tmp_path, {("clasp_pe", 0): [0.5, 0.6, 0.7], ("clasp_pe", 1): [0.7, 0.8], ("clasp_pe", 2): [0.6]})
+    )
     table = setting.loop_table()
     rows = {row[1]: dict(zip(table.header, row)) for row in table.rows}
     assert [rows[t]["seeds"] for t in ("0", "1", "2")] == ["seeds 0, 1, 2", "seeds 0, 1", "seed 0"]
@@ -88,11 +129,12 @@ def test_each_per_loop_row_names_the_seeds_it_averages(tmp_path):
 def _cold_start(root: Path, random_seeds: dict[int, list[float]]) -> list[Path]:
     """The cold-start benchmark's folders: one per start, each followed by ``clasp_pe``; one of another budget."""
     fg33 = {0: [0.80, 0.82, 0.84], 1: [0.78, 0.81, 0.83], 2: [0.79, 0.80, 0.86]}
-    return [_study(root / "fg33", {("clasp_pe", k): v for k, v in fg33.items()}, start="random_fg33"),
-            _study(root / "cscs", {("clasp_pe", k): [x - 0.05 + 0.001 * k for x in v] for k, v in fg33.items()},
-                   start="cscs"),
-            _study(root / "random", {("clasp_pe", k): v for k, v in random_seeds.items()}, start="random"),
-            _study(root / "other", {("clasp_pe", 0): [0.5, 0.6, 0.7]}, start="cluster", budget=80)]
+    return [
+        _study(root / "fg33", {("clasp_pe", k): v for k, v in fg33.items()}, start="random_fg33"),
+        _study(root / "cscs", {("clasp_pe", k): [x - 0.05 + 0.001 * k for x in v] for k, v in fg33.items()}, start="cscs"),
+        _study(root / "random", {("clasp_pe", k): v for k, v in random_seeds.items()}, start="random"),
+        _study(root / "other", {("clasp_pe", 0): [0.5, 0.6, 0.7]}, start="cluster", budget=80),
+    ]
 
 
 def test_folders_differing_only_in_their_start_are_compared_by_start(tmp_path):

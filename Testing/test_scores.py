@@ -1,4 +1,5 @@
 """Stored box scores: a query from a scoring job's output equals the query from the probabilities."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,18 +74,29 @@ def test_scoring_settings_are_the_score_jobs_schema(tmp_path):
     full = ScoringSettings(("pe", "class_1"), tmp_path / "scores", tmp_path / "unc", (2, 3, 4), tmp_path / "pred")
     text = json.dumps(full.to_json())
     # the keys and order the score jobs have always had in job.json
-    assert text == json.dumps({"maps": ["pe", "class_1"], "scores_dir": str(tmp_path / "scores"),
-                               "uncertainty_dir": str(tmp_path / "unc"), "prediction_dir": str(tmp_path / "pred"),
-                               "stride": [2, 3, 4]})
+    assert text == json.dumps(
+        {
+            "maps": ["pe", "class_1"],
+            "scores_dir": str(tmp_path / "scores"),
+            "uncertainty_dir": str(tmp_path / "unc"),
+            "prediction_dir": str(tmp_path / "pred"),
+            "stride": [2, 3, 4],
+        }
+    )
     assert ScoringSettings.from_json(json.loads(text)) == full
     bare = ScoringSettings((), Path("s"))
-    assert bare.to_json() == {"maps": [], "scores_dir": "s", "uncertainty_dir": None, "prediction_dir": None,
-                              "stride": None}
+    assert bare.to_json() == {"maps": [], "scores_dir": "s", "uncertainty_dir": None, "prediction_dir": None, "stride": None}
     assert ScoringSettings.from_json({**bare.to_json(), "model": "m", "threads": 2}) == bare  # the job's own keys
     source = tmp_path / "job.json"
-    for change, key in [({"maps": "pe"}, "maps"), ({"maps": ["pe", "entropy"]}, "maps"), ({"scores_dir": None}, "scores_dir"),
-                        ({"uncertainty_dir": 3}, "uncertainty_dir"), ({"stride": [2, 2]}, "stride"),
-                        ({"stride": [2, 0, 2]}, "stride"), ({"prediction_dir": ""}, "prediction_dir")]:
+    for change, key in [
+        ({"maps": "pe"}, "maps"),
+        ({"maps": ["pe", "entropy"]}, "maps"),
+        ({"scores_dir": None}, "scores_dir"),
+        ({"uncertainty_dir": 3}, "uncertainty_dir"),
+        ({"stride": [2, 2]}, "stride"),
+        ({"stride": [2, 0, 2]}, "stride"),
+        ({"prediction_dir": ""}, "prediction_dir"),
+    ]:
         with pytest.raises(ValueError, match=rf"job\.json: '{key}': expected"):
             ScoringSettings.from_json({**full.to_json(), **change}, source)
 
@@ -93,8 +105,12 @@ def test_a_score_job_with_bad_inputs_fails_naming_its_job_file_before_loading_a_
     from ActiveLearning3DLib.jobs import Job
     from ActiveLearning3DLib.worker import run_job
 
-    job = Job.create(tmp_path, "bad-score", "nnunet_score", {"project": str(tmp_path / "none"), "model": "none",
-                                                              "maps": ["pe"], "scores_dir": str(tmp_path), "stride": [1, 2]})
+    job = Job.create(
+        tmp_path,
+        "bad-score",
+        "nnunet_score",
+        {"project": str(tmp_path / "none"), "model": "none", "maps": ["pe"], "scores_dir": str(tmp_path), "stride": [1, 2]},
+    )
     assert run_job(job.path) == 1
     status = job.status()
     assert status.state == "failed" and f"{job.spec_path}: 'stride': expected null or three whole numbers" in status.message
@@ -113,8 +129,12 @@ def test_the_pipelines_score_job_writes_the_settings_record(tmp_path, dataset):
         [score] = [j for j in pipeline.jobs("predict") if j.name.endswith("-score")]
         inputs = score.spec().inputs
         settings = ScoringSettings.from_json(inputs, score.spec_path)
-        assert settings == ScoringSettings(tuple(pipeline.score_job_maps()), pipeline.scores_dir,
-                                           None if extra else pipeline.uncertainty_dir, (2, 2, 2) if extra else None,
-                                           None if extra else pipeline.pool_prediction_dir)
+        assert settings == ScoringSettings(
+            tuple(pipeline.score_job_maps()),
+            pipeline.scores_dir,
+            None if extra else pipeline.uncertainty_dir,
+            (2, 2, 2) if extra else None,
+            None if extra else pipeline.pool_prediction_dir,
+        )
         assert list(inputs)[:7] == ["project", "model", "maps", "scores_dir", "uncertainty_dir", "prediction_dir", "stride"]
         score.path.rename(tmp_path / f"done-{len(extra)}")  # the next settings make their own job

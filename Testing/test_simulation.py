@@ -5,6 +5,7 @@ is started as a command, killed with SIGKILL once the first loop record is
 written, and run again: it must finish without redoing finished work. Then the
 report must hold every table and plot.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,17 @@ from ActiveLearning3DLib.pipeline import LoopSettings
 from ActiveLearning3DLib.project import ProjectError
 from ActiveLearning3DLib.query_methods import get_method
 from ActiveLearning3DLib.scores import ScoreStore
-from ActiveLearning3DLib.simulation import (NNACTIVE_BUDGETS, Simulation, SimulationSettings, _copy_project,
-                                            collect_results, export_records, resolve_budget,
-                                            shared_scoring, stage_seconds)
+from ActiveLearning3DLib.simulation import (
+    NNACTIVE_BUDGETS,
+    Simulation,
+    SimulationSettings,
+    _copy_project,
+    collect_results,
+    export_records,
+    resolve_budget,
+    shared_scoring,
+    stage_seconds,
+)
 from conftest import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,20 +51,58 @@ SEEDS = (0, 1)
 
 
 def _settings(data: Path, out: Path) -> SimulationSettings:
-    return SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=METHODS, out=out, budget=20,
-                              loops=2, seeds=SEEDS, profile="test", device="cpu", max_cases=16, parallel=1)
+    return SimulationSettings(
+        images=data / "imagesTr",
+        labels=data / "labelsTr",
+        methods=METHODS,
+        out=out,
+        budget=20,
+        loops=2,
+        seeds=SEEDS,
+        profile="test",
+        device="cpu",
+        max_cases=16,
+        parallel=1,
+    )
 
 
 def _command(settings: SimulationSettings) -> list[str]:
-    return [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(settings.images), "--labels",
-            str(settings.labels), "--method", ",".join(settings.methods), "--budget", str(settings.budget), "--loops",
-            str(settings.loops), "--seeds", ",".join(map(str, settings.seeds)), "--profile", "test", "--device", "cpu",
-            "--max-cases", "16", "--parallel", "1", "--out", str(settings.out)]
+    return [
+        sys.executable,
+        "-m",
+        "ActiveLearning3DLib.cli",
+        "simulate",
+        "--images",
+        str(settings.images),
+        "--labels",
+        str(settings.labels),
+        "--method",
+        ",".join(settings.methods),
+        "--budget",
+        str(settings.budget),
+        "--loops",
+        str(settings.loops),
+        "--seeds",
+        ",".join(map(str, settings.seeds)),
+        "--profile",
+        "test",
+        "--device",
+        "cpu",
+        "--max-cases",
+        "16",
+        "--parallel",
+        "1",
+        "--out",
+        str(settings.out),
+    ]
 
 
 def _job_endings(out: Path) -> dict[str, str]:
-    return {str(p.parent.relative_to(out)): read_json(p)["ended"] for p in out.rglob("jobs/*/status.json")
-            if read_json(p)["state"] == "done"}
+    return {
+        str(p.parent.relative_to(out)): read_json(p)["ended"]
+        for p in out.rglob("jobs/*/status.json")
+        if read_json(p)["state"] == "done"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +129,21 @@ def test_a_simulation_of_loop_0_alone_extends_to_more_loops_without_training_aga
     """The cold-start benchmark can measure every start's loop 0 first (``--loops 1``) and add the loops after it."""
     data = default_data_dir(tmp_path_factory, phantom_cases=16)
     out = tmp_path_factory.mktemp("extend") / "run"
-    first = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("clasp_pe",), out=out,
-                               budget=20, loops=1, seeds=(0,), profile="test", device="cpu", max_cases=16, parallel=2,
-                               start="random", reference=False)
+    first = SimulationSettings(
+        images=data / "imagesTr",
+        labels=data / "labelsTr",
+        methods=("clasp_pe",),
+        out=out,
+        budget=20,
+        loops=1,
+        seeds=(0,),
+        profile="test",
+        device="cpu",
+        max_cases=16,
+        parallel=2,
+        start="random",
+        reference=False,
+    )
     results = Simulation(first).run(poll_seconds=0.3)
     assert results["failed"] == {} and [r["loop"] for r in results["records"]] == [0]
     record = out / "results" / "clasp_pe" / "seed_0" / "loop_000.json"
@@ -97,8 +156,9 @@ def test_a_simulation_of_loop_0_alone_extends_to_more_loops_without_training_aga
     assert {k: after.get(k) for k in done} == done  # loop 0 was not trained, evaluated or scored again
     assert len(after) > len(done)
     again = read_json(record)
-    assert {k: v for k, v in again.items() if k not in ("seconds", "next_loop_file")} == \
-        {k: v for k, v in loop0.items() if k not in ("seconds", "next_loop_file")}
+    assert {k: v for k, v in again.items() if k not in ("seconds", "next_loop_file")} == {
+        k: v for k, v in loop0.items() if k not in ("seconds", "next_loop_file")
+    }
     assert again["next_loop_file"]["method"] == "clasp_pe" and len(again["next_loop_file"]["patches"]) == 4
     assert read_json(out / "simulation.json")["settings"]["loops"] == 2
     # every project now plans 2 loops: ClaSP PE's noise schedule of loop 1 spans the extended run
@@ -111,13 +171,26 @@ def test_a_restarted_driver_adopts_every_live_job_before_it_starts_new_ones(tmp_
     so the earlier runs' new jobs wait instead of training beside them."""
     data = default_data_dir(tmp_path_factory, phantom_cases=16)
     out = tmp_path_factory.mktemp("adopt") / "run"
-    settings = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",), out=out,
-                                  budget=20, loops=1, seeds=(0, 1), profile="test", device="cpu", max_cases=16,
-                                  parallel=2, reference=False)
+    settings = SimulationSettings(
+        images=data / "imagesTr",
+        labels=data / "labelsTr",
+        methods=("random",),
+        out=out,
+        budget=20,
+        loops=1,
+        seeds=(0, 1),
+        profile="test",
+        device="cpu",
+        max_cases=16,
+        parallel=2,
+        reference=False,
+    )
     Simulation(settings).prepare()  # the folder as the earlier driver left it
     earlier = LocalRunner(LocalRunnerSettings(poll_seconds=0.05, max_parallel=2))
-    live = [Job.create(out / "seed_1" / "random" / "jobs", f"fold_{k}", "selftest", {"steps": 10000, "seconds": 0.05})
-            for k in range(2)]
+    live = [
+        Job.create(out / "seed_1" / "random" / "jobs", f"fold_{k}", "selftest", {"steps": 10000, "seconds": 0.05})
+        for k in range(2)
+    ]
     for job in live:
         earlier.submit(job)
     earlier.poll()
@@ -178,16 +251,18 @@ def test_every_run_records_every_loop_with_the_shared_protocol(simulated):
     for s in SEEDS:  # loop 0 (starting budget and its model) is shared by the methods of a seed
         assert records[("random", s, 0)]["mean_dice"] == records[("clasp_pe", s, 0)]["mean_dice"]
         assert records[("random", s, 0)]["model"] == records[("clasp_pe", s, 0)]["model"]
-    tests = {tuple(sorted(ActiveLearningLogic.open(settings.out / f"seed_{s}" / m).project.test_cases))
-             for m in METHODS for s in SEEDS}
+    tests = {
+        tuple(sorted(ActiveLearningLogic.open(settings.out / f"seed_{s}" / m).project.test_cases)) for m in METHODS for s in SEEDS
+    }
     assert len(tests) == 1  # the same test split everywhere
     assert 0 <= results["reference"]["mean_dice"] <= 1
     # the full-data run waits behind the runs' jobs (it fills idle slots); no run's job does
     reference_jobs = list(settings.out.glob("reference/*/project/jobs/*/job.json"))
     assert reference_jobs and all(read_json(p)["inputs"].get("background") is True for p in reference_jobs)
     assert not any(read_json(p)["inputs"].get("background") for p in settings.out.glob("seed_*/*/jobs/*/job.json"))
-    annotated_later = [records[("clasp_pe", s, 1)]["foreground_fraction"] > records[("clasp_pe", s, 0)]["foreground_fraction"]
-                       for s in SEEDS]
+    annotated_later = [
+        records[("clasp_pe", s, 1)]["foreground_fraction"] > records[("clasp_pe", s, 0)]["foreground_fraction"] for s in SEEDS
+    ]
     assert all(annotated_later)
 
 
@@ -240,8 +315,7 @@ def test_a_method_needing_another_map_scores_again_and_keeps_the_maps_others_que
     _copy_project(start, tmp_path / "run")
     logic = ActiveLearningLogic.open(tmp_path / "run")
     classes = logic.project.foreground_classes
-    same = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="clasp_pe",
-                                            stages=("predict",)))
+    same = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="clasp_pe", stages=("predict",)))
     [score] = [j for j in same.jobs("predict") if j.name.endswith("-score")]
     before = read_json(score.spec_path)
     assert score.status().state == "done"
@@ -249,8 +323,7 @@ def test_a_method_needing_another_map_scores_again_and_keeps_the_maps_others_que
     start_dir = start / "nnunet" / "results" / same.model_name / "scores"
     start_scores = {f.name: f.read_bytes() for f in start_dir.iterdir()}
 
-    pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="bald",
-                                                stages=("predict",)))
+    pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="bald", stages=("predict",)))
     assert pipeline.run(timeout=600).state == "done"
     spec = read_json(score.spec_path)
     assert spec["created"] != before["created"]
@@ -265,8 +338,7 @@ def test_a_method_needing_another_map_scores_again_and_keeps_the_maps_others_que
     for name, data in start_scores.items():
         assert (start_dir / name).read_bytes() == data
         assert not ScoreStore(start_dir).has(Path(name).stem, ["bald"])
-    again = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="clasp_pe",
-                                             stages=("predict",)))
+    again = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", parallel=1, method="clasp_pe", stages=("predict",)))
     assert [j.spec().created for j in again.jobs("predict") if j.name == score.name] == [spec["created"]]
 
 
@@ -340,19 +412,23 @@ def test_records_carry_their_boxes_and_a_fresh_folder_is_rebuilt_from_them(simul
     records = tmp_path / "committed"
     (records / "results" / "clasp_pe" / "seed_0").mkdir(parents=True)
     shutil.copy2(settings.out / "simulation.json", records / "simulation.json")
-    shutil.copy2(settings.out / "results" / "clasp_pe" / "seed_0" / "loop_000.json",
-                 records / "results" / "clasp_pe" / "seed_0" / "loop_000.json")
-    fresh = dataclasses.replace(settings, methods=("clasp_pe",), seeds=(0,), out=tmp_path / "fresh", reference=False,
-                                restore_from=records)
+    shutil.copy2(
+        settings.out / "results" / "clasp_pe" / "seed_0" / "loop_000.json",
+        records / "results" / "clasp_pe" / "seed_0" / "loop_000.json",
+    )
+    fresh = dataclasses.replace(
+        settings, methods=("clasp_pe",), seeds=(0,), out=tmp_path / "fresh", reference=False, restore_from=records
+    )
     results = Simulation(fresh).run(poll_seconds=0.3)
     assert results["failed"] == {}
     rebuilt = ActiveLearningLogic.open(fresh.out / "seed_0" / "clasp_pe").project
-    assert [_boxes(rebuilt.read_loop(t).to_json()) for t in (0, 1)] == [_boxes(first["loop_file"]),
-                                                                         _boxes(first["next_loop_file"])]
+    assert [_boxes(rebuilt.read_loop(t).to_json()) for t in (0, 1)] == [
+        _boxes(first["loop_file"]),
+        _boxes(first["next_loop_file"]),
+    ]
     assert all(b.state == "annotated" for b in rebuilt.all_boxes())
     assert not (fresh.out / "seed_0" / "start").exists()  # loop 0 was not trained again
-    trained = {p.parent.name for p in (fresh.out / "seed_0" / "clasp_pe").rglob("jobs/*/status.json")
-               if "fold_" in p.parent.name}
+    trained = {p.parent.name for p in (fresh.out / "seed_0" / "clasp_pe").rglob("jobs/*/status.json") if "fold_" in p.parent.name}
     assert trained and all("loop_001" in name for name in trained), trained
     again = {r["loop"]: r for r in results["records"]}
     assert again[0]["mean_dice"] == first["mean_dice"] and again[0]["restored_from"] == str(records)
@@ -367,8 +443,9 @@ def test_restoring_refuses_records_of_another_protocol(simulated, tmp_path):
     records.mkdir()
     header = read_json(settings.out / "simulation.json")
     (records / "simulation.json").write_text(json.dumps({**header, "budget": 40}))
-    other = dataclasses.replace(settings, methods=("random",), seeds=(0,), out=tmp_path / "fresh", reference=False,
-                                restore_from=records)
+    other = dataclasses.replace(
+        settings, methods=("random",), seeds=(0,), out=tmp_path / "fresh", reference=False, restore_from=records
+    )
     with pytest.raises(ProjectError, match=r"simulation.json: recorded budget 40 differs"):
         Simulation(other).prepare()
 
@@ -385,8 +462,13 @@ def test_report_has_every_table_and_plot(simulated, tmp_path, capsys):
         assert row, f"no summary row for {method}"
         assert 0 <= float(row.group(1)) <= 100 and 0 <= float(row.group(2)) <= 100
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
-    assert pngs == ["setting1_dice_vs_boxes.png", "setting1_dice_vs_corrections.png", "setting1_dice_vs_foreground.png",
-                    "setting1_penalty_matrix.png", "setting1_queried_boxes.png"]
+    assert pngs == [
+        "setting1_dice_vs_boxes.png",
+        "setting1_dice_vs_corrections.png",
+        "setting1_dice_vs_foreground.png",
+        "setting1_penalty_matrix.png",
+        "setting1_queried_boxes.png",
+    ]
     for png in pngs:
         assert f"({png})" in md and (tmp_path / "report" / png).stat().st_size > 5000
     assert page.count("data:image/png;base64,") == len(pngs) and "src='http" not in page  # self-contained
@@ -407,25 +489,39 @@ def test_simulate_report_estimates_minutes_with_the_effort_options(simulated, tm
     default = (tmp_path / "default" / "report.md").read_text()
     assert "20 per box + 0.02 per corrected voxel" in default
     for loop in range(settings.loops):
-        [row] = [line for line in custom.splitlines() if line.startswith(f"| random | {loop} |")
-                 and line in custom[custom.index("Annotation effort per loop"):]]
+        [row] = [
+            line
+            for line in custom.splitlines()
+            if line.startswith(f"| random | {loop} |") and line in custom[custom.index("Annotation effort per loop") :]
+        ]
         cells = [c.strip() for c in row.strip("|").split("|")]
-        corrected = [read_json(p)["effort"]["corrected_voxels"] / 60
-                     for p in sorted(settings.out.glob(f"results/random/seed_*/loop_{loop:03d}.json"))]
+        corrected = [
+            read_json(p)["effort"]["corrected_voxels"] / 60
+            for p in sorted(settings.out.glob(f"results/random/seed_*/loop_{loop:03d}.json"))
+        ]
         assert cells[9].startswith(f"{np.mean(corrected):.1f} ± "), (cells, corrected)
-        [before] = [line for line in default.splitlines() if line.startswith(f"| random | {loop} |")
-                    and line in default[default.index("Annotation effort per loop"):]]
+        [before] = [
+            line
+            for line in default.splitlines()
+            if line.startswith(f"| random | {loop} |") and line in default[default.index("Annotation effort per loop") :]
+        ]
         assert before.split("|")[:10] == row.split("|")[:10] and before != row  # only the estimates differ
 
 
 def test_a_stage_counts_the_attempt_of_a_fold_cut_short_by_the_end_of_a_session(tmp_path):
     """Folds 0-3 trained 02:33-02:42, fold 4 from 02:42 until the session ended at 02:46, and again after the
     pause from 05:24 to 05:26: training took 9 + 4 + 2 minutes, not 9 + 2 or 9 + 2 h 53 min."""
+
     def at(hour: int, minute: int) -> str:
         return f"2026-12-03T{hour:02d}:{minute:02d}:00+00:00"
 
-    folds = {"fold_0": (at(2, 33), at(2, 37)), "fold_1": (at(2, 33), at(2, 37)), "fold_2": (at(2, 37), at(2, 42)),
-             "fold_3": (at(2, 37), at(2, 42)), "fold_4": (at(5, 24), at(5, 26))}
+    folds = {
+        "fold_0": (at(2, 33), at(2, 37)),
+        "fold_1": (at(2, 33), at(2, 37)),
+        "fold_2": (at(2, 37), at(2, 42)),
+        "fold_3": (at(2, 37), at(2, 42)),
+        "fold_4": (at(5, 24), at(5, 26)),
+    }
     jobs = []
     for name, (start, end) in folds.items():
         job = Job.create(tmp_path, f"loop_004-{name}", "selftest", {})
@@ -463,7 +559,10 @@ def test_exported_records_carry_the_reference_of_a_shared_cache(tmp_path):
     shutil.rmtree(tmp_path / "cache")  # a fresh clone has no cache
     assert collect_results(committed)["reference"] == {"mean_dice": 0.837}
     assert sorted(p.relative_to(committed).as_posix() for p in committed.rglob("*") if p.is_file()) == [
-        "reference.json", "results/clasp_pe/seed_1/loop_000.json", "results/clasp_pe/seed_1/loop_001.json",
-        "simulation.json"]
+        "reference.json",
+        "results/clasp_pe/seed_1/loop_000.json",
+        "results/clasp_pe/seed_1/loop_001.json",
+        "simulation.json",
+    ]
     with pytest.raises(ProjectError, match="not a simulation folder"):
         export_records(tmp_path / "cache", committed)

@@ -1,4 +1,5 @@
 """The panel's controller against real MRML nodes (``slicer-core``), without the desktop application."""
+
 from __future__ import annotations
 
 import ast
@@ -30,17 +31,25 @@ PATCH = (6, 8, 5)
 GEOMETRIES = {
     "scaled-shifted": dict(spacing=(0.8, 1.25, 2.0), origin=(12.0, -30.0, 7.5), direction=None),
     "flipped-axis": dict(spacing=(0.7, 0.9, 1.5), origin=(-5.0, 4.0, 20.0), direction=tuple(np.diag([1.0, -1.0, 1.0]).ravel())),
-    "oblique": dict(spacing=(1.1, 0.6, 1.7), origin=(3.0, 2.0, -8.0),
-                    direction=tuple((rotation(2, 25) @ rotation(0, 15)).ravel())),
+    "oblique": dict(
+        spacing=(1.1, 0.6, 1.7), origin=(3.0, 2.0, -8.0), direction=tuple((rotation(2, 25) @ rotation(0, 15)).ravel())
+    ),
 }
 
 
 def _controller(tmp_path: Path, geometry: str = "scaled-shifted", query_size: int = 4) -> AnnotationController:
     data = make_dataset(tmp_path / "source", n_cases=4, shape=SHAPE, **GEOMETRIES[geometry])
     ctx = headless_slicer()
-    return AnnotationController.create_project(ctx, tmp_path / "project", data.images, data.labels, patch_size=PATCH,
-                                               query_size=query_size, test_fraction=0.25,
-                                               class_colors={1: (0.9, 0.1, 0.1), 2: (0.1, 0.1, 0.9)})
+    return AnnotationController.create_project(
+        ctx,
+        tmp_path / "project",
+        data.images,
+        data.labels,
+        patch_size=PATCH,
+        query_size=query_size,
+        test_fraction=0.25,
+        class_colors={1: (0.9, 0.1, 0.1), 2: (0.1, 0.1, 0.9)},
+    )
 
 
 def _sitk_corner_bounds_ras(image_path: Path, box) -> np.ndarray:
@@ -137,8 +146,9 @@ def test_reopening_a_project_restores_the_table_states_and_settings(tmp_path):
     c.skip()
     c.save_settings(method="pe", profile="cpu-small", parallel=2)
     table = c.table(sort_by="score", descending=True)
-    assert [r.score for r in table if r.score is not None] == sorted([r.score for r in table if r.score is not None],
-                                                                     reverse=True)
+    assert [r.score for r in table if r.score is not None] == sorted(
+        [r.score for r in table if r.score is not None], reverse=True
+    )
     again = AnnotationController.open_project(headless_slicer(), c.logic.project.path)
     assert again.table(sort_by="score", descending=True) == table
     assert again.settings.method == "pe" and again.settings.parallel == 2
@@ -173,8 +183,10 @@ def egl():
     import subprocess
     import sys
 
-    probe = ("from vtkmodules.vtkRenderingOpenGL2 import vtkEGLRenderWindow; import vtk; w = vtkEGLRenderWindow(); "
-             "w.SetOffScreenRendering(1); w.AddRenderer(vtk.vtkRenderer()); w.SetSize(8, 8); w.Render()")
+    probe = (
+        "from vtkmodules.vtkRenderingOpenGL2 import vtkEGLRenderWindow; import vtk; w = vtkEGLRenderWindow(); "
+        "w.SetOffScreenRendering(1); w.AddRenderer(vtk.vtkRenderer()); w.SetSize(8, 8); w.Render()"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"EGL offscreen rendering does not work here (libEGL + Mesa needed): {done.stderr[-500:]}"
 
@@ -206,7 +218,7 @@ def test_offscreen_slice_view_shows_the_box_outline_at_the_box(tmp_path, egl):
         assert inside.mean() > 0.95, f"outline pixels away from the box: {inside.mean():.2f} near it"
         # on the outline, not filling the box: its centre has no outline colour
         cx, cy = int((x0 + x1) / 2), int(pixels.shape[0] - 1 - (y0 + y1) / 2)
-        assert not match[cy - 1:cy + 2, cx - 1:cx + 2].any()
+        assert not match[cy - 1 : cy + 2, cx - 1 : cx + 2].any()
     finally:
         view.close()
 
@@ -247,8 +259,7 @@ class _RecordingRunner:
         import sys
 
         self.submitted.append(job.name)
-        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(job.path)],
-                                   start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(job.path)], start_new_session=True)
         self.processes.append(process)
         job.update(state="running", pid=process.pid)
 
@@ -355,8 +366,7 @@ def test_module_and_ui_files_parse_and_use_only_existing_slicer_api():
     ast.parse(source)
     references = _slicer_references(source)
     assert ("util", "loadUI") in references  # the check sees the module's calls
-    missing = [".".join(r) for r in references
-               if not (hasattr(slicer.util, r[1]) if r[0] == "util" else hasattr(slicer, r[0]))]
+    missing = [".".join(r) for r in references if not (hasattr(slicer.util, r[1]) if r[0] == "util" else hasattr(slicer, r[0]))]
     assert not missing, f"{MODULE_FILE.name} uses Slicer API that does not exist: {missing}"
     tree = ET.parse(UI_FILE)
     names = {w.get("name") for w in tree.iter("widget")}
@@ -365,9 +375,9 @@ def test_module_and_ui_files_parse_and_use_only_existing_slicer_api():
 
 
 def test_the_static_check_catches_a_typo():
-    assert _slicer_references("from slicer.util import Mixinn\nslicer.util.arrayFromVolumee(x)\n"
-                              "slicer.vtkMRMLScalarVolumeNodee()") == {
-        ("util", "Mixinn"), ("util", "arrayFromVolumee"), ("vtkMRMLScalarVolumeNodee",)}
+    assert _slicer_references(
+        "from slicer.util import Mixinn\nslicer.util.arrayFromVolumee(x)\nslicer.vtkMRMLScalarVolumeNodee()"
+    ) == {("util", "Mixinn"), ("util", "arrayFromVolumee"), ("vtkMRMLScalarVolumeNodee",)}
     assert not hasattr(slicer.util, "arrayFromVolumee")
 
 
@@ -391,9 +401,16 @@ def test_a_label_free_start_trains_the_autoencoder_as_a_job_and_queries_when_it_
     from ActiveLearning3DLib.embeddings.store import embeddings_dir
 
     data = make_dataset(tmp_path / "source", n_cases=4, shape=SHAPE)
-    c = AnnotationController.create_project(headless_slicer(), tmp_path / "project", data.images, None,
-                                            patch_size=PATCH, query_size=3, start_method="cluster",
-                                            runner=_RecordingRunner())
+    c = AnnotationController.create_project(
+        headless_slicer(),
+        tmp_path / "project",
+        data.images,
+        None,
+        patch_size=PATCH,
+        query_size=3,
+        start_method="cluster",
+        runner=_RecordingRunner(),
+    )
     assert c.busy and c.table() == []  # nothing queried yet: the embedding job runs
     progress = c.poll()
     assert progress.stage == "embeddings" and progress.running
@@ -485,11 +502,14 @@ def test_closing_a_project_removes_its_volume_boxes_and_segmentations_from_the_s
     c.load_predictions()
     c.load_predictions()  # loading again replaces the earlier node
     scene = c.ctx.scene
-    counts = {cls: scene.GetNumberOfNodesByClass(cls) for cls in
-              ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLMarkupsROINode")}
+    counts = {
+        cls: scene.GetNumberOfNodesByClass(cls)
+        for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLMarkupsROINode")
+    }
     assert counts["vtkMRMLScalarVolumeNode"] == 1 and counts["vtkMRMLMarkupsROINode"] >= 1
     assert counts["vtkMRMLSegmentationNode"] == 3  # partial labels, annotation, one prediction
     c.close()
-    assert all(scene.GetNumberOfNodesByClass(cls) == 0 for cls in counts), \
-        {cls: scene.GetNumberOfNodesByClass(cls) for cls in counts}
+    assert all(scene.GetNumberOfNodesByClass(cls) == 0 for cls in counts), {
+        cls: scene.GetNumberOfNodesByClass(cls) for cls in counts
+    }
     assert c.volume is None and c.current is None and not c.prediction_nodes

@@ -5,6 +5,7 @@ The planning runs over the real installed metadata of this environment
 some of them, as a fresh Slicer would lack them. The installer steps use a
 recording stand-in for the few ``slicer`` calls (Slicer itself is not here).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -18,9 +19,18 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from ActiveLearning3DLib.gui.dependencies import (KEEP_SLICERS_OWN, MIN_PYTHON, NNUNET_REQUIREMENT, REQUIREMENTS,
-                                                  Environment, ensure_dependencies, installed_requires,
-                                                  installed_version, plan, resolve)
+from ActiveLearning3DLib.gui.dependencies import (
+    KEEP_SLICERS_OWN,
+    MIN_PYTHON,
+    NNUNET_REQUIREMENT,
+    REQUIREMENTS,
+    Environment,
+    ensure_dependencies,
+    installed_requires,
+    installed_version,
+    plan,
+    resolve,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +58,7 @@ class Installed:
         return self.versions.get(key) or installed_version(name)
 
     def env(self, python=(3, 12), torch_extension=True):
-        return Environment(python=python, version=self.version, requires=installed_requires,
-                           torch_extension=torch_extension)
+        return Environment(python=python, version=self.version, requires=installed_requires, torch_extension=torch_extension)
 
 
 def test_this_environment_has_everything_and_keeps_slicers_own_packages():
@@ -67,10 +76,14 @@ def test_missing_packages_come_with_nnunets_own_bounds_from_its_metadata():
     assert missing["dynamic-network-architectures"] == _nnunet_bound("dynamic-network-architectures")
     # timm is dynamic-network-architectures' requirement, not nnunetv2's: only read once that is installed
     assert "timm" not in missing
-    deeper = {canonicalize_name(r.name): str(r.specifier) for r in
-              resolve(REQUIREMENTS, Installed(hidden=["timm"]).env()).missing}
-    timm_bound = [Requirement(t).specifier for t in importlib.metadata.requires("dynamic-network-architectures")
-                  if Requirement(t).name == "timm"][0]
+    deeper = {
+        canonicalize_name(r.name): str(r.specifier) for r in resolve(REQUIREMENTS, Installed(hidden=["timm"]).env()).missing
+    }
+    timm_bound = [
+        Requirement(t).specifier
+        for t in importlib.metadata.requires("dynamic-network-architectures")
+        if Requirement(t).name == "timm"
+    ][0]
     assert deeper == {"timm": str(timm_bound)}
 
 
@@ -97,8 +110,12 @@ def test_python_3_9_is_told_plainly_and_nothing_is_tried():
     shown, calls = [], []
     env = Installed(hidden=["nnunetv2"]).env(python=(3, 9))
     assert plan(env).python_too_old
-    assert not ensure_dependencies(_Slicer(calls), env=env, confirm=lambda text: calls.append(text) or True,
-                                   show_error=lambda text, detail: shown.append(text))
+    assert not ensure_dependencies(
+        _Slicer(calls),
+        env=env,
+        confirm=lambda text: calls.append(text) or True,
+        show_error=lambda text, detail: shown.append(text),
+    )
     assert calls == [] and "Python 3.10 or later" in shown[0]
 
 
@@ -107,9 +124,12 @@ def test_the_constants_agree_with_the_lock_pyproject_and_nnunets_metadata():
     locked = re.search(r"^nnunetv2==(\S+)", lock, re.M).group(1)
     assert Requirement(NNUNET_REQUIREMENT).specifier.contains(locked)
     pyproject = (REPO / "pyproject.toml").read_text()  # read by hand: tomllib is Python 3.11+
-    project = {"requires-python": re.search(r'^requires-python = "([^"]+)"', pyproject, re.M).group(1),
-               "dependencies": re.findall(r'^    "([^"]+)",$', re.search(r"^dependencies = \[(.*?)^\]", pyproject,
-                                                                         re.M | re.S).group(1), re.M)}
+    project = {
+        "requires-python": re.search(r'^requires-python = "([^"]+)"', pyproject, re.M).group(1),
+        "dependencies": re.findall(
+            r'^    "([^"]+)",$', re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.M | re.S).group(1), re.M
+        ),
+    }
     assert len(project["dependencies"]) >= 5
     assert SpecifierSet(project["requires-python"]) == SpecifierSet(f">={MIN_PYTHON[0]}.{MIN_PYTHON[1]}")
     nnunet_python = SpecifierSet(importlib.metadata.metadata("nnunetv2")["Requires-Python"])
@@ -146,8 +166,11 @@ class _Slicer:
         def restart():
             calls.append(("restart",))
 
-        self.util = types.SimpleNamespace(pip_install=pip_install, restart=restart,
-                                          confirmYesNoDisplay=lambda text: calls.append(("ask", text)) or confirm_restart)
+        self.util = types.SimpleNamespace(
+            pip_install=pip_install,
+            restart=restart,
+            confirmYesNoDisplay=lambda text: calls.append(("ask", text)) or confirm_restart,
+        )
         if pip_ensure:
             self.packaging = types.SimpleNamespace(pip_ensure=pip_ensure_)
 
@@ -165,13 +188,16 @@ class _Slicer:
 def test_older_slicer_installs_each_package_without_dependencies_round_by_round():
     fresh = Installed(hidden=["nnunetv2", "acvl-utils", "dynamic-network-architectures", "timm"])
     calls = []
-    assert ensure_dependencies(_Slicer(calls, fresh), env=fresh.env(), confirm=lambda text: True,
-                               show_error=lambda *a: calls.append(("error", a)))
+    assert ensure_dependencies(
+        _Slicer(calls, fresh), env=fresh.env(), confirm=lambda text: True, show_error=lambda *a: calls.append(("error", a))
+    )
     pips = [c[1] for c in calls if c[0] == "pip_install"]
     assert pips[0] == ["--no-deps", NNUNET_REQUIREMENT]  # its dependencies are read from its metadata afterwards
     second = {canonicalize_name(Requirement(a[1]).name): Requirement(a[1]).specifier for a in pips[1:3]}
-    assert second == {"acvl-utils": _nnunet_bound("acvl-utils"),
-                      "dynamic-network-architectures": _nnunet_bound("dynamic-network-architectures")}
+    assert second == {
+        "acvl-utils": _nnunet_bound("acvl-utils"),
+        "dynamic-network-architectures": _nnunet_bound("dynamic-network-architectures"),
+    }
     assert [canonicalize_name(Requirement(a[1]).name) for a in pips[3:]] == ["timm"]
     assert all(a[0] == "--no-deps" for a in pips) and not any(c[0] in ("error", "restart") for c in calls)
 
@@ -198,8 +224,9 @@ def test_a_failing_pip_is_a_message_with_its_log_not_a_traceback():
     fresh = Installed(hidden=["acvl-utils"])
     shown, calls = [], []
     slicer = _Slicer(calls, fresh, pip_fails=b"ERROR: No matching distribution found for acvl-utils")
-    assert not ensure_dependencies(slicer, env=fresh.env(), confirm=lambda text: True,
-                                   show_error=lambda text, detail: shown.append((text, detail)))
+    assert not ensure_dependencies(
+        slicer, env=fresh.env(), confirm=lambda text: True, show_error=lambda text, detail: shown.append((text, detail))
+    )
     [(text, detail)] = shown
     assert "pip exited with 1" in text and "No matching distribution" in detail
 
@@ -209,22 +236,30 @@ def test_a_pip_that_succeeds_without_effect_stops_after_one_round_with_a_message
     shown, calls = [], []
     slicer = _Slicer(calls, stuck)
     slicer.util.pip_install = lambda args: calls.append(("pip_install", list(args)))  # exits 0, installs nothing
-    assert not ensure_dependencies(slicer, env=stuck.env(), confirm=lambda text: True,
-                                   show_error=lambda text, detail: shown.append(text))
+    assert not ensure_dependencies(
+        slicer, env=stuck.env(), confirm=lambda text: True, show_error=lambda text, detail: shown.append(text)
+    )
     assert len(calls) == 1 and "still missing" in shown[0] and "restart Slicer" in shown[0]
 
 
 def test_without_the_pytorch_extension_the_user_is_offered_it_and_asked_to_restart():
     no_torch = Installed(hidden=["torch"])
     shown, calls = [], []
-    declined = ensure_dependencies(_Slicer(calls, no_torch), env=no_torch.env(torch_extension=False),
-                                   confirm=lambda text: calls.append(("confirm", text)) and False,
-                                   show_error=lambda text, detail: shown.append(text))
+    declined = ensure_dependencies(
+        _Slicer(calls, no_torch),
+        env=no_torch.env(torch_extension=False),
+        confirm=lambda text: calls.append(("confirm", text)) and False,
+        show_error=lambda text, detail: shown.append(text),
+    )
     assert not declined and "Extensions Manager" in shown[0] and "PyTorch extension" in calls[0][1]
     assert not any(c[0] in ("extension", "pip_install") for c in calls)
     calls.clear()
-    agreed = ensure_dependencies(_Slicer(calls, no_torch, confirm_restart=True), env=no_torch.env(torch_extension=False),
-                                 confirm=lambda text: True, show_error=lambda *a: 1 / 0)
+    agreed = ensure_dependencies(
+        _Slicer(calls, no_torch, confirm_restart=True),
+        env=no_torch.env(torch_extension=False),
+        confirm=lambda text: True,
+        show_error=lambda *a: 1 / 0,
+    )
     assert not agreed  # torch itself comes after the restart
     assert ("extension", "PyTorch") in calls and calls[-1] == ("restart",)
     assert not any(c[0] == "pip_install" for c in calls)
@@ -233,8 +268,9 @@ def test_without_the_pytorch_extension_the_user_is_offered_it_and_asked_to_resta
 def test_declined_or_testing_installs_nothing():
     fresh = Installed(hidden=["acvl-utils"])
     shown, calls = [], []
-    assert not ensure_dependencies(_Slicer(calls, fresh), env=fresh.env(), confirm=lambda text: False,
-                                   show_error=lambda text, detail: shown.append(text))
+    assert not ensure_dependencies(
+        _Slicer(calls, fresh), env=fresh.env(), confirm=lambda text: False, show_error=lambda text, detail: shown.append(text)
+    )
     assert "declined" in shown[0] and "acvl-utils" in shown[0]
     assert not ensure_dependencies(_Slicer(calls, fresh), testing=True, env=fresh.env(), confirm=lambda text: 1 / 0)
     assert calls == [] and sys.modules.get("PyTorchUtils") is None
@@ -316,8 +352,13 @@ def test_dependency_messages_through_slicers_own_python():
             pytest.skip(f"needs Slicer's Python sources in ../shared/vendor/slicer/{version} (CI has them)")
         out = Path(__import__("tempfile").mkdtemp()) / "results.json"
         name = "check_dependency_dialogs_and_pip_ensure_through_slicers_own_python"
-        done = subprocess.run([sys.executable, str(harness), version, __file__, str(out), name], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(harness), version, __file__, str(out), name],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0 and out.is_file(), done.stderr[-3000:]
         results[version] = json.loads(out.read_text())[name]
     assert all(r["ok"] for r in results.values()), {v: r.get("error") for v, r in results.items()}

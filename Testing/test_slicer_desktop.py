@@ -1,4 +1,5 @@
 """The module's own test class, inside the Slicer desktop application (skipped where Slicer is not installed)."""
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,26 @@ def _slicer_executable() -> str | None:
     return os.environ.get("SLICER_EXECUTABLE") or shutil.which("Slicer")
 
 
-@pytest.mark.skipif(_slicer_executable() is None,
-                    reason="needs the 3D Slicer desktop application (set SLICER_EXECUTABLE); not installable here")
+@pytest.mark.skipif(
+    _slicer_executable() is None, reason="needs the 3D Slicer desktop application (set SLICER_EXECUTABLE); not installable here"
+)
 def test_module_test_class_passes_inside_slicer():
     code = "import sys, ActiveLearning3D; ActiveLearning3D.ActiveLearning3DTest().runTest(); sys.exit(0)"
-    done = subprocess.run([_slicer_executable(), "--no-main-window", "--testing", "--disable-cli-modules",
-                           "--additional-module-paths", str(REPO / "ActiveLearning3D"), "--python-code", code],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            _slicer_executable(),
+            "--no-main-window",
+            "--testing",
+            "--disable-cli-modules",
+            "--additional-module-paths",
+            str(REPO / "ActiveLearning3D"),
+            "--python-code",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
 
 
@@ -48,10 +62,13 @@ def test_panel_check_arguments_are_checked_and_name_the_option(tmp_path, capsys)
     assert options.out == tmp_path / "new" and options.install and options.cases == 8 and options.query_size == 3
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "file").write_text("x")
-    for argv, option in ((["--out", str(tmp_path / "a"), "--cases", "3"], "--cases"),
-                         (["--out", str(tmp_path / "a"), "--query-size", "0"], "--query-size"),
-                         (["--out", str(tmp_path / "a"), "--loop-timeout", "-5"], "--loop-timeout"),
-                         (["--out", str(tmp_path / "used")], "--out"), ([], "--out")):
+    for argv, option in (
+        (["--out", str(tmp_path / "a"), "--cases", "3"], "--cases"),
+        (["--out", str(tmp_path / "a"), "--query-size", "0"], "--query-size"),
+        (["--out", str(tmp_path / "a"), "--loop-timeout", "-5"], "--loop-timeout"),
+        (["--out", str(tmp_path / "used")], "--out"),
+        ([], "--out"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             check.parse_args(argv)
         assert exit_.value.code == 2
@@ -63,8 +80,9 @@ def test_panel_check_summary_fails_a_step_skips_what_needs_it_and_exits_1(tmp_pa
     check = _panel_check()
     summary = check.Summary()
     summary.run("dependencies", lambda: "nothing to install")
-    summary.run("panel", lambda: (_ for _ in ()).throw(RuntimeError("the module is not loaded\nsecond line")),
-                needs=("dependencies",))
+    summary.run(
+        "panel", lambda: (_ for _ in ()).throw(RuntimeError("the module is not loaded\nsecond line")), needs=("dependencies",)
+    )
     summary.run("project", lambda: 1 / 0, needs=("panel",))  # never called: skipped
     assert [s.state for s in summary.steps] == ["pass", "fail", "skip"]
     assert summary.steps[1].detail == "RuntimeError: the module is not loaded"
@@ -81,15 +99,30 @@ def test_panel_check_summary_fails_a_step_skips_what_needs_it_and_exits_1(tmp_pa
     assert every.passed and every.exit_code == 0 and every.format().endswith("PASSED: 7 passed, 0 failed, 0 skipped")
 
 
-@pytest.mark.skipif(_slicer_executable() is None,
-                    reason="needs the 3D Slicer desktop application (set SLICER_EXECUTABLE); not installable here")
+@pytest.mark.skipif(
+    _slicer_executable() is None, reason="needs the 3D Slicer desktop application (set SLICER_EXECUTABLE); not installable here"
+)
 def test_panel_check_passes_in_the_slicer_desktop(tmp_path):
     """The whole check: it installs what is missing into that Slicer (--install), then trains one test-profile loop."""
     out = tmp_path / "check"
-    done = subprocess.run([_slicer_executable(), "--no-main-window", "--testing", "--disable-cli-modules",
-                           "--additional-module-paths", str(REPO / "ActiveLearning3D"),
-                           "--python-script", str(PANEL_CHECK), "--out", str(out), "--install"],
-                          capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [
+            _slicer_executable(),
+            "--no-main-window",
+            "--testing",
+            "--disable-cli-modules",
+            "--additional-module-paths",
+            str(REPO / "ActiveLearning3D"),
+            "--python-script",
+            str(PANEL_CHECK),
+            "--out",
+            str(out),
+            "--install",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert json.loads((out / "summary.json").read_text())["passed"]
 
@@ -120,8 +153,13 @@ def test_panel_check_steps_pass_with_slicers_own_python(tmp_path):
         pytest.skip(f"needs Slicer's Python sources in ../shared/vendor/slicer/{version} (CI has them)")
     out = tmp_path / "results.json"
     name = "check_panel_check_runs_every_step_with_slicers_own_python"
-    done = subprocess.run([sys.executable, str(REPO / "Testing" / "slicer_desktop_standins.py"), version, __file__,
-                           str(out), name], cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "Testing" / "slicer_desktop_standins.py"), version, __file__, str(out), name],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0 and out.is_file(), done.stderr[-3000:]
     result = json.loads(out.read_text())[name]
     assert result["ok"], result["error"][-3000:]

@@ -9,6 +9,7 @@ checks open the panel as the application does (``setup``, ``enter``), drive
 its widgets as a user does, and look at the scene. Slicer's files live in
 ``../shared/vendor/slicer`` (CI has them); without them these tests skip.
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,9 +41,13 @@ def _connections(widget) -> int:
 
 def _shown(widget) -> str:
     kind = type(widget).__name__
-    return {"ctkPathLineEdit": lambda: widget.currentPath, "QComboBox": lambda: widget.currentText,
-            "QSpinBox": lambda: str(widget.value), "QLineEdit": lambda: widget.text,
-            "QCheckBox": lambda: str(widget.checked)}[kind]()
+    return {
+        "ctkPathLineEdit": lambda: widget.currentPath,
+        "QComboBox": lambda: widget.currentText,
+        "QSpinBox": lambda: str(widget.value),
+        "QLineEdit": lambda: widget.text,
+        "QCheckBox": lambda: str(widget.checked),
+    }[kind]()
 
 
 def _change(widget, work: Path) -> str:
@@ -67,7 +72,9 @@ def _ui_spin_box_ranges() -> dict[str, tuple[int, int]]:
         props = {p.get("name"): p for p in widget.findall("property")}
         if widget.get("class") == "QSpinBox":
             ranges[props["SlicerParameterName"].findtext("string")] = (
-                int(props["minimum"].findtext("number")), int(props["maximum"].findtext("number")))
+                int(props["minimum"].findtext("number")),
+                int(props["maximum"].findtext("number")),
+            )
     return ranges
 
 
@@ -84,20 +91,29 @@ def _tick_until(panel, done, seconds=30.0):
 def check_every_parameter_widget_binds_through_slicers_connectors(desk):
     panel = desk.open_panel()
     fields = desk.parameter_widgets(panel)
-    in_ui = {p.findtext("string") for p in ET.parse(UI_FILE).getroot().iter("property")
-             if p.get("name") == "SlicerParameterName"}
+    in_ui = {p.findtext("string") for p in ET.parse(UI_FILE).getroot().iter("property") if p.get("name") == "SlicerParameterName"}
     assert set(fields) == in_ui and len(in_ui) == 15, sorted(fields)
     node = panel._parameterNode
     mrml = node.parameterNode
     assert mrml.GetScene() is desk.scene and mrml.GetAttribute("ModuleName") == "ActiveLearning3D"
     choices = desk.module.CHOICES
-    lists = {"method": choices.methods, "startMethod": choices.start_methods, "device": choices.devices,
-             "profile": choices.profiles, "init": choices.inits}
+    lists = {
+        "method": choices.methods,
+        "startMethod": choices.start_methods,
+        "device": choices.devices,
+        "profile": choices.profiles,
+        "init": choices.inits,
+    }
     for name, items in lists.items():
         combo = fields[name]
         assert [combo.itemText(i) for i in range(combo.count())] == list(items), name
     assert (node.method, node.startMethod, node.device, node.profile, node.init) == (
-        choices.method, choices.start_method, choices.device, choices.profile, "scratch")
+        choices.method,
+        choices.start_method,
+        choices.device,
+        choices.profile,
+        "scratch",
+    )
     assert list(choices.inits) == ["scratch", "warm"]
     for name, (low, high) in _ui_spin_box_ranges().items():  # Slicer widens an unbounded spin box
         assert (fields[name].minimum, fields[name].maximum) == (low, high), name
@@ -363,9 +379,11 @@ def check_the_score_column_holds_numbers(desk):
 
     panel = desk.open_panel()
     desk.create_project(panel)
-    rows = [QueryRow("000-0000", "a", 0, 10.5, None, "pending", "query"),
-            QueryRow("000-0001", "b", 0, 9.25, None, "pending", "query"),
-            QueryRow("000-0002", "c", 0, None, None, "pending", "query")]
+    rows = [
+        QueryRow("000-0000", "a", 0, 10.5, None, "pending", "query"),
+        QueryRow("000-0001", "b", 0, 9.25, None, "pending", "query"),
+        QueryRow("000-0002", "c", 0, None, None, "pending", "query"),
+    ]
     panel.controller.table = lambda *args, **kwargs: rows
     panel.refreshTable()
     scores = [panel.ui.boxTable.item(r, 2).data(qt.Qt.DisplayRole) for r in range(3)]
@@ -415,7 +433,7 @@ def _paint_inside(c, voxels: int = 4):
 
     mask = np.zeros(c.logic.project.cases[c.current.case].shape, bool)
     k, j, i = c.current.box.coords
-    mask[k, j, i:i + voxels] = True
+    mask[k, j, i : i + voxels] = True
     mrml.paint_segment(c.ctx, c.annotation, c.volume, 1, mask, c.grid)
     return int(mask.sum())
 
@@ -540,8 +558,9 @@ def _fill_creation_fields(desk, panel, name):
     fields["projectPath"].currentPath = str(desk.work / name)
     fields["patchSize"].text = "4 5 6"
     fields["querySize"].value = 2
-    fields["startMethod"].currentIndex = [fields["startMethod"].itemText(i)
-                                          for i in range(fields["startMethod"].count())].index("random")
+    fields["startMethod"].currentIndex = [fields["startMethod"].itemText(i) for i in range(fields["startMethod"].count())].index(
+        "random"
+    )
     panel.logic.ensureDependencies = lambda: True
 
 
@@ -705,8 +724,7 @@ def check_export_dicom_seg_writes_off_the_gui_thread_and_says_what_it_wrote(desk
     seg_file = folder / f"{case}.seg.dcm"
     assert str(seg_file) in panel.ui.logTextEdit.toPlainText()
     seg = hd.seg.segread(seg_file)
-    assert (seg.get_pixels_by_source_instance(ct.sop_uids, combine_segments=True, skip_overlap_checks=True)
-            == labels).all()
+    assert (seg.get_pixels_by_source_instance(ct.sop_uids, combine_segments=True, skip_overlap_checks=True) == labels).all()
 
 
 # --------------------------------------------------------- checks run without torch, nnunetv2, scipy, matplotlib
@@ -739,8 +757,10 @@ def check_the_self_test_skips_with_a_message_without_the_python_stack(desk):
 
 
 CHECKS = [name for name, value in dict(globals()).items() if name.startswith("check_") and callable(value)]
-WITHOUT_STACK = ["check_the_panel_opens_without_the_python_stack",
-                 "check_the_self_test_skips_with_a_message_without_the_python_stack"]
+WITHOUT_STACK = [
+    "check_the_panel_opens_without_the_python_stack",
+    "check_the_self_test_skips_with_a_message_without_the_python_stack",
+]
 WITH_STACK = [name for name in CHECKS if name not in WITHOUT_STACK]
 
 
@@ -758,8 +778,13 @@ def desktop(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"slicer-{version}") / "results.json"
             names = WITHOUT_STACK if without_stack else WITH_STACK
             flags = ["--without-dependencies"] if without_stack else []
-            done = subprocess.run([sys.executable, str(HARNESS), version, __file__, str(out), *flags, *names],
-                                  cwd=REPO, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(
+                [sys.executable, str(HARNESS), version, __file__, str(out), *flags, *names],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert done.returncode == 0 and out.is_file(), f"the harness failed:\n{done.stderr[-4000:]}"
             results[key] = json.loads(out.read_text())
         return results[key]
@@ -809,14 +834,18 @@ def test_panel_choices_come_from_the_registry_and_the_profiles():
     assert ch.profiles[0] == "auto" and all(resolve_profile(p, device="cpu").name == p for p in ch.profiles[1:])
     defaults = PanelSettings()
     assert (ch.method, ch.start_method, ch.device, ch.profile, ch.init) == (
-        defaults.method, defaults.start_method, defaults.device, defaults.profile, defaults.init)
+        defaults.method,
+        defaults.start_method,
+        defaults.device,
+        defaults.profile,
+        defaults.init,
+    )
     from ActiveLearning3DLib.pipeline import INITS, LoopSettings
 
     assert ch.inits == INITS and all(LoopSettings(init=i).init == i for i in ch.inits)
     assert ch.method in ch.methods and ch.start_method in ch.start_methods
     module = ast.parse(MODULE_FILE.read_text())
-    assigned = {t.id for node in module.body if isinstance(node, ast.Assign) for t in node.targets
-                if isinstance(t, ast.Name)}
+    assigned = {t.id for node in module.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
     assert not assigned & {"METHODS", "START_METHODS", "DEVICES", "PROFILES"}, "hard-coded lists in the module"
 
 

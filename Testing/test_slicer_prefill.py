@@ -1,4 +1,5 @@
 """Pre-filled boxes in the panel's controller against real MRML nodes (``slicer-core``), without the desktop."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,9 @@ PATCH = (6, 8, 5)
 
 def _controller(tmp_path: Path) -> AnnotationController:
     data = make_dataset(tmp_path / "source", n_cases=4, shape=SHAPE, spacing=(0.8, 1.25, 2.0), origin=(12.0, -30.0, 7.5))
-    return AnnotationController.create_project(headless_slicer(), tmp_path / "project", data.images, data.labels,
-                                               patch_size=PATCH, query_size=3, test_fraction=0.25)
+    return AnnotationController.create_project(
+        headless_slicer(), tmp_path / "project", data.images, data.labels, patch_size=PATCH, query_size=3, test_fraction=0.25
+    )
 
 
 def _with_model_and_loop1(c: AnnotationController) -> np.ndarray:
@@ -69,8 +71,7 @@ def test_corrections_painted_over_the_prefill_are_counted(tmp_path):
     assert effort["relabelled"] == int((box == 1).sum()) == effort["corrected"]
     assert effort["added"] == effort["removed"] == 0
     assert effort["prefill_dice"]["1"] == 0.0
-    assert effort["prefill_dice"]["2"] == pytest.approx(2 * (box == 2).sum() / ((box == 2).sum() + (box > 0).sum()),
-                                                        abs=1e-6)
+    assert effort["prefill_dice"]["2"] == pytest.approx(2 * (box == 2).sum() / ((box == 2).sum() + (box > 0).sum()), abs=1e-6)
 
 
 def test_prefill_setting_off_opens_empty_and_loop0_boxes_open_empty(tmp_path):

@@ -1,4 +1,5 @@
 """The panel's other project sources: volumes loaded in the scene (real MRML storage nodes) and DICOM file lists."""
+
 from __future__ import annotations
 
 import highdicom as hd
@@ -23,14 +24,18 @@ def test_project_from_scene_volumes_holds_their_voxels_and_geometry(tmp_path):
     sources = {}
     for n, name in enumerate(["CT chest", "CT chest", "MR T1/post"]):  # two nodes with one name: ids stay unique
         array = (np.random.default_rng(n).normal(0, 50, SHAPE)).astype(np.int16)
-        path = write_image(tmp_path / "files" / f"v{n}.nii.gz", array, spacing=(0.8, 1.1, 2.5 + n),
-                           origin=(10.0 * n, -4.0, 7.5), direction=OBLIQUE)
+        path = write_image(
+            tmp_path / "files" / f"v{n}.nii.gz",
+            array,
+            spacing=(0.8, 1.1, 2.5 + n),
+            origin=(10.0 * n, -4.0, 7.5),
+            direction=OBLIQUE,
+        )
         node = mrml.load_volume(ctx, path, name)
         sources[node.GetID()] = (path, array)
     nodes = [ctx.scene.GetNodeByID(i) for i in sources]
     nodes[1].SetName("CT chest")  # the scene made it "CT chest_1"; a user may rename it back
-    c = AnnotationController.create_project_from_scene(ctx, tmp_path / "project", nodes, patch_size=(4, 6, 6),
-                                                      query_size=2)
+    c = AnnotationController.create_project_from_scene(ctx, tmp_path / "project", nodes, patch_size=(4, 6, 6), query_size=2)
     project = c.logic.project
     assert sorted(project.cases) == ["CT-chest", "CT-chest-2", "MR-T1-post"]
     for case, (path, array) in zip(["CT-chest", "CT-chest-2", "MR-T1-post"], sources.values()):
@@ -58,8 +63,12 @@ def test_project_from_dicom_file_lists_reads_series_as_the_cli_does(tmp_path):
     ct = write_ct_series(store, volume, (0.7, 0.8, 2.0), (1.0, 2.0, 3.0), OBLIQUE, nested=False)
     sc = write_secondary_capture(store / "sc")
     c = AnnotationController.create_project_from_dicom_files(
-        headless_slicer(), tmp_path / "project", {ct.series_uid: ct.files, sc.series_uid: sc.files},
-        patch_size=(4, 6, 6), query_size=2)
+        headless_slicer(),
+        tmp_path / "project",
+        {ct.series_uid: ct.files, sc.series_uid: sc.files},
+        patch_size=(4, 6, 6),
+        query_size=2,
+    )
     project = c.logic.project
     [case] = project.cases
     np.testing.assert_array_equal(sitk.GetArrayFromImage(project.read_image(case)), volume)
@@ -81,10 +90,12 @@ def test_project_from_dicom_file_lists_reads_series_as_the_cli_does(tmp_path):
     assert result.written == [folder / f"{case}.seg.dcm"]
     seg = hd.seg.segread(result.written[0])
     np.testing.assert_array_equal(
-        seg.get_pixels_by_source_instance(ct.sop_uids, combine_segments=True, skip_overlap_checks=True), labels)
+        seg.get_pixels_by_source_instance(ct.sop_uids, combine_segments=True, skip_overlap_checks=True), labels
+    )
     with pytest.raises(ProjectError, match="file not found"):
-        AnnotationController.create_project_from_dicom_files(headless_slicer(), tmp_path / "p2",
-                                                             {"1.2.3": [tmp_path / "gone.dcm"]}, query_size=2)
+        AnnotationController.create_project_from_dicom_files(
+            headless_slicer(), tmp_path / "p2", {"1.2.3": [tmp_path / "gone.dcm"]}, query_size=2
+        )
 
 
 def test_project_from_the_dicom_database_selection(tmp_path):
@@ -97,7 +108,12 @@ def test_project_from_the_dicom_database_selection(tmp_path):
     with DICOMUtils.TemporaryDICOMDatabase() as database:
         DICOMUtils.importDicom(str(tmp_path / "incoming"), database)
         c = AnnotationController.create_project_from_dicom_database(
-            mrml.SlicerContext.from_application(), tmp_path / "project", [ct.series_uid], database=database,
-            patch_size=(4, 6, 6), query_size=2)
+            mrml.SlicerContext.from_application(),
+            tmp_path / "project",
+            [ct.series_uid],
+            database=database,
+            patch_size=(4, 6, 6),
+            query_size=2,
+        )
     [case] = c.logic.project.cases
     np.testing.assert_array_equal(sitk.GetArrayFromImage(c.logic.project.read_image(case)), volume)

@@ -6,6 +6,7 @@ session starts its own, and the cluster tests skip, saying why, only where it
 cannot start (no Slurm packages, not root). The settings checks and the batch
 script need no cluster.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from ActiveLearning3DLib.jobs import Job
-from ActiveLearning3DLib.jobs.slurm import (SlurmError, SlurmRunner, SlurmSettings, load_project_settings,
-                                            save_project_settings)
+from ActiveLearning3DLib.jobs.slurm import SlurmError, SlurmRunner, SlurmSettings, load_project_settings, save_project_settings
 from conftest import annotated_project, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,9 @@ def slurm_env(tmp_path_factory):
     if shutil.which("bash") is None:
         pytest.skip("no bash to run .ci/services/slurm.sh")
     folder = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], capture_output=True, text=True,
-                             timeout=120, check=False)
+    started = subprocess.run(
+        ["bash", str(SCRIPT), "start", str(folder)], capture_output=True, text=True, timeout=120, check=False
+    )
     if started.returncode != 0:
         subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], capture_output=True, timeout=60, check=False)
         reason = (started.stderr.strip().splitlines() or ["no reason given"])[-1]
@@ -74,17 +75,25 @@ def _batch_state(slurm_env, job_id: str) -> str:
 
 def _running(runner: SlurmRunner, job: Job) -> str:
     """Poll until the job's worker runs on the node; its batch job id."""
-    wait_for(lambda: runner.poll() is not None and job.status().state == "running" and job.status().iteration,
-             timeout=60, what=f"{job.name} to run")
+    wait_for(
+        lambda: runner.poll() is not None and job.status().state == "running" and job.status().iteration,
+        timeout=60,
+        what=f"{job.name} to run",
+    )
     return runner.record(job)["job_id"]
 
 
 # ---------------------------------------------------------------------- without a cluster
 def test_settings_refuse_what_slurm_would_with_one_line_naming_the_option():
-    for kw, words in [({"time_limit": "an hour"}, "time_limit"), ({"mem": "lots"}, "mem"),
-                      ({"cpus_per_task": 0}, "cpus_per_task"), ({"partition": "a\nb"}, "partition"),
-                      ({"extra_args": ["constraint=a100"]}, "extra sbatch argument"),
-                      ({"env": {"1X": "y"}}, "env"), ({"max_submitted": 0}, "max_submitted")]:
+    for kw, words in [
+        ({"time_limit": "an hour"}, "time_limit"),
+        ({"mem": "lots"}, "mem"),
+        ({"cpus_per_task": 0}, "cpus_per_task"),
+        ({"partition": "a\nb"}, "partition"),
+        ({"extra_args": ["constraint=a100"]}, "extra sbatch argument"),
+        ({"env": {"1X": "y"}}, "env"),
+        ({"max_submitted": 0}, "max_submitted"),
+    ]:
         with pytest.raises(SlurmError) as e:
             SlurmSettings(**kw)
         assert words in str(e.value) and "\n" not in str(e.value)
@@ -94,9 +103,16 @@ def test_settings_refuse_what_slurm_would_with_one_line_naming_the_option():
 
 def test_project_settings_are_saved_once_and_read_back(tmp_path):
     assert load_project_settings(tmp_path) is None
-    settings = SlurmSettings(partition="gpu", account="lab", time_limit="2:00:00", gpus="1", mem="32G",
-                             setup=["module load cuda/12.1", "source /shared/venv/bin/activate"], python="python",
-                             scheduler_env={"SLURM_CONF": "/here/only"})
+    settings = SlurmSettings(
+        partition="gpu",
+        account="lab",
+        time_limit="2:00:00",
+        gpus="1",
+        mem="32G",
+        setup=["module load cuda/12.1", "source /shared/venv/bin/activate"],
+        python="python",
+        scheduler_env={"SLURM_CONF": "/here/only"},
+    )
     save_project_settings(tmp_path, settings)
     assert load_project_settings(tmp_path) == SlurmSettings(**{**settings.to_json(), "scheduler_env": {}})
     assert load_project_settings(tmp_path).merged(partition="debug", qos=None).partition == "debug"
@@ -126,15 +142,35 @@ def test_the_project_choice_builds_the_runner_of_the_panel_and_slurm_options_nee
 
 def test_batch_script_holds_the_options_setup_and_environment_and_runs_the_worker(tmp_path):
     job = Job.create(tmp_path, "train", "selftest", {"threads": 3}, env={"nnUNet_results": "/shared/it's here"})
-    runner = SlurmRunner(SlurmSettings(partition="gpu", account="lab", qos="normal", time_limit="1-00:00:00",
-                                       gres="gpu:1", mem="16G", extra_args=["--constraint=a100"],
-                                       setup=["module load cuda"], python="/opt/venv/bin/python",
-                                       env={"OMP_PROC_BIND": "close"}))
+    runner = SlurmRunner(
+        SlurmSettings(
+            partition="gpu",
+            account="lab",
+            qos="normal",
+            time_limit="1-00:00:00",
+            gres="gpu:1",
+            mem="16G",
+            extra_args=["--constraint=a100"],
+            setup=["module load cuda"],
+            python="/opt/venv/bin/python",
+            env={"OMP_PROC_BIND": "close"},
+        )
+    )
     script = runner.batch_script(job)
     lines = script.splitlines()
-    for option in ("--partition=gpu", "--account=lab", "--qos=normal", "--time=1-00:00:00", "--gres=gpu:1",
-                   "--mem=16G", "--constraint=a100", "--cpus-per-task=3", "--export=NONE",
-                   f"--output={job.log_path}", f"--chdir={job.path}"):
+    for option in (
+        "--partition=gpu",
+        "--account=lab",
+        "--qos=normal",
+        "--time=1-00:00:00",
+        "--gres=gpu:1",
+        "--mem=16G",
+        "--constraint=a100",
+        "--cpus-per-task=3",
+        "--export=NONE",
+        f"--output={job.log_path}",
+        f"--chdir={job.path}",
+    ):
         assert f"#SBATCH {option}" in lines, option
     assert lines.index("module load cuda") < lines.index("export OMP_PROC_BIND=close")
     assert "export nnUNet_results='/shared/it'\"'\"'s here'" in lines  # quoted for the shell
@@ -147,8 +183,11 @@ def test_batch_script_holds_the_options_setup_and_environment_and_runs_the_worke
 def test_runner_settings_fill_what_the_slurm_settings_leave_open():
     from ActiveLearning3DLib.jobs import RunnerSettings, make_runner
 
-    runner = make_runner(RunnerSettings(kind="slurm", python="/x/python", env={"A": "1"}, poll_seconds=0.3,
-                                        slurm=SlurmSettings(partition="p", env={"B": "2"})))
+    runner = make_runner(
+        RunnerSettings(
+            kind="slurm", python="/x/python", env={"A": "1"}, poll_seconds=0.3, slurm=SlurmSettings(partition="p", env={"B": "2"})
+        )
+    )
     assert isinstance(runner, SlurmRunner) and runner.kind == "slurm"
     assert (runner.settings.python, runner.settings.env, runner.settings.poll_seconds) == ("/x/python", {"A": "1", "B": "2"}, 0.3)
     assert runner.settings.partition == "p"
@@ -164,11 +203,18 @@ def test_the_python_api_runs_a_loop_or_a_simulation_through_slurm_from_runner_se
 
     runner = RunnerSettings(kind="slurm", slurm=SlurmSettings(partition="gpu", time_limit="2:00:00", max_submitted=4))
     logic = _project(tmp_path_factory, "api")
-    pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", python="/cluster/venv/bin/python",
-                                                runner=runner))
-    simulation = Simulation(SimulationSettings(images=tmp_path / "images", labels=tmp_path / "labels",
-                                               methods=("random",), out=tmp_path / "out", profile="test",
-                                               device="cpu", runner=runner))
+    pipeline = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", python="/cluster/venv/bin/python", runner=runner))
+    simulation = Simulation(
+        SimulationSettings(
+            images=tmp_path / "images",
+            labels=tmp_path / "labels",
+            methods=("random",),
+            out=tmp_path / "out",
+            profile="test",
+            device="cpu",
+            runner=runner,
+        )
+    )
     for built in (pipeline.runner, simulation.runner):
         assert isinstance(built, SlurmRunner) and built.capacity == 4
         assert (built.settings.partition, built.settings.time_limit) == ("gpu", "2:00:00")
@@ -187,8 +233,7 @@ def test_selftest_job_runs_as_one_batch_job(slurm_env, tmp_path):
     record = runner.record(job)
     assert (status.runner, status.runner_id) == ("slurm", record["job_id"])
     # the runner reports it done from the folder; the batch job ends a moment later as the worker exits
-    wait_for(lambda: _batch_state(slurm_env, record["job_id"]) == "COMPLETED", timeout=30, what="COMPLETED",
-             interval=0.1)
+    wait_for(lambda: _batch_state(slurm_env, record["job_id"]) == "COMPLETED", timeout=30, what="COMPLETED", interval=0.1)
     log = job.log_path.read_text()
     assert "step 3/3" in log and "AL3D_TEST_VALUE=worker-only" in log
     assert json.loads((job.path / "result.json").read_text())["steps"] == 3
@@ -208,11 +253,15 @@ def test_cancel_scancels_the_batch_job(slurm_env, tmp_path):
     pid = job.status().pid
     status = runner.cancel(job)
     assert status.state == "cancelled"
-    wait_for(lambda: _batch_state(slurm_env, job_id) == "CANCELLED", timeout=60, what="Slurm to cancel the batch job",
-             interval=0.1)
+    wait_for(
+        lambda: _batch_state(slurm_env, job_id) == "CANCELLED", timeout=60, what="Slurm to cancel the batch job", interval=0.1
+    )
     psutil = pytest.importorskip("psutil")
-    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-             timeout=30, what="the worker process to end")
+    wait_for(
+        lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        timeout=30,
+        what="the worker process to end",
+    )
     assert runner.active() == [] and runner.poll() == []
     assert job.status().state == "cancelled"  # not turned into a failure afterwards
 
@@ -289,8 +338,14 @@ def test_max_submitted_keeps_at_most_that_many_batch_jobs_in_the_queue_and_runs_
     def watch() -> None:
         while not stop.is_set():
             names = _slurm(slurm_env, "squeue", "--noheader", "--me", "--format=%j|%T").split()
-            counts.append(sum(1 for line in names if line.startswith(f"al3d-cap{tag}-")
-                              and line.split("|")[1] in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING"}))
+            counts.append(
+                sum(
+                    1
+                    for line in names
+                    if line.startswith(f"al3d-cap{tag}-")
+                    and line.split("|")[1] in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING"}
+                )
+            )
             stop.wait(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -334,8 +389,14 @@ def test_al3d_loop_through_slurm_survives_a_restart_and_queries_what_the_local_r
 
     command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "loop", str(there.project.path), *loop]
     env = {**os.environ, **slurm_env}  # the cluster's SLURM_CONF, for the command only
-    first = subprocess.Popen([*command, "--runner", "slurm", "--slurm-time", "20"], env=env, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [*command, "--runner", "slurm", "--slurm-time", "20"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     jobs_dir = there.jobs_dir
 
     def fold_jobs():
@@ -366,8 +427,12 @@ def test_al3d_loop_through_slurm_survives_a_restart_and_queries_what_the_local_r
     assert {j.name.rsplit("-", 1)[-1] for j in jobs} >= {"prepare", "fold_0", "fold_1", "evaluate"}
     ids = {probe.record(j)["job_id"] for j in jobs}
     assert len(ids) == len(jobs)  # one batch job each, none submitted twice
-    wait_for(lambda: {s.state for s in probe.batch_states(ids).values()} == {"COMPLETED"}, timeout=60,
-             what="every batch job COMPLETED", interval=0.1)  # the last ones end a moment after their folder says done
+    wait_for(
+        lambda: {s.state for s in probe.batch_states(ids).values()} == {"COMPLETED"},
+        timeout=60,
+        what="every batch job COMPLETED",
+        interval=0.1,
+    )  # the last ones end a moment after their folder says done
 
     def loop_one(logic):
         d = read_json(logic.project.loop_path(1))
@@ -391,12 +456,45 @@ def test_al3d_simulate_through_slurm_records_the_boxes_of_the_local_runner(slurm
     env = {**os.environ, **slurm_env}
     runs = {}
     for kind in ("local", "slurm"):
-        command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data / "imagesTr"),
-                   "--labels", str(data / "labelsTr"), "--method", "random", "--seeds", "0", "--loops", "1",
-                   "--budget", "20", "--profile", "test", "--device", "cpu", "--folds", "2",
-                   "--max-cases", str(LOOP_CASES), "--no-reference", "--out", str(root / kind), "--runner", kind]
-        runs[kind] = subprocess.Popen(command + (["--slurm-time", "20"] if kind == "slurm" else []), env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [
+            sys.executable,
+            "-m",
+            "ActiveLearning3DLib.cli",
+            "simulate",
+            "--images",
+            str(data / "imagesTr"),
+            "--labels",
+            str(data / "labelsTr"),
+            "--method",
+            "random",
+            "--seeds",
+            "0",
+            "--loops",
+            "1",
+            "--budget",
+            "20",
+            "--profile",
+            "test",
+            "--device",
+            "cpu",
+            "--folds",
+            "2",
+            "--max-cases",
+            str(LOOP_CASES),
+            "--no-reference",
+            "--out",
+            str(root / kind),
+            "--runner",
+            kind,
+        ]
+        runs[kind] = subprocess.Popen(
+            command + (["--slurm-time", "20"] if kind == "slurm" else []),
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     outputs = {kind: p.communicate(timeout=900)[0] for kind, p in runs.items()}
     assert all(p.returncode == 0 for p in runs.values()), outputs
 
@@ -405,8 +503,11 @@ def test_al3d_simulate_through_slurm_records_the_boxes_of_the_local_runner(slurm
         return {str(p.relative_to(root / kind)): read_json(p) for p in found}
 
     def boxes(record):
-        return [[(p["file"], tuple(p["coords"]), tuple(p["size"])) for p in record[key]["patches"]]
-                for key in ("loop_file", "next_loop_file") if record.get(key)]
+        return [
+            [(p["file"], tuple(p["coords"]), tuple(p["size"])) for p in record[key]["patches"]]
+            for key in ("loop_file", "next_loop_file")
+            if record.get(key)
+        ]
 
     local, slurm = records("local"), records("slurm")
     assert list(local) == list(slurm) == ["results/random/seed_0/loop_000.json"]
@@ -428,8 +529,12 @@ def test_al3d_simulate_through_slurm_records_the_boxes_of_the_local_runner(slurm
         status = job.status()
         assert (status.state, status.runner, status.runner_id) == ("done", "slurm", job_id), (job.name, status)
         assert "#SBATCH --time=20" in probe.script_path(job).read_text()
-    wait_for(lambda: [s.state for s in probe.batch_states(ids).values()] == ["COMPLETED"] * len(names), timeout=60,
-             what="every batch job COMPLETED", interval=0.2)
+    wait_for(
+        lambda: [s.state for s in probe.batch_states(ids).values()] == ["COMPLETED"] * len(names),
+        timeout=60,
+        what="every batch job COMPLETED",
+        interval=0.2,
+    )
     assert all(j.status().runner == "local" and not probe.record_path(j).exists() for j in jobs["local"])
 
 
@@ -443,8 +548,13 @@ def test_training_over_its_time_limit_is_timeout_and_resumes_from_its_checkpoint
     from ActiveLearning3DLib.pipeline import LoopSettings
 
     logic = _project(tmp_path_factory, "timeout")
-    settings = LoopSettings(profile=resolve_profile("test", epochs=1000, save_every=1), device="cpu",
-                            stages=("prepare", "train"), evaluate=False, method="random")
+    settings = LoopSettings(
+        profile=resolve_profile("test", epochs=1000, save_every=1),
+        device="cpu",
+        stages=("prepare", "train"),
+        evaluate=False,
+        method="random",
+    )
     short = SlurmRunner(_settings(slurm_env, time_limit="1", cpus_per_task=1))  # 1000 epochs never fit in a minute
     pipeline = logic.loop_pipeline(settings, short)
     state = pipeline.run(timeout=400)

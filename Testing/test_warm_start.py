@@ -5,6 +5,7 @@
 6 random boxes it queries, and ``al3d train --init warm`` trains loop 1 with 5 folds: members 0..2 start from
 loop 0's, the two new members from scratch.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ TRAINING = ["--profile", "test", "--device", "cpu", "--folds", "5", "--parallel"
 
 
 def _models(project: Path, loop: int) -> list[Path]:
-    return sorted((project / "nnunet" / "results").glob(f"loop_{loop:03d}_{profile_tag(resolve_profile('test', folds=5), 'warm')}_*"))
+    return sorted(
+        (project / "nnunet" / "results").glob(f"loop_{loop:03d}_{profile_tag(resolve_profile('test', folds=5), 'warm')}_*")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +126,7 @@ def test_stable_splits_keep_folds_balance_new_images_and_start_fresh_when_folds_
 
 def test_warm_start_without_a_previous_model_or_with_other_plans_trains_from_scratch(two_loops, tmp_path):
     logic, first, _ = two_loops
-    none = train_fold(logic.project.path, 0, "test", tmp_path / "none", "cpu", seed=1, init="warm",
-                      warm_note="nothing found")
+    none = train_fold(logic.project.path, 0, "test", tmp_path / "none", "cpu", seed=1, init="warm", warm_note="nothing found")
     assert none["init"]["init"] == "scratch" and "without a previous model" in none["init"]["reason"]
     assert none["epochs"] == PROFILES["test"].epochs
     assert read_json(tmp_path / "none" / "fold_0" / INIT_FILE)["init"] == "scratch"
@@ -138,13 +140,14 @@ def test_warm_start_without_a_previous_model_or_with_other_plans_trains_from_scr
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     arch["features_per_stage"] = [2 * f for f in arch["features_per_stage"]]
     atomic_write_json(other / "plans.json", plans)
-    refused = train_fold(logic.project.path, 0, "test", tmp_path / "refused", "cpu", seed=1, init="warm",
-                         warm_from=other)
+    refused = train_fold(logic.project.path, 0, "test", tmp_path / "refused", "cpu", seed=1, init="warm", warm_from=other)
     assert refused["init"]["init"] == "scratch" and "another architecture" in refused["init"]["reason"]
     # and one whose plans say the same but whose weights have other shapes: refused by the network check
     atomic_write_json(other / "plans.json", read_json(first / "plans.json"))
     weights = load_checkpoint(first / "fold_0" / "checkpoint_final.pth")
-    weights["network_weights"] = {k: torch.zeros(3) if i == 0 else v for i, (k, v) in enumerate(weights["network_weights"].items())}
+    weights["network_weights"] = {
+        k: torch.zeros(3) if i == 0 else v for i, (k, v) in enumerate(weights["network_weights"].items())
+    }
     torch.save(weights, other / "fold_0" / "checkpoint_final.pth")
     shapes = train_fold(logic.project.path, 0, "test", tmp_path / "shapes", "cpu", seed=1, init="warm", warm_from=other)
     assert shapes["init"]["init"] == "scratch" and "another network" in shapes["init"]["reason"]
@@ -174,9 +177,14 @@ def test_a_killed_warm_training_resumes_from_its_own_checkpoint(two_loops, tmp_p
     assert through["init"]["init"] == "warm" and through["epochs"] == profile.warm_epochs == 2
 
     model = tmp_path / "killed"
-    killed = subprocess.run([sys.executable, "-c", KILLED_IN_EPOCH_1, str(project), str(model), str(first)], cwd=REPO,
-                            env={**os.environ, **nnunet_environment(project)}, capture_output=True, text=True,
-                            timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_EPOCH_1, str(project), str(model), str(first)],
+        cwd=REPO,
+        env={**os.environ, **nnunet_environment(project)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == 137, killed.stderr[-3000:]
     assert load_checkpoint(model / "fold_1" / "checkpoint_latest.pth")["current_epoch"] == 1
     assert not (model / "fold_1" / "checkpoint_final.pth").exists()
@@ -184,8 +192,10 @@ def test_a_killed_warm_training_resumes_from_its_own_checkpoint(two_loops, tmp_p
     resumed = train_fold(project, 1, profile, model, "cpu", seed=5, init="warm")
     assert resumed["resumed_from_epoch"] == 1 and resumed["epochs"] == 2
     assert resumed["init"]["init"] == "warm" and "initial_weights_sha256" not in resumed["init"]  # nothing reloaded
-    final, reference = _weights(model / "fold_1" / "checkpoint_final.pth"), _weights(tmp_path / "through" / "fold_1" /
-                                                                                        "checkpoint_final.pth")
+    final, reference = (
+        _weights(model / "fold_1" / "checkpoint_final.pth"),
+        _weights(tmp_path / "through" / "fold_1" / "checkpoint_final.pth"),
+    )
     assert all(torch.equal(final[k], reference[k]) for k in reference)  # as if never killed
     # had it started again from the previous loop's member, epoch 0's training would be lost: other weights
     assert not all(torch.equal(final[k], v) for k, v in _weights(first / "fold_1" / "checkpoint_final.pth").items())
@@ -193,8 +203,11 @@ def test_a_killed_warm_training_resumes_from_its_own_checkpoint(two_loops, tmp_p
 
 def test_init_is_validated_everywhere_with_one_line_errors(two_loops, tmp_path, capsys):
     logic, _, _ = two_loops
-    for command in (["loop", str(logic.project.path)], ["train", str(logic.project.path)],
-                    ["simulate", "--images", "x", "--labels", "y", "--method", "random", "--out", str(tmp_path)]):
+    for command in (
+        ["loop", str(logic.project.path)],
+        ["train", str(logic.project.path)],
+        ["simulate", "--images", "x", "--labels", "y", "--method", "random", "--out", str(tmp_path)],
+    ):
         with pytest.raises(SystemExit) as raised:
             al3d([*command, "--init", "bogus"])
         assert raised.value.code == 2
@@ -218,8 +231,10 @@ def test_warm_and_scratch_models_have_different_names_and_scratch_names_are_unch
     assert warm.model_name == second.name and warm.model_name.endswith(f"-warm_{key}")
     assert scratch.model_name == warm.model_name.replace("-warm_", "_") and scratch.model_folder != warm.model_folder
     plain = (LoopSettings(profile="test", device="cpu", init="warm"), LoopSettings(profile="test", device="cpu"))
-    assert [logic.loop_pipeline(s).model_name for s in plain] == [f"loop_001_test-warm_{key}",
-                                                                   f"loop_001_test_{key}"]  # scratch: as before
+    assert [logic.loop_pipeline(s).model_name for s in plain] == [
+        f"loop_001_test-warm_{key}",
+        f"loop_001_test_{key}",
+    ]  # scratch: as before
     # the warm schedule names warm models only: a scratch model's tag ignores it, a warm one's changes with it
     tuned = resolve_profile("test", warm_fraction=0.5)
     assert profile_tag(tuned) == "test" and profile_tag(tuned, "warm").startswith("test-")
@@ -232,9 +247,18 @@ def test_a_simulation_folder_holds_one_init_and_training_seed(tmp_path_factory, 
     from ActiveLearning3DLib.simulation import Simulation
 
     data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
-    settings = SimulationSettings(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",),
-                                  out=tmp_path / "sim", budget=20, loops=2, profile="test", device="cpu",
-                                  max_cases=CASES, reference=False)
+    settings = SimulationSettings(
+        images=data / "imagesTr",
+        labels=data / "labelsTr",
+        methods=("random",),
+        out=tmp_path / "sim",
+        budget=20,
+        loops=2,
+        profile="test",
+        device="cpu",
+        max_cases=CASES,
+        reference=False,
+    )
     scratch = Simulation(settings).prepare()
     assert scratch.header["settings"]["init"] == "scratch" and scratch.loop_settings.init == "scratch"
     warm = SimulationSettings(**{**settings.__dict__, "init": "warm"})
@@ -248,8 +272,9 @@ def test_a_simulation_folder_holds_one_init_and_training_seed(tmp_path_factory, 
     with pytest.raises(ProjectError, match=r"simulation with --training-seed None; use another --out for --training-seed 7"):
         Simulation(reseeded).prepare()
     with pytest.raises(ProjectError, match=r"recorded training_seed None differs from this simulation's 7"):
-        Simulation(SimulationSettings(**{**reseeded.__dict__, "out": tmp_path / "reseeded",
-                                        "restore_from": settings.out})).prepare()
+        Simulation(
+            SimulationSettings(**{**reseeded.__dict__, "out": tmp_path / "reseeded", "restore_from": settings.out})
+        ).prepare()
 
 
 def test_simulate_passes_init_and_training_seed_to_the_simulation(tmp_path, monkeypatch):
@@ -258,8 +283,21 @@ def test_simulate_passes_init_and_training_seed_to_the_simulation(tmp_path, monk
 
     seen = {}
     monkeypatch.setattr(cli, "_run_simulation", lambda settings, report, effort=None: seen.setdefault("s", settings) and 0)
-    args = ["simulate", "--images", str(tmp_path), "--labels", str(tmp_path), "--method", "random", "--out", str(tmp_path / "sim"),
-            "--init", "warm", "--training-seed", "7"]
+    args = [
+        "simulate",
+        "--images",
+        str(tmp_path),
+        "--labels",
+        str(tmp_path),
+        "--method",
+        "random",
+        "--out",
+        str(tmp_path / "sim"),
+        "--init",
+        "warm",
+        "--training-seed",
+        "7",
+    ]
     assert cli.main(args) == 0
     assert (seen["s"].init, seen["s"].training_seed) == ("warm", 7)
     seen.clear()
@@ -268,17 +306,26 @@ def test_simulate_passes_init_and_training_seed_to_the_simulation(tmp_path, monk
     assert refused.value.code == 2 and not seen
 
 
-def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_reference(tmp_path_factory, tmp_path,
-                                                                                          capsys):
+def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_reference(tmp_path_factory, tmp_path, capsys):
     from ActiveLearning3DLib.project import ProjectError
     from ActiveLearning3DLib.simulation import Simulation
 
     data = default_data_dir(tmp_path_factory, phantom_cases=CASES)
-    common = dict(images=data / "imagesTr", labels=data / "labelsTr", methods=("random",), budget=20, loops=2,
-                  profile="test", device="cpu", max_cases=CASES, reference_cache=tmp_path / "references")
+    common = dict(
+        images=data / "imagesTr",
+        labels=data / "labelsTr",
+        methods=("random",),
+        budget=20,
+        loops=2,
+        profile="test",
+        device="cpu",
+        max_cases=CASES,
+        reference_cache=tmp_path / "references",
+    )
     scratch = Simulation(SimulationSettings(out=tmp_path / "scratch", **common)).prepare()
-    tuned = Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.5, warm_initial_lr=0.003,
-                                          **common)).prepare()
+    tuned = Simulation(
+        SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.5, warm_initial_lr=0.003, **common)
+    ).prepare()
     profile = tuned.loop_settings.profile
     assert (profile.warm_fraction, profile.warm_initial_lr, profile.warm_epochs) == (0.5, 0.003, 1)
     assert tuned.reference_dir() == scratch.reference_dir()  # one full-data run serves both grids
@@ -287,7 +334,26 @@ def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_r
         Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.25, **common)).prepare()
     with pytest.raises(ValueError, match="give them with init 'warm'"):
         SimulationSettings(out=tmp_path / "x", warm_fraction=0.5, **common)
-    assert al3d(["simulate", "--images", "x", "--labels", "y", "--method", "random", "--out", str(tmp_path / "y"),
-                 "--init", "warm", "--warm-fraction", "2"]) == 1
+    assert (
+        al3d(
+            [
+                "simulate",
+                "--images",
+                "x",
+                "--labels",
+                "y",
+                "--method",
+                "random",
+                "--out",
+                str(tmp_path / "y"),
+                "--init",
+                "warm",
+                "--warm-fraction",
+                "2",
+            ]
+        )
+        == 1
+    )
     assert capsys.readouterr().err.strip().splitlines() == [
-        "al3d simulate: error: warm_fraction: expected a share of the epochs in (0, 1], got 2.0"]
+        "al3d simulate: error: warm_fraction: expected a share of the epochs in (0, 1], got 2.0"
+    ]

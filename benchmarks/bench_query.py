@@ -15,6 +15,7 @@ counts the memory-mapped probability pages it touched) is its own.
 
     .venv/bin/python benchmarks/bench_query.py [--part hippocampus|ct|all] [--methods clasp_pe,bald]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,9 +101,14 @@ def run_one(root: str, part: str, method: str) -> dict:
     shapes = json.loads((Path(root) / "ready.json").read_text())["shapes"]
     classes = HIPPO["classes"] if part == "hippocampus" else CT["classes"]
     context = QueryContext(
-        cases={c: tuple(s) for c, s in shapes.items()}, patch_size=spec["patch"],
-        foreground_classes=list(range(1, classes)), seed=0, loop=1, total_loops=5,
-        probabilities=FolderProbabilities(root), stride=spec["stride"],
+        cases={c: tuple(s) for c, s in shapes.items()},
+        patch_size=spec["patch"],
+        foreground_classes=list(range(1, classes)),
+        seed=0,
+        loop=1,
+        total_loops=5,
+        probabilities=FolderProbabilities(root),
+        stride=spec["stride"],
     )
     started = time.perf_counter()
     picks = get_method(method)(context, spec["count"])
@@ -115,8 +121,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["hippocampus", "ct", "all"], default="all")
     parser.add_argument("--methods", default="clasp_pe,pe,bald,softrank_bald")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "al3d-bench-query",
-                        help="where the synthetic probabilities are written (outside the repository)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "al3d-bench-query",
+        help="where the synthetic probabilities are written (outside the repository)",
+    )
     parser.add_argument("--run-one", nargs=3, metavar=("ROOT", "PART", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
@@ -129,11 +139,14 @@ def main() -> int:
     for part in parts:
         started = time.perf_counter()
         info = prepare(args.work, part)
-        print(f"# {part}: {info['note']}, {len(info['shapes'])} cases, {MEMBERS} members, {info['classes']} classes "
-              f"(background included); data ready in {time.perf_counter() - started:.0f} s at {info['root']}")
+        print(
+            f"# {part}: {info['note']}, {len(info['shapes'])} cases, {MEMBERS} members, {info['classes']} classes "
+            f"(background included); data ready in {time.perf_counter() - started:.0f} s at {info['root']}"
+        )
         for method in args.methods.split(","):
-            child = subprocess.run([sys.executable, __file__, "--run-one", info["root"], part, method],
-                                   capture_output=True, text=True)
+            child = subprocess.run(
+                [sys.executable, __file__, "--run-one", info["root"], part, method], capture_output=True, text=True
+            )
             if child.returncode:
                 print(child.stderr, file=sys.stderr)
                 return child.returncode

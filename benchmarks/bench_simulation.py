@@ -20,6 +20,7 @@ The cold-start benchmark is one run folder per starting budget, e.g.
 ``--run-dir /work/al3d-runs/hippocampus-low-start-cscs --start cscs --methods clasp_pe``;
 ``al3d report`` given the four folders compares the starts with each other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,23 +41,44 @@ def main() -> int:
     parser.add_argument("--methods", default="random_fg66,clasp_pe")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--profile", default="cpu-small")
-    parser.add_argument("--loops", type=int, default=5,
-                        help="loops to run now (the protocol's 5 by default); a folder run with --loops 1 (loop 0 "
-                        "of every seed: what a starting budget alone gives) extends to 5 later without training again")
-    parser.add_argument("--parallel", type=int, default=2,
-                        help="jobs at a time, torch threads = cores / parallel (on 2 cores, two cpu-small folds of "
-                        "one thread each train 1.45 x faster than one fold of two threads: RESULTS.md)")
-    parser.add_argument("--start", default="nnactive_start",
-                        help="starting budget method (the cold-start benchmark: random, cluster, cscs, random_fg33)")
-    parser.add_argument("--reference-cache", type=Path,
-                        help="full-data reference runs shared between run folders (the cold-start runs; the first "
-                        "study run keeps its reference in its own folder)")
-    parser.add_argument("--no-reference", action="store_true",
-                        help="leave the full-data run (FG-Eff) out; with it, its jobs wait behind the runs' jobs and "
-                        "fill the slots they leave idle")
-    parser.add_argument("--init", default="scratch", choices=["scratch", "warm"],
-                        help="warm: each loop after 0 starts from the previous loop's members (the warm-start study; give it "
-                        "its own --run-dir, e.g. .../hippocampus-low-cpu-small-warm)")
+    parser.add_argument(
+        "--loops",
+        type=int,
+        default=5,
+        help="loops to run now (the protocol's 5 by default); a folder run with --loops 1 (loop 0 "
+        "of every seed: what a starting budget alone gives) extends to 5 later without training again",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="jobs at a time, torch threads = cores / parallel (on 2 cores, two cpu-small folds of "
+        "one thread each train 1.45 x faster than one fold of two threads: RESULTS.md)",
+    )
+    parser.add_argument(
+        "--start",
+        default="nnactive_start",
+        help="starting budget method (the cold-start benchmark: random, cluster, cscs, random_fg33)",
+    )
+    parser.add_argument(
+        "--reference-cache",
+        type=Path,
+        help="full-data reference runs shared between run folders (the cold-start runs; the first "
+        "study run keeps its reference in its own folder)",
+    )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="leave the full-data run (FG-Eff) out; with it, its jobs wait behind the runs' jobs and "
+        "fill the slots they leave idle",
+    )
+    parser.add_argument(
+        "--init",
+        default="scratch",
+        choices=["scratch", "warm"],
+        help="warm: each loop after 0 starts from the previous loop's members (the warm-start study; give it "
+        "its own --run-dir, e.g. .../hippocampus-low-cpu-small-warm)",
+    )
     parser.add_argument("--warm-fraction", help="with --init warm: share of the epochs (default: the profile's, a third)")
     parser.add_argument("--warm-initial-lr", help="with --init warm: starting learning rate (default: the profile's, a tenth)")
     parser.add_argument("--sync-only", action="store_true", help="only copy finished records and write the report")
@@ -67,10 +89,36 @@ def main() -> int:
         data = find_shared_dataset(REPO)
         if data is None:
             sys.exit("bench_simulation: needs ../shared/datasets/Task04_Hippocampus")
-        command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data / "imagesTr"),
-                   "--labels", str(data / "labelsTr"), "--method", args.methods, "--budget", "low", "--loops", str(args.loops),
-                   "--seeds", args.seeds, "--profile", args.profile, "--device", "cpu", "--parallel",
-                   str(args.parallel), "--start", args.start, "--init", args.init, "--out", str(args.run_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "ActiveLearning3DLib.cli",
+            "simulate",
+            "--images",
+            str(data / "imagesTr"),
+            "--labels",
+            str(data / "labelsTr"),
+            "--method",
+            args.methods,
+            "--budget",
+            "low",
+            "--loops",
+            str(args.loops),
+            "--seeds",
+            args.seeds,
+            "--profile",
+            args.profile,
+            "--device",
+            "cpu",
+            "--parallel",
+            str(args.parallel),
+            "--start",
+            args.start,
+            "--init",
+            args.init,
+            "--out",
+            str(args.run_dir),
+        ]
         if (target / "simulation.json").is_file():
             # the committed records carry their boxes: a fresh machine rebuilds the runs instead of training again
             command += ["--restore-from", str(target)]

@@ -12,6 +12,7 @@ boxes is written to ``--png`` when given.
 
     .venv/bin/python benchmarks/bench_slicer.py [--boxes 200] [--repeats 5] [--png boxes.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,15 +63,23 @@ def main() -> int:
         root = Path(tmp)
         for n in range(3):
             write_case(root / "data", f"case_{n:03d}", n)
-        c = AnnotationController.create_project(headless_slicer(), root / "project", root / "data" / "imagesTr",
-                                                root / "data" / "labelsTr", patch_size=(20, 20, 20), query_size=4,
-                                                test_fraction=0.0)
+        c = AnnotationController.create_project(
+            headless_slicer(),
+            root / "project",
+            root / "data" / "imagesTr",
+            root / "data" / "labelsTr",
+            patch_size=(20, 20, 20),
+            query_size=4,
+            test_fraction=0.0,
+        )
         record = c.go_to_box(c.table()[0].id)
         rng = np.random.default_rng(0)
         corners = rng.integers(0, np.array(SHAPE) - 20, size=(args.boxes, 3))
         states = ["pending", "annotated", "skipped"]
-        many = [BoxRecord(Box(record.case, tuple(k), (20, 20, 20)), 0, i, "random", score=float(rng.random()),
-                          state=states[i % 3]) for i, k in enumerate(corners)]
+        many = [
+            BoxRecord(Box(record.case, tuple(k), (20, 20, 20)), 0, i, "random", score=float(rng.random()), state=states[i % 3])
+            for i, k in enumerate(corners)
+        ]
         show = []
         for _ in range(args.repeats):
             started = time.perf_counter()
@@ -82,8 +91,10 @@ def main() -> int:
             for i, r in enumerate(many):
                 c.box_nodes.set_state(r.id, states[(i + 1) % 3])
             recolour.append(time.perf_counter() - started)
-        print(f"show {args.boxes} boxes (ROI nodes, locked, coloured by state): median {statistics.median(show):.3f} s "
-              f"(min {min(show):.3f}, max {max(show):.3f}); target < 1 s")
+        print(
+            f"show {args.boxes} boxes (ROI nodes, locked, coloured by state): median {statistics.median(show):.3f} s "
+            f"(min {min(show):.3f}, max {max(show):.3f}); target < 1 s"
+        )
         print(f"recolour {args.boxes} boxes: median {statistics.median(recolour):.3f} s")
         c.box_nodes.show([b for b in c.logic.boxes() if b.case == record.case], c.grid.ijk_to_ras)
 
@@ -101,9 +112,11 @@ def main() -> int:
             submit.append(result.seconds)
             saved = c.logic.project.read_partial_labels(record.case)
             assert np.array_equal(saved[record.box.slices], paint[record.box.slices]), "submitted labels differ"
-        print(f"submit one 20^3 box on a {SHAPE[2]} x {SHAPE[1]} x {SHAPE[0]} volume (export + merge + atomic save + "
-              f"state): median {statistics.median(submit):.3f} s (min {min(submit):.3f}, max {max(submit):.3f}); "
-              f"target < 0.2 s; of which segment export {statistics.median(export):.3f} s")
+        print(
+            f"submit one 20^3 box on a {SHAPE[2]} x {SHAPE[1]} x {SHAPE[0]} volume (export + merge + atomic save + "
+            f"state): median {statistics.median(submit):.3f} s (min {min(submit):.3f}, max {max(submit):.3f}); "
+            f"target < 0.2 s; of which segment export {statistics.median(export):.3f} s"
+        )
         if args.png:
             view = OffscreenSliceView(c.ctx, size=(400, 400))
             c.box_nodes.select(None)

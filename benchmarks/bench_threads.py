@@ -12,6 +12,7 @@ Run it with the machine otherwise idle: the figures are wall times.
 
     .venv/bin/python benchmarks/bench_threads.py --model PROJECT/nnunet/results/<model> [--cases 3] [--steps 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="training steps timed")
     args = parser.parse_args()
     project = Project.open(args.model.resolve().parents[2])
-    cases = (project.test_cases or project.pool_cases)[:max(1, args.cases)]
+    cases = (project.test_cases or project.pool_cases)[: max(1, args.cases)]
     images = [project.image_paths(c) for c in cases]
     ensemble = load_evaluation_ensemble(args.model, "cpu", mirroring=True)
     cores = os.cpu_count() or 1
@@ -82,7 +83,9 @@ def main() -> None:
     for threads, seconds, ms in rows:
         print(f"| {threads} | {seconds:.2f} | {ms:.0f} |")
     if len(rows) > 1:
-        print(f"{cores} threads against 1: evaluation {rows[0][1] / rows[1][1]:.2f} x, training {rows[0][2] / rows[1][2]:.2f} x faster")
+        print(
+            f"{cores} threads against 1: evaluation {rows[0][1] / rows[1][1]:.2f} x, training {rows[0][2] / rows[1][2]:.2f} x faster"
+        )
 
 
 if __name__ == "__main__":

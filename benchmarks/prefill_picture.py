@@ -12,6 +12,7 @@ oracle's, i.e. the ground truth). Both pictures go side by side into one PNG.
 
 Needs slicer-core and EGL offscreen rendering (libEGL + Mesa).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,15 +76,20 @@ def render(project: Path, png: Path, box_id: str | None, size: int) -> Path:
     e = record.effort
     dice = ", ".join(f"{classes.get(int(k), k)} {v:.2f}" for k, v in (e["prefill_dice"] or {}).items() if v is not None)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
-    for ax, picture, title in ((axes[0], prefilled, f"opened: pre-fill of {e['prefill_model']}"),
-                               (axes[1], corrected, "submitted: corrected labels")):
+    for ax, picture, title in (
+        (axes[0], prefilled, f"opened: pre-fill of {e['prefill_model']}"),
+        (axes[1], corrected, "submitted: corrected labels"),
+    ):
         ax.imshow(picture)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{record.case}, box {record.id} (loop {record.loop}, {record.method}), axial slice through its centre\n"
-                 f"corrected {e['corrected']} of {e['voxels']} voxels (added {e['added']}, removed {e['removed']}, "
-                 f"relabelled {e['relabelled']}); painting from empty: {e.get('foreground', '?')}; "
-                 f"pre-fill Dice {dice}", fontsize=9)
+    fig.suptitle(
+        f"{record.case}, box {record.id} (loop {record.loop}, {record.method}), axial slice through its centre\n"
+        f"corrected {e['corrected']} of {e['voxels']} voxels (added {e['added']}, removed {e['removed']}, "
+        f"relabelled {e['relabelled']}); painting from empty: {e.get('foreground', '?')}; "
+        f"pre-fill Dice {dice}",
+        fontsize=9,
+    )
     with replacing_file(png) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)

@@ -26,6 +26,7 @@ jobs in batches up to 3 s apart, which is most of its per-job latency here).
 
     .venv/bin/python benchmarks/slurm_overhead.py [--jobs 10] [--burst 100] [--poll 0.5] [--parallel 2] [--extra-conf LINE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,8 +96,13 @@ def latency(runner, root: Path, name: str) -> dict[str, float]:
     watcher.join()
     assert job.status().state == "done", f"{job.name}: {job.status().state}: {job.status().message}"
     running, done = seen.get("running", ended), seen.get("done", ended)
-    return {"total": ended - started, "submit": submitted - started, "start": running - submitted,
-            "worker": done - running, "notice": ended - done}
+    return {
+        "total": ended - started,
+        "submit": submitted - started,
+        "start": running - submitted,
+        "worker": done - running,
+        "notice": ended - done,
+    }
 
 
 def phases(runs: list[dict[str, float]]) -> str:
@@ -146,23 +152,54 @@ def grid(work: Path, scheduler_env: dict[str, str], seeds: str) -> None:
     walls, boxes = {}, {}
     for kind in ("local", "slurm"):
         out = work / f"grid-{kind}"
-        command = [sys.executable, "-m", "ActiveLearning3DLib.cli", "simulate", "--images", str(data.images),
-                   "--labels", str(data.labels), "--method", "random", "--seeds", seeds, "--loops", "2",
-                   "--profile", "test", "--device", "cpu", "--max-cases", "16", "--no-reference", "--out", str(out),
-                   "--runner", kind]
+        command = [
+            sys.executable,
+            "-m",
+            "ActiveLearning3DLib.cli",
+            "simulate",
+            "--images",
+            str(data.images),
+            "--labels",
+            str(data.labels),
+            "--method",
+            "random",
+            "--seeds",
+            seeds,
+            "--loops",
+            "2",
+            "--profile",
+            "test",
+            "--device",
+            "cpu",
+            "--max-cases",
+            "16",
+            "--no-reference",
+            "--out",
+            str(out),
+            "--runner",
+            kind,
+        ]
         started = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, env={**os.environ, **scheduler_env}, capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run(command, cwd=REPO, env={**os.environ, **scheduler_env}, capture_output=True, text=True, check=False)
         walls[kind] = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(f"the {kind} grid failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-        boxes[kind] = sorted(json.dumps([{k: b.get(k) for k in ("file", "coords", "size", "loop", "index", "method")}
-                                         for b in json.loads(p.read_text())["patches"]])
-                             for p in out.rglob("loops/loop_*.json") if "base" not in p.parts)  # not annotation times
+        boxes[kind] = sorted(
+            json.dumps(
+                [
+                    {k: b.get(k) for k in ("file", "coords", "size", "loop", "index", "method")}
+                    for b in json.loads(p.read_text())["patches"]
+                ]
+            )
+            for p in out.rglob("loops/loop_*.json")
+            if "base" not in p.parts
+        )  # not annotation times
     same = boxes["local"] == boxes["slurm"] and bool(boxes["local"])
-    print(f"test-profile grid (random x seeds {seeds} x 2 loops, {data.name} 16 cases, no reference): local "
-          f"{walls['local']:.0f} s, Slurm {walls['slurm']:.0f} s, ratio {walls['slurm'] / walls['local']:.2f}; "
-          f"{len(boxes['local'])} loop files, same boxes both ways: {same}")
+    print(
+        f"test-profile grid (random x seeds {seeds} x 2 loops, {data.name} 16 cases, no reference): local "
+        f"{walls['local']:.0f} s, Slurm {walls['slurm']:.0f} s, ratio {walls['slurm'] / walls['local']:.2f}; "
+        f"{len(boxes['local'])} loop files, same boxes both ways: {same}"
+    )
 
 
 def main() -> int:
@@ -170,15 +207,24 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=10, help="jobs one after another per runner (latency)")
     parser.add_argument("--burst", type=int, default=100, help="jobs submitted at once")
     parser.add_argument("--poll", type=float, default=0.5, help="poll interval of both runners, seconds")
-    parser.add_argument("--slurm-poll", type=float, default=None,
-                        help="the Slurm runner's poll_seconds (its squeue interval) when it differs from --poll; "
-                             "the Slurm runner's own default is 5")
+    parser.add_argument(
+        "--slurm-poll",
+        type=float,
+        default=None,
+        help="the Slurm runner's poll_seconds (its squeue interval) when it differs from --poll; "
+        "the Slurm runner's own default is 5",
+    )
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1, help="local runner's jobs at a time")
     parser.add_argument("--grid", action="store_true", help="also time a test-profile simulation grid both ways")
     parser.add_argument("--grid-seeds", default="0,1", help="the grid's seeds, comma separated")
     parser.add_argument("--skip-jobs", action="store_true", help="only the grid (with --grid)")
-    parser.add_argument("--extra-conf", action="append", default=[], metavar="LINE",
-                        help="start a cluster here with this slurm.conf line added (repeatable)")
+    parser.add_argument(
+        "--extra-conf",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="start a cluster here with this slurm.conf line added (repeatable)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="al3d-slurm-bench-"))
@@ -188,8 +234,13 @@ def main() -> int:
             scheduler_env = read_env(Path(os.environ["AL3D_TEST_SLURM"]))
         else:
             cluster = work / "cluster"
-            out = subprocess.run(["bash", str(SCRIPT), "start", str(cluster)], capture_output=True, text=True, check=False,
-                                 env={**os.environ, "SLURM_EXTRA_CONF": "\n".join(args.extra_conf)})
+            out = subprocess.run(
+                ["bash", str(SCRIPT), "start", str(cluster)],
+                capture_output=True,
+                text=True,
+                check=False,
+                env={**os.environ, "SLURM_EXTRA_CONF": "\n".join(args.extra_conf)},
+            )
             if out.returncode != 0:
                 print(f"the Slurm cluster did not start: {out.stderr.strip()}", file=sys.stderr)
                 return 1
@@ -200,11 +251,14 @@ def main() -> int:
         scheduler = [line for line in conf_text.splitlines() if line.startswith("SchedulerParameters=")]
         slurm_poll = args.poll if args.slurm_poll is None else args.slurm_poll
         slurm_settings = SlurmSettings(scheduler_env=scheduler_env, poll_seconds=slurm_poll)
-        version = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, check=False,
-                                 env={**os.environ, **scheduler_env}).stdout.strip()
-        print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; {version}, "
-              f"one node ({cpus} CPUs), one CPU per job; {'; '.join(scheduler) or 'SchedulerParameters: Slurm defaults'}; "
-              f"the local runner polls every {args.poll:g} s, the Slurm runner's poll_seconds is {slurm_poll:g} s")
+        version = subprocess.run(
+            ["sinfo", "--version"], capture_output=True, text=True, check=False, env={**os.environ, **scheduler_env}
+        ).stdout.strip()
+        print(
+            f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}; {version}, "
+            f"one node ({cpus} CPUs), one CPU per job; {'; '.join(scheduler) or 'SchedulerParameters: Slurm defaults'}; "
+            f"the local runner polls every {args.poll:g} s, the Slurm runner's poll_seconds is {slurm_poll:g} s"
+        )
 
         if args.grid:
             grid(work, scheduler_env, args.grid_seeds)
@@ -218,33 +272,44 @@ def main() -> int:
         slurm_runs = [latency(slurm, work / "latency", f"slurm{i}") for i in range(args.jobs)]
         local_s, slurm_s = [r["total"] for r in local_runs], [r["total"] for r in slurm_runs]
         lm, sm = statistics.median(local_s), statistics.median(slurm_s)
-        print(f"one job at a time ({args.jobs} jobs each), submit until reported done: local median {lm:.2f} s "
-              f"(min {min(local_s):.2f}, max {max(local_s):.2f}), Slurm median {sm:.2f} s "
-              f"(min {min(slurm_s):.2f}, max {max(slurm_s):.2f}); Slurm adds {sm - lm:.2f} s per job")
-        print(f"  phases, median s: local {phases(local_runs)}; Slurm {phases(slurm_runs)} (Slurm {slurm.scheduler_calls} "
-              f"commands for {args.jobs + 1} jobs)")
-        said = {tag: statistics.median(r["submit"] + r["start"] + r["worker"] for r in runs)
-                for tag, runs in (("local", local_runs), ("slurm", slurm_runs))}
+        print(
+            f"one job at a time ({args.jobs} jobs each), submit until reported done: local median {lm:.2f} s "
+            f"(min {min(local_s):.2f}, max {max(local_s):.2f}), Slurm median {sm:.2f} s "
+            f"(min {min(slurm_s):.2f}, max {max(slurm_s):.2f}); Slurm adds {sm - lm:.2f} s per job"
+        )
+        print(
+            f"  phases, median s: local {phases(local_runs)}; Slurm {phases(slurm_runs)} (Slurm {slurm.scheduler_calls} "
+            f"commands for {args.jobs + 1} jobs)"
+        )
+        said = {
+            tag: statistics.median(r["submit"] + r["start"] + r["worker"] for r in runs)
+            for tag, runs in (("local", local_runs), ("slurm", slurm_runs))
+        }
         ours = statistics.median(r["submit"] + r["notice"] for r in slurm_runs)
-        print(f"  submit until the worker wrote done, median: local {said['local']:.2f} s, Slurm {said['slurm']:.2f} s: "
-              f"Slurm's scheduling and launch add {said['slurm'] - said['local']:.2f} s; the Slurm runner's own share "
-              f"(sbatch + seeing done) {ours:.2f} s")
+        print(
+            f"  submit until the worker wrote done, median: local {said['local']:.2f} s, Slurm {said['slurm']:.2f} s: "
+            f"Slurm's scheduling and launch add {said['slurm'] - said['local']:.2f} s; the Slurm runner's own share "
+            f"(sbatch + seeing done) {ours:.2f} s"
+        )
 
         if args.burst < 1:
             return 0
         burst_runner = SlurmRunner(slurm_settings)
         submitted, wall, jobs = burst(burst_runner, work / "burst-slurm", args.burst)
         problems = lost_or_doubled(jobs, slurm)
-        print(f"{args.burst} jobs at once through Slurm: submitted in {submitted:.1f} s "
-              f"({1000 * submitted / args.burst:.0f} ms per sbatch), all ended after {wall:.1f} s "
-              f"({60 * args.burst / wall:.0f} jobs/min), {burst_runner.scheduler_calls - args.burst} squeue calls "
-              f"in all; lost or doubled: {len(problems)}"
-              + "".join(f"\n  {p}" for p in problems))
+        print(
+            f"{args.burst} jobs at once through Slurm: submitted in {submitted:.1f} s "
+            f"({1000 * submitted / args.burst:.0f} ms per sbatch), all ended after {wall:.1f} s "
+            f"({60 * args.burst / wall:.0f} jobs/min), {burst_runner.scheduler_calls - args.burst} squeue calls "
+            f"in all; lost or doubled: {len(problems)}" + "".join(f"\n  {p}" for p in problems)
+        )
         local_burst = make_runner(RunnerSettings(kind="local", max_parallel=args.parallel, poll_seconds=args.poll))
         _, local_wall, local_jobs = burst(local_burst, work / "burst-local", args.burst)
         local_problems = lost_or_doubled(local_jobs, None)
-        print(f"{args.burst} jobs at once through the local runner ({args.parallel} at a time): all ended after "
-              f"{local_wall:.1f} s ({60 * args.burst / local_wall:.0f} jobs/min); lost or doubled: {len(local_problems)}")
+        print(
+            f"{args.burst} jobs at once through the local runner ({args.parallel} at a time): all ended after "
+            f"{local_wall:.1f} s ({60 * args.burst / local_wall:.0f} jobs/min); lost or doubled: {len(local_problems)}"
+        )
         return 1 if problems or local_problems else 0
     finally:
         if cluster is not None:

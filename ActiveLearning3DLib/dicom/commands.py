@@ -1,4 +1,5 @@
 """The DICOM options of ``al3d init`` and the ``al3d export`` command (kept here so cli.py only wires them)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,12 @@ PUSH_RECORD = ".dicomweb-pushed.json"
 
 def add_init_options(p: argparse.ArgumentParser, source: Any) -> None:
     """``al3d init --dicomweb URL`` (in the ``source`` group, exclusive with --images), its filters and credentials."""
-    source.add_argument("--dicomweb", metavar="URL", help="pull the series from this DICOMweb store (QIDO-RS, WADO-RS) "
-                        "instead, e.g. http://localhost:8042/dicom-web; an interrupted pull resumes when run again")
+    source.add_argument(
+        "--dicomweb",
+        metavar="URL",
+        help="pull the series from this DICOMweb store (QIDO-RS, WADO-RS) "
+        "instead, e.g. http://localhost:8042/dicom-web; an interrupted pull resumes when run again",
+    )
     g = p.add_argument_group("DICOMweb filters and credentials (with --dicomweb)")
     g.add_argument("--study", action="append", default=[], metavar="UID", help="only this StudyInstanceUID (repeatable)")
     g.add_argument("--patient-id", help="only studies of this PatientID")
@@ -25,9 +30,13 @@ def add_init_options(p: argparse.ArgumentParser, source: Any) -> None:
 
 
 def add_credentials_option(p: Any) -> None:
-    p.add_argument("--credentials", type=Path, metavar="FILE",
-                   help='DICOMweb credentials, a JSON file {"username": ..., "password": ...} or {"token": ...} '
-                   "(default: AL3D_DICOMWEB_TOKEN or AL3D_DICOMWEB_USER and AL3D_DICOMWEB_PASSWORD from the environment)")
+    p.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="FILE",
+        help='DICOMweb credentials, a JSON file {"username": ..., "password": ...} or {"token": ...} '
+        "(default: AL3D_DICOMWEB_TOKEN or AL3D_DICOMWEB_USER and AL3D_DICOMWEB_PASSWORD from the environment)",
+    )
 
 
 def client(args: argparse.Namespace) -> DicomWebClient:
@@ -37,15 +46,25 @@ def client(args: argparse.Namespace) -> DicomWebClient:
 def create_from_dicomweb(args: argparse.Namespace, options: dict, progress: Callable) -> Any:
     """The project of the series a DICOMweb store holds for the filters."""
     filters = StudyFilters(list(args.study), args.patient_id, args.study_date, args.accession_number, args.modality)
-    return create_project_from_dicomweb(args.project, client(args), filters, progress=progress, log=print,
-                                        labels=args.labels, **options)
+    return create_project_from_dicomweb(
+        args.project, client(args), filters, progress=progress, log=print, labels=args.labels, **options
+    )
 
 
 def add_export_parser(sub: Any, project_command: Callable) -> None:
-    p = project_command(sub, "export", "write predictions (and partial annotations) of DICOM cases as DICOM SEG "
-                        "objects beside the NIfTI files; --dicomweb also stores them (STOW-RS)", cmd_export)
-    p.add_argument("--predictions", type=Path, metavar="DIR",
-                   help="folder of <case>.nii.gz label maps (default: the latest final predictions of the project)")
+    p = project_command(
+        sub,
+        "export",
+        "write predictions (and partial annotations) of DICOM cases as DICOM SEG "
+        "objects beside the NIfTI files; --dicomweb also stores them (STOW-RS)",
+        cmd_export,
+    )
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="DIR",
+        help="folder of <case>.nii.gz label maps (default: the latest final predictions of the project)",
+    )
     p.add_argument("--partial-labels", action="store_true", help="also the partial annotations (labelsTr/<case>.seg.dcm)")
     p.add_argument("--dicomweb", metavar="URL", help="store the SEG objects in this DICOMweb store (STOW-RS)")
     add_credentials_option(p)
@@ -69,8 +88,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_segs(project, predictions, args.partial_labels, progress=lambda it: progress(it, "writing SEG"))
     for line in result.skipped:
         print(f"skipped {line}")
-    print(f"{len(result.written)} DICOM SEG objects written, {len(result.up_to_date)} up to date"
-          + (f" (in {predictions})" if predictions else ""))
+    print(
+        f"{len(result.written)} DICOM SEG objects written, {len(result.up_to_date)} up to date"
+        + (f" (in {predictions})" if predictions else "")
+    )
     if store is not None:
         by_folder: dict[Path, list[Path]] = {}
         for path in result.files:

@@ -11,6 +11,7 @@ Transfers resume: each instance is written atomically as
 interruption fetches only what is missing. Pushes are recorded per store, so a
 SEG already stored is not sent again.
 """
+
 from __future__ import annotations
 
 import base64
@@ -86,8 +87,10 @@ def check_url(url: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise DicomWebError(f"{url}: not an http(s) URL of a DICOMweb service (e.g. http://host:8042/dicom-web)")
     if parsed.username is not None or parsed.password is not None:
-        raise DicomWebError(f"{parsed.hostname}: put no credentials in the URL (they would stay in the shell history); "
-                            f"use {ENV_USER}/{ENV_PASSWORD}, {ENV_TOKEN} or --credentials FILE")
+        raise DicomWebError(
+            f"{parsed.hostname}: put no credentials in the URL (they would stay in the shell history); "
+            f"use {ENV_USER}/{ENV_PASSWORD}, {ENV_TOKEN} or --credentials FILE"
+        )
     if parsed.query or parsed.fragment:
         raise DicomWebError(f"{url}: the DICOMweb base URL takes no query or fragment; use the filter options")
     return url.rstrip("/")
@@ -129,15 +132,22 @@ def _multipart(parts: Sequence[bytes]) -> tuple[str, bytes]:
 class DicomWebClient:
     """The three DICOMweb services of one store."""
 
-    def __init__(self, url: str, credentials: Credentials | None = None, timeout: float = 120.0,
-                 page_size: int = QIDO_PAGE):
+    def __init__(self, url: str, credentials: Credentials | None = None, timeout: float = 120.0, page_size: int = QIDO_PAGE):
         self.url = check_url(url)
         self.credentials = credentials
         self.timeout = timeout
         self.page_size = page_size
 
-    def _request(self, method: str, path: str, what: str, query: Mapping[str, str] | None = None,
-                 accept: str = DICOM_JSON, body: bytes | None = None, content_type: str | None = None) -> tuple[str, bytes]:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        query: Mapping[str, str] | None = None,
+        accept: str = DICOM_JSON,
+        body: bytes | None = None,
+        content_type: str | None = None,
+    ) -> tuple[str, bytes]:
         url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         headers = {"Accept": accept}
         if self.credentials:
@@ -193,8 +203,9 @@ class DicomWebClient:
     # WADO-RS
     def retrieve_instance(self, study: str, series: str, sop: str) -> bytes:
         what = f"retrieving instance {sop} of series {series} (WADO-RS)"
-        content_type, data = self._request("GET", f"/studies/{study}/series/{series}/instances/{sop}", what,
-                                           accept=f"{MULTIPART_DICOM}; transfer-syntax=*")
+        content_type, data = self._request(
+            "GET", f"/studies/{study}/series/{series}/instances/{sop}", what, accept=f"{MULTIPART_DICOM}; transfer-syntax=*"
+        )
         try:
             parts = parse_multipart(content_type, data) if content_type.lower().startswith("multipart/") else [data]
         except ValueError as e:
@@ -233,8 +244,15 @@ class StudyFilters:
     modality: str | None = None  # series level, e.g. CT
 
     def study_queries(self) -> list[dict[str, str]]:
-        base = {k: v for k, v in (("PatientID", self.patient_id), ("StudyDate", self.study_date),
-                                  ("AccessionNumber", self.accession_number)) if v}
+        base = {
+            k: v
+            for k, v in (
+                ("PatientID", self.patient_id),
+                ("StudyDate", self.study_date),
+                ("AccessionNumber", self.accession_number),
+            )
+            if v
+        }
         if self.study_date and not re.fullmatch(r"\d{8}(-\d{8})?|\d{8}-|-\d{8}", self.study_date):
             raise DicomWebError(f"study date {self.study_date!r}: expected YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
         return [{**base, "StudyInstanceUID": uid} for uid in self.studies] if self.studies else [base]
@@ -260,9 +278,13 @@ def _safe(uid: str) -> str:
     return uid
 
 
-def pull(client: DicomWebClient, filters: StudyFilters, staging: Path,
-         progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
-         log: Callable[[str], None] = lambda line: None) -> PullResult:
+def pull(
+    client: DicomWebClient,
+    filters: StudyFilters,
+    staging: Path,
+    progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+    log: Callable[[str], None] = lambda line: None,
+) -> PullResult:
     """Download the matching series into ``staging``, one folder per series; resumes an interrupted pull.
 
     Nothing is written before the searches have succeeded.
@@ -312,7 +334,9 @@ def pull(client: DicomWebClient, filters: StudyFilters, staging: Path,
         atomic_write_json(marker, {"url": client.url, "study": study, "series": series, "instances": len(instances)})
         log(f"{name}: {len(instances)} instances")
         done_dirs.append(folder)
-    for old in staging.iterdir() if staging.is_dir() else []:  # series of an earlier pull with other filters are not part of this project
+    for old in (
+        staging.iterdir() if staging.is_dir() else []
+    ):  # series of an earlier pull with other filters are not part of this project
         if old.is_dir() and old not in done_dirs:
             shutil.rmtree(old, ignore_errors=True)
     return PullResult(done_dirs, skipped, fetched)
@@ -335,8 +359,12 @@ def staging_folder(project: Path) -> Path:
     return project.parent / f".{project.name}.dicomweb-download"
 
 
-def push(client: DicomWebClient, files: Sequence[Path], record: Path,
-         progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it) -> tuple[list[Path], list[Path]]:
+def push(
+    client: DicomWebClient,
+    files: Sequence[Path],
+    record: Path,
+    progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+) -> tuple[list[Path], list[Path]]:
     """Store SEG files (one STOW-RS request each); returns (sent, already stored). ``record`` remembers what was sent."""
     import pydicom
 
@@ -358,9 +386,14 @@ def push(client: DicomWebClient, files: Sequence[Path], record: Path,
     return sent, kept
 
 
-def create_project_from_dicomweb(path: Path | str, client: DicomWebClient, filters: StudyFilters,
-                                 progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
-                                 log: Callable[[str], None] = lambda line: None, **options: Any):
+def create_project_from_dicomweb(
+    path: Path | str,
+    client: DicomWebClient,
+    filters: StudyFilters,
+    progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+    log: Callable[[str], None] = lambda line: None,
+    **options: Any,
+):
     """Pull the matching series (resuming an interrupted pull), then make the project of them.
 
     The download folder beside the project is removed once the project
@@ -375,8 +408,12 @@ def create_project_from_dicomweb(path: Path | str, client: DicomWebClient, filte
     result = pull(client, filters, staging, progress, log)
     if not result.series_dirs:
         raise DicomWebError("; ".join(result.skipped + [f"{client.url}: no image series matches the filters"]))
-    source = {"images": client.url, "dicomweb": client.url, "dicomweb_filters": asdict(filters),
-              "dicomweb_skipped": result.skipped}
+    source = {
+        "images": client.url,
+        "dicomweb": client.url,
+        "dicomweb_filters": asdict(filters),
+        "dicomweb_skipped": result.skipped,
+    }
     project = Project.create(path, staging, progress=progress, source=source, **options)
     shutil.rmtree(staging, ignore_errors=True)
     return project

@@ -5,6 +5,7 @@ one segment per foreground class named after it. The source slices' headers
 come from the project's ``dicom/<case>.json`` (kept when the project was
 made), so the source folder or server is not needed at export time.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,14 @@ def seg_path(label_file: Path) -> Path:
     return label_file.with_name(stem + SEG_SUFFIX)
 
 
-def write_seg(project: Project, case: str, label_file: Path, target: Path | None = None, manual: bool = False,
-              ignore_value: int | None = None) -> Path:
+def write_seg(
+    project: Project,
+    case: str,
+    label_file: Path,
+    target: Path | None = None,
+    manual: bool = False,
+    ignore_value: int | None = None,
+) -> Path:
     """Write the label map ``label_file`` of ``case`` as a DICOM SEG (atomically); returns its path.
 
     ``manual``: the labels are an annotator's (partial annotations), else an
@@ -84,14 +91,18 @@ def write_seg(project: Project, case: str, label_file: Path, target: Path | None
     else:
         algorithm_type = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
         algorithm = hd.AlgorithmIdentificationSequence(
-            name="ActiveLearning3D nnU-Net ensemble", family=codes.cid7162.ArtificialIntelligence, version=__version__)
+            name="ActiveLearning3D nnU-Net ensemble", family=codes.cid7162.ArtificialIntelligence, version=__version__
+        )
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=value, segment_label=name[:64],
+            segment_number=value,
+            segment_label=name[:64],
             segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=hd.sr.CodedConcept(value=f"class-{value}", scheme_designator=PRIVATE_SCHEME,
-                                                       meaning=name[:64]),
-            algorithm_type=algorithm_type, algorithm_identification=algorithm,
+            segmented_property_type=hd.sr.CodedConcept(
+                value=f"class-{value}", scheme_designator=PRIVATE_SCHEME, meaning=name[:64]
+            ),
+            algorithm_type=algorithm_type,
+            algorithm_identification=algorithm,
         )
         for value, name in sorted(foreground.items())
     ]
@@ -127,8 +138,12 @@ def latest_predictions_dir(project: Project) -> Path | None:
     return max(found, key=lambda p: max(f.stat().st_mtime for f in p.glob("*.nii.gz"))) if found else None
 
 
-def export_segs(project: Project, predictions: Path | None = None, partial_labels: bool = False,
-                progress: Callable[[Iterable], Iterable] = lambda it: it) -> SegExport:
+def export_segs(
+    project: Project,
+    predictions: Path | None = None,
+    partial_labels: bool = False,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> SegExport:
     """SEG objects of the predictions (and of the partial annotations) of every DICOM case, beside the NIfTI files.
 
     A SEG newer than its NIfTI file is kept (an interrupted export goes on

@@ -9,6 +9,7 @@ secondary capture, structured report, segmentation, a single slice, missing or
 unevenly spaced slices) is skipped with a one-line reason; a series that should be an
 image but cannot be read is an error naming the series.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,12 @@ NON_VOLUME_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1": "projection radiograph (2D), not a 3D image",  # CR, DX, MG, IO
 }
 NON_VOLUME_MODALITIES = {
-    "SR": "structured report, not an image", "SEG": "segmentation object, not an image",
-    "RTSTRUCT": "radiotherapy structure set, not an image", "PR": "presentation state, not an image",
-    "KO": "key object selection, not an image", "REG": "registration object, not an image",
+    "SR": "structured report, not an image",
+    "SEG": "segmentation object, not an image",
+    "RTSTRUCT": "radiotherapy structure set, not an image",
+    "PR": "presentation state, not an image",
+    "KO": "key object selection, not an image",
+    "REG": "registration object, not an image",
     "DOC": "encapsulated document, not an image",
 }
 # Image SOP classes whose UIDs start like a non-volume prefix above (CT 1.2.840.10008.5.1.4.1.1.2 etc. do not).
@@ -227,8 +231,9 @@ def volume_problem(series: DicomSeries) -> str | None:
     along = along[order]
     gaps = np.diff(along)
     if np.any(gaps < 1e-3):
-        return (f"{int(np.sum(gaps < 1e-3)) + 1} slices share a position (several acquisitions, echoes or time points "
-                "in one series)")
+        return (
+            f"{int(np.sum(gaps < 1e-3)) + 1} slices share a position (several acquisitions, echoes or time points in one series)"
+        )
     in_plane = [np.asarray(positions[i]) - along[n] * normal for n, i in enumerate(order)]
     if max(np.abs(p - in_plane[0]).max() for p in in_plane) > 1e-2 * max(float(gaps.min()), 1.0):
         return "slice positions do not lie on one line along the slice normal (tilted or sheared stack)"
@@ -237,8 +242,10 @@ def volume_problem(series: DicomSeries) -> str | None:
         worst = int(np.argmax(np.abs(gaps - step)))
         ratio = gaps[worst] / step
         if abs(ratio - round(ratio)) < SPACING_TOLERANCE * 2 and round(ratio) >= 2:
-            return (f"missing slice(s): gap of {gaps[worst]:.4g} mm between slices {worst + 1} and {worst + 2} "
-                    f"where the others are {step:.4g} mm apart")
+            return (
+                f"missing slice(s): gap of {gaps[worst]:.4g} mm between slices {worst + 1} and {worst + 2} "
+                f"where the others are {step:.4g} mm apart"
+            )
         return f"inconsistent slice spacing: {gaps.min():.4g} to {gaps.max():.4g} mm between neighbouring slices"
     series.files = [series.files[i] for i in order]
     series.headers = [series.headers[i] for i in order]
@@ -348,7 +355,9 @@ def prepare_dicom_input(
 
 @contextmanager
 def converted_dicom_input(
-    images: Path | str, project: Path, progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+    images: Path | str,
+    project: Path,
+    progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
 ) -> Iterator[DicomInput | None]:
     """The DICOM series under ``images`` converted in a staging folder beside ``project`` (None without DICOM).
 

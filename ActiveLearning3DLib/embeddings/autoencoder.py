@@ -10,6 +10,7 @@ difficulty then still comes from this autoencoder.
 
 torch is imported inside the functions: this module runs in the worker.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,9 @@ def build_autoencoder(width: int = 8):
         def __init__(self):
             super().__init__()
             self.encoder = nn.Sequential(down(1, width), down(width, 2 * width), down(2 * width, 4 * width))
-            self.decoder = nn.Sequential(up(4 * width, 2 * width), up(2 * width, width), nn.ConvTranspose3d(width, 1, 2, stride=2))
+            self.decoder = nn.Sequential(
+                up(4 * width, 2 * width), up(2 * width, width), nn.ConvTranspose3d(width, 1, 2, stride=2)
+            )
 
         def forward(self, x):
             code = self.encoder(x)
@@ -92,8 +95,12 @@ def candidate_boxes(case: str, shape: Sequence[int], patch_size: Sequence[int], 
     return [Box(case, (int(z), int(y), int(x)), size) for z in axes[0] for y in axes[1] for x in axes[2]]
 
 
-def train_autoencoder(data: Mapping[str, np.ndarray], patch_size: Sequence[int], settings: AutoencoderSettings,
-                      progress: Callable[[dict], None] | None = None):
+def train_autoencoder(
+    data: Mapping[str, np.ndarray],
+    patch_size: Sequence[int],
+    settings: AutoencoderSettings,
+    progress: Callable[[dict], None] | None = None,
+):
     """Train on random boxes of the pool's images (``data``: case -> z-scored array, see :func:`zscore`).
 
     Torch threads are the caller's (the job sets them and follows the runner's allotment).
@@ -122,14 +129,26 @@ def train_autoencoder(data: Mapping[str, np.ndarray], patch_size: Sequence[int],
         optimiser.step()
         losses.append(loss.item())
         if progress and (it % 20 == 0 or it == settings.iterations - 1):
-            progress({"stage": "autoencoder", "iteration": it + 1, "progress": 0.8 * (it + 1) / settings.iterations,
-                      "message": f"autoencoder iteration {it + 1}/{settings.iterations}, loss {np.mean(losses[-20:]):.4f}"})
+            progress(
+                {
+                    "stage": "autoencoder",
+                    "iteration": it + 1,
+                    "progress": 0.8 * (it + 1) / settings.iterations,
+                    "message": f"autoencoder iteration {it + 1}/{settings.iterations}, loss {np.mean(losses[-20:]):.4f}",
+                }
+            )
     model.eval()
     return model, losses
 
 
-def embed_pool(model, data: Mapping[str, np.ndarray], patch_size: Sequence[int], stride: Sequence[int] | None,
-               encoder=None, progress: Callable[[dict], None] | None = None) -> dict[str, np.ndarray]:
+def embed_pool(
+    model,
+    data: Mapping[str, np.ndarray],
+    patch_size: Sequence[int],
+    stride: Sequence[int] | None,
+    encoder=None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict[str, np.ndarray]:
     """Embedding and reconstruction error of every candidate box of the pool (``data`` as for training), for an ``.npz``."""
     import torch
 
@@ -139,7 +158,7 @@ def embed_pool(model, data: Mapping[str, np.ndarray], patch_size: Sequence[int],
         for n, (case, image) in enumerate(data.items()):
             boxes = candidate_boxes(case, image.shape, patch_size, stride)
             for start in range(0, len(boxes), 256):
-                chunk = boxes[start:start + 256]
+                chunk = boxes[start : start + 256]
                 x = cubes(image, chunk)
                 reconstruction, code = model(x)
                 if encoder is not None:
@@ -150,11 +169,22 @@ def embed_pool(model, data: Mapping[str, np.ndarray], patch_size: Sequence[int],
                 rows_corner += [b.coords for b in chunk]
                 rows_size += [b.size for b in chunk]
             if progress:
-                progress({"stage": "embedding", "case": case, "progress": 0.8 + 0.2 * (n + 1) / len(cases),
-                          "message": f"embedded {case} ({n + 1}/{len(cases)})"})
-    return {"cases": np.array(list(cases)), "case_index": np.array(rows_case, np.int32),
-            "corners": np.array(rows_corner, np.int32).reshape(-1, 3), "sizes": np.array(rows_size, np.int32).reshape(-1, 3),
-            "embeddings": np.concatenate(embeddings), "errors": np.concatenate(errors)}
+                progress(
+                    {
+                        "stage": "embedding",
+                        "case": case,
+                        "progress": 0.8 + 0.2 * (n + 1) / len(cases),
+                        "message": f"embedded {case} ({n + 1}/{len(cases)})",
+                    }
+                )
+    return {
+        "cases": np.array(list(cases)),
+        "case_index": np.array(rows_case, np.int32),
+        "corners": np.array(rows_corner, np.int32).reshape(-1, 3),
+        "sizes": np.array(rows_size, np.int32).reshape(-1, 3),
+        "embeddings": np.concatenate(embeddings),
+        "errors": np.concatenate(errors),
+    }
 
 
 def timed(function, *args, **kwargs):
@@ -176,14 +206,19 @@ def check_encoder(path: Path | str) -> None:
     try:
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, zip and pickle errors for other files
-        raise ValueError(f"{path}: not a TorchScript module (save one with torch.jit.script(...).save); "
-                         f"{type(e).__name__}") from None
+        raise ValueError(
+            f"{path}: not a TorchScript module (save one with torch.jit.script(...).save); {type(e).__name__}"
+        ) from None
     try:
         with torch.no_grad():
             code = encoder(torch.zeros(2, 1, CUBE, CUBE, CUBE))
     except Exception as e:  # noqa: BLE001 - whatever the user's module raises
-        raise ValueError(f"{path}: the encoder fails on a (2, 1, {CUBE}, {CUBE}, {CUBE}) batch "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise ValueError(
+            f"{path}: the encoder fails on a (2, 1, {CUBE}, {CUBE}, {CUBE}) batch "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
     if not isinstance(code, torch.Tensor) or code.shape[0] != 2 or code.reshape(2, -1).shape[1] < 1:
-        raise ValueError(f"{path}: the encoder must map (N, 1, {CUBE}, {CUBE}, {CUBE}) to (N, E), got "
-                         f"{tuple(code.shape) if isinstance(code, torch.Tensor) else type(code).__name__}")
+        raise ValueError(
+            f"{path}: the encoder must map (N, 1, {CUBE}, {CUBE}, {CUBE}) to (N, E), got "
+            f"{tuple(code.shape) if isinstance(code, torch.Tensor) else type(code).__name__}"
+        )

@@ -5,6 +5,7 @@
 the patch size and the autoencoder settings, so a second cold start with the
 same settings costs nothing and other settings never reuse a stale cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -122,8 +123,9 @@ class EmbeddingStage:
         return EmbeddingSet.load(self.path)
 
 
-def pool_embeddings(project, settings: AutoencoderSettings | None = None, runner: JobRunner | None = None,
-                    python: str | None = None) -> EmbeddingSet:
+def pool_embeddings(
+    project, settings: AutoencoderSettings | None = None, runner: JobRunner | None = None, python: str | None = None
+) -> EmbeddingSet:
     """The pool's embeddings, blocking (:meth:`EmbeddingStage.run`): from the cache, else made by their job."""
     return EmbeddingStage(project, settings).run(runner, python)
 
@@ -169,7 +171,12 @@ def embed_task(inputs: dict, report) -> dict:
     with replacing_file(output / "embeddings.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    return {"candidates": int(len(arrays["errors"])), "embedding_size": int(arrays["embeddings"].shape[1]),
-            "final_loss": float(np.mean(losses[-20:])), "read_seconds": round(read_seconds, 1),
-            "train_seconds": round(train_seconds, 1),
-            "embed_seconds": round(embed_seconds, 1), "output": str(output)}
+    return {
+        "candidates": int(len(arrays["errors"])),
+        "embedding_size": int(arrays["embeddings"].shape[1]),
+        "final_loss": float(np.mean(losses[-20:])),
+        "read_seconds": round(read_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "embed_seconds": round(embed_seconds, 1),
+        "output": str(output),
+    }

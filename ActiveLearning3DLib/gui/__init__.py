@@ -10,13 +10,20 @@ logics and offscreen slice views from ``slicer-core``).
 The names below are loaded when first used, so that importing the annotation
 core does not load the MRML side.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 
-_NAMES = {"AnnotationController": "controller", "AnnotationSession": "annotation", "LoopProgress": "annotation",
-          "PanelSettings": "annotation", "QueryRow": "annotation", "SubmitResult": "annotation",
-          "SlicerContext": "mrml"}
+_NAMES = {
+    "AnnotationController": "controller",
+    "AnnotationSession": "annotation",
+    "LoopProgress": "annotation",
+    "PanelSettings": "annotation",
+    "QueryRow": "annotation",
+    "SubmitResult": "annotation",
+    "SlicerContext": "mrml",
+}
 
 
 def __getattr__(name: str):
@@ -25,5 +32,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AnnotationController", "AnnotationSession", "LoopProgress", "PanelSettings", "QueryRow", "SlicerContext",
-           "SubmitResult"]
+__all__ = [
+    "AnnotationController",
+    "AnnotationSession",
+    "LoopProgress",
+    "PanelSettings",
+    "QueryRow",
+    "SlicerContext",
+    "SubmitResult",
+]

@@ -14,6 +14,7 @@ arrays instead of segments::
     ...paint into labels...
     s.submit_labels(labels)                   # merged into the partial labels, saved, next box opened
 """
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..jobs import Job, JobRunner, JobState, JobStatus, RunnerSettings, make_runner
-from ..logic import (CLAIM_TTL, DEFAULT_METHOD, ActiveLearningLogic, BoxRecord, BoxState, BudgetSettings, ProjectError,
-                     describe_effort)
+from ..logic import (
+    CLAIM_TTL,
+    DEFAULT_METHOD,
+    ActiveLearningLogic,
+    BoxRecord,
+    BoxState,
+    BudgetSettings,
+    ProjectError,
+    describe_effort,
+)
 from ..pipeline import LoopPipeline, LoopSettings, PipelineState
 
 PANEL_SETTINGS = "panel.json"
@@ -52,7 +61,7 @@ def parse_classes(text: str) -> tuple[dict[int, str] | None, dict[int, tuple[flo
             code = words.pop()[1:]
             if len(code) != 6 or any(ch not in "0123456789abcdefABCDEF" for ch in code):
                 raise ValueError(f"classes: colour {'#' + code!r} of class {value.strip()} is not #RRGGBB")
-            colors[int(value)] = tuple(int(code[i:i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[assignment]
+            colors[int(value)] = tuple(int(code[i : i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[assignment]
         if not words:
             raise ValueError(f"classes: class {value.strip()} has a colour but no name")
         names[int(value)] = " ".join(words)
@@ -88,20 +97,42 @@ class PanelSettings:
 
     def loop_settings(self) -> LoopSettings:
         """The loop these settings start: the one place a front end's settings become the pipeline's."""
-        return LoopSettings(profile=self.profile, device=self.device, parallel=self.parallel, method=self.method,
-                            count=self.query_size, python=self.python, init=self.init)
+        return LoopSettings(
+            profile=self.profile,
+            device=self.device,
+            parallel=self.parallel,
+            method=self.method,
+            count=self.query_size,
+            python=self.python,
+            init=self.init,
+        )
 
 
 # The Slicer panel's fields (its parameter node in ActiveLearning3D.py) that hold a panel setting: field -> setting.
 # They are saved before a loop starts and come back when a project opens (settings_from_fields, fields_from_settings).
 # A test checks the parameter node's fields against these two tables and PanelSettings, so that a field added to
 # one and not the others fails.
-PANEL_FIELDS = {"method": "method", "device": "device", "profile": "profile", "init": "init", "querySize": "query_size",
-                "parallel": "parallel", "prefill": "prefill", "python": "python"}
+PANEL_FIELDS = {
+    "method": "method",
+    "device": "device",
+    "profile": "profile",
+    "init": "init",
+    "querySize": "query_size",
+    "parallel": "parallel",
+    "prefill": "prefill",
+    "python": "python",
+}
 # The panel's other fields: what a new project is made from (startMethod and classNames are saved with it as
 # start_method and class_colors, by new_project) and what one action takes; None: not a panel setting.
-CREATION_FIELDS = {"projectPath": None, "imagesPath": None, "labelsPath": None, "classNames": "class_colors",
-                   "patchSize": None, "startMethod": "start_method", "exportPartialLabels": None}
+CREATION_FIELDS = {
+    "projectPath": None,
+    "imagesPath": None,
+    "labelsPath": None,
+    "classNames": "class_colors",
+    "patchSize": None,
+    "startMethod": "start_method",
+    "exportPartialLabels": None,
+}
 
 
 def settings_from_fields(fields: Any) -> dict[str, Any]:
@@ -161,8 +192,10 @@ class SubmitResult:
     def warning(self) -> str | None:
         if not self.dropped_outside:
             return None
-        return (f"{self.dropped_outside} painted voxels lay outside box {self.box.id} and were not merged "
-                "(only the inside of a queried box is annotated)")
+        return (
+            f"{self.dropped_outside} painted voxels lay outside box {self.box.id} and were not merged "
+            "(only the inside of a queried box is annotated)"
+        )
 
 
 @dataclass
@@ -188,8 +221,14 @@ def _project_side(settings: PanelSettings) -> dict:
 
 def _job_entry(name: str, status: JobStatus) -> dict:
     """One job as the progress display lists it."""
-    return {"name": name, "state": status.state, "progress": status.progress, "stage": status.stage,
-            "epoch": status.epoch, "message": status.message}
+    return {
+        "name": name,
+        "state": status.state,
+        "progress": status.progress,
+        "stage": status.stage,
+        "epoch": status.epoch,
+        "message": status.message,
+    }
 
 
 def _effort_line(totals: dict) -> str:
@@ -198,16 +237,29 @@ def _effort_line(totals: dict) -> str:
     return f"loop {totals['loop']}: {totals['boxes']} boxes annotated" + text if text else ""
 
 
-def new_project(path: Path | str, images: Path | str, labels: Path | str | None = None,
-                class_names: Mapping[int, str] | None = None, class_colors: Mapping[int, Sequence[float]] | None = None,
-                patch_size: Sequence[int] | None = None, method: str = DEFAULT_METHOD, query_size: int = 20,
-                start_method: str | None = None, **project_options: Any) -> ActiveLearningLogic:
+def new_project(
+    path: Path | str,
+    images: Path | str,
+    labels: Path | str | None = None,
+    class_names: Mapping[int, str] | None = None,
+    class_colors: Mapping[int, Sequence[float]] | None = None,
+    patch_size: Sequence[int] | None = None,
+    method: str = DEFAULT_METHOD,
+    query_size: int = 20,
+    start_method: str | None = None,
+    **project_options: Any,
+) -> ActiveLearningLogic:
     """Create a project from the panel's inputs and save its panel settings (the starting budget is not queried)."""
     budget = BudgetSettings(query_size=int(query_size))
-    logic = ActiveLearningLogic.create(path, images, labels, patch_size=patch_size, classes=class_names, budget=budget,
-                                       **project_options)
-    settings = PanelSettings(method=method, start_method=start_method or PanelSettings.start_method, query_size=int(query_size),
-                             class_colors={str(k): list(map(float, v)) for k, v in (class_colors or {}).items()})
+    logic = ActiveLearningLogic.create(
+        path, images, labels, patch_size=patch_size, classes=class_names, budget=budget, **project_options
+    )
+    settings = PanelSettings(
+        method=method,
+        start_method=start_method or PanelSettings.start_method,
+        query_size=int(query_size),
+        class_colors={str(k): list(map(float, v)) for k, v in (class_colors or {}).items()},
+    )
     logic.save_front_end_settings(PANEL_SETTINGS, _project_side(settings))
     return logic
 
@@ -234,8 +286,15 @@ class AnnotationSession:
 
     # ---------------------------------------------------------------- projects
     @classmethod
-    def create(cls, path: Path | str, images: Path | str, labels: Path | str | None = None,
-               start_count: int | None = None, runner=None, **options: Any) -> "AnnotationSession":
+    def create(
+        cls,
+        path: Path | str,
+        images: Path | str,
+        labels: Path | str | None = None,
+        start_count: int | None = None,
+        runner=None,
+        **options: Any,
+    ) -> "AnnotationSession":
         """Create a project (``options``: those of :func:`new_project`) and query its starting budget (loop 0)."""
         session = cls(new_project(path, images, labels, **options), runner)
         session.begin_starting_budget(session.settings.start_method, start_count or session.settings.query_size)
@@ -348,8 +407,9 @@ class AnnotationSession:
             return self.logic.prefill(record)
         return None
 
-    def submit_labels(self, labels: np.ndarray, annotator: str = "user", seconds: float | None = None,
-                      advance: bool = True) -> SubmitResult:
+    def submit_labels(
+        self, labels: np.ndarray, annotator: str = "user", seconds: float | None = None, advance: bool = True
+    ) -> SubmitResult:
         """Merge labels of the current box (its size, or the whole image: only the box is taken) into the partial
         labels, save at once, and open the next pending box (``next_box``; None when the loop is done).
 
@@ -366,8 +426,9 @@ class AnnotationSession:
         following = self.next_pending(after=record.id) if advance else None
         if following is not None:
             self._advance_to(following)
-        return SubmitResult(self.logic.find_box(record.id), result.voxels, result.foreground_voxels,
-                            result.dropped_outside, following, elapsed)
+        return SubmitResult(
+            self.logic.find_box(record.id), result.voxels, result.foreground_voxels, result.dropped_outside, following, elapsed
+        )
 
     def skip(self, advance: bool = True) -> BoxRecord | None:
         """Skip the current box and open the next pending one (returned; None when the loop is done)."""
@@ -444,10 +505,17 @@ class AnnotationSession:
             return LoopProgress(stage, "done", 100.0, when_done(), entry, "")
         if status.final:
             self._watched = None
-            return LoopProgress(stage, "failed", round(100 * status.progress, 1),
-                                f"{job.name} {status.state}: {status.message}", entry, job.log_tail(12))
-        return LoopProgress(stage, "running", round(100 * status.progress, 1), status.message or f"{stage} running",
-                            entry, job.log_tail(12))
+            return LoopProgress(
+                stage,
+                "failed",
+                round(100 * status.progress, 1),
+                f"{job.name} {status.state}: {status.message}",
+                entry,
+                job.log_tail(12),
+            )
+        return LoopProgress(
+            stage, "running", round(100 * status.progress, 1), status.message or f"{stage} running", entry, job.log_tail(12)
+        )
 
     @property
     def busy(self) -> bool:
@@ -490,8 +558,9 @@ class AnnotationSession:
             jobs.append(_job_entry(name, status))
             if status.state in (JobState.RUNNING, JobState.FAILED):
                 tail = Job(self.logic.jobs_dir / name).log_tail(12)
-        return LoopProgress(state.stage, state.state, round(100 * state.progress, 1), state.message or state.describe(),
-                            jobs, tail)
+        return LoopProgress(
+            state.stage, state.state, round(100 * state.progress, 1), state.message or state.describe(), jobs, tail
+        )
 
     def cancel(self) -> list[str]:
         """Cancel what runs in the background (whole process trees); returns the names of the jobs cancelled."""
@@ -526,8 +595,9 @@ class AnnotationSession:
         When it is done, the predictions lie in ``latest_model().predictions_dir``.
         """
         pipeline = self.latest_model()
-        return self._watch(pipeline.prediction_job(cases), "prediction",
-                           lambda: f"predictions written to {pipeline.predictions_dir}")
+        return self._watch(
+            pipeline.prediction_job(cases), "prediction", lambda: f"predictions written to {pipeline.predictions_dir}"
+        )
 
     def export_dicom_seg(self, predictions: Path | str | None = None, partial_labels: bool = False):
         """The predictions (default: the latest) and optionally the partial annotations of the DICOM cases as

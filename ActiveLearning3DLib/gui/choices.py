@@ -6,6 +6,7 @@ boxes offer exactly what the library accepts. Importing this module needs
 neither torch nor scipy: the Slicer panel builds its lists before the first
 use installs them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -44,10 +45,18 @@ def panel_choices() -> PanelChoices:
     no_model = [m for m in METHODS.values() if not m.needs_model]
     start = tuple(m.name for m in sorted(no_model, key=lambda m: (not m.needs_embeddings, m.simulation_only)))
     defaults = {f.name: f.default for f in fields(PanelSettings)}
-    return PanelChoices(methods=methods, start_methods=start, devices=tuple(DEVICES),
-                        profiles=("auto", *profile_names()), method=defaults["method"],
-                        start_method=defaults["start_method"], device=defaults["device"], profile=defaults["profile"],
-                        inits=INITS, init=defaults["init"])
+    return PanelChoices(
+        methods=methods,
+        start_methods=start,
+        devices=tuple(DEVICES),
+        profiles=("auto", *profile_names()),
+        method=defaults["method"],
+        start_method=defaults["start_method"],
+        device=defaults["device"],
+        profile=defaults["profile"],
+        inits=INITS,
+        init=defaults["init"],
+    )
 
 
 __all__ = ["PanelChoices", "panel_choices"]

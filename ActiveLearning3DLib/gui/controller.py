@@ -11,6 +11,7 @@ from a timer; the Python console can drive the same object::
 
 Without a scene, :class:`~.annotation.AnnotationSession` does the same with label arrays.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,9 +22,37 @@ import numpy as np
 
 from ..logic import DEFAULT_METHOD, ActiveLearningLogic, BoxRecord, ProjectError
 from . import mrml
-from .annotation import (PANEL_SETTINGS, SORT_KEYS, USER_ONLY, AnnotationSession, LoopProgress, PanelSettings,  # noqa: F401
-                         QueryRow, SubmitResult, new_project, parse_classes, parse_patch_size)
+from .annotation import (
+    PANEL_SETTINGS,
+    SORT_KEYS,
+    USER_ONLY,
+    AnnotationSession,
+    LoopProgress,
+    PanelSettings,
+    QueryRow,
+    SubmitResult,
+    new_project,
+    parse_classes,
+    parse_patch_size,
+)
 from .view import SlicerView, stage_scene_volumes
+
+# the panel and scripts import the annotation core's names from here too
+__all__ = [
+    "AnnotationController",
+    "AnnotationSession",
+    "LoopProgress",
+    "PANEL_SETTINGS",
+    "PanelSettings",
+    "QueryRow",
+    "SORT_KEYS",
+    "SubmitResult",
+    "USER_ONLY",
+    "new_project",
+    "parse_classes",
+    "parse_patch_size",
+    "stage_scene_volumes",
+]
 
 
 def _view_attribute(name: str, doc: str) -> property:
@@ -50,21 +79,34 @@ class AnnotationController(AnnotationSession):
 
     # ---------------------------------------------------------------- projects
     @classmethod
-    def create_project(cls, ctx: mrml.SlicerContext, path: Path | str, images: Path | str, labels: Path | str | None = None,
-                       class_names: Mapping[int, str] | None = None, class_colors: Mapping[int, Sequence[float]] | None = None,
-                       patch_size: Sequence[int] | None = None, method: str = DEFAULT_METHOD, query_size: int = 20,
-                       start_method: str | None = None, start_count: int | None = None, runner=None,
-                       **project_options) -> "AnnotationController":
+    def create_project(
+        cls,
+        ctx: mrml.SlicerContext,
+        path: Path | str,
+        images: Path | str,
+        labels: Path | str | None = None,
+        class_names: Mapping[int, str] | None = None,
+        class_colors: Mapping[int, Sequence[float]] | None = None,
+        patch_size: Sequence[int] | None = None,
+        method: str = DEFAULT_METHOD,
+        query_size: int = 20,
+        start_method: str | None = None,
+        start_count: int | None = None,
+        runner=None,
+        **project_options,
+    ) -> "AnnotationController":
         """Create a project from the panel's inputs and query its starting budget (loop 0)."""
-        logic = new_project(path, images, labels, class_names, class_colors, patch_size, method, query_size,
-                            start_method, **project_options)
+        logic = new_project(
+            path, images, labels, class_names, class_colors, patch_size, method, query_size, start_method, **project_options
+        )
         controller = cls(ctx, logic, runner)
         controller.begin_starting_budget(controller.settings.start_method, start_count or query_size)
         return controller
 
     @classmethod
-    def create_project_from_scene(cls, ctx: mrml.SlicerContext, path: Path | str, volume_nodes: Sequence[Any],
-                                  **options: Any) -> "AnnotationController":
+    def create_project_from_scene(
+        cls, ctx: mrml.SlicerContext, path: Path | str, volume_nodes: Sequence[Any], **options: Any
+    ) -> "AnnotationController":
         """Create a project of volumes loaded in the scene (one case each, named after the node).
 
         Each volume is written through Slicer's own storage node into a staging
@@ -85,8 +127,9 @@ class AnnotationController(AnnotationSession):
         return stage_scene_volumes(ctx, path, volume_nodes)
 
     @classmethod
-    def create_project_from_staged(cls, ctx: mrml.SlicerContext, path: Path | str, staging: Path | str,
-                                   **options: Any) -> "AnnotationController":
+    def create_project_from_staged(
+        cls, ctx: mrml.SlicerContext, path: Path | str, staging: Path | str, **options: Any
+    ) -> "AnnotationController":
         """:meth:`create_project` of a staging folder, which goes afterwards whether the project was made or not."""
         import shutil
 
@@ -96,9 +139,9 @@ class AnnotationController(AnnotationSession):
             shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
-    def create_project_from_dicom_files(cls, ctx: mrml.SlicerContext, path: Path | str,
-                                        files_by_series: Mapping[str, Sequence[Path | str]],
-                                        **options: Any) -> "AnnotationController":
+    def create_project_from_dicom_files(
+        cls, ctx: mrml.SlicerContext, path: Path | str, files_by_series: Mapping[str, Sequence[Path | str]], **options: Any
+    ) -> "AnnotationController":
         """Create a project of DICOM series given as file lists (what Slicer's DICOM database holds for them).
 
         The files are linked (or copied) into a staging folder, one subfolder per
@@ -132,8 +175,9 @@ class AnnotationController(AnnotationSession):
             shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
-    def create_project_from_dicom_database(cls, ctx: mrml.SlicerContext, path: Path | str, series_uids: Sequence[str],
-                                           database: Any = None, **options: Any) -> "AnnotationController":
+    def create_project_from_dicom_database(
+        cls, ctx: mrml.SlicerContext, path: Path | str, series_uids: Sequence[str], database: Any = None, **options: Any
+    ) -> "AnnotationController":
         """Create a project of series selected in Slicer's DICOM database (desktop only: ``slicer.dicomDatabase``)."""
         if database is None:
             import slicer
@@ -142,7 +186,8 @@ class AnnotationController(AnnotationSession):
             if database is None:
                 raise ProjectError("Slicer's DICOM database is not open (it exists in the Slicer desktop application)")
         return cls.create_project_from_dicom_files(
-            ctx, path, {uid: list(database.filesForSeries(uid)) for uid in series_uids}, **options)
+            ctx, path, {uid: list(database.filesForSeries(uid)) for uid in series_uids}, **options
+        )
 
     @classmethod
     def open_project(cls, ctx: mrml.SlicerContext, path: Path | str, runner=None) -> "AnnotationController":

@@ -20,6 +20,7 @@ Planning (:func:`plan`) is plain Python over an :class:`Environment`, tested
 with the real installed metadata; :func:`ensure_dependencies` carries a plan
 out with the ``slicer`` module it is given.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -76,8 +77,9 @@ class Resolution:
     conflicts: list[str] = field(default_factory=list)  # "numpy 1.23.0 (Slicer's) does not satisfy nnunetv2's numpy>=1.24"
 
 
-def resolve(requirements: tuple[str, ...] | list[str], env: Environment,
-            keep: tuple[str, ...] | list[str] = KEEP_SLICERS_OWN) -> Resolution:
+def resolve(
+    requirements: tuple[str, ...] | list[str], env: Environment, keep: tuple[str, ...] | list[str] = KEEP_SLICERS_OWN
+) -> Resolution:
     """Walk the requirement tree through the installed metadata; a missing package's own requirements are
     read after it is installed (the next round). Extras-only and other-platform requirements are left out."""
     keep_names = {canonicalize_name(k) for k in keep}
@@ -129,27 +131,40 @@ class InstallPlan:
 
     @property
     def needed(self) -> bool:
-        return (self.python_too_old or self.torch_extension_missing or self.torch is not None or bool(self.packages)
-                or bool(self.resolution.conflicts))
+        return (
+            self.python_too_old
+            or self.torch_extension_missing
+            or self.torch is not None
+            or bool(self.packages)
+            or bool(self.resolution.conflicts)
+        )
 
     def blocking_message(self) -> str | None:
         """A problem no install here can fix, said plainly; None when installing can proceed."""
         if self.python_too_old:
-            return ("Active Learning 3D trains with nnU-Net 2.8, which needs Python "
-                    f"{'.'.join(map(str, MIN_PYTHON))} or later; this Slicer runs Python "
-                    f"{sys.version.split()[0]}. Please use a Slicer whose Python is 3.10 or later "
-                    "(Slicer 5.12 has Python 3.12).")
+            return (
+                "Active Learning 3D trains with nnU-Net 2.8, which needs Python "
+                f"{'.'.join(map(str, MIN_PYTHON))} or later; this Slicer runs Python "
+                f"{sys.version.split()[0]}. Please use a Slicer whose Python is 3.10 or later "
+                "(Slicer 5.12 has Python 3.12)."
+            )
         if self.resolution.conflicts:
-            return ("Slicer's own packages do not satisfy nnU-Net's requirements, and Active Learning 3D does "
-                    "not replace them: " + "; ".join(self.resolution.conflicts[:3])
-                    + (f" (and {len(self.resolution.conflicts) - 3} more)" if len(self.resolution.conflicts) > 3 else "")
-                    + ". (PyTorch can be reinstalled "
-                    "in another version with the PyTorch Utils module.)")
+            return (
+                "Slicer's own packages do not satisfy nnU-Net's requirements, and Active Learning 3D does "
+                "not replace them: "
+                + "; ".join(self.resolution.conflicts[:3])
+                + (f" (and {len(self.resolution.conflicts) - 3} more)" if len(self.resolution.conflicts) > 3 else "")
+                + ". (PyTorch can be reinstalled "
+                "in another version with the PyTorch Utils module.)"
+            )
         return None
 
     def describe(self) -> str:
-        parts = (["the PyTorch extension"] if self.torch_extension_missing else []) + \
-            ([f"PyTorch ({self.torch}) through the PyTorch extension"] if self.torch is not None else []) + self.packages
+        parts = (
+            (["the PyTorch extension"] if self.torch_extension_missing else [])
+            + ([f"PyTorch ({self.torch}) through the PyTorch extension"] if self.torch is not None else [])
+            + self.packages
+        )
         return ", ".join(parts)
 
 
@@ -170,9 +185,13 @@ class InstallError(RuntimeError):
     """Installing failed or was declined; the message says what to do."""
 
 
-def ensure_dependencies(slicer, testing: bool = False, env: Environment | None = None,
-                        confirm: Callable[[str], bool] | None = None,
-                        show_error: Callable[[str, str], Any] | None = None) -> bool:
+def ensure_dependencies(
+    slicer,
+    testing: bool = False,
+    env: Environment | None = None,
+    confirm: Callable[[str], bool] | None = None,
+    show_error: Callable[[str, str], Any] | None = None,
+) -> bool:
     """Install what is missing after the user agrees; True when everything is there afterwards.
 
     Every failure is shown as a message (``show_error``, Slicer's error dialog by
@@ -187,8 +206,11 @@ def ensure_dependencies(slicer, testing: bool = False, env: Environment | None =
         return False
     except subprocess.CalledProcessError as e:
         output = e.output.decode(errors="replace") if isinstance(e.output, bytes) else (e.output or "")
-        show_error(f"Installing Python packages failed (pip exited with {e.returncode}). Check the network "
-                   "connection and the log below; nothing of the project was changed.", output[-4000:])
+        show_error(
+            f"Installing Python packages failed (pip exited with {e.returncode}). Check the network "
+            "connection and the log below; nothing of the project was changed.",
+            output[-4000:],
+        )
         return False
     except (OSError, RuntimeError, ImportError) as e:  # pip_ensure, the PyTorch extension, the file system
         show_error(f"Installing Python packages failed: {type(e).__name__}: {e}", "")
@@ -205,18 +227,25 @@ def _ensure(slicer, testing: bool, env: Environment | None, confirm: Callable[[s
     if testing:
         return False  # a test must not change the Python it runs in
     if todo.torch_extension_missing:
-        if not confirm("Active Learning 3D needs the PyTorch extension (it installs PyTorch to match your GPU). "
-                       "Install it from the Extensions server now? Slicer then needs a restart."):
-            raise InstallError("Active Learning 3D needs the PyTorch extension: install it with the Extensions "
-                               "Manager, restart Slicer, and try again.")
+        if not confirm(
+            "Active Learning 3D needs the PyTorch extension (it installs PyTorch to match your GPU). "
+            "Install it from the Extensions server now? Slicer then needs a restart."
+        ):
+            raise InstallError(
+                "Active Learning 3D needs the PyTorch extension: install it with the Extensions "
+                "Manager, restart Slicer, and try again."
+            )
         _install_torch_extension(slicer)
-        _offer_restart(slicer, "The PyTorch extension is installed. Slicer needs a restart before installing "
-                               "PyTorch and nnU-Net. Restart now?")
+        _offer_restart(
+            slicer,
+            "The PyTorch extension is installed. Slicer needs a restart before installing PyTorch and nnU-Net. Restart now?",
+        )
         return False
-    if not confirm(f"Active Learning 3D needs {todo.describe()}. Install now? This downloads several hundred MB "
-                   "(PyTorch alone is about 1-3 GB) and may take several minutes."):
-        raise InstallError("Installation declined: Active Learning 3D cannot train or query without "
-                           f"{todo.describe()}.")
+    if not confirm(
+        f"Active Learning 3D needs {todo.describe()}. Install now? This downloads several hundred MB "
+        "(PyTorch alone is about 1-3 GB) and may take several minutes."
+    ):
+        raise InstallError(f"Installation declined: Active Learning 3D cannot train or query without {todo.describe()}.")
     replaced = [r.name for r in todo.resolution.missing if (env or Environment()).version(r.name) is not None]
     _install_packages(slicer, env)
     torch = plan(env).torch  # after nnunetv2 is in, its metadata gives torch's bounds
@@ -224,11 +253,12 @@ def _ensure(slicer, testing: bool, env: Environment | None, confirm: Callable[[s
         _install_torch(torch)
     after = plan(env)
     if after.needed:
-        raise InstallError(f"After installing, still missing: {after.describe() or after.blocking_message()}. "
-                           "Restart Slicer and try again; if it persists, install them from the Python console.")
+        raise InstallError(
+            f"After installing, still missing: {after.describe() or after.blocking_message()}. "
+            "Restart Slicer and try again; if it persists, install them from the Python console."
+        )
     if replaced:
-        _offer_restart(slicer, f"Updated {', '.join(replaced)}; the old versions may still be loaded. "
-                               "Restart Slicer now?")
+        _offer_restart(slicer, f"Updated {', '.join(replaced)}; the old versions may still be loaded. Restart Slicer now?")
     return True
 
 
@@ -245,8 +275,10 @@ def _offer_restart(slicer, text: str) -> None:
 def _install_torch_extension(slicer) -> None:
     manager = slicer.app.extensionsManagerModel()
     if not manager.isExtensionInstalled("PyTorch") and not manager.installExtensionFromServer("PyTorch"):
-        raise InstallError("Installing the PyTorch extension from the Extensions server failed: install it with "
-                           "the Extensions Manager and restart Slicer.")
+        raise InstallError(
+            "Installing the PyTorch extension from the Extensions server failed: install it with "
+            "the Extensions Manager and restart Slicer."
+        )
 
 
 def _install_torch(requirement: Requirement) -> None:
@@ -254,8 +286,9 @@ def _install_torch(requirement: Requirement) -> None:
 
     logic = PyTorchUtils.PyTorchUtilsLogic()
     if logic.installTorch(askConfirmation=False, torchVersionRequirement=str(requirement.specifier)) is None:
-        raise InstallError("The PyTorch extension could not install PyTorch: open the PyTorch Utils module to "
-                           "install it, then try again.")
+        raise InstallError(
+            "The PyTorch extension could not install PyTorch: open the PyTorch Utils module to install it, then try again."
+        )
 
 
 def _install_packages(slicer, env: Environment | None) -> None:
@@ -268,13 +301,19 @@ def _install_packages(slicer, env: Environment | None) -> None:
         if not missing:
             return
         if missing == before:
-            raise InstallError(f"pip finished but {', '.join(missing)} is still missing or at another version: "
-                               "restart Slicer and try again")
+            raise InstallError(
+                f"pip finished but {', '.join(missing)} is still missing or at another version: restart Slicer and try again"
+            )
         before = missing
         if pip_ensure is not None:
             # the user agreed already; skip_in_testing=False: whether to install under --testing is decided above
-            pip_ensure(missing, skip_packages=list(KEEP_SLICERS_OWN), prompt_install=False, skip_in_testing=False,
-                       requester="Active Learning 3D")
+            pip_ensure(
+                missing,
+                skip_packages=list(KEEP_SLICERS_OWN),
+                prompt_install=False,
+                skip_in_testing=False,
+                requester="Active Learning 3D",
+            )
         else:
             for requirement in missing:
                 slicer.util.pip_install(["--no-deps", requirement])

@@ -5,6 +5,7 @@ A box covers whole voxels, so its outline runs along the voxel *corners*
 origin and direction all enter through the 4 x 4 IJK-to-RAS matrix, so an
 oblique volume gets an oblique box. No Slicer import: plain NumPy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -99,8 +100,11 @@ class CaseGrid:
         self.ijk_to_ras = np.asarray(project_ijk_to_ras, float)
         transform = np.linalg.inv(np.asarray(slicer_ijk_to_ras, float)) @ self.ijk_to_ras  # project ijk -> Slicer ijk
         rotation = np.rint(transform[:3, :3])
-        if not np.allclose(transform[:3, :3], rotation, atol=1e-3) or sorted(np.abs(rotation).sum(0)) != [1, 1, 1] \
-                or sorted(np.abs(rotation).sum(1)) != [1, 1, 1]:
+        if (
+            not np.allclose(transform[:3, :3], rotation, atol=1e-3)
+            or sorted(np.abs(rotation).sum(0)) != [1, 1, 1]
+            or sorted(np.abs(rotation).sum(1)) != [1, 1, 1]
+        ):
             raise ValueError("Slicer loaded the image on a grid that is not a flip or permutation of its own grid")
         # Slicer axis a takes project axis perm[a], with sign signs[a]
         self.perm = [int(np.nonzero(rotation[a])[0][0]) for a in range(3)]

@@ -7,6 +7,7 @@ for tests, benchmarks and headless scripts; with ``install_handles=True`` it
 also sets those two handles so that ``slicer.util`` functions which rely on
 them work as in the application.
 """
+
 from __future__ import annotations
 
 import types
@@ -46,9 +47,9 @@ def headless_slicer(install_handles: bool = False) -> SlicerContext:
     ctx = SlicerContext(scene, logics["Volumes"], logics["Segmentations"], app_logic, logics)
     if install_handles:
         slicer.mrmlScene = scene
-        slicer.modules = types.SimpleNamespace(**{
-            name.lower(): types.SimpleNamespace(logic=(lambda logic=logic: logic)) for name, logic in logics.items()
-        })
+        slicer.modules = types.SimpleNamespace(
+            **{name.lower(): types.SimpleNamespace(logic=(lambda logic=logic: logic)) for name, logic in logics.items()}
+        )
     return ctx
 
 

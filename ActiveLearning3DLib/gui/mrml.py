@@ -6,6 +6,7 @@ one from its globals (:meth:`SlicerContext.from_application`), tests and
 headless runs from :func:`ActiveLearning3DLib.gui.headless.headless_slicer`.
 ``slicer`` is imported inside the functions, so this module imports without Slicer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,14 +20,20 @@ from .geometry import CaseGrid, box_frame, lps_to_ras_matrix
 
 # Box outline colours (RGB 0..1) by state; the selected box is drawn in SELECTED.
 STATE_COLORS: dict[str, tuple[float, float, float]] = {
-    BoxState.PENDING: (1.0, 0.85, 0.0),    # yellow: to do
-    BoxState.ANNOTATED: (0.1, 0.8, 0.2),   # green: done
+    BoxState.PENDING: (1.0, 0.85, 0.0),  # yellow: to do
+    BoxState.ANNOTATED: (0.1, 0.8, 0.2),  # green: done
     BoxState.SKIPPED: (0.55, 0.55, 0.55),  # grey
 }
 SELECTED = (1.0, 0.2, 0.2)
 # Class colours when the project gives none (Slicer's generic anatomy-like defaults).
-DEFAULT_CLASS_COLORS = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.39), (0.44, 0.5, 0.9),
-                        (0.86, 0.96, 0.84), (0.78, 0.78, 0.92)]
+DEFAULT_CLASS_COLORS = [
+    (0.5, 0.68, 0.5),
+    (0.95, 0.84, 0.57),
+    (0.69, 0.48, 0.39),
+    (0.44, 0.5, 0.9),
+    (0.86, 0.96, 0.84),
+    (0.78, 0.78, 0.92),
+]
 ATTRIBUTE_PREFIX = "ActiveLearning3D."
 
 
@@ -45,8 +52,12 @@ class SlicerContext:
         """Inside the Slicer application: its scene and registered module logics."""
         import slicer
 
-        return cls(slicer.mrmlScene, slicer.modules.volumes.logic(), slicer.modules.segmentations.logic(),
-                   slicer.app.applicationLogic() if hasattr(slicer, "app") else None)
+        return cls(
+            slicer.mrmlScene,
+            slicer.modules.volumes.logic(),
+            slicer.modules.segmentations.logic(),
+            slicer.app.applicationLogic() if hasattr(slicer, "app") else None,
+        )
 
 
 def ijk_to_ras(volume_node) -> np.ndarray:
@@ -61,8 +72,7 @@ def ijk_to_ras(volume_node) -> np.ndarray:
 def case_grid(project, case: str, volume_node) -> CaseGrid:
     """How Slicer's loaded volume indexes the project's grid of ``case``."""
     record = project.cases[case]
-    return CaseGrid(lps_to_ras_matrix(record.spacing, record.origin, record.direction), ijk_to_ras(volume_node),
-                    record.shape)
+    return CaseGrid(lps_to_ras_matrix(record.spacing, record.origin, record.direction), ijk_to_ras(volume_node), record.shape)
 
 
 def load_volume(ctx: SlicerContext, path: Path | str, name: str, labelmap: bool = False):
@@ -157,9 +167,15 @@ class BoxNodes:
         node.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(frame.object_to_world()))
         node.SetSize(*frame.size)
         node.SetLocked(True)
-        for key, value in (("id", record.id), ("case", record.case), ("loop", record.loop),
-                           ("score", "" if record.score is None else f"{record.score:.6g}"), ("state", record.state),
-                           ("stratum", record.stratum or ""), ("source", record.source)):
+        for key, value in (
+            ("id", record.id),
+            ("case", record.case),
+            ("loop", record.loop),
+            ("score", "" if record.score is None else f"{record.score:.6g}"),
+            ("state", record.state),
+            ("stratum", record.stratum or ""),
+            ("source", record.source),
+        ):
             node.SetAttribute(ATTRIBUTE_PREFIX + key, str(value))
         display = node.GetDisplayNode()
         if display is None:
@@ -201,8 +217,13 @@ class BoxNodes:
         self.selected = None
 
 
-def create_annotation_segmentation(ctx: SlicerContext, volume_node, classes: Mapping[int, str],
-                                   colors: Mapping[int, Sequence[float]] | None = None, name: str = "annotation"):
+def create_annotation_segmentation(
+    ctx: SlicerContext,
+    volume_node,
+    classes: Mapping[int, str],
+    colors: Mapping[int, Sequence[float]] | None = None,
+    name: str = "annotation",
+):
     """A segmentation in the volume's geometry with one empty segment per foreground class (id = class name)."""
     node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
@@ -211,8 +232,9 @@ def create_annotation_segmentation(ctx: SlicerContext, volume_node, classes: Map
     return node
 
 
-def reset_class_segments(segmentation_node, classes: Mapping[int, str],
-                         colors: Mapping[int, Sequence[float]] | None = None) -> None:
+def reset_class_segments(
+    segmentation_node, classes: Mapping[int, str], colors: Mapping[int, Sequence[float]] | None = None
+) -> None:
     """One empty segment per class (replacing any painted one), in the class's colour or a default one."""
     segmentation = segmentation_node.GetSegmentation()
     for i, (value, class_name) in enumerate(sorted(classes.items())):
@@ -229,8 +251,7 @@ def segment_id(class_value: int) -> str:
 BOX_SEGMENT = "al3d_box_region"
 
 
-def restrict_editing_to_box(ctx: SlicerContext, segmentation_node, volume_node, grid: CaseGrid, box,
-                            editor_node=None) -> None:
+def restrict_editing_to_box(ctx: SlicerContext, segmentation_node, volume_node, grid: CaseGrid, box, editor_node=None) -> None:
     """A hidden segment covering exactly the box, and (given the Segment Editor's node) edits allowed only inside it.
 
     The overwrite mode becomes "visible segments", so painting a class never
@@ -254,8 +275,9 @@ def restrict_editing_to_box(ctx: SlicerContext, segmentation_node, volume_node, 
         editor_node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
 
 
-def segmentation_labels(ctx: SlicerContext, segmentation_node, volume_node, classes: Sequence[int],
-                        grid: CaseGrid | None = None) -> np.ndarray:
+def segmentation_labels(
+    ctx: SlicerContext, segmentation_node, volume_node, classes: Sequence[int], grid: CaseGrid | None = None
+) -> np.ndarray:
     """The segments as one label array (k, j, i) on the volume's grid: class value where painted, else 0.
 
     With ``grid`` the array is returned in the project's indexing.
@@ -283,8 +305,9 @@ def segmentation_labels(ctx: SlicerContext, segmentation_node, volume_node, clas
         ctx.scene.RemoveNode(labelmap)
 
 
-def load_labels_as_segmentation(ctx: SlicerContext, path: Path | str, name: str, classes: Mapping[int, str],
-                                reference_volume=None):
+def load_labels_as_segmentation(
+    ctx: SlicerContext, path: Path | str, name: str, classes: Mapping[int, str], reference_volume=None
+):
     """A label image (partial labels, a prediction) as a segmentation; values outside ``classes`` are dropped."""
     import slicer
 
@@ -319,8 +342,11 @@ def show_heat_map(ctx: SlicerContext, path: Path | str, name: str, background, o
     if display is None:
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
-    for colour in ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-                   "vtkMRMLColorTableNodeRainbow"):
+    for colour in (
+        "vtkMRMLColorTableNodeFileInferno.txt",
+        "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
+        "vtkMRMLColorTableNodeRainbow",
+    ):
         if ctx.scene.GetNodeByID(colour) is not None:
             display.SetAndObserveColorNodeID(colour)
             break
@@ -329,8 +355,9 @@ def show_heat_map(ctx: SlicerContext, path: Path | str, name: str, background, o
     return node
 
 
-def paint_segment(ctx: SlicerContext, segmentation_node, volume_node, class_value: int, mask: np.ndarray,
-                  grid: CaseGrid | None = None) -> None:
+def paint_segment(
+    ctx: SlicerContext, segmentation_node, volume_node, class_value: int, mask: np.ndarray, grid: CaseGrid | None = None
+) -> None:
     """Set one class's segment from a mask (what a Segment Editor stroke leaves behind).
 
     The mask is in Slicer's indexing of the volume, or in the project's with ``grid``.
@@ -338,8 +365,9 @@ def paint_segment(ctx: SlicerContext, segmentation_node, volume_node, class_valu
     import_mask(ctx, segmentation_node, volume_node, segment_id(class_value), mask, grid)
 
 
-def import_mask(ctx: SlicerContext, segmentation_node, volume_node, segment: str, mask: np.ndarray,
-                grid: CaseGrid | None = None) -> None:
+def import_mask(
+    ctx: SlicerContext, segmentation_node, volume_node, segment: str, mask: np.ndarray, grid: CaseGrid | None = None
+) -> None:
     """Replace a segment's voxels with a mask on the volume's grid (through a temporary label map node)."""
     import slicer
     import vtk

@@ -5,6 +5,7 @@ It shows what the annotation core (:mod:`.annotation`) decides and reads the
 annotator's paint back as a label array; it keeps no annotation state of its
 own. :class:`~.controller.AnnotationController` joins the two for the panel.
 """
+
 from __future__ import annotations
 
 import re
@@ -96,8 +97,9 @@ class SlicerView:
         self.grid = mrml.case_grid(project, case, self.volume)
         self._reload_partial_labels()
         self.show_boxes()
-        self.annotation = mrml.create_annotation_segmentation(self.ctx, self.volume, self.foreground_classes(),
-                                                              colors, name=f"{case} annotation")
+        self.annotation = mrml.create_annotation_segmentation(
+            self.ctx, self.volume, self.foreground_classes(), colors, name=f"{case} annotation"
+        )
         mrml.show_in_slice_views(self.ctx, background=self.volume)
 
     def show_boxes(self) -> None:
@@ -114,8 +116,12 @@ class SlicerView:
         if self.partial_segmentation is not None:
             self.ctx.scene.RemoveNode(self.partial_segmentation)
         self.partial_segmentation = mrml.load_labels_as_segmentation(
-            self.ctx, self.logic.project.partial_label_path(self.case), f"{self.case} partial labels (read-only)",
-            self.foreground_classes(), self.volume)
+            self.ctx,
+            self.logic.project.partial_label_path(self.case),
+            f"{self.case} partial labels (read-only)",
+            self.foreground_classes(),
+            self.volume,
+        )
         self.partial_segmentation.SetAttribute(mrml.ATTRIBUTE_PREFIX + "readOnly", "1")
         display = self.partial_segmentation.GetDisplayNode()
         if display is not None:

@@ -3,6 +3,7 @@
 The Slurm backend (``jobs/slurm.py``) is imported only when asked for, so
 nothing else needs its commands or settings.
 """
+
 from __future__ import annotations
 
 from .inprocess import InProcessRunner, InProcessRunnerSettings
@@ -19,8 +20,16 @@ def make_runner(settings: RunnerSettings | None = None) -> JobRunner:
     settings = settings or RunnerSettings()
     if settings.kind not in RUNNER_KINDS:  # a settings object changed after it was made
         raise ValueError(f"runner kind: unknown {settings.kind!r}; known: {', '.join(RUNNER_KINDS)}")
-    common = {k: v for k, v in (("python", settings.python), ("max_parallel", settings.max_parallel),
-                                ("poll_seconds", settings.poll_seconds), ("cores", settings.cores)) if v is not None}
+    common = {
+        k: v
+        for k, v in (
+            ("python", settings.python),
+            ("max_parallel", settings.max_parallel),
+            ("poll_seconds", settings.poll_seconds),
+            ("cores", settings.cores),
+        )
+        if v is not None
+    }
     if settings.kind == "local":
         return LocalRunner(LocalRunnerSettings(env=dict(settings.env), share_cores=settings.share_cores, **common))
     if settings.kind == "inprocess":

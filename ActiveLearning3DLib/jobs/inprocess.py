@@ -11,6 +11,7 @@ its next progress report (``Reporter``), as does a job marked cancelled by
 another runner. What a task prints goes to this process's stdout; the log
 gets the worker's own lines and a failure's traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,10 @@ class InProcessRunner(LocalRunner):
     def submit(self, job: Job) -> None:
         env = job.spec().env
         if env:
-            raise JobError(f"{job.path}: the in-process runner cannot give a job its own environment "
-                           f"({', '.join(sorted(env))}); use the local runner")
+            raise JobError(
+                f"{job.path}: the in-process runner cannot give a job its own environment "
+                f"({', '.join(sorted(env))}); use the local runner"
+            )
         super().submit(job)
 
     def _launch(self, job: Job) -> tuple[Any, int, float | None]:

@@ -10,6 +10,7 @@ on Windows.
 psutil is imported on first use, so the Slicer panel loads before its
 dependencies are installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,7 @@ def worker_alive(pid: int | None, started: float | None = None, job_dir: Path | 
         return False
 
 
-def kill_tree(pid: int, grace_seconds: float = 5.0, started: float | None = None,
-              handle: subprocess.Popen | None = None) -> None:
+def kill_tree(pid: int, grace_seconds: float = 5.0, started: float | None = None, handle: subprocess.Popen | None = None) -> None:
     """Terminate a process and every process below it, children first; kill what is left after ``grace_seconds``.
 
     The tree is listed before anything is signalled (a child whose parent
@@ -85,8 +85,9 @@ def kill_tree(pid: int, grace_seconds: float = 5.0, started: float | None = None
     escaped the listing) is killed too.
     """
     if pid == os.getpid():
-        raise RuntimeError("kill_tree: refusing to kill this process (a job of the in-process runner is cancelled "
-                           "through its status)")
+        raise RuntimeError(
+            "kill_tree: refusing to kill this process (a job of the in-process runner is cancelled through its status)"
+        )
     psutil = _psutil()
     leads_group = False
     try:
@@ -117,8 +118,9 @@ def kill_tree(pid: int, grace_seconds: float = 5.0, started: float | None = None
             gone_root = True
         except subprocess.TimeoutExpired:
             pass
-    _, alive = psutil.wait_procs(children + ([] if gone_root or root is None else [root]),
-                                 timeout=max(0.0, deadline - time.monotonic()))
+    _, alive = psutil.wait_procs(
+        children + ([] if gone_root or root is None else [root]), timeout=max(0.0, deadline - time.monotonic())
+    )
     for process in alive:
         try:
             process.kill()
@@ -167,8 +169,11 @@ def mark_dead_worker_failed(job: Job, alive: Callable[[JobStatus], bool]) -> Job
         status = job.status()  # again under the lock: another runner may have started it just now
         if status.state == JobState.RUNNING and not alive(status):
             tail = job.log_summary()
-            status = job.update(state=JobState.FAILED, ended=status.updated or now_iso(),
-                                message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""))
+            status = job.update(
+                state=JobState.FAILED,
+                ended=status.updated or now_iso(),
+                message="the worker process died (killed, or out of memory?)" + (f"; log:\n{tail}" if tail else ""),
+            )
     return status
 
 
@@ -257,8 +262,12 @@ class LocalRunner(BaseRunner):
         status = job.status()
         if not status.final:  # killed before it could say so
             tail = job.log_summary()
-            job.update(state=JobState.FAILED, ended=now_iso(), exit_code=code,
-                       message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""))
+            job.update(
+                state=JobState.FAILED,
+                ended=now_iso(),
+                exit_code=code,
+                message=f"the worker exited with code {code} without finishing" + (f"; log:\n{tail}" if tail else ""),
+            )
         elif status.state == JobState.FAILED and status.exit_code is None:  # another runner saw it die first (refresh)
             job.update(exit_code=code)
         self._reaped.append(job)
@@ -273,8 +282,12 @@ class LocalRunner(BaseRunner):
         through its files; it counts against ``max_parallel`` until it ends, so a
         restarted driver does not start a second training beside it.
         """
-        if job.path in self._running or job.path in self._adopted or job.path in self._foreign \
-                or any(q.path == job.path for q in self._queue):
+        if (
+            job.path in self._running
+            or job.path in self._adopted
+            or job.path in self._foreign
+            or any(q.path == job.path for q in self._queue)
+        ):
             return
         with job.lock.hold("queue the job"):  # never re-queue a job another runner is starting right now
             status = self.refresh(job)
@@ -287,9 +300,20 @@ class LocalRunner(BaseRunner):
                 self._adopted[job.path] = job
                 return
             if status.state != JobState.QUEUED:
-                job.update(state=JobState.QUEUED, progress=0.0, message="", pid=None, pid_started=None, host=None,
-                           runner=None, runner_id=None, started=None, ended=None, exit_code=None,
-                           earlier=status.attempts_before_restart())
+                job.update(
+                    state=JobState.QUEUED,
+                    progress=0.0,
+                    message="",
+                    pid=None,
+                    pid_started=None,
+                    host=None,
+                    runner=None,
+                    runner_id=None,
+                    started=None,
+                    ended=None,
+                    exit_code=None,
+                    earlier=status.attempts_before_restart(),
+                )
         self._queue.append(job)
 
     def adopt(self, job: Job) -> bool:
@@ -310,8 +334,12 @@ class LocalRunner(BaseRunner):
         return True
 
     def active(self) -> list[Job]:
-        return ([j for j, _ in self._running.values()] + list(self._adopted.values()) + list(self._queue)
-                + list(self._foreign.values()))
+        return (
+            [j for j, _ in self._running.values()]
+            + list(self._adopted.values())
+            + list(self._queue)
+            + list(self._foreign.values())
+        )
 
     def poll(self) -> list[Job]:
         """Reap finished workers, fail the ones that died silently, start queued jobs; returns jobs that ended."""
@@ -386,17 +414,31 @@ class LocalRunner(BaseRunner):
             job.threads_path.unlink(missing_ok=True)  # an earlier run's allotment; _share_cores writes this run's
             handle, pid, started = self._launch(job)
             self._running[job.path] = (job, handle)
-            job.update(state=JobState.RUNNING, pid=pid, pid_started=started, host=this_host(), runner=self.kind,
-                       runner_id=None, started=now_iso(), ended=None, message="starting", progress=0.0,
-                       exit_code=None)  # the worker takes it over with its own pid
+            job.update(
+                state=JobState.RUNNING,
+                pid=pid,
+                pid_started=started,
+                host=this_host(),
+                runner=self.kind,
+                runner_id=None,
+                started=now_iso(),
+                ended=None,
+                message="starting",
+                progress=0.0,
+                exit_code=None,
+            )  # the worker takes it over with its own pid
 
     def _launch(self, job: Job) -> tuple[Any, int, float | None]:
         """Start the worker process; its handle, pid and create time."""
         with open(job.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [self.settings.python, "-m", "ActiveLearning3DLib.worker", str(job.path)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.child_environment(job),
-                cwd=str(job.path), **popen_options(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.child_environment(job),
+                cwd=str(job.path),
+                **popen_options(),
             )
         return proc, proc.pid, process_create_time(proc.pid)
 
@@ -414,10 +456,17 @@ class LocalRunner(BaseRunner):
         if status.final:
             return status
         if runs_elsewhere(status):
-            raise JobError(f"{job.path}: it runs under the {status.runner or 'local'} runner"
-                           + (f" on {status.host}" if status.host else "") + "; cancel it with that runner")
-        if status.state == JobState.RUNNING and judged_here(status) and status.pid != os.getpid() \
-                and worker_alive(status.pid, status.pid_started, job.path):
+            raise JobError(
+                f"{job.path}: it runs under the {status.runner or 'local'} runner"
+                + (f" on {status.host}" if status.host else "")
+                + "; cancel it with that runner"
+            )
+        if (
+            status.state == JobState.RUNNING
+            and judged_here(status)
+            and status.pid != os.getpid()
+            and worker_alive(status.pid, status.pid_started, job.path)
+        ):
             kill_tree(status.pid, self.settings.grace_seconds, status.pid_started)
         # a job of the in-process runner in this process reads "cancelled" at its next report and stops
         return job.update(state=JobState.CANCELLED, ended=now_iso(), message="cancelled")

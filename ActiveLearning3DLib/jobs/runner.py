@@ -8,6 +8,7 @@ of this process, for fast tests, :mod:`.inprocess`) and ``slurm`` (batch
 jobs, :mod:`.slurm`, imported only when asked for). Build them with
 :func:`.factory.make_runner` (``jobs.make_runner``).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds Acti
 # Which queued jobs start first. Short jobs that finish a stage (evaluation, scoring, predictions, the
 # embeddings a query waits for) go before new training, so results come out as soon as their model exists
 # instead of waiting behind every training queued after it (a simulation grid queues many).
-START_RANK = {"nnunet_evaluate": 0, "nnunet_score": 0, "nnunet_predict": 0, "pool_embeddings": 0,
-              "nnunet_prepare": 1, "nnunet_train": 2}
+START_RANK = {
+    "nnunet_evaluate": 0,
+    "nnunet_score": 0,
+    "nnunet_predict": 0,
+    "pool_embeddings": 0,
+    "nnunet_prepare": 1,
+    "nnunet_train": 2,
+}
 DEFAULT_START_RANK = 1
 # A job whose inputs say ``"background": true`` waits behind every other queued job: a simulation's full-data
 # reference (needed only at the end, for FG-Eff) fills the slots its runs leave idle instead of delaying them.
@@ -87,8 +94,9 @@ class JobRunner(Protocol):
         """Jobs queued, started or adopted by this runner that have not ended (as of the last poll)."""
         ...
 
-    def wait(self, jobs: Sequence[Job] | None = None, timeout: float | None = None,
-             on_poll: Callable[[list[Job]], None] | None = None) -> bool:
+    def wait(
+        self, jobs: Sequence[Job] | None = None, timeout: float | None = None, on_poll: Callable[[list[Job]], None] | None = None
+    ) -> bool:
         """Poll until the given jobs (default: all active) end; False on timeout."""
         ...
 
@@ -127,8 +135,9 @@ class BaseRunner:
             raise JobError(f"cancelled {len(cancelled)} jobs; not {len(refused)}: " + "; ".join(refused))
         return cancelled
 
-    def wait(self, jobs: Sequence[Job] | None = None, timeout: float | None = None,
-             on_poll: Callable[[list[Job]], None] | None = None) -> bool:
+    def wait(
+        self, jobs: Sequence[Job] | None = None, timeout: float | None = None, on_poll: Callable[[list[Job]], None] | None = None
+    ) -> bool:
         """Poll until the given jobs (default: all active) end; False on timeout."""
         watched = [j.path for j in (jobs if jobs is not None else self.active())]  # type: ignore[attr-defined]
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -180,8 +189,9 @@ class RunnerSettings:
     def __post_init__(self) -> None:
         if self.kind not in RUNNER_KINDS:
             raise ValueError(f"runner kind: unknown {self.kind!r}; known: {', '.join(RUNNER_KINDS)}")
-        if self.max_parallel is not None and (isinstance(self.max_parallel, bool) or not isinstance(self.max_parallel, int)
-                                              or self.max_parallel < 1):
+        if self.max_parallel is not None and (
+            isinstance(self.max_parallel, bool) or not isinstance(self.max_parallel, int) or self.max_parallel < 1
+        ):
             raise ValueError(f"runner max_parallel: expected a whole number of at least 1, got {self.max_parallel!r}")
 
     def with_defaults(self, **defaults: Any) -> "RunnerSettings":

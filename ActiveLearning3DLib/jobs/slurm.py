@@ -18,6 +18,7 @@ submitting it twice. The worker's environment is written into the script
 setup lines, then the variables); the environment of the process that submits
 is never changed.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,24 @@ from .store import Job, JobError, JobState, JobStatus
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds ActiveLearning3DLib
 
 # Slurm job states in which the batch job may still run its worker (squeue's long names)
-ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                           "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
-                           "RESV_DEL_HOLD", "SPECIAL_EXIT"})
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "SUSPENDED",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "STOPPED",
+        "RESV_DEL_HOLD",
+        "SPECIAL_EXIT",
+    }
+)
 # where a batch job's worker may have written its last word just before the end: give the shared filesystem a
 # moment to show it before calling the job failed
 QUIET_ENDS = frozenset({"COMPLETED", "FAILED"})
@@ -70,8 +86,12 @@ class SlurmSettings:
     cpus_per_task: int | None = None  # default: the job's own ``threads`` input, else Slurm's default
     mem: str | None = None  # sbatch --mem, e.g. "32G"
     extra_args: list[str] = field(default_factory=list)  # more sbatch options, one per item, e.g. "--constraint=a100"
-    setup: list[str] = field(default_factory=list)  # shell lines before the worker: "module load cuda", "source venv/bin/activate"
-    python: str | None = None  # the worker's interpreter as the nodes see it (default: this one; "python" after a venv activation)
+    setup: list[str] = field(
+        default_factory=list
+    )  # shell lines before the worker: "module load cuda", "source venv/bin/activate"
+    python: str | None = (
+        None  # the worker's interpreter as the nodes see it (default: this one; "python" after a venv activation)
+    )
     env: dict[str, str] = field(default_factory=dict)  # variables for the worker (written into the batch script)
     export: str = "NONE"  # sbatch --export: NONE starts the worker from the node's login environment, not ours
     scheduler_env: dict[str, str] = field(default_factory=dict)  # for sbatch/squeue/scancel only (e.g. SLURM_CONF)
@@ -96,8 +116,9 @@ class SlurmSettings:
             return f"time_limit {self.time_limit!r} is not a Slurm time (minutes, H:MM:SS or D-HH:MM:SS)"
         if self.mem is not None and not _MEM.match(self.mem):
             return f"mem {self.mem!r} is not a Slurm memory size (e.g. 16G, 8000M)"
-        if self.cpus_per_task is not None and (isinstance(self.cpus_per_task, bool) or not isinstance(self.cpus_per_task, int)
-                                               or self.cpus_per_task < 1):
+        if self.cpus_per_task is not None and (
+            isinstance(self.cpus_per_task, bool) or not isinstance(self.cpus_per_task, int) or self.cpus_per_task < 1
+        ):
             return f"cpus_per_task {self.cpus_per_task!r} must be a whole number of at least 1"
         for name in ("extra_args", "setup"):
             items = getattr(self, name)
@@ -113,8 +134,9 @@ class SlurmSettings:
             for key, value in mapping.items():
                 if not isinstance(key, str) or not _ENV_NAME.match(key) or not isinstance(value, str):
                     return f"{name}: {key!r} is not a variable name with a string value"
-        if self.max_submitted is not None and (isinstance(self.max_submitted, bool) or not isinstance(self.max_submitted, int)
-                                               or self.max_submitted < 1):
+        if self.max_submitted is not None and (
+            isinstance(self.max_submitted, bool) or not isinstance(self.max_submitted, int) or self.max_submitted < 1
+        ):
             return f"max_submitted {self.max_submitted!r} must be a whole number of at least 1"
         for name in ("poll_seconds", "folder_seconds", "settle_seconds", "command_timeout"):
             value = getattr(self, name)
@@ -133,8 +155,9 @@ class SlurmSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise SlurmError(f"{where}: unknown Slurm setting(s) {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(sorted(known))}")
+            raise SlurmError(
+                f"{where}: unknown Slurm setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+            )
         try:
             return cls(**dict(data))
         except SlurmError as e:
@@ -160,7 +183,7 @@ def load_project_runner(project_path: Path | str) -> tuple[str | None, SlurmSett
     except (OSError, ValueError) as e:
         raise SlurmError(f"{path}: unreadable runner settings ({e})") from None
     if not isinstance(data, dict) or data.get("kind") not in ("local", "slurm"):
-        raise SlurmError(f"{path}: expected {{\"kind\": \"local\" or \"slurm\", \"slurm\": {{...}}}}")
+        raise SlurmError(f'{path}: expected {{"kind": "local" or "slurm", "slurm": {{...}}}}')
     slurm = data.get("slurm")
     return data["kind"], None if slurm is None else SlurmSettings.from_json(slurm, where=f"{path}: slurm")
 
@@ -255,12 +278,20 @@ class SlurmRunner:
         env = self._scheduler_environment()
         program = args[0]
         if shutil.which(program, path=env.get("PATH")) is None:
-            raise SlurmError(f"{program} not found: run on a machine with Slurm's commands (a login node) "
-                             "or use the local runner")
+            raise SlurmError(
+                f"{program} not found: run on a machine with Slurm's commands (a login node) or use the local runner"
+            )
         self.scheduler_calls += 1
         try:
-            done = subprocess.run(list(args), capture_output=True, text=True, env=env, check=False,
-                                  timeout=self.settings.command_timeout, stdin=subprocess.DEVNULL)
+            done = subprocess.run(
+                list(args),
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+                timeout=self.settings.command_timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             raise SlurmError(f"{what}: {program} did not answer within {self.settings.command_timeout:g} s") from None
         if done.returncode != 0:
@@ -280,8 +311,10 @@ class SlurmRunner:
             return {}
         which = ["--me"] if ids is None else [f"--jobs={','.join(ids)}"]
         try:
-            out = self._command(["squeue", "--noheader", "--states=all", *which,
-                                 "--Format=JobID:|,State:|,Reason:|,exit_code:|"], "read the batch jobs' states")
+            out = self._command(
+                ["squeue", "--noheader", "--states=all", *which, "--Format=JobID:|,State:|,Reason:|,exit_code:|"],
+                "read the batch jobs' states",
+            )
         except SlurmError as e:
             if "Invalid job id" in str(e):  # every one of them has left the controller's memory
                 return {}
@@ -291,8 +324,9 @@ class SlurmRunner:
             parts = [p.strip() for p in line.split("|")]
             if len(parts) < 2 or not parts[0] or not parts[1]:
                 continue
-            found[parts[0]] = BatchState(parts[0], parts[1].split()[0], parts[2] if len(parts) > 2 else "",
-                                         parts[3] if len(parts) > 3 else "")
+            found[parts[0]] = BatchState(
+                parts[0], parts[1].split()[0], parts[2] if len(parts) > 2 else "", parts[3] if len(parts) > 3 else ""
+            )
         return found if ids is None else {i: found[i] for i in ids if i in found}
 
     # ------------------------------------------------------------------ the job folder's Slurm record
@@ -319,10 +353,22 @@ class SlurmRunner:
         """The batch script: sbatch options, setup lines, the worker's environment, then the worker."""
         s = self.settings
         spec = job.spec()
-        options = [f"--job-name=al3d-{job.name}"[:200], f"--output={job.log_path}", "--open-mode=append",
-                   f"--chdir={job.path}", f"--export={s.export}"]
-        for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("time", s.time_limit),
-                            ("gpus", s.gpus), ("gres", s.gres), ("mem", s.mem)):
+        options = [
+            f"--job-name=al3d-{job.name}"[:200],
+            f"--output={job.log_path}",
+            "--open-mode=append",
+            f"--chdir={job.path}",
+            f"--export={s.export}",
+        ]
+        for flag, value in (
+            ("partition", s.partition),
+            ("account", s.account),
+            ("qos", s.qos),
+            ("time", s.time_limit),
+            ("gpus", s.gpus),
+            ("gres", s.gres),
+            ("mem", s.mem),
+        ):
             if value is not None:
                 options.append(f"--{flag}={value}")
         cpus = s.cpus_per_task or spec.inputs.get("threads")
@@ -356,8 +402,7 @@ class SlurmRunner:
         if not followed and status.state == JobState.RUNNING and status.runner != self.kind:
             from .local import judged_here, mark_dead_worker_failed, worker_alive
 
-            return mark_dead_worker_failed(job, lambda st: not judged_here(st)
-                                           or worker_alive(st.pid, st.pid_started, job.path))
+            return mark_dead_worker_failed(job, lambda st: not judged_here(st) or worker_alive(st.pid, st.pid_started, job.path))
         return status
 
     def submit(self, job: Job) -> None:
@@ -404,9 +449,20 @@ class SlurmRunner:
             job.threads_path.unlink(missing_ok=True)
             if self.settings.cpus_per_task:  # the worker follows it (Reporter.follow_threads) whatever threads it asked
                 job.allot_threads(self.settings.cpus_per_task)
-            job.update(state=JobState.QUEUED, progress=0.0, message="submitting to Slurm", pid=None, pid_started=None,
-                       host=None, runner=self.kind, runner_id=None, started=None, ended=None, exit_code=None,
-                       earlier=current.attempts_before_restart())
+            job.update(
+                state=JobState.QUEUED,
+                progress=0.0,
+                message="submitting to Slurm",
+                pid=None,
+                pid_started=None,
+                host=None,
+                runner=self.kind,
+                runner_id=None,
+                started=None,
+                ended=None,
+                exit_code=None,
+                earlier=current.attempts_before_restart(),
+            )
             try:
                 out = self._command(["sbatch", "--parsable", str(script)], f"submit {job.name}")
             except SlurmError as e:
@@ -416,8 +472,10 @@ class SlurmRunner:
             if not re.match(r"^\d+(_\d+)?$", job_id):
                 job.update(state=JobState.FAILED, ended=now_iso(), message=f"sbatch printed no job id: {out.strip()[:200]}")
                 raise SlurmError(f"submit {job.name}: sbatch printed no job id ({out.strip()[:200]})")
-            atomic_write_json(self.record_path(job), {"job_id": job_id, "submitted": now_iso(), "cancelled": False,
-                                                      "replaced": record.get("job_id")})
+            atomic_write_json(
+                self.record_path(job),
+                {"job_id": job_id, "submitted": now_iso(), "cancelled": False, "replaced": record.get("job_id")},
+            )
             job.update(runner_id=job_id, message=f"Slurm batch job {job_id} queued")
         self._tracked[job.path] = job
         self._ended_at.pop(job.path, None)
@@ -449,8 +507,12 @@ class SlurmRunner:
         return True
 
     def active(self) -> list[Job]:
-        return (list(self._tracked.values()) + [j for j, _ in self._unsure.values()] + list(self._foreign.values())
-                + list(self._waiting))
+        return (
+            list(self._tracked.values())
+            + [j for j, _ in self._unsure.values()]
+            + list(self._foreign.values())
+            + list(self._waiting)
+        )
 
     def poll(self) -> list[Job]:
         """Follow the batch jobs; returns the jobs that ended.
@@ -557,10 +619,13 @@ class SlurmRunner:
                 code = f", exit status {state.exit_code}" if state.exit_code not in ("", "0") else ""
                 why = f"ended {state.state}{reason}{code}"
             tail = job.log_summary()
-            job.update(state=JobState.FAILED, ended=status.updated or now_iso(),
-                       message=f"Slurm batch job {job_id} {why} without the worker finishing"
-                               + (" (the worker had been sent SIGTERM)" if status.state == JobState.CANCELLED else "")
-                               + (f"; log:\n{tail}" if tail else ""))
+            job.update(
+                state=JobState.FAILED,
+                ended=status.updated or now_iso(),
+                message=f"Slurm batch job {job_id} {why} without the worker finishing"
+                + (" (the worker had been sent SIGTERM)" if status.state == JobState.CANCELLED else "")
+                + (f"; log:\n{tail}" if tail else ""),
+            )
 
     def cancel(self, job: Job) -> JobStatus:
         """scancel the job's batch job and mark it cancelled."""
@@ -581,10 +646,12 @@ class SlurmRunner:
             self._ended_at.pop(job.path, None)
             self._draining.pop(job.path, None)
             self._waiting = [w for w in self._waiting if w.path != job.path]
-            if self._foreign.pop(job.path, None) is not None or (job.status().runner not in (None, self.kind)
-                                                                 and job.status().state == JobState.RUNNING):
-                raise SlurmError(f"{job.path}: its worker runs under the {job.status().runner} runner; "
-                                 "cancel it with that runner")
+            if self._foreign.pop(job.path, None) is not None or (
+                job.status().runner not in (None, self.kind) and job.status().state == JobState.RUNNING
+            ):
+                raise SlurmError(
+                    f"{job.path}: its worker runs under the {job.status().runner} runner; cancel it with that runner"
+                )
             record = self.record(job)
             if record and not job.status().final:
                 atomic_write_json(self.record_path(job), {**record, "cancelled": True})
@@ -595,8 +662,9 @@ class SlurmRunner:
             if not job.status().final:
                 job.update(state=JobState.CANCELLED, ended=now_iso(), message="cancelled")
 
-    def wait(self, jobs: Sequence[Job] | None = None, timeout: float | None = None,
-             on_poll: Callable[[list[Job]], None] | None = None) -> bool:
+    def wait(
+        self, jobs: Sequence[Job] | None = None, timeout: float | None = None, on_poll: Callable[[list[Job]], None] | None = None
+    ) -> bool:
         """Poll until the given jobs (default: all followed) have ended; False on timeout.
 
         The job folders are read every ``folder_seconds`` (a worker writes done
@@ -616,8 +684,9 @@ class SlurmRunner:
             time.sleep(min(self.settings.poll_seconds, self.settings.folder_seconds))
 
     def _follows(self, path: Path) -> bool:
-        return (path in self._tracked or path in self._unsure or path in self._foreign
-                or any(w.path == path for w in self._waiting))
+        return (
+            path in self._tracked or path in self._unsure or path in self._foreign or any(w.path == path for w in self._waiting)
+        )
 
     def run(self, jobs: Iterable[Job], timeout: float | None = None) -> list[JobStatus]:
         """Submit jobs, wait for them, and return their final status (the simple blocking use)."""

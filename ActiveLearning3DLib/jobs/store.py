@@ -4,6 +4,7 @@ Everything a caller knows about a job comes from these files, so the Slicer
 panel, the command line and a cluster backend can all watch the same job, and
 a job survives the process that started it.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from typing import Any, Iterable
 from ..fileio import atomic_write_json, read_json
 from ..locking import FileLock
 from ..fileio import now_iso
-
 
 
 class JobState(str, Enum):
@@ -167,8 +167,9 @@ class Job:
             raise JobError(f"{self.threads_path}: unreadable thread allotment ({e})") from e
 
     @classmethod
-    def create(cls, root: Path | str, name: str, kind: str, inputs: dict[str, Any] | None = None,
-               env: dict[str, str] | None = None) -> "Job":
+    def create(
+        cls, root: Path | str, name: str, kind: str, inputs: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> "Job":
         """Create a job, or return the existing one with the same inputs (so a re-run resumes).
 
         An existing job with other inputs that has not finished is replaced; a
@@ -184,7 +185,10 @@ class Job:
             if job.spec_path.is_file():
                 old = job.spec()
                 if (old.kind, old.inputs) == (spec.kind, json.loads(json.dumps(spec.inputs))):
-                    if old.env != spec.env and job.status().state not in (JobState.RUNNING, JobState.DONE):  # a rerun gets the new env
+                    if old.env != spec.env and job.status().state not in (
+                        JobState.RUNNING,
+                        JobState.DONE,
+                    ):  # a rerun gets the new env
                         atomic_write_json(job.spec_path, {**asdict(spec), "created": old.created})
                     return job
                 if job.status().state == JobState.DONE:
@@ -198,8 +202,12 @@ class Job:
     def spec(self) -> JobSpec:
         try:
             d = read_json(self.spec_path)
-            return JobSpec(str(d["kind"]), dict(d.get("inputs", {})), str(d.get("created", "")),
-                           {str(k): str(v) for k, v in d.get("env", {}).items()})
+            return JobSpec(
+                str(d["kind"]),
+                dict(d.get("inputs", {})),
+                str(d.get("created", "")),
+                {str(k): str(v) for k, v in d.get("env", {}).items()},
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise JobError(f"{self.spec_path}: unreadable job file ({e})") from e
 
@@ -222,8 +230,10 @@ class Job:
             return status
         except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
             detail = str(e).replace(f"{self.status_path}: ", "")[:200]
-            return JobStatus(state=JobState.FAILED, message=f"{self.status_path}: damaged status file ({detail}); "
-                                                     "the job counts as failed and runs again when asked")
+            return JobStatus(
+                state=JobState.FAILED,
+                message=f"{self.status_path}: damaged status file ({detail}); the job counts as failed and runs again when asked",
+            )
 
     def update(self, **changes: Any) -> JobStatus:
         """Change some status fields and replace status.json atomically."""
@@ -267,8 +277,10 @@ class Job:
             raise JobError(f"{self.path}: only a finished job can be set aside (this one is {self.status().state})")
         shelf = self.path.parent / ".superseded"
         shelf.mkdir(exist_ok=True)
-        k = 1 + max((int(m.group(1)) for p in shelf.iterdir()
-                     if (m := re.fullmatch(re.escape(self.name) + r"\.(\d+)", p.name))), default=0)
+        k = 1 + max(
+            (int(m.group(1)) for p in shelf.iterdir() if (m := re.fullmatch(re.escape(self.name) + r"\.(\d+)", p.name))),
+            default=0,
+        )
         target = shelf / f"{self.name}.{k}"
         os.replace(self.path, target)
         return Job(target)
@@ -308,8 +320,9 @@ def _status_problem(status: JobStatus) -> str | None:
         return "message or earlier attempts of the wrong type"
     if status.pid is not None and (isinstance(status.pid, bool) or not isinstance(status.pid, int)):
         return f"pid {status.pid!r} is not a process id"
-    if status.pid_started is not None and (isinstance(status.pid_started, bool)
-                                           or not isinstance(status.pid_started, (int, float))):
+    if status.pid_started is not None and (
+        isinstance(status.pid_started, bool) or not isinstance(status.pid_started, (int, float))
+    ):
         return f"pid_started {status.pid_started!r} is not a time"
     return None
 

@@ -3,6 +3,7 @@
 Tasks are named as ``module:function`` and imported only in the worker that
 runs them, so starting a job never imports torch in the parent (Slicer's GUI).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -22,4 +22,5 @@ process started with ``env={**os.environ, **nnunet_environment(project)}``
 Importing this package is cheap: torch and nnU-Net are imported only by the
 modules that need them, so a GUI process can read profiles and paths without them.
 """
+
 from __future__ import annotations

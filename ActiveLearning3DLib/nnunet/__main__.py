@@ -15,6 +15,7 @@ of that folder is set aside first (``jobs/.superseded/``): running the command
 again runs the step again. The exit code is the worker's (0 done, 1 failed,
 143 cancelled by SIGTERM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,20 @@ def _run_as_job(job_dir: Path, kind: str, inputs: dict[str, Any]) -> int:
     if job.spec_path.is_file():
         status = LocalRunner().refresh(job)  # a "running" job whose worker died is failed now
         if status.state == JobState.RUNNING:
-            raise JobError(f"{job.path}: the job is running (pid {status.pid} on {status.host}); "
-                           "wait for it, or cancel it with al3d jobs --cancel")
+            raise JobError(
+                f"{job.path}: the job is running (pid {status.pid} on {status.host}); "
+                "wait for it, or cancel it with al3d jobs --cancel"
+            )
         if status.final:
             job.set_aside()
     job = Job.create(job_dir.parent, job_dir.name, kind, inputs)
     code = run_job(job.path)
     status = job.status()
-    print(f"{job.path}: {status.state}" + (f"; result in {job.path / 'result.json'}" if status.state == JobState.DONE else
-                                            f": {status.message}"), flush=True)
+    print(
+        f"{job.path}: {status.state}"
+        + (f"; result in {job.path / 'result.json'}" if status.state == JobState.DONE else f": {status.message}"),
+        flush=True,
+    )
     return code
 
 
@@ -91,17 +97,34 @@ def _run_step(args: argparse.Namespace) -> int:
     project = Path(args.project).absolute()
     if args.command == "prepare":
         job = Path(args.job) if args.job else project / "jobs" / "nnunet-prepare"
-        return _run_as_job(job.absolute(), "nnunet_prepare", {
-            "project": str(project), "configuration": args.configuration, "folds": args.folds,
-            "processes": args.processes, "replan": args.replan})
+        return _run_as_job(
+            job.absolute(),
+            "nnunet_prepare",
+            {
+                "project": str(project),
+                "configuration": args.configuration,
+                "folds": args.folds,
+                "processes": args.processes,
+                "replan": args.replan,
+            },
+        )
     from .profiles import resolve_profile
 
     profile = resolve_profile(args.profile, epochs=args.epochs, iterations_per_epoch=args.iterations)
     job = Path(args.job) if args.job else project / "jobs" / f"nnunet-train-fold_{args.fold}"
-    return _run_as_job(job.absolute(), "nnunet_train", {
-        "project": str(project), "fold": args.fold, "profile": profile.to_json(),
-        "output": None if args.output is None else str(Path(args.output).absolute()), "device": args.device,
-        "seed": args.seed, "loop": args.loop})
+    return _run_as_job(
+        job.absolute(),
+        "nnunet_train",
+        {
+            "project": str(project),
+            "fold": args.fold,
+            "profile": profile.to_json(),
+            "output": None if args.output is None else str(Path(args.output).absolute()),
+            "device": args.device,
+            "seed": args.seed,
+            "loop": args.loop,
+        },
+    )
 
 
 if __name__ == "__main__":

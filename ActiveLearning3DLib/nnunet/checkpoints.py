@@ -14,6 +14,7 @@ loading paths: prediction builds the network itself (``prediction.Ensemble.load`
 and training resumes through ``nnUNetTrainerPartial.load_checkpoint``, which
 passes the already loaded dictionary on.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -37,8 +38,11 @@ def _numpy_globals() -> list:
     allowed: list = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")
-                    and name not in ("ObjectDType", "VoidDType") and isinstance(getattr(dtypes, name), type)]
+        allowed += [
+            getattr(dtypes, name)
+            for name in dir(dtypes)
+            if name.endswith("DType") and name not in ("ObjectDType", "VoidDType") and isinstance(getattr(dtypes, name), type)
+        ]
     return allowed
 
 
@@ -53,8 +57,10 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict:
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         detail = f"it names {found.group(1)}" if found else (str(e).splitlines() or [""])[0][:200]
-        raise UnsafeCheckpoint(f"{path}: refused to load: the checkpoint holds objects other than weights and plain "
-                               f"data, which could run code ({detail})") from None
+        raise UnsafeCheckpoint(
+            f"{path}: refused to load: the checkpoint holds objects other than weights and plain "
+            f"data, which could run code ({detail})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - a truncated file raises anything from zip to EOF errors
         raise UnsafeCheckpoint(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
     if not isinstance(data, dict) or "network_weights" not in data:
@@ -82,9 +88,13 @@ def weights_digest(weights: Any) -> str:
 
 # What nnU-Net's preprocessed case properties (``<case>.pkl``) hold: dicts and lists of NumPy arrays and scalars.
 _PROPERTY_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
 }
 
 
@@ -110,8 +120,9 @@ def check_plain_pickles(folder: Path | str, pattern: str = "*.pkl") -> int:
             with open(path, "rb") as f:
                 _PlainDataUnpickler(f).load()
         except pickle.UnpicklingError as e:
-            raise UnsafeCheckpoint(f"{path}: refused to load: the file holds objects other than plain data, which "
-                                   f"could run code ({e})") from None
+            raise UnsafeCheckpoint(
+                f"{path}: refused to load: the file holds objects other than plain data, which could run code ({e})"
+            ) from None
         except Exception as e:  # noqa: BLE001 - a truncated pickle raises EOFError, ValueError, ...
             raise UnsafeCheckpoint(f"{path}: unreadable preprocessed case properties ({type(e).__name__}: {e})") from e
         count += 1

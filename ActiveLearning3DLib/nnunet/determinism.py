@@ -14,6 +14,7 @@ so a fold killed and resumed continues with the same random numbers as one
 that ran through. torch is imported inside the functions that need it: the
 simulation reads the determinism of a model without importing torch.
 """
+
 from __future__ import annotations
 
 import random
@@ -48,14 +49,17 @@ def fold_seed(base_seed: int, loop: int, fold: int) -> int:
     return int(np.random.SeedSequence([int(base_seed), int(loop), int(fold)]).generate_state(1)[0])
 
 
-def assess(device_type: str, seed: int | None, augmentation_processes: int, compiled: bool,
-           torch_threads: int | None = None) -> tuple[bool, str]:
+def assess(
+    device_type: str, seed: int | None, augmentation_processes: int, compiled: bool, torch_threads: int | None = None
+) -> tuple[bool, str]:
     """(deterministic, reason) of a training with these settings; see docs/REPRODUCIBILITY.md."""
     if seed is None:
         return False, "no seed given"
     if device_type != "cpu":
-        return False, (f"{device_type}: GPU kernels (atomic adds in convolution backward and reductions, "
-                       f"torch.compile) are not bitwise reproducible; seeded, cuDNN deterministic, benchmark off")
+        return False, (
+            f"{device_type}: GPU kernels (atomic adds in convolution backward and reductions, "
+            f"torch.compile) are not bitwise reproducible; seeded, cuDNN deterministic, benchmark off"
+        )
     if augmentation_processes:
         return False, f"{augmentation_processes} augmentation processes deliver batches in arrival order"
     if compiled:
@@ -76,13 +80,23 @@ def seed_everything(seed: int) -> None:
 
 def _numpy_state(state: tuple) -> dict:
     kind, key, pos, has_gauss, cached = state
-    return {"kind": str(kind), "key": [int(k) for k in key], "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
+    return {
+        "kind": str(kind),
+        "key": [int(k) for k in key],
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def _numpy_tuple(state: dict) -> tuple:
-    return (state["kind"], np.asarray(state["key"], dtype=np.uint32), int(state["pos"]), int(state["has_gauss"]),
-            float(state["cached_gaussian"]))
+    return (
+        state["kind"],
+        np.asarray(state["key"], dtype=np.uint32),
+        int(state["pos"]),
+        int(state["has_gauss"]),
+        float(state["cached_gaussian"]),
+    )
 
 
 def capture_rng_state(loaders: Iterable[Any] = ()) -> dict:
@@ -135,8 +149,11 @@ def model_determinism(model_folder: Path | str) -> dict:
         per_fold[path.parent.name] = info
     reasons = sorted({str(info.get("reason")) for info in per_fold.values()})
     deterministic = all(bool(info.get("deterministic")) for info in per_fold.values())
-    return {"deterministic": deterministic, "reason": "; ".join(reasons),
-            "seeds": {name: info.get("seed") for name, info in per_fold.items()}}
+    return {
+        "deterministic": deterministic,
+        "reason": "; ".join(reasons),
+        "seeds": {name: info.get("seed") for name, info in per_fold.items()},
+    }
 
 
 @contextmanager
@@ -152,8 +169,12 @@ def deterministic_torch(device_type: str, enabled: bool) -> Iterator[None]:
     import torch
 
     cudnn = torch.backends.cudnn
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              cudnn.benchmark, cudnn.deterministic)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+    )
     if enabled and device_type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif enabled:

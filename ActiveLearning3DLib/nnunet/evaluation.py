@@ -7,6 +7,7 @@ a class absent from both is NaN and left out of the means). Per-case results
 are saved as they come (``cases/<case>.json``), so an interrupted evaluation
 resumes; the summary (Mean Dice and per-class Dice) is written last.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,13 +60,25 @@ def evaluate_test_split(
         reference = project.read_ground_truth(case)
         dice = dice_per_class(segmentation, reference, classes)
         # Full precision (JSON floats round-trip exactly), so a resumed summary equals an uninterrupted one.
-        atomic_write_json(path, {"case": case, "classes": classes,
-                                 "dice": [float(d) if math.isfinite(d) else None for d in dice],
-                                 "seconds": round(time.perf_counter() - t, 3)})
+        atomic_write_json(
+            path,
+            {
+                "case": case,
+                "classes": classes,
+                "dice": [float(d) if math.isfinite(d) else None for d in dice],
+                "seconds": round(time.perf_counter() - t, 3),
+            },
+        )
         rows.append(list(dice))
         if progress:
-            progress({"stage": "evaluation", "case": case, "progress": (i + 1) / len(cases),
-                      "message": f"evaluated {case} ({i + 1}/{len(cases)})"})
+            progress(
+                {
+                    "stage": "evaluation",
+                    "case": case,
+                    "progress": (i + 1) / len(cases),
+                    "message": f"evaluated {case} ({i + 1}/{len(cases)})",
+                }
+            )
     table = np.asarray(rows, dtype=np.float64)
     overall, per_class = mean_dice(table)
     summary = {
@@ -86,8 +99,10 @@ def evaluate_test_split(
     return summary
 
 
-def load_evaluation_ensemble(model_folder: Path | str, device: str = "cpu", threads: int | None = None,
-                             mirroring: bool = True) -> Ensemble:
+def load_evaluation_ensemble(
+    model_folder: Path | str, device: str = "cpu", threads: int | None = None, mirroring: bool = True
+) -> Ensemble:
     """All finished members of a model folder, set up as nnU-Net predicts (tile step 0.5, mirroring)."""
-    return Ensemble.load(model_folder, settings=PredictionSettings(tile_step=0.5, mirroring=mirroring, device=device,
-                                                                   threads=threads))
+    return Ensemble.load(
+        model_folder, settings=PredictionSettings(tile_step=0.5, mirroring=mirroring, device=device, threads=threads)
+    )

@@ -22,6 +22,7 @@ Use it with ``nnUNet_results`` set to the unzipped folder::
 
     nnUNetv2_predict -d Dataset001_AL3D -c <configuration> -f <folds> -i IN -o OUT
 """
+
 from __future__ import annotations
 
 import io
@@ -41,8 +42,17 @@ CHECKPOINT = "checkpoint_final.pth"
 FOLD_PATTERN = re.compile(r"fold_(\d+|all)")
 DATASET_PATTERN = re.compile(r"Dataset\d{3}_[A-Za-z0-9_.-]+")
 # what nnU-Net's predictor and LabelManager read from dataset.json; anything else (a case list) stays behind
-DATASET_JSON_KEYS = ("name", "description", "channel_names", "modality", "labels", "regions_class_order",
-                     "numTraining", "file_ending", "overwrite_image_reader_writer")
+DATASET_JSON_KEYS = (
+    "name",
+    "description",
+    "channel_names",
+    "modality",
+    "labels",
+    "regions_class_order",
+    "numTraining",
+    "file_ending",
+    "overwrite_image_reader_writer",
+)
 
 
 class ExportError(ValueError):
@@ -60,8 +70,10 @@ class ExportedModel:
     folds: tuple[str, ...]
 
     def command(self) -> str:
-        return (f"nnUNetv2_predict -d {self.dataset} -c {self.configuration} -f {' '.join(self.folds)} "
-                f"-i INPUT_FOLDER -o OUTPUT_FOLDER")
+        return (
+            f"nnUNetv2_predict -d {self.dataset} -c {self.configuration} -f {' '.join(self.folds)} "
+            f"-i INPUT_FOLDER -o OUTPUT_FOLDER"
+        )
 
 
 def _plain_file(root: Path, relative: str) -> Path | None:
@@ -92,8 +104,11 @@ def exported_folds(model_folder: Path | str, checkpoint: str = CHECKPOINT) -> li
     root = Path(model_folder)
     if not root.is_dir() or root.is_symlink():
         return []
-    folds = [m.group(1) for d in root.iterdir() if (m := FOLD_PATTERN.fullmatch(d.name))
-             and _plain_file(root, f"{d.name}/{checkpoint}") is not None]
+    folds = [
+        m.group(1)
+        for d in root.iterdir()
+        if (m := FOLD_PATTERN.fullmatch(d.name)) and _plain_file(root, f"{d.name}/{checkpoint}") is not None
+    ]
     return sorted(folds, key=lambda f: (f == "all", int(f) if f.isdigit() else 0))
 
 
@@ -107,16 +122,21 @@ def _check_stock_network(plans: dict, configuration: str, dataset_json: dict, we
         plans_manager = PlansManager(plans)
         config = plans_manager.get_configuration(configuration)
         network = nnUNetTrainer.build_network_architecture(
-            plans_manager, config, determine_num_input_channels(plans_manager, config, dataset_json),
-            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+            plans_manager,
+            config,
+            determine_num_input_channels(plans_manager, config, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+            enable_deep_supervision=False,
+        )
         network.load_state_dict(weights)
     except Exception as e:  # noqa: BLE001 - nnU-Net raises anything from KeyError to RuntimeError here
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise ExportError(f"{where}: the weights do not fit stock nnU-Net's network for these plans ({first})") from e
 
 
-def export_model(model_folder: Path | str, destination: Path | str, dataset_name: str = DATASET_NAME,
-                 checkpoint: str = CHECKPOINT) -> ExportedModel:
+def export_model(
+    model_folder: Path | str, destination: Path | str, dataset_name: str = DATASET_NAME, checkpoint: str = CHECKPOINT
+) -> ExportedModel:
     """Write ``destination`` (``.zip`` added when missing) holding the stock-loadable model; see the module docstring."""
     import torch
 
@@ -153,8 +173,12 @@ def export_model(model_folder: Path | str, destination: Path | str, dataset_name
             raise ExportError(f"{path}: configuration {config!r} differs from fold {folds[0]}'s {configuration!r}")
         checkpoints[fold] = {
             "network_weights": data["network_weights"],
-            "init_args": {"plans": plans, "configuration": configuration,
-                          "fold": int(fold) if fold.isdigit() else fold, "dataset_json": dataset_json},
+            "init_args": {
+                "plans": plans,
+                "configuration": configuration,
+                "fold": int(fold) if fold.isdigit() else fold,
+                "dataset_json": dataset_json,
+            },
             "trainer_name": STOCK_TRAINER,
             "inference_allowed_mirroring_axes": None if mirror_axes is None else tuple(int(a) for a in mirror_axes),
             "current_epoch": int(data.get("current_epoch", 0)),

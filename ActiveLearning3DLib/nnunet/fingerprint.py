@@ -26,6 +26,7 @@ cases, with replacement) to bound memory on a laptop.
 
 Nothing here reads nnU-Net's environment variables: the folders are explicit.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -40,9 +41,7 @@ MAX_SAMPLES_PER_CASE = 100_000
 INTENSITY_SOURCES = ("annotated foreground", "annotated voxels", "all voxels")
 
 
-def analyze_case(
-    image_files: Sequence[str], label_file: str, reader_writer_class, ignore_value: int, num_samples: int
-) -> dict:
+def analyze_case(image_files: Sequence[str], label_file: str, reader_writer_class, ignore_value: int, num_samples: int) -> dict:
     """Shape after nonzero crop, spacing and intensity samples of one case (three kinds, see module docstring)."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
@@ -55,7 +54,9 @@ def analyze_case(
     annotated_view = np.where(seg_cropped == ignore_value, 0, seg_cropped)  # ignore -> background
     fg, _ = DatasetFingerprintExtractor.collect_foreground_intensities(annotated_view, data_cropped, num_samples=num_samples)
     any_annotated = ((seg_cropped != ignore_value) & (seg_cropped >= 0)).astype(np.int8)
-    annotated, _ = DatasetFingerprintExtractor.collect_foreground_intensities(any_annotated, data_cropped, num_samples=num_samples)
+    annotated, _ = DatasetFingerprintExtractor.collect_foreground_intensities(
+        any_annotated, data_cropped, num_samples=num_samples
+    )
     everything, _ = DatasetFingerprintExtractor.collect_foreground_intensities(
         np.ones_like(seg_cropped, dtype=np.int8), data_cropped, num_samples=min(num_samples, 10_000)
     )
@@ -82,9 +83,13 @@ def intensity_statistics(samples: np.ndarray) -> dict:
     """nnU-Net's per-channel statistics (the keys its normalisation schemes read)."""
     p005, median, p995 = np.percentile(samples, (0.5, 50.0, 99.5))
     return {
-        "mean": float(np.mean(samples)), "median": float(median), "std": float(np.std(samples)),
-        "min": float(np.min(samples)), "max": float(np.max(samples)),
-        "percentile_99_5": float(p995), "percentile_00_5": float(p005),
+        "mean": float(np.mean(samples)),
+        "median": float(median),
+        "std": float(np.std(samples)),
+        "min": float(np.min(samples)),
+        "max": float(np.max(samples)),
+        "percentile_99_5": float(p995),
+        "percentile_00_5": float(p005),
     }
 
 

@@ -35,6 +35,7 @@ job runner, Slicer) starts the worker with ``env={**os.environ,
 **nnunet_environment(project)}``; everything that needs the variables runs in that
 worker.
 """
+
 from __future__ import annotations
 
 import json

@@ -17,6 +17,7 @@ So :func:`plan` must run in a worker process started with
 ``env={**os.environ, **nnunet_environment(project)}``; it checks and raises
 :class:`~.paths.EnvironmentMismatch` otherwise. Nothing here changes ``os.environ``.
 """
+
 from __future__ import annotations
 
 import time
@@ -89,6 +90,11 @@ def plan(
     planner = ExperimentPlanner(DATASET_NAME, gpu_memory_target_in_gb=gpu_memory_target_gb, plans_name=PLANS_NAME)
     plans = planner.plan_experiment()
     if progress:
-        progress({"stage": "planning", "message": f"planned in {time.perf_counter() - started:.1f} s",
-                  "configurations": sorted(plans["configurations"])})
+        progress(
+            {
+                "stage": "planning",
+                "message": f"planned in {time.perf_counter() - started:.1f} s",
+                "configurations": sorted(plans["configurations"]),
+            }
+        )
     return read_json(paths.plans_file)

@@ -16,6 +16,7 @@ Every call records where the time goes in :attr:`Ensemble.timing`
 (``preprocess``, ``network``, ``export`` seconds): the benchmark separates
 nnU-Net's network compute from everything around it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ def model_folds(model_folder: Path | str, checkpoint: str = CHECKPOINT) -> list[
     folder = Path(model_folder)
     folds = []
     for sub in folder.glob("fold_*"):
-        suffix = sub.name[len("fold_"):]
+        suffix = sub.name[len("fold_") :]
         if suffix.isdigit() and (sub / checkpoint).is_file():
             folds.append(int(suffix))
     return sorted(folds)
@@ -87,10 +88,18 @@ def tile_batch_predictor_class():
             heads = self.label_manager.num_segmentation_heads
             logits = torch.zeros((heads, *data.shape[1:]), dtype=torch.half, device=results_device)
             counts = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
-            gaussian = compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
-                                        value_scaling_factor=10, device=results_device) if self.use_gaussian else 1
+            gaussian = (
+                compute_gaussian(
+                    tuple(self.configuration_manager.patch_size),
+                    sigma_scale=1.0 / 8,
+                    value_scaling_factor=10,
+                    device=results_device,
+                )
+                if self.use_gaussian
+                else 1
+            )
             for start in range(0, len(slicers), max(1, int(self.tile_batch))):
-                chunk = slicers[start:start + max(1, int(self.tile_batch))]
+                chunk = slicers[start : start + max(1, int(self.tile_batch))]
                 tiles = torch.stack([data[sl] for sl in chunk]).to(self.device)
                 predictions = self._internal_maybe_mirror_and_predict(tiles).to(results_device)
                 for prediction, sl in zip(predictions, chunk):
@@ -118,8 +127,13 @@ class Ensemble:
     timing: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @classmethod
-    def load(cls, model_folder: Path | str, folds: Sequence[int] | None = None,
-             settings: PredictionSettings | None = None, checkpoint: str = CHECKPOINT) -> "Ensemble":
+    def load(
+        cls,
+        model_folder: Path | str,
+        folds: Sequence[int] | None = None,
+        settings: PredictionSettings | None = None,
+        checkpoint: str = CHECKPOINT,
+    ) -> "Ensemble":
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -154,7 +168,8 @@ class Ensemble:
             parameters.append(checkpoint_data["network_weights"])
         configuration_manager = plans_manager.get_configuration(configuration)
         network = nnUNetTrainer.build_network_architecture(
-            plans_manager, configuration_manager,
+            plans_manager,
+            configuration_manager,
             determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
             plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
             enable_deep_supervision=False,
@@ -164,12 +179,19 @@ class Ensemble:
         # nnU-Net 2.8.1's constructor prints "perform_everything_on_device=True is only supported for cuda
         # devices!" for every other device, even when given False: kept out of the job logs
         with contextlib.redirect_stdout(io.StringIO()) if device.type != "cuda" else contextlib.nullcontext():
-            predictor = predictor_class(tile_step_size=settings.tile_step, use_gaussian=True,
-                                        use_mirroring=settings.mirroring, perform_everything_on_device=device.type == "cuda",
-                                        device=device, verbose=False, allow_tqdm=False)
+            predictor = predictor_class(
+                tile_step_size=settings.tile_step,
+                use_gaussian=True,
+                use_mirroring=settings.mirroring,
+                perform_everything_on_device=device.type == "cuda",
+                device=device,
+                verbose=False,
+                allow_tqdm=False,
+            )
         predictor.tile_batch = settings.tile_batch
-        predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
-                                        trainer_name, mirror_axes)
+        predictor.manual_initialization(
+            network, plans_manager, configuration_manager, parameters, dataset_json, trainer_name, mirror_axes
+        )
         return cls(folder, folds, settings, predictor, parameters)
 
     @property
@@ -185,8 +207,9 @@ class Ensemble:
         p = self.predictor
         started = time.perf_counter()
         preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
-        data, _, properties = preprocessor.run_case([str(f) for f in image_files], None, p.plans_manager,
-                                                    p.configuration_manager, p.dataset_json)
+        data, _, properties = preprocessor.run_case(
+            [str(f) for f in image_files], None, p.plans_manager, p.configuration_manager, p.dataset_json
+        )
         self.timing["preprocess"] += time.perf_counter() - started
         return torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format), properties
 
@@ -209,8 +232,14 @@ class Ensemble:
         p = self.predictor
         started = time.perf_counter()
         result = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, p.plans_manager, p.configuration_manager, p.label_manager, properties,
-            return_probabilities=probabilities, num_threads_torch=torch.get_num_threads())
+            logits,
+            p.plans_manager,
+            p.configuration_manager,
+            p.label_manager,
+            properties,
+            return_probabilities=probabilities,
+            num_threads_torch=torch.get_num_threads(),
+        )
         self.timing["export"] += time.perf_counter() - started
         return result
 

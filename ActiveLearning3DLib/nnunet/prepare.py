@@ -5,6 +5,7 @@ parallel, by :func:`~.trainer.train_fold`). Only making the plans needs the
 project's nnU-Net environment (see :mod:`.planning`); a loop whose plans exist
 prepares in any process.
 """
+
 from __future__ import annotations
 
 import time

@@ -19,6 +19,7 @@ removed if they had some). Each case is written to a staging folder and moved
 into place, then recorded in the manifest, so a crash leaves either the old
 files or the new ones and at worst redoes a case.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,11 @@ class LabelState:
     class_voxels: dict[int, int]
 
     def to_json(self) -> dict:
-        return {"hash": self.hash, "annotated_voxels": self.annotated_voxels,
-                "class_voxels": {str(k): v for k, v in self.class_voxels.items()}}
+        return {
+            "hash": self.hash,
+            "annotated_voxels": self.annotated_voxels,
+            "class_voxels": {str(k): v for k, v in self.class_voxels.items()},
+        }
 
     @classmethod
     def from_json(cls, d: Mapping) -> "LabelState":
@@ -78,8 +82,14 @@ class PreprocessResult:
         return sorted(self.processed + self.unchanged)
 
     def to_json(self) -> dict:
-        return {"configuration": self.configuration, "data_folder": str(self.data_folder), "processed": self.processed,
-                "unchanged": self.unchanged, "removed": self.removed, "seconds": round(self.seconds, 3)}
+        return {
+            "configuration": self.configuration,
+            "data_folder": str(self.data_folder),
+            "processed": self.processed,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def file_hash(path: Path) -> str:
@@ -143,8 +153,9 @@ def _preprocess_case(args) -> str:
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     preprocessor = DefaultPreprocessor(verbose=False)
-    preprocessor.run_case_save(os.path.join(staging, case), [str(p) for p in images], str(label), plans_manager,
-                               configuration_manager, dataset_json)
+    preprocessor.run_case_save(
+        os.path.join(staging, case), [str(p) for p in images], str(label), plans_manager, configuration_manager, dataset_json
+    )
     return case
 
 
@@ -204,8 +215,10 @@ def preprocess(
         staging = paths.preprocessed_dataset / f".staging-{configuration}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        jobs = [(c, project.image_paths(c), project.partial_label_path(c), str(staging), plans, configuration, dataset_json)
-                for c in todo]
+        jobs = [
+            (c, project.image_paths(c), project.partial_label_path(c), str(staging), plans, configuration, dataset_json)
+            for c in todo
+        ]
 
         def finish(case: str, index: int) -> None:
             for source, target in zip(_case_files(staging, case), _case_files(data_folder, case)):
@@ -264,4 +277,3 @@ def annotated_classes(project: Project, manifest: dict | None = None) -> dict[st
     """Annotated cases and the classes annotated in each (background included), for the splits."""
     states = label_states(project, manifest if manifest is not None else read_manifest(NnunetPaths.for_project(project)))
     return {c: s.classes for c, s in states.items() if s.annotated_voxels > 0}
-

@@ -68,6 +68,7 @@ of :meth:`TrainingProfile.to_json`, so profiles (and the names and keys made fro
 Use :func:`resolve_profile` to get one with overrides, e.g.
 ``resolve_profile("cpu-small", epochs=10, device="cpu")``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -208,8 +209,8 @@ _DEMO = TrainingProfile(
     save_every=10,
     evaluation_mirroring=False,
     description="the main job until 2026-12-05 (and the pre-fill study's profile): cpu-small's network on patch "
-                "24x32x24, learning rate 0.05, 2 folds x 500 iterations (about 70 s per fold, two folds at a time "
-                "on 2 cores), test evaluation without mirroring",
+    "24x32x24, learning rate 0.05, 2 folds x 500 iterations (about 70 s per fold, two folds at a time "
+    "on 2 cores), test evaluation without mirroring",
 )
 
 
@@ -236,13 +237,16 @@ PROFILES: dict[str, TrainingProfile] = {
         num_workers=0,
         save_every=10,
         description="2 CPU cores, ~5 min per fold: 8..64 features, 1 conv per stage, patch 32x40x32, "
-                    "batch 4, 30 epochs x 50 iterations",
+        "batch 4, 30 epochs x 50 iterations",
     ),
     "demo": _DEMO,
     "quick": dataclasses.replace(
-        _DEMO, name="quick", epochs=30, iterations_per_epoch=50,
+        _DEMO,
+        name="quick",
+        epochs=30,
+        iterations_per_epoch=50,
         description="the main job (make demo): demo's network, patch and learning rate, 2 folds x 1500 iterations; "
-                    "with --init warm the loops after the first train a third of that from a tenth of the rate",
+        "with --init warm the loops after the first train a third of that from a tenth of the rate",
     ),
     "test": TrainingProfile(
         name="test",

@@ -28,6 +28,7 @@ the key ``(-1, 0, 1, .., C)`` (-1 is background outside the nonzero crop), and
 its loader centres non-forced samples exactly on such a voxel. We reuse those
 locations and change only where the patch goes.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -86,8 +87,14 @@ class RegionSamplingDataLoader(nnUNetDataLoader):
         super().__init__(*args, **kwargs)
         self.last_sample: dict | None = None  # what the last get_bbox did (for tests and debugging)
 
-    def get_bbox(self, data_shape: np.ndarray, force_fg: bool, class_locations: dict | None,
-                 overwrite_class: int | tuple[int, ...] | None = None, verbose: bool = False):
+    def get_bbox(
+        self,
+        data_shape: np.ndarray,
+        force_fg: bool,
+        class_locations: dict | None,
+        overwrite_class: int | tuple[int, ...] | None = None,
+        verbose: bool = False,
+    ):
         if not self.has_ignore:
             return super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
         final = [int(p) for p in self.final_patch_size]

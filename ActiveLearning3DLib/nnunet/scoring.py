@@ -19,6 +19,7 @@ class of the highest mean probability is saved per image, in the image's grid
 with it. It costs an argmax and a compressed write per image; the mean is
 computed anyway.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,10 +65,13 @@ class ScoringSettings:
 
     def to_json(self) -> dict[str, Any]:
         """The job inputs (key order as the score jobs have always written them)."""
-        return {"maps": list(self.maps), "scores_dir": str(self.scores_dir),
-                "uncertainty_dir": None if self.uncertainty_dir is None else str(self.uncertainty_dir),
-                "prediction_dir": None if self.prediction_dir is None else str(self.prediction_dir),
-                "stride": None if self.stride is None else [int(s) for s in self.stride]}
+        return {
+            "maps": list(self.maps),
+            "scores_dir": str(self.scores_dir),
+            "uncertainty_dir": None if self.uncertainty_dir is None else str(self.uncertainty_dir),
+            "prediction_dir": None if self.prediction_dir is None else str(self.prediction_dir),
+            "stride": None if self.stride is None else [int(s) for s in self.stride],
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: Path | str = "scoring settings") -> "ScoringSettings":
@@ -92,11 +96,19 @@ class ScoringSettings:
             return Path(value)
 
         stride = data.get("stride")
-        if stride is not None and (not isinstance(stride, (list, tuple)) or len(stride) != 3 or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in stride)):
+        if stride is not None and (
+            not isinstance(stride, (list, tuple))
+            or len(stride) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in stride)
+        ):
             raise bad("stride", "null or three whole numbers of at least 1")
-        return cls(tuple(maps), folder("scores_dir", required=True), folder("uncertainty_dir"),
-                   None if stride is None else tuple(stride), folder("prediction_dir"))  # type: ignore[arg-type]
+        return cls(
+            tuple(maps),
+            folder("scores_dir", required=True),
+            folder("uncertainty_dir"),
+            None if stride is None else tuple(stride),
+            folder("prediction_dir"),
+        )  # type: ignore[arg-type]
 
 
 def uncertainty_image(values: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -124,8 +136,11 @@ def score_pool_with_ensemble(
     for i, case in enumerate(todo_all):
         image_out = uncertainty / f"{case}.nii.gz" if uncertainty else None
         labels_out = Path(settings.prediction_dir) / f"{case}{PREDICTION_ENDING}" if settings.prediction_dir else None
-        if ((not names or store.has(case, names)) and (image_out is None or image_out.is_file())
-                and (labels_out is None or labels_out.is_file())):
+        if (
+            (not names or store.has(case, names))
+            and (image_out is None or image_out.is_file())
+            and (labels_out is None or labels_out.is_file())
+        ):
             skipped.append(case)
             continue
         shape = project.cases[case].shape
@@ -133,8 +148,10 @@ def score_pool_with_ensemble(
         for member, probabilities in ensemble.member_probabilities(project.image_paths(case)):
             t = time.perf_counter()
             if tuple(probabilities.shape[1:]) != tuple(shape):
-                raise ValueError(f"{project.image_paths(case)[0]}: {member} predicted shape {probabilities.shape[1:]}, "
-                                 f"the image has {tuple(shape)}")
+                raise ValueError(
+                    f"{project.image_paths(case)[0]}: {member} predicted shape {probabilities.shape[1:]}, "
+                    f"the image has {tuple(shape)}"
+                )
             accumulator.add(probabilities, f"{case} {member}")
             seconds["aggregate"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -152,15 +169,27 @@ def score_pool_with_ensemble(
         seconds["save"] += time.perf_counter() - t
         scored.append(case)
         if progress:
-            progress({"stage": "scoring", "case": case, "progress": (i + 1) / len(todo_all),
-                      "message": f"scored {case} ({i + 1}/{len(todo_all)})"})
+            progress(
+                {
+                    "stage": "scoring",
+                    "case": case,
+                    "progress": (i + 1) / len(todo_all),
+                    "message": f"scored {case} ({i + 1}/{len(todo_all)})",
+                }
+            )
     total = time.perf_counter() - started
     seconds.update({k: float(v) for k, v in ensemble.timing.items()})
     return {
-        "cases": len(todo_all), "scored": len(scored), "already_scored": len(skipped), "members": ensemble.members,
-        "maps": names, "scores_dir": str(settings.scores_dir), "uncertainty_dir": str(uncertainty) if uncertainty else None,
+        "cases": len(todo_all),
+        "scored": len(scored),
+        "already_scored": len(skipped),
+        "members": ensemble.members,
+        "maps": names,
+        "scores_dir": str(settings.scores_dir),
+        "uncertainty_dir": str(uncertainty) if uncertainty else None,
         "prediction_dir": str(settings.prediction_dir) if settings.prediction_dir else None,
-        "seconds": round(total, 3), "seconds_per_case": round(total / max(1, len(scored)), 4),
+        "seconds": round(total, 3),
+        "seconds_per_case": round(total / max(1, len(scored)), 4),
         "seconds_by_step": {k: round(v, 3) for k, v in seconds.items()},
     }
 
@@ -169,5 +198,6 @@ def load_scoring_ensemble(model_folder: Path | str, device: str = "cpu", threads
     """All finished members of a model folder, set up for pool scoring (tile step 0.75, no mirroring)."""
     from .prediction import Ensemble, PredictionSettings
 
-    return Ensemble.load(model_folder, settings=PredictionSettings(tile_step=0.75, mirroring=False, device=device,
-                                                                   threads=threads))
+    return Ensemble.load(
+        model_folder, settings=PredictionSettings(tile_step=0.75, mirroring=False, device=device, threads=threads)
+    )

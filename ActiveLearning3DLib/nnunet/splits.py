@@ -35,6 +35,7 @@ until new images of that class join other folds; :func:`check_splits` reports it
 When the fold count would shrink (annotations removed), the previous splits
 cannot be kept and fresh ones are made (:func:`stable_splits` says so).
 """
+
 from __future__ import annotations
 
 import random
@@ -59,8 +60,9 @@ def fold_count(n_images: int, n_folds: int = 5) -> int:
     return min(n_folds, n_images)
 
 
-def make_splits(case_classes: Mapping[str, Iterable[int]], n_folds: int = 5, seed: int = 0,
-                previous: list[dict[str, list[str]]] | None = None) -> list[dict[str, list[str]]]:
+def make_splits(
+    case_classes: Mapping[str, Iterable[int]], n_folds: int = 5, seed: int = 0, previous: list[dict[str, list[str]]] | None = None
+) -> list[dict[str, list[str]]]:
     """nnU-Net's ``splits_final.json`` content: ``[{"train": [...], "val": [...]}, ...]`` (sorted case names).
 
     ``case_classes`` maps each annotated image to the classes annotated in it
@@ -89,7 +91,7 @@ def make_splits(case_classes: Mapping[str, Iterable[int]], n_folds: int = 5, see
     fold_order = list(range(k))
     rng.shuffle(fold_order)
     if kept:  # the larger kept folds take the sizes rounded up, so that no kept image has to move
-        larger = sorted(range(k), key=lambda f: (-len(folds[f]), fold_order.index(f)))[:len(table) % k]
+        larger = sorted(range(k), key=lambda f: (-len(folds[f]), fold_order.index(f)))[: len(table) % k]
         capacity = [len(table) // k + (1 if i in larger else 0) for i in range(k)]
     else:
         capacity = [len(cases) // k + (1 if i < len(cases) % k else 0) for i in range(k)]
@@ -99,12 +101,17 @@ def make_splits(case_classes: Mapping[str, Iterable[int]], n_folds: int = 5, see
             smallest = min(len(f) for f in folds)
             open_folds = [f for f in fold_order if len(folds[f]) == smallest]
         # fewest images sharing this image's classes (rare classes weigh more), then the emptiest fold
-        best = min(open_folds, key=lambda f: (sum(1.0 / frequency[x] for other in folds[f] for x in table[other] & table[c]),
-                                              len(folds[f]) - capacity[f], fold_order.index(f)))
+        best = min(
+            open_folds,
+            key=lambda f: (
+                sum(1.0 / frequency[x] for other in folds[f] for x in table[other] & table[c]),
+                len(folds[f]) - capacity[f],
+                fold_order.index(f),
+            ),
+        )
         folds[best].append(c)
     _repair(folds, table, rng, fixed=set(kept))
-    return [{"train": sorted(x for j, f in enumerate(folds) if j != i for x in f), "val": sorted(folds[i])}
-            for i in range(k)]
+    return [{"train": sorted(x for j, f in enumerate(folds) if j != i for x in f), "val": sorted(folds[i])} for i in range(k)]
 
 
 def _swap(folds: list[list[str]], a: int, b: int, from_a: str, from_b: str) -> None:
@@ -127,8 +134,13 @@ def _classes_in_one_fold(folds: list[list[str]], table: Mapping[str, frozenset[i
     return sorted(cls for cls, fs in where.items() if len(fs) < 2 and count[cls] >= 2)
 
 
-def _repair(folds: list[list[str]], table: Mapping[str, frozenset[int]], rng: random.Random, rounds: int = 200,
-            fixed: set[str] | frozenset[str] = frozenset()) -> None:
+def _repair(
+    folds: list[list[str]],
+    table: Mapping[str, frozenset[int]],
+    rng: random.Random,
+    rounds: int = 200,
+    fixed: set[str] | frozenset[str] = frozenset(),
+) -> None:
     """Swap images between folds until every class in 2+ images is in 2+ folds (sizes stay the same); images in
     ``fixed`` (kept from the previous splits) never move."""
     if len(folds) < 2:
@@ -160,8 +172,10 @@ def _repair(folds: list[list[str]], table: Mapping[str, frozenset[int]], rng: ra
 def classes_per_fold(splits: list[dict[str, list[str]]], case_classes: Mapping[str, Iterable[int]]) -> list[dict[str, set[int]]]:
     """For each fold, the classes in its training and validation sets."""
     table = {c: set(v) for c, v in case_classes.items()}
-    return [{part: set().union(*(table[c] for c in split[part])) if split[part] else set() for part in ("train", "val")}
-            for split in splits]
+    return [
+        {part: set().union(*(table[c] for c in split[part])) if split[part] else set() for part in ("train", "val")}
+        for split in splits
+    ]
 
 
 def check_splits(splits: list[dict[str, list[str]]], case_classes: Mapping[str, Iterable[int]]) -> list[str]:
@@ -185,19 +199,24 @@ def check_splits(splits: list[dict[str, list[str]]], case_classes: Mapping[str, 
     return problems
 
 
-def stable_splits(case_classes: Mapping[str, Iterable[int]], n_folds: int = 5, seed: int = 0,
-                  previous: list[dict[str, list[str]]] | None = None) -> tuple[list[dict[str, list[str]]], str]:
+def stable_splits(
+    case_classes: Mapping[str, Iterable[int]], n_folds: int = 5, seed: int = 0, previous: list[dict[str, list[str]]] | None = None
+) -> tuple[list[dict[str, list[str]]], str]:
     """:func:`make_splits` keeping ``previous`` where it can, and a note saying what was done."""
     if previous is None:
         return make_splits(case_classes, n_folds, seed), "fresh splits (no previous splits)"
     k = fold_count(len(case_classes), n_folds)
     if len(previous) > k:
-        return (make_splits(case_classes, n_folds, seed),
-                f"fresh splits: the previous splits have {len(previous)} folds, {k} now (annotated images removed)")
+        return (
+            make_splits(case_classes, n_folds, seed),
+            f"fresh splits: the previous splits have {len(previous)} folds, {k} now (annotated images removed)",
+        )
     splits = make_splits(case_classes, n_folds, seed, previous)
     kept = sum(1 for s in previous for c in s["val"] if c in case_classes)
-    return splits, (f"stable folds: {kept} images kept their fold, {len(case_classes) - kept} new placed"
-                    + (f", folds {len(previous)}..{k - 1} new" if k > len(previous) else ""))
+    return splits, (
+        f"stable folds: {kept} images kept their fold, {len(case_classes) - kept} new placed"
+        + (f", folds {len(previous)}..{k - 1} new" if k > len(previous) else "")
+    )
 
 
 def write_splits(path: Path | str, splits: list[dict[str, list[str]]]) -> None:

@@ -6,6 +6,7 @@ that starts the job), reports progress through the job's ``status.json`` and
 returns a JSON summary (the job's ``result.json``). The environment nnU-Net's
 planner reads is set by the runner for the worker only (``JobSpec.env``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,10 @@ def _relay(report: Reporter, stage: str) -> Callable[[dict], None]:
             fields["message"] = str(event["message"])
         elif "epoch" in event and "epochs" in event:
             loss = f", loss {event['loss']:.3f}" if isinstance(event.get("loss"), float) else ""
-            fields["message"] = (f"fold {event.get('fold')}: epoch {int(event['epoch']) + 1}/{event['epochs']}, "
-                                 f"iteration {event.get('iteration')}/{event.get('iterations')}{loss}")
+            fields["message"] = (
+                f"fold {event.get('fold')}: epoch {int(event['epoch']) + 1}/{event['epochs']}, "
+                f"iteration {event.get('iteration')}/{event.get('iterations')}{loss}"
+            )
         report(**fields)
 
     return relay
@@ -58,11 +61,17 @@ def prepare_task(inputs: dict, report: Reporter) -> dict:
 
     torch_threads(inputs, report)
     report(stage="prepare", message="planning and preprocessing", force=True)
-    return prepare(Project.open(inputs["project"]), inputs.get("configuration", "3d_fullres"), int(inputs.get("folds", 5)),
-                   seed=inputs.get("seed"), replan=bool(inputs.get("replan", False)),
-                   num_processes=int(inputs.get("processes", 1)),
-                   progress=_relay(report, "prepare"), previous_splits=inputs.get("previous_splits"),
-                   model_folder=inputs.get("model_folder"))
+    return prepare(
+        Project.open(inputs["project"]),
+        inputs.get("configuration", "3d_fullres"),
+        int(inputs.get("folds", 5)),
+        seed=inputs.get("seed"),
+        replan=bool(inputs.get("replan", False)),
+        num_processes=int(inputs.get("processes", 1)),
+        progress=_relay(report, "prepare"),
+        previous_splits=inputs.get("previous_splits"),
+        model_folder=inputs.get("model_folder"),
+    )
 
 
 def train_task(inputs: dict, report: Reporter) -> dict:
@@ -79,10 +88,19 @@ def train_task(inputs: dict, report: Reporter) -> dict:
             print(event["message"], flush=True)
         relay(event)
 
-    return train_fold(inputs["project"], fold, TrainingProfile.from_json(inputs["profile"]), inputs["output"],
-                      inputs.get("device"), progress, seed=inputs.get("seed"), loop=inputs.get("loop"),
-                      init=inputs.get("init", "scratch"), warm_from=inputs.get("warm_from"),
-                      warm_note=inputs.get("warm_note"))
+    return train_fold(
+        inputs["project"],
+        fold,
+        TrainingProfile.from_json(inputs["profile"]),
+        inputs["output"],
+        inputs.get("device"),
+        progress,
+        seed=inputs.get("seed"),
+        loop=inputs.get("loop"),
+        init=inputs.get("init", "scratch"),
+        warm_from=inputs.get("warm_from"),
+        warm_note=inputs.get("warm_note"),
+    )
 
 
 def score_task(inputs: dict, report: Reporter) -> dict:
@@ -93,8 +111,7 @@ def score_task(inputs: dict, report: Reporter) -> dict:
     _threads(inputs, report)
     report(stage="scoring", message="loading the ensemble", force=True)
     ensemble = load_scoring_ensemble(inputs["model"], resolve_device(inputs.get("device")))
-    return score_pool_with_ensemble(Project.open(inputs["project"]), ensemble, settings,
-                                    progress=_relay(report, "scoring"))
+    return score_pool_with_ensemble(Project.open(inputs["project"]), ensemble, settings, progress=_relay(report, "scoring"))
 
 
 def evaluate_task(inputs: dict, report: Reporter) -> dict:
@@ -104,10 +121,16 @@ def evaluate_task(inputs: dict, report: Reporter) -> dict:
 
     _threads(inputs, report)
     report(stage="evaluation", message="loading the ensemble", force=True)
-    ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")),
-                                        mirroring=bool(inputs.get("mirroring", True)))
-    summary = evaluate_test_split(Project.open(inputs["project"]), ensemble, inputs["output"],
-                                  progress=_relay(report, "evaluation"), extra=inputs.get("extra"))
+    ensemble = load_evaluation_ensemble(
+        inputs["model"], resolve_device(inputs.get("device")), mirroring=bool(inputs.get("mirroring", True))
+    )
+    summary = evaluate_test_split(
+        Project.open(inputs["project"]),
+        ensemble,
+        inputs["output"],
+        progress=_relay(report, "evaluation"),
+        extra=inputs.get("extra"),
+    )
     if inputs.get("summary_copy"):
         Path(inputs["summary_copy"]).parent.mkdir(parents=True, exist_ok=True)
         atomic_copy(Path(inputs["output"]) / "summary.json", inputs["summary_copy"])
@@ -127,8 +150,9 @@ def predict_task(inputs: dict, report: Reporter) -> dict:
     output = Path(inputs["output"])
     output.mkdir(parents=True, exist_ok=True)
     report(stage="prediction", message="loading the ensemble", force=True)
-    ensemble = load_evaluation_ensemble(inputs["model"], resolve_device(inputs.get("device")),
-                                        mirroring=bool(inputs.get("mirroring", True)))
+    ensemble = load_evaluation_ensemble(
+        inputs["model"], resolve_device(inputs.get("device")), mirroring=bool(inputs.get("mirroring", True))
+    )
     written = []
     for i, case in enumerate(cases):
         path = output / f"{case}.nii.gz"

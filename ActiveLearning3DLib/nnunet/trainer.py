@@ -57,6 +57,7 @@ What it changes against ``nnUNetTrainer`` (2.8.1), and what it keeps:
 Everything else (augmentation, optimiser, poly learning rate, checkpoints,
 logging, network construction) is nnU-Net's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,8 +76,16 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from ..fileio import atomic_write_json, read_json, replacing_file
 from .checkpoints import UnsafeCheckpoint, check_plain_pickles, load_checkpoint, weights_digest
-from .determinism import (RNG_KEY, Determinism, assess, capture_rng_state, deterministic_torch, fold_seed,
-                          restore_rng_state, seed_everything)
+from .determinism import (
+    RNG_KEY,
+    Determinism,
+    assess,
+    capture_rng_state,
+    deterministic_torch,
+    fold_seed,
+    restore_rng_state,
+    seed_everything,
+)
 from .paths import NnunetPaths
 from .profiles import TrainingProfile, resolve_device, resolve_profile
 from .sampling import RegionSamplingDataLoader
@@ -127,8 +136,10 @@ def plans_for_profile(plans: Mapping, configuration: str, profile: TrainingProfi
         from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
         if len(profile.patch_size) != len(config["patch_size"]):
-            raise TrainingError(f"profile patch size {list(profile.patch_size)} does not fit the {len(config['patch_size'])}D "
-                                f"configuration {configuration!r}")
+            raise TrainingError(
+                f"profile patch size {list(profile.patch_size)} does not fit the {len(config['patch_size'])}D "
+                f"configuration {configuration!r}"
+            )
         _, strides, kernels, patch, _ = get_pool_and_conv_props(config["spacing"], list(profile.patch_size), 4, 999999)
         config["patch_size"] = [int(p) for p in patch]
         arch["strides"] = [[int(s) for s in st] for st in strides]
@@ -139,7 +150,7 @@ def plans_for_profile(plans: Mapping, configuration: str, profile: TrainingProfi
     base = int(profile.base_features or features[0])
     cap = int(profile.max_features or max(features))
     if profile.base_features or profile.max_features or len(features) != n:
-        arch["features_per_stage"] = [min(cap, base * 2 ** i) for i in range(n)]
+        arch["features_per_stage"] = [min(cap, base * 2**i) for i in range(n)]
     conv = int(profile.conv_per_stage or list(arch["n_conv_per_stage"])[0])
     if profile.conv_per_stage or len(arch["n_conv_per_stage"]) != n:
         arch["n_conv_per_stage"] = [conv] * n
@@ -156,8 +167,14 @@ class nnUNetTrainerPartial(nnUNetTrainer):
     output_folder_base = _PinnedFolder()
     output_folder = _PinnedFolder()
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnUNetTrainer's own signature)
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnUNetTrainer's own signature)
+    ):
         run = plans.pop(RUN_KEY, None) or {}
         self.profile: TrainingProfile | None = TrainingProfile.from_json(run["profile"]) if run.get("profile") else None
         self.progress_callback: Progress | None = run.get("progress")
@@ -233,26 +250,54 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         """nnU-Net's ``get_dataloaders`` with our loader class and the profile's number of augmentation processes."""
         patch_size = self.configuration_manager.patch_size
         deep_supervision_scales = self._get_deep_supervision_scales()
-        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = (
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
         lm = self.label_manager
         tr_transforms = self.get_training_transforms(
-            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
-            foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
-            ignore_label=lm.ignore_label)
+            patch_size,
+            rotation_for_DA,
+            deep_supervision_scales,
+            mirror_axes,
+            do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
+            is_cascaded=self.is_cascaded,
+            foreground_labels=lm.foreground_labels,
+            regions=lm.foreground_regions if lm.has_regions else None,
+            ignore_label=lm.ignore_label,
+        )
         val_transforms = self.get_validation_transforms(
-            deep_supervision_scales, is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels,
-            regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
+            deep_supervision_scales,
+            is_cascaded=self.is_cascaded,
+            foreground_labels=lm.foreground_labels,
+            regions=lm.foreground_regions if lm.has_regions else None,
+            ignore_label=lm.ignore_label,
+        )
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = RegionSamplingDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, lm,
-                                         oversample_foreground_percent=self.oversample_foreground_percent,
-                                         sampling_probabilities=None, pad_sides=None, transforms=tr_transforms,
-                                         probabilistic_oversampling=self.probabilistic_oversampling)
-        dl_val = RegionSamplingDataLoader(dataset_val, self.batch_size, patch_size, patch_size, lm,
-                                          oversample_foreground_percent=self.oversample_foreground_percent,
-                                          sampling_probabilities=None, pad_sides=None, transforms=val_transforms,
-                                          probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = RegionSamplingDataLoader(
+            dataset_tr,
+            self.batch_size,
+            initial_patch_size,
+            patch_size,
+            lm,
+            oversample_foreground_percent=self.oversample_foreground_percent,
+            sampling_probabilities=None,
+            pad_sides=None,
+            transforms=tr_transforms,
+            probabilistic_oversampling=self.probabilistic_oversampling,
+        )
+        dl_val = RegionSamplingDataLoader(
+            dataset_val,
+            self.batch_size,
+            patch_size,
+            patch_size,
+            lm,
+            oversample_foreground_percent=self.oversample_foreground_percent,
+            sampling_probabilities=None,
+            pad_sides=None,
+            transforms=val_transforms,
+            probabilistic_oversampling=self.probabilistic_oversampling,
+        )
         processes = self.profile.data_loader_processes() if self.profile is not None else None
         if processes is None:
             from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -269,8 +314,9 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         else:
             pin = self.device.type == "cuda"
             mt_gen_train = NonDetMultiThreadedAugmenter(dl_tr, None, processes, max(6, processes // 2), None, pin, 0.002)
-            mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4), None,
-                                                      pin, 0.002)
+            mt_gen_val = NonDetMultiThreadedAugmenter(
+                dl_val, None, max(1, processes // 2), max(3, processes // 4), None, pin, 0.002
+            )
         _ = next(mt_gen_train)
         _ = next(mt_gen_val)
         return mt_gen_train, mt_gen_val
@@ -304,14 +350,15 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         network = self.network.module if self.is_ddp else self.network
         network = getattr(network, "_orig_mod", network)
         own = network.state_dict()
-        weights = {k[7:] if k not in own and k.startswith("module.") else k: v
-                   for k, v in checkpoint["network_weights"].items()}
+        weights = {k[7:] if k not in own and k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
         if weights.keys() != own.keys():
             return f"{checkpoint_path}: another network (layer names differ)"
         wrong = [k for k in own if tuple(own[k].shape) != tuple(weights[k].shape)]
         if wrong:
-            return (f"{checkpoint_path}: another network ({wrong[0]}: {list(weights[wrong[0]].shape)} instead of "
-                    f"{list(own[wrong[0]].shape)})")
+            return (
+                f"{checkpoint_path}: another network ({wrong[0]}: {list(weights[wrong[0]].shape)} instead of "
+                f"{list(own[wrong[0]].shape)})"
+            )
         network.load_state_dict(weights)
         self._al3d_warm_loaded = True
         return None
@@ -344,11 +391,21 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         if self._al3d_resumed_without_rng:
             ok, reason = False, "resumed from a checkpoint without random states"
         elif len(self._al3d_threads) > 1:
-            ok, reason = False, (f"torch threads changed while training ({', '.join(map(str, sorted(self._al3d_threads)))}; "
-                                 f"the runner's idle-core sharing)")
+            ok, reason = (
+                False,
+                (
+                    f"torch threads changed while training ({', '.join(map(str, sorted(self._al3d_threads)))}; "
+                    f"the runner's idle-core sharing)"
+                ),
+            )
         else:
-            ok, reason = assess(self.device.type, self.seed, self._al3d_processes, isinstance(self.network, OptimizedModule),
-                                torch.get_num_threads() if self.device.type == "cpu" else None)
+            ok, reason = assess(
+                self.device.type,
+                self.seed,
+                self._al3d_processes,
+                isinstance(self.network, OptimizedModule),
+                torch.get_num_threads() if self.device.type == "cpu" else None,
+            )
         return Determinism(ok, reason, self.seed, self._al3d_seeding.get("base_seed"), self._al3d_seeding.get("loop"))
 
     def on_train_epoch_start(self):
@@ -373,10 +430,15 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         epoch = self.current_epoch
         super().on_epoch_end()
         get = self.logger.get_value
-        self._report(epoch=epoch, iteration=self.num_iterations_per_epoch, event="epoch_end",
-                     train_loss=float(get("train_losses", step=-1)), val_loss=float(get("val_losses", step=-1)),
-                     pseudo_dice=[float(d) for d in get("dice_per_class_or_region", step=-1)],
-                     epoch_seconds=float(get("epoch_end_timestamps", step=-1) - get("epoch_start_timestamps", step=-1)))
+        self._report(
+            epoch=epoch,
+            iteration=self.num_iterations_per_epoch,
+            event="epoch_end",
+            train_loss=float(get("train_losses", step=-1)),
+            val_loss=float(get("val_losses", step=-1)),
+            pseudo_dice=[float(d) for d in get("dice_per_class_or_region", step=-1)],
+            epoch_seconds=float(get("epoch_end_timestamps", step=-1) - get("epoch_start_timestamps", step=-1)),
+        )
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0 or self.disable_checkpointing:
@@ -421,14 +483,14 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         network = self.network.module if self.is_ddp else self.network
         network = getattr(network, "_orig_mod", network)
         own = network.state_dict().keys()
-        weights = {k[7:] if k not in own and k.startswith("module.") else k: v
-                   for k, v in checkpoint["network_weights"].items()}
+        weights = {k[7:] if k not in own and k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_ema = checkpoint["_best_ema"]
-        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
-                                                               self.inference_allowed_mirroring_axes)
+        self.inference_allowed_mirroring_axes = checkpoint.get(
+            "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes
+        )
         network.load_state_dict(weights)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self._al3d_resume_rng = checkpoint.get(RNG_KEY)
@@ -448,9 +510,16 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         iteration = extra.pop("iteration", self._al3d_iteration)
         total = self.num_epochs * self.num_iterations_per_epoch
         done = epoch * self.num_iterations_per_epoch + iteration
-        status = {"stage": "training", "fold": self.fold, "epoch": int(epoch), "epochs": int(self.num_epochs),
-                  "iteration": int(iteration), "iterations": int(self.num_iterations_per_epoch),
-                  "progress": min(1.0, done / total) if total else 1.0, **extra}
+        status = {
+            "stage": "training",
+            "fold": self.fold,
+            "epoch": int(epoch),
+            "epochs": int(self.num_epochs),
+            "iteration": int(iteration),
+            "iterations": int(self.num_iterations_per_epoch),
+            "progress": min(1.0, done / total) if total else 1.0,
+            **extra,
+        }
         self.progress_callback(status)
 
 
@@ -525,8 +594,9 @@ def train_fold(
     final = fold_dir / "checkpoint_final.pth"
     key_file = fold_dir / "al3d_data_key.txt"
     if key_file.is_file() and key_file.read_text().strip() != data_key:
-        raise TrainingError(f"{fold_dir}: holds a model trained on other data (labels, plans or splits changed); "
-                            f"train into a new output folder")
+        raise TrainingError(
+            f"{fold_dir}: holds a model trained on other data (labels, plans or splits changed); train into a new output folder"
+        )
     if resume and final.is_file():
         summary_file = fold_dir / "al3d_summary.json"
         summary = read_json(summary_file) if summary_file.is_file() else {}
@@ -541,15 +611,28 @@ def train_fold(
         plans["continue_training"] = True
     init_file = fold_dir / INIT_FILE
     if resume_from is not None:  # a resumed fold keeps how it started; its own checkpoint holds its weights
-        start = read_json(init_file) if init_file.is_file() else {
-            "requested": init, "init": "scratch", "from": None,
-            "reason": "resumed from its own checkpoint, written before warm starts were recorded"}
+        start = (
+            read_json(init_file)
+            if init_file.is_file()
+            else {
+                "requested": init,
+                "init": "scratch",
+                "from": None,
+                "reason": "resumed from its own checkpoint, written before warm starts were recorded",
+            }
+        )
     else:
         start = _start_decision(project, configuration, profile, fold, init, warm_from, warm_note, plans)
-    plans[RUN_KEY] = {"profile": profile.to_json(), "progress": progress,
-                      "preprocessed": str(paths.preprocessed_dataset), "output": str(output),
-                      "seed": None if seed is None else fold_seed(seed, loop, fold),
-                      "base_seed": seed, "loop": loop, "warm": start["init"] == "warm"}
+    plans[RUN_KEY] = {
+        "profile": profile.to_json(),
+        "progress": progress,
+        "preprocessed": str(paths.preprocessed_dataset),
+        "output": str(output),
+        "seed": None if seed is None else fold_seed(seed, loop, fold),
+        "base_seed": seed,
+        "loop": loop,
+        "warm": start["init"] == "warm",
+    }
     torch_device = torch.device(resolve_device(profile.device))
     trainer = nnUNetTrainerPartial(plans, configuration, fold, project_dataset_json(project), torch_device)
     if resume_from is not None:
@@ -564,10 +647,19 @@ def train_fold(
         start["initial_lr"] = float(trainer.initial_lr)
         atomic_write_json(init_file, start)
     if init == "warm" and progress is not None:
-        said = (f"fold {fold}: warm start from {start['from']} ({start['epochs']} epochs from learning rate "
-                f"{start['initial_lr']:g})" if start["init"] == "warm" else f"fold {fold}: {start['reason']}")
-        progress({"event": "init", "stage": "training", "fold": fold,
-                  "message": ("resumed from its own checkpoint; " if resume_from is not None else "") + said})
+        said = (
+            f"fold {fold}: warm start from {start['from']} ({start['epochs']} epochs from learning rate {start['initial_lr']:g})"
+            if start["init"] == "warm"
+            else f"fold {fold}: {start['reason']}"
+        )
+        progress(
+            {
+                "event": "init",
+                "stage": "training",
+                "fold": fold,
+                "message": ("resumed from its own checkpoint; " if resume_from is not None else "") + said,
+            }
+        )
     started = time.perf_counter()
     start_epoch = trainer.current_epoch
     with deterministic_torch(torch_device.type, seed is not None):
@@ -576,15 +668,24 @@ def train_fold(
     iterations = (trainer.num_epochs - start_epoch) * trainer.num_iterations_per_epoch
     get = trainer.logger.get_value
     summary = {
-        "fold": fold, "profile": profile.name, "configuration": configuration, "device": str(trainer.device),
-        "checkpoint": str(final), "model_folder": str(output), "epochs": trainer.num_epochs,
-        "iterations_per_epoch": trainer.num_iterations_per_epoch, "resumed_from_epoch": start_epoch,
-        "seconds": round(seconds, 2), "seconds_per_iteration": round(trainer.train_seconds / max(1, trainer.train_iterations), 4),
+        "fold": fold,
+        "profile": profile.name,
+        "configuration": configuration,
+        "device": str(trainer.device),
+        "checkpoint": str(final),
+        "model_folder": str(output),
+        "epochs": trainer.num_epochs,
+        "iterations_per_epoch": trainer.num_iterations_per_epoch,
+        "resumed_from_epoch": start_epoch,
+        "seconds": round(seconds, 2),
+        "seconds_per_iteration": round(trainer.train_seconds / max(1, trainer.train_iterations), 4),
         "seconds_per_iteration_overall": round(seconds / max(1, iterations), 4),
-        "final_train_loss": float(get("train_losses", step=-1)), "final_val_loss": float(get("val_losses", step=-1)),
+        "final_train_loss": float(get("train_losses", step=-1)),
+        "final_val_loss": float(get("val_losses", step=-1)),
         "final_pseudo_dice": [float(d) for d in get("dice_per_class_or_region", step=-1)],
         "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
-        "batch_size": int(trainer.batch_size), "data_key": data_key,
+        "batch_size": int(trainer.batch_size),
+        "data_key": data_key,
         "determinism": trainer.determinism().to_json(),
         "init": {**start, **({"initial_weights_sha256": trainer.warm_loaded_digest} if trainer.warm_loaded_digest else {})},
     }
@@ -593,7 +694,6 @@ def train_fold(
             raise TrainingError(f"fold {fold}: {key} is {summary[key]} (training diverged)")
     atomic_write_json(fold_dir / "al3d_summary.json", summary)
     return summary
-
 
 
 def _plans_differ(previous: Path, plans: Mapping, dataset: Mapping, configuration: str) -> str | None:
@@ -621,8 +721,16 @@ def _plans_differ(previous: Path, plans: Mapping, dataset: Mapping, configuratio
     return None
 
 
-def _start_decision(project, configuration: str, profile: TrainingProfile, fold: int, init: str,
-                    warm_from: Path | str | None, warm_note: str | None, plans: Mapping) -> dict:
+def _start_decision(
+    project,
+    configuration: str,
+    profile: TrainingProfile,
+    fold: int,
+    init: str,
+    warm_from: Path | str | None,
+    warm_note: str | None,
+    plans: Mapping,
+) -> dict:
     """How a fold starts (before its first step): ``{"requested", "init", "from", "reason"}``."""
     from .planning import project_dataset_json
 
@@ -630,13 +738,14 @@ def _start_decision(project, configuration: str, profile: TrainingProfile, fold:
     if init != "warm":
         return decision
     if warm_from is None:
-        return {**decision, "reason": f"warm start without a previous model, trained from scratch: "
-                                      f"{warm_note or 'none given'}"}
+        return {**decision, "reason": f"warm start without a previous model, trained from scratch: {warm_note or 'none given'}"}
     previous = Path(warm_from)
     checkpoint = previous / f"fold_{fold}" / "checkpoint_final.pth"
     if not checkpoint.is_file():
-        return {**decision, "reason": f"warm start without a previous member, trained from scratch: {previous.name} has "
-                                      f"no finished fold {fold}"}
+        return {
+            **decision,
+            "reason": f"warm start without a previous member, trained from scratch: {previous.name} has no finished fold {fold}",
+        }
     current = plans_for_profile(plans, configuration, profile) if (profile.changes_network or profile.batch_size) else plans
     differ = _plans_differ(previous, current, project_dataset_json(project), configuration)
     if differ is not None:

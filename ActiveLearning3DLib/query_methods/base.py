@@ -1,4 +1,5 @@
 """What every query method gets and returns, and the registry entry that describes it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -134,8 +135,10 @@ class QueryMethod:
                 "or train a model first"
             )
         if context.options is not None and not isinstance(context.options, OPTION_RECORDS):
-            raise ValueError(f"query method {self.name!r}: options must be a query method's option record, "
-                             f"got {type(context.options).__name__}")
+            raise ValueError(
+                f"query method {self.name!r}: options must be a query method's option record, "
+                f"got {type(context.options).__name__}"
+            )
         if self.needs_embeddings and context.embeddings is None:
             raise ValueError(f"query method {self.name!r} needs the pool's box embeddings (made by the pool autoencoder)")
         picks = self.select(context, count)

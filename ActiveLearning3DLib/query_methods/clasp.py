@@ -1,4 +1,5 @@
 """ClaSP PE: class-stratified predictive entropy with a decaying power-noise schedule (docs/METHODS.md section 4)."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -83,9 +84,7 @@ def select_clasp_pe(ctx: QueryContext, count: int) -> list[Pick]:
             priority = log_score(s.scores) + gumbel(rng, s.scores.shape, 1.0 / beta)
             quota = plain_n if name == PLAIN else class_n
             per_stratum[str(name)] += greedy_per_image(s, quota, blocker, priority, str(name))
-    ranked = {
-        name: sorted(picks, key=lambda p: -p.priority) for name, picks in per_stratum.items()
-    }
+    ranked = {name: sorted(picks, key=lambda p: -p.priority) for name, picks in per_stratum.items()}
     for name in strata:
         ranked.setdefault(name, [])
     for picks in ranked.values():

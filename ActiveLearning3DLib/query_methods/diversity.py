@@ -21,6 +21,7 @@ CSCS (Hattat et al.), as this project defines its free parts:
 - score ``S = T ** (1 - a) * D ** a``; selection stratified over k-means
   clusters with the quotas of ``cluster``.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -138,11 +139,12 @@ def cscs_scores(embeddings: np.ndarray, difficulty: np.ndarray, budget: int, k: 
     dcr = difficulty_coverage_ratio(t, d)
     b = budget / len(t)
     a = pacing_weight(b, dcr)
-    return t ** (1 - a) * d ** a, {"dcr": dcr, "effective_budget": b, "difficulty_weight": a}
+    return t ** (1 - a) * d**a, {"dcr": dcr, "effective_budget": b, "difficulty_weight": a}
 
 
-def stratified_select(labels: np.ndarray, priority: np.ndarray, budget: int,
-                      accept: Callable[[int], bool] = lambda i: True) -> list[int]:
+def stratified_select(
+    labels: np.ndarray, priority: np.ndarray, budget: int, accept: Callable[[int], bool] = lambda i: True
+) -> list[int]:
     """Per cluster, its quota of candidates in descending priority; ``accept`` may reject (e.g. an overlap).
 
     A cluster that runs out passes its unused quota to the others (largest
@@ -196,12 +198,15 @@ def _embedding_query(ctx: QueryContext, count: int, method: str, priority_of) ->
     picked = stratified_select(labels, priority, count, accept)
     if len(picked) < count:
         raise NotEnoughCandidates(f"{method}: only {len(picked)} non-overlapping candidate boxes, {count} asked for")
-    return [Pick(free.boxes[i], float(scores[i]), float(priority[i]), f"cluster_{int(labels[i])}", rank)
-            for rank, i in enumerate(picked)]
+    return [
+        Pick(free.boxes[i], float(scores[i]), float(priority[i]), f"cluster_{int(labels[i])}", rank)
+        for rank, i in enumerate(picked)
+    ]
 
 
 def select_cluster(ctx: QueryContext, count: int) -> list[Pick]:
     """``cluster``: k-means on the embeddings, proportional quotas, nearest to the centre first."""
+
     def priority(free, labels, centres):
         p = cluster_priority(free.embeddings, labels, centres)
         return p, -p  # score: the distance to the centre
@@ -211,6 +216,7 @@ def select_cluster(ctx: QueryContext, count: int) -> list[Pick]:
 
 def select_cscs(ctx: QueryContext, count: int) -> list[Pick]:
     """``cscs``: typicality and difficulty combined by the pacing rule, stratified over clusters."""
+
     def priority(free, labels, centres):
         s, _ = cscs_scores(free.embeddings, free.errors, count)
         return s, s
@@ -222,8 +228,12 @@ def select_cscs(ctx: QueryContext, count: int) -> list[Pick]:
 DEFAULT_MIN_DISTANCE_FACTOR = 1.0  # default minimum centre distance: this times the longest box edge (voxels)
 
 
-def spatially_diverse(picks: Sequence[Pick], count: int, min_distance: float,
-                      embeddings: dict[tuple[str, tuple[int, ...]], np.ndarray] | None = None) -> list[Pick]:
+def spatially_diverse(
+    picks: Sequence[Pick],
+    count: int,
+    min_distance: float,
+    embeddings: dict[tuple[str, tuple[int, ...]], np.ndarray] | None = None,
+) -> list[Pick]:
     """Best-first, rejecting a pick closer than ``min_distance`` to one already chosen in this query.
 
     Distance: between box centres in voxels (boxes of different images are
@@ -239,7 +249,8 @@ def spatially_diverse(picks: Sequence[Pick], count: int, min_distance: float,
                 return chosen
     raise NotEnoughCandidates(
         f"pe_spatial: only {len(chosen)} candidate boxes at least {min_distance:g} apart, {count} asked for; "
-        "lower the minimum distance or ask for fewer boxes")
+        "lower the minimum distance or ask for fewer boxes"
+    )
 
 
 def _distance(p: Pick, q: Pick, embeddings) -> float:
@@ -263,8 +274,7 @@ def select_pe_spatial(ctx: QueryContext, count: int) -> list[Pick]:
     options = ctx.options if isinstance(ctx.options, PESpatialOptions) else PESpatialOptions()  # validated when made
     if options.distance_space == "embedding":
         return _pe_spatial_embedding(ctx, count, options)
-    min_distance = options.min_distance if options.min_distance is not None else \
-        DEFAULT_MIN_DISTANCE_FACTOR * max(ctx.patch_size)
+    min_distance = options.min_distance if options.min_distance is not None else DEFAULT_MIN_DISTANCE_FACTOR * max(ctx.patch_size)
     per_image = ctx.n_per_image or count
     picks: list[Pick] = []
     for scores in ctx.case_scores(["pe"]):

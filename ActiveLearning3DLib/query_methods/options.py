@@ -5,6 +5,7 @@ caller puts one in ``QueryContext.options`` and the method reads it with
 ``QueryMethod.options_of(context)`` (its defaults when none is given). Adding a
 method with options adds a record here, not fields to ``QueryContext``.
 """
+
 from __future__ import annotations
 
 import math

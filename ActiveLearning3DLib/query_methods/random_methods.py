@@ -1,4 +1,5 @@
 """Model-free queries: uniform random boxes, nnActive's foreground-aware random baselines and starting budget."""
+
 from __future__ import annotations
 
 from typing import Callable, Sequence

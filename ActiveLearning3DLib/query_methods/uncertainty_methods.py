@@ -1,4 +1,5 @@
 """Model-based queries on one uncertainty map: greedy PE and BALD, their power variants, SoftrankBALD."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -12,7 +13,10 @@ POWER_BETA = 1.0
 
 
 def _per_image_then_global(
-    ctx: QueryContext, count: int, map_name: str, method: str,
+    ctx: QueryContext,
+    count: int,
+    map_name: str,
+    method: str,
     priority: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> list[Pick]:
     """Per image: the best non-overlapping boxes by priority; across images: the best ``count``."""

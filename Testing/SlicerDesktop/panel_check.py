@@ -30,6 +30,7 @@ The summary is printed and written to ``OUT/summary.json``; Slicer exits with
 work without Slicer (``Testing/test_slicer_desktop.py`` tests them and runs
 this script when ``SLICER_EXECUTABLE`` is set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 STEPS = ("dependencies", "panel", "project", "boxes", "submit", "loop", "export")
-NEEDS = {"panel": ("dependencies",), "project": ("panel",), "boxes": ("project",), "submit": ("boxes",),
-         "loop": ("submit",), "export": ("loop",)}
+NEEDS = {
+    "panel": ("dependencies",),
+    "project": ("panel",),
+    "boxes": ("project",),
+    "submit": ("boxes",),
+    "loop": ("submit",),
+    "export": ("loop",),
+}
 
 
 @dataclass
@@ -126,14 +133,21 @@ class Summary:
     def format(self) -> str:
         counts = {state: sum(s.state == state for s in self.steps) for state in ("pass", "fail", "skip")}
         verdict = "PASSED" if self.passed else "FAILED"
-        return "\n".join(["Active Learning 3D panel check", *[self.line(s) for s in self.steps],
-                          f"{verdict}: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"])
+        return "\n".join(
+            [
+                "Active Learning 3D panel check",
+                *[self.line(s) for s in self.steps],
+                f"{verdict}: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped",
+            ]
+        )
 
     def write(self, path: Path, environment: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"passed": self.passed, "environment": environment,
-                                   "steps": [asdict(s) for s in self.steps]}, indent=1) + "\n")
+        tmp.write_text(
+            json.dumps({"passed": self.passed, "environment": environment, "steps": [asdict(s) for s in self.steps]}, indent=1)
+            + "\n"
+        )
         tmp.replace(path)
 
 
@@ -159,8 +173,7 @@ class PanelCheck:
             raise RuntimeError(todo.blocking_message() or f"missing {todo.describe()}; rerun with --install")
         errors = []
         started = time.perf_counter()
-        ok = ensure_dependencies(slicer, confirm=lambda text: True,
-                                 show_error=lambda text, detail: errors.append(text))
+        ok = ensure_dependencies(slicer, confirm=lambda text: True, show_error=lambda text, detail: errors.append(text))
         if not ok:
             raise RuntimeError(errors[0] if errors else "installed; restart Slicer and run this check again")
         return f"installed {todo.describe()} in {time.perf_counter() - started:.0f} s"
@@ -169,8 +182,9 @@ class PanelCheck:
         import slicer
 
         if not hasattr(slicer.modules, "activelearning3d"):
-            raise RuntimeError("the module is not loaded: start Slicer with --additional-module-paths "
-                               "<checkout>/ActiveLearning3D")
+            raise RuntimeError(
+                "the module is not loaded: start Slicer with --additional-module-paths <checkout>/ActiveLearning3D"
+            )
         self.widget = slicer.modules.activelearning3d.widgetRepresentation().self()
         if slicer.util.mainWindow() is not None:
             slicer.util.selectModule("ActiveLearning3D")  # enters the module, as a click would
@@ -257,10 +271,13 @@ class PanelCheck:
         if loops != loops_before + 1:
             raise RuntimeError(f"no new loop ({self.widget.ui.stageLabel.text})")
         if not (self.widget.ui.prefillCheckBox.checked and c.current is not None and c.prefill_shown):
-            raise RuntimeError(f"the next box {getattr(c.current, 'id', None)} did not open pre-filled with the "
-                               "new model's prediction")
-        return (f"loop {loops - 1} queried; {self.widget.ui.boxTable.rowCount} rows; box {c.current.id} opened "
-                f"pre-filled; {self.widget.ui.stageLabel.text}")
+            raise RuntimeError(
+                f"the next box {getattr(c.current, 'id', None)} did not open pre-filled with the new model's prediction"
+            )
+        return (
+            f"loop {loops - 1} queried; {self.widget.ui.boxTable.rowCount} rows; box {c.current.id} opened "
+            f"pre-filled; {self.widget.ui.stageLabel.text}"
+        )
 
     def _drive(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         """Tick the panel's timer work (as its ``waitUntilIdle`` does) and Slicer's events until ``done``."""
@@ -294,8 +311,10 @@ def main(argv: Sequence[str]) -> int:
     for name in STEPS:
         summary.run(name, getattr(check, name), NEEDS.get(name, ()))
     print(summary.format(), flush=True)
-    summary.write(options.out / "summary.json", {"slicer": slicer.app.applicationVersion,
-                                                 "python": sys.version.split()[0], "platform": sys.platform})
+    summary.write(
+        options.out / "summary.json",
+        {"slicer": slicer.app.applicationVersion, "python": sys.version.split()[0], "platform": sys.platform},
+    )
     return summary.exit_code
 
 
