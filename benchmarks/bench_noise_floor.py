@@ -24,6 +24,7 @@ A small check of the script itself (minutes; the figures mean nothing):
 ``--run-root /tmp/nf --results /tmp/nf-results --profile test --budget 10 --loops 2 --max-cases 12
 --training-seeds 100,101``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,14 @@ import numpy as np  # noqa: E402
 
 from ActiveLearning3DLib.default_data import find_shared_dataset  # noqa: E402
 from ActiveLearning3DLib.fileio import atomic_write_json, read_json  # noqa: E402
+from ActiveLearning3DLib.loop_records import LoopRecordStore, read_record  # noqa: E402
 from ActiveLearning3DLib.metrics import aubc, final_dice  # noqa: E402
 from ActiveLearning3DLib.simulation import Simulation, SimulationSettings, export_records  # noqa: E402
 
 STUDY = REPO / "benchmarks" / "results" / "hippocampus-low-cpu-small"
 
 
-def seeds_needed(difference: float, sd_paired: float, alpha: float = 0.05, power: float = 0.8,
-                 most: int = 1000) -> int | None:
+def seeds_needed(difference: float, sd_paired: float, alpha: float = 0.05, power: float = 0.8, most: int = 1000) -> int | None:
     """Seeds a two-sided paired t-test needs to detect ``difference`` with this power, given the sd of the paired
     differences (noncentral t); None when even ``most`` seeds do not suffice or nothing differs."""
     from scipy import stats
@@ -65,17 +66,22 @@ def curves(folder: Path, method: str) -> dict[int, list[float]]:
     """Mean Dice x 100 by loop for each seed of ``method`` in a simulation's records (complete runs only)."""
     out: dict[int, list[float]] = {}
     loops = read_json(folder / "simulation.json")["settings"]["loops"]
-    for seed_dir in sorted((folder / "results" / method).glob("seed_*")):
-        records = [read_json(p) for p in sorted(seed_dir.glob("loop_*.json"))]
-        if len(records) == loops and all(r["mean_dice"] is not None for r in records):
-            out[int(seed_dir.name[5:])] = [100 * float(r["mean_dice"]) for r in records]
+    store = LoopRecordStore(folder)
+    for seed_dir in sorted((store.root / method).glob("seed_*")):
+        seed = int(seed_dir.name[5:])
+        records = [read_record(p) for _, p in store.recorded_loops(method, seed, loops)]
+        if len(records) == loops and all(r.mean_dice is not None for r in records):
+            out[seed] = [100 * float(r.mean_dice) for r in records]
     return out
 
 
 def boxes(folder: Path, method: str, seed: int) -> list:
     """The boxes of every loop of one run, as recorded (to check that repeats annotate the same boxes)."""
-    return [[(b["file"], b["coords"], b["size"]) for b in read_json(p)["loop_file"]["patches"]]
-            for p in sorted((folder / "results" / method / f"seed_{seed}").glob("loop_*.json"))]
+    store = LoopRecordStore(folder)
+    return [
+        [(b.box.case, b.box.coords, b.box.size) for b in read_record(p).boxes_of().boxes]
+        for _, p in store.recorded_loops(method, seed)
+    ]
 
 
 def sd(values) -> float:
@@ -90,23 +96,34 @@ def analyse(targets: dict[int, Path], method: str, seed: int, other: str = "clas
         reference_boxes = boxes(next(iter(targets.values())), method, seed)
         summary["same_boxes"] = all(boxes(targets[t], method, seed) == reference_boxes for t in repeats)
         summary["training"] = {
-            "final_dice": [final_dice(c) for c in repeats.values()], "aubc": [aubc(c) for c in repeats.values()]}
+            "final_dice": [final_dice(c) for c in repeats.values()],
+            "aubc": [aubc(c) for c in repeats.values()],
+        }
         summary["training"]["sd_final_dice"] = sd(summary["training"]["final_dice"])
         summary["training"]["sd_aubc"] = sd(summary["training"]["aubc"])
     if (STUDY / "simulation.json").is_file():
         mine, theirs = curves(STUDY, method), curves(STUDY, other)
-        summary["query_seeds"] = {"seeds": sorted(mine), "final_dice": [final_dice(mine[s]) for s in sorted(mine)],
-                                  "aubc": [aubc(mine[s]) for s in sorted(mine)]}
+        summary["query_seeds"] = {
+            "seeds": sorted(mine),
+            "final_dice": [final_dice(mine[s]) for s in sorted(mine)],
+            "aubc": [aubc(mine[s]) for s in sorted(mine)],
+        }
         summary["query_seeds"]["sd_final_dice"] = sd(summary["query_seeds"]["final_dice"])
         summary["query_seeds"]["sd_aubc"] = sd(summary["query_seeds"]["aubc"])
         paired = sorted(set(mine) & set(theirs))
         if paired:
             diff_final = [final_dice(theirs[s]) - final_dice(mine[s]) for s in paired]
             diff_aubc = [aubc(theirs[s]) - aubc(mine[s]) for s in paired]
-            summary["methods"] = {"other": other, "seeds": paired, "final_dice_difference": diff_final,
-                                  "aubc_difference": diff_aubc, "mean_final_dice_difference": float(np.mean(diff_final)),
-                                  "mean_aubc_difference": float(np.mean(diff_aubc)),
-                                  "sd_final_dice_difference": sd(diff_final), "sd_aubc_difference": sd(diff_aubc)}
+            summary["methods"] = {
+                "other": other,
+                "seeds": paired,
+                "final_dice_difference": diff_final,
+                "aubc_difference": diff_aubc,
+                "mean_final_dice_difference": float(np.mean(diff_final)),
+                "mean_aubc_difference": float(np.mean(diff_aubc)),
+                "sd_final_dice_difference": sd(diff_final),
+                "sd_aubc_difference": sd(diff_aubc),
+            }
     methods, training = summary.get("methods"), summary.get("training")
     if methods:
         need = {}
@@ -126,27 +143,43 @@ def markdown(summary: dict) -> str:
     def fmt(values) -> str:
         return " / ".join(f"{v:.1f}" for v in values)
 
-    lines = [f"Training seeds only ({summary['method']}, query seed {summary['query_seed']}, training seeds "
-             f"{', '.join(map(str, summary['training_seeds']))}; same boxes in every repeat: "
-             f"{summary.get('same_boxes')}):", "",
-             "| spread | runs | Final Dice | sd | AUBC | sd |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Training seeds only ({summary['method']}, query seed {summary['query_seed']}, training seeds "
+        f"{', '.join(map(str, summary['training_seeds']))}; same boxes in every repeat: "
+        f"{summary.get('same_boxes')}):",
+        "",
+        "| spread | runs | Final Dice | sd | AUBC | sd |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     if summary.get("training"):
         t = summary["training"]
-        lines.append(f"| training seeds | {len(t['aubc'])} | {fmt(t['final_dice'])} | {t['sd_final_dice']:.2f} | "
-                     f"{fmt(t['aubc'])} | {t['sd_aubc']:.2f} |")
+        lines.append(
+            f"| training seeds | {len(t['aubc'])} | {fmt(t['final_dice'])} | {t['sd_final_dice']:.2f} | "
+            f"{fmt(t['aubc'])} | {t['sd_aubc']:.2f} |"
+        )
     if summary.get("query_seeds"):
         q = summary["query_seeds"]
-        lines.append(f"| query seeds (study run) | {len(q['aubc'])} | {fmt(q['final_dice'])} | {q['sd_final_dice']:.2f} | "
-                     f"{fmt(q['aubc'])} | {q['sd_aubc']:.2f} |")
+        lines.append(
+            f"| query seeds (study run) | {len(q['aubc'])} | {fmt(q['final_dice'])} | {q['sd_final_dice']:.2f} | "
+            f"{fmt(q['aubc'])} | {q['sd_aubc']:.2f} |"
+        )
     if summary.get("methods"):
         m = summary["methods"]
-        lines.append(f"| {m['other']} - {summary['method']} (paired) | {len(m['seeds'])} | "
-                     f"{fmt(m['final_dice_difference'])} | {m['sd_final_dice_difference']:.2f} | "
-                     f"{fmt(m['aubc_difference'])} | {m['sd_aubc_difference']:.2f} |")
+        lines.append(
+            f"| {m['other']} - {summary['method']} (paired) | {len(m['seeds'])} | "
+            f"{fmt(m['final_dice_difference'])} | {m['sd_final_dice_difference']:.2f} | "
+            f"{fmt(m['aubc_difference'])} | {m['sd_aubc_difference']:.2f} |"
+        )
     if summary.get("seeds_needed"):
-        lines += ["", "Seeds a paired t-test (alpha 0.05, power 0.8) needs for the observed difference: " + "; ".join(
-            f"{metric} {need['observed_sd']} (observed sd of differences), {need['training_noise_only']} "
-            f"(training noise alone)" for metric, need in summary["seeds_needed"].items())]
+        lines += [
+            "",
+            "Seeds a paired t-test (alpha 0.05, power 0.8) needs for the observed difference: "
+            + "; ".join(
+                f"{metric} {need['observed_sd']} (observed sd of differences), {need['training_noise_only']} "
+                f"(training noise alone)"
+                for metric, need in summary["seeds_needed"].items()
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -161,8 +194,9 @@ def main() -> int:
     parser.add_argument("--loops", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--max-cases", type=int, help="only for a quick check of the script")
-    parser.add_argument("--results", type=Path, help="where the records and the summary go (default: "
-                        "benchmarks/results/<run-root's name>)")
+    parser.add_argument(
+        "--results", type=Path, help="where the records and the summary go (default: benchmarks/results/<run-root's name>)"
+    )
     parser.add_argument("--analyse-only", action="store_true", help="only copy the records and print the summary")
     args = parser.parse_args()
     data = find_shared_dataset(REPO)
@@ -175,10 +209,21 @@ def main() -> int:
         run_dir = args.run_root / f"train_{t}"
         if not args.analyse_only:
             settings = SimulationSettings(
-                images=data / "imagesTr", labels=data / "labelsTr", methods=(args.method,), out=run_dir,
-                budget=int(args.budget) if args.budget.isdigit() else args.budget, loops=args.loops, seeds=(args.seed,),
-                profile=args.profile, device="cpu", parallel=args.parallel, max_cases=args.max_cases, reference=False,
-                prefill=False, training_seed=t)
+                images=data / "imagesTr",
+                labels=data / "labelsTr",
+                methods=(args.method,),
+                out=run_dir,
+                budget=int(args.budget) if args.budget.isdigit() else args.budget,
+                loops=args.loops,
+                seeds=(args.seed,),
+                profile=args.profile,
+                device="cpu",
+                parallel=args.parallel,
+                max_cases=args.max_cases,
+                reference=False,
+                prefill=False,
+                training_seed=t,
+            )
             print(f"training seed {t}: {run_dir}", flush=True)
             outcome = Simulation(settings, echo=lambda s: print(s, flush=True)).run(poll_seconds=2.0)
             if outcome["failed"]:
