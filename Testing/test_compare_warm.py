@@ -1,6 +1,6 @@
 """benchmarks/compare_warm.py, the warm-start study's comparison, on copies of the committed scratch records: a copy
 compared with itself differs by nothing, a copy with every Dice one point higher and warm records' iterations
-differs by one point and the expected compute ratio, and a run with a loop missing counts in no AUBC. No training."""
+differs by one point and the expected compute ratio (a method that needs no model waits for no scoring), and a run with a loop missing counts in no AUBC. No training."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def test_warm_records_one_point_higher_at_a_third_of_the_iterations(warm_copy):
         warm = record["loop"] > 0
         record["training"] = {"init": "warm" if warm else "scratch", "iterations": full // 3 if warm else full}
         record["seconds"]["train"] = 100.0 if warm else 300.0
+        record["seconds"]["score"] = 50.0  # pool scored for the pre-fill alone: random_fg66 does not wait for it
         atomic_write_json(path, record)
     result = module.compare(STUDY, warm_copy)
     run = next(r for r in result["runs"] if (r["method"], r["seed"]) == ("random_fg66", 0))
@@ -58,6 +59,11 @@ def test_warm_records_one_point_higher_at_a_third_of_the_iterations(warm_copy):
     assert run["aubc_difference"] == pytest.approx(1.0, abs=0.011)
     assert run["training_compute_ratio"] == 3.0 and run["train_seconds_ratio"] == 3.0
     assert [row["init"] for row in run["loops"]] == ["scratch", "warm", "warm", "warm", "warm"]
+    record = read_json(warm_copy / "results" / "random_fg66" / "seed_0" / "loop_001.json")
+    waited = sum(record["seconds"].get(k) or 0 for k in ("prepare", "train", "query"))
+    assert run["loops"][1]["turnaround_seconds"] == pytest.approx(waited, abs=0.06)
+    clasp = next(r for r in result["runs"] if (r["method"], r["seed"]) == ("clasp_pe", 0))["loops"][1]
+    assert clasp["turnaround_seconds"] > clasp["train_seconds"] + 100  # clasp_pe waits for its scoring
 
 
 def test_a_run_with_a_loop_missing_counts_in_no_aubc(warm_copy):

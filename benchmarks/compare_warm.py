@@ -5,7 +5,7 @@
 
 Per run and loop: boxes (and whether they are the scratch run's), test Mean Dice of both, training iterations of
 all folds (the compute a warm start saves; scratch: the profile's full schedule) and wall seconds of training and
-of the loop turnaround (training, pool scoring and the query: what the annotator waits for between submitting the
+of the loop turnaround (training, pool scoring where the method needs it, and the query: what the annotator waits for between submitting the
 last box and the next boxes; the test evaluation is a simulation's own cost and is listed apart). Per run: AUBC and
 Final Dice, the paired differences warm - scratch, and over seeds their mean and spread. Loops still running are
 left out of AUBC / Final Dice (a run counts once all its loops are recorded). Writes ``warm_vs_scratch.json`` into
@@ -30,8 +30,14 @@ from ActiveLearning3DLib.fileio import atomic_write_json, read_json  # noqa: E40
 from ActiveLearning3DLib.loop_records import LoopRecord, LoopRecordStore, read_record  # noqa: E402
 from ActiveLearning3DLib.metrics import aubc, final_dice  # noqa: E402
 from ActiveLearning3DLib.nnunet.profiles import TrainingProfile  # noqa: E402
+from ActiveLearning3DLib.query_methods import get_method  # noqa: E402
 
 TURNAROUND = ("prepare", "train", "score", "query")  # what the annotator waits for after the last submitted box
+
+
+def turnaround_stages(method: str) -> tuple[str, ...]:
+    """A method that needs no model waits for no pool scoring (a simulation may score anyway, for the pre-fill)."""
+    return TURNAROUND if get_method(method).needs_model else tuple(k for k in TURNAROUND if k != "score")
 
 
 def runs(folder: Path) -> dict[tuple[str, int], list[LoopRecord]]:
@@ -89,7 +95,7 @@ def compare(scratch_dir: Path, warm_dir: Path) -> dict:
                     "dice_warm": None if w.mean_dice is None else round(100 * w.mean_dice, 2),
                     "dice_scratch": None if s is None or s.mean_dice is None else round(100 * s.mean_dice, 2),
                     "train_seconds": seconds(w, ("train",)),
-                    "turnaround_seconds": seconds(w, TURNAROUND),
+                    "turnaround_seconds": seconds(w, turnaround_stages(method)),
                     "evaluate_seconds": seconds(w, ("evaluate",)),
                 }
             )
