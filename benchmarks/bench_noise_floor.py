@@ -13,7 +13,8 @@ and AUBC over these repeats is then set against
 and turned into the number of seeds a paired t-test (two-sided, alpha 0.05, power 0.8) needs to find a difference
 of that size. One run folder per training seed lives outside the repository (``--run-root``); running the script
 again resumes them (hours of training on 2 cores: about as long as one seed of the study run per repeat). Records
-are copied to ``benchmarks/results/<name>/train_<t>/`` after every call, and the summary is written to
+are copied to ``benchmarks/results/<name>/train_<t>/`` as each loop finishes; on a fresh machine the finished loops
+are rebuilt from those copies (their boxes) and training goes on with the next loop. The summary is written to
 ``benchmarks/results/<name>/noise_floor.json`` and printed as Markdown for RESULTS.md.
 
     .venv/bin/python benchmarks/bench_noise_floor.py [--run-root /work/al3d-runs/noise-floor-random_fg66-seed0]
@@ -183,6 +184,20 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+class RecordExport:
+    """Copies a run's records to the results folder each time a loop finishes, so a session that ends mid-run leaves
+    every finished loop where a later session restores it from."""
+
+    def __init__(self, run_dir: Path, target: Path):
+        self.run_dir, self.target, self.count = run_dir, target, 0
+
+    def __call__(self, _simulation: Simulation) -> None:
+        count = len(LoopRecordStore(self.run_dir).paths())
+        if count != self.count:
+            self.count = export_records(self.run_dir, self.target)
+            print(f"{self.count} loop records copied to {self.target}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-root", type=Path, default=REPO.parent / "al3d-runs" / "noise-floor-random_fg66-seed0")
@@ -206,8 +221,10 @@ def main() -> int:
     results = args.results or REPO / "benchmarks" / "results" / args.run_root.name
     targets = {}
     for t in training_seeds:
-        run_dir = args.run_root / f"train_{t}"
+        run_dir, target = args.run_root / f"train_{t}", results / f"train_{t}"
         if not args.analyse_only:
+            # committed records carry their boxes: a fresh machine rebuilds the finished loops instead of training again
+            restore = target if (target / "simulation.json").is_file() else None
             settings = SimulationSettings(
                 images=data / "imagesTr",
                 labels=data / "labelsTr",
@@ -223,14 +240,16 @@ def main() -> int:
                 reference=False,
                 prefill=False,
                 training_seed=t,
+                restore_from=restore,
             )
-            print(f"training seed {t}: {run_dir}", flush=True)
-            outcome = Simulation(settings, echo=lambda s: print(s, flush=True)).run(poll_seconds=2.0)
+            print(f"training seed {t}: {run_dir}" + (f" (finished loops from {restore})" if restore else ""), flush=True)
+            exported = RecordExport(run_dir, target)
+            outcome = Simulation(settings, echo=lambda s: print(s, flush=True)).run(poll_seconds=2.0, on_step=exported)
             if outcome["failed"]:
                 print(f"training seed {t}: failed: {outcome['failed']}", flush=True)
         if (run_dir / "simulation.json").is_file():
-            export_records(run_dir, results / f"train_{t}")
-            targets[t] = results / f"train_{t}"
+            export_records(run_dir, target)
+            targets[t] = target
     if not targets:
         print("no records yet")
         return 1
