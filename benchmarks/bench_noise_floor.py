@@ -79,10 +79,7 @@ def curves(folder: Path, method: str) -> dict[int, list[float]]:
 def boxes(folder: Path, method: str, seed: int) -> list:
     """The boxes of every loop of one run, as recorded (to check that repeats annotate the same boxes)."""
     store = LoopRecordStore(folder)
-    return [
-        [(b.box.case, b.box.coords, b.box.size) for b in read_record(p).boxes_of().boxes]
-        for _, p in store.recorded_loops(method, seed)
-    ]
+    return [[b.box for b in read_record(p).boxes_of().boxes] for _, p in store.recorded_loops(method, seed)]
 
 
 def sd(values) -> float:

@@ -52,8 +52,8 @@ def runs(folder: Path) -> dict[tuple[str, int], list[LoopRecord]]:
 
 def scratch_iterations(header: dict) -> int:
     """Iterations of one scratch-trained ensemble under the header's profile (all folds)."""
-    profile = header["profile"]
-    return int(profile["folds"]) * int(profile["epochs"]) * int(profile["iterations_per_epoch"])
+    profile = TrainingProfile.from_json(header["profile"])
+    return profile.folds * profile.total_iterations
 
 
 def seconds(record: LoopRecord, keys: tuple[str, ...]) -> float:
@@ -64,9 +64,7 @@ def same_boxes(a: LoopRecord, b: LoopRecord) -> bool:
     boxes_a, boxes_b = a.boxes_of(), b.boxes_of()
     if boxes_a is None or boxes_b is None:
         return False
-    return [(r.box.case, r.box.coords, r.box.size) for r in boxes_a.boxes] == [
-        (r.box.case, r.box.coords, r.box.size) for r in boxes_b.boxes
-    ]
+    return [r.box for r in boxes_a.boxes] == [r.box for r in boxes_b.boxes]
 
 
 def compare(scratch_dir: Path, warm_dir: Path) -> dict:
