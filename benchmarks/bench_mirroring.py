@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +29,12 @@ from ActiveLearning3DLib.nnunet.evaluation import evaluate_test_split, load_eval
 from ActiveLearning3DLib.project import Project  # noqa: E402
 
 
-def find_model(run_dir: Path, model: str) -> Path | None:
-    """The model folder of a record (the one holding a finished evaluation), or None where it is gone."""
-    found = sorted(p.parent.parent for p in run_dir.glob(f"**/{model}/evaluation/summary.json"))
-    return found[0] if found else None
+def model_folders(run_dir: Path) -> dict[str, Path]:
+    """Model name -> folder, for every model of the run folder that holds a finished evaluation (one walk)."""
+    found: dict[str, Path] = {}
+    for summary in sorted(run_dir.glob("**/evaluation/summary.json")):
+        found.setdefault(summary.parent.parent.name, summary.parent.parent)
+    return found
 
 
 def project_of(model_folder: Path) -> Project:
@@ -43,15 +44,13 @@ def project_of(model_folder: Path) -> Project:
     raise SystemExit(f"{model_folder}: no project above this model folder")
 
 
-def evaluate_without_mirroring(model_folder: Path, threads: int | None) -> tuple[dict, float]:
+def evaluate_without_mirroring(model_folder: Path, threads: int | None) -> dict:
     """The evaluation without mirroring; one finished before (by another instance) is read, keeping its seconds."""
     output = model_folder / "evaluation_no_mirroring"
     if (output / "summary.json").is_file():
-        return read_json(output / "summary.json"), 0.0
-    started = time.perf_counter()
+        return read_json(output / "summary.json")
     ensemble = load_evaluation_ensemble(model_folder, device="cpu", threads=threads, mirroring=False)
-    summary = evaluate_test_split(project_of(model_folder), ensemble, output)
-    return summary, time.perf_counter() - started
+    return evaluate_test_split(project_of(model_folder), ensemble, output)
 
 
 def main() -> int:
@@ -62,18 +61,20 @@ def main() -> int:
     args = parser.parse_args()
     only = None if args.loops is None else {int(n) for n in args.loops.split(",")}
     rows = []
+    models = model_folders(args.run_dir)
     for record in LoopRecordStore(args.run_dir).read_all():
         if only is not None and record.loop not in only:
             continue
-        model = find_model(args.run_dir, record.model) if record.model else None
+        model = models.get(record.model) if record.model else None
         if model is None:
             print(f"{record.method} seed {record.seed} loop {record.loop}: model {record.model} not on disk, left out")
             continue
         mirrored = read_json(model / "evaluation" / "summary.json")
-        plain, seconds = evaluate_without_mirroring(model, args.threads)
+        plain = evaluate_without_mirroring(model, args.threads)
+        # a case's Mean Dice over its scored classes (None: a class absent from both, left out)
         per_case = [
-            np.nanmean(np.asarray([np.nan if d is None else d for d in plain["per_case"][c]], dtype=float))
-            - np.nanmean(np.asarray([np.nan if d is None else d for d in mirrored["per_case"][c]], dtype=float))
+            np.nanmean(np.asarray(plain["per_case"][c], dtype=float))
+            - np.nanmean(np.asarray(mirrored["per_case"][c], dtype=float))
             for c in mirrored["per_case"]
         ]
         row = {
@@ -91,7 +92,6 @@ def main() -> int:
             },
             "seconds_mirroring": mirrored.get("seconds"),
             "seconds_no_mirroring": plain.get("seconds"),
-            "seconds_this_call": round(seconds, 1),
         }
         row["difference"] = round(row["dice_no_mirroring"] - row["dice_mirroring"], 2)
         rows.append(row)
