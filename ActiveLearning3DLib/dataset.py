@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import nifti_has_non_finite, nifti_truncation, read_image, read_json, split_image_suffix
+from .fileio import JsonFileError, nifti_has_non_finite, nifti_truncation, read_image, read_json_object, split_image_suffix
 
 # The ignore label (highest class + 1) must fit the uint16 partial label maps.
 MAX_CLASS = 65534
@@ -126,13 +126,11 @@ def _dataset_jsons(folders: Sequence[Path | str | None]) -> Iterator[dict]:
         for candidate in (Path(folder) / "dataset.json", Path(folder).parent / "dataset.json"):
             if candidate.is_file():
                 try:
-                    data = read_json(candidate)
-                except (OSError, ValueError, UnicodeDecodeError) as e:
-                    raise DatasetError(
-                        [f"{candidate}: unreadable dataset.json ({str(e).replace(str(candidate) + ': ', '')})"]
-                    ) from None
-                if isinstance(data, dict):
-                    yield candidate, data
+                    data = read_json_object(candidate)
+                except (OSError, ValueError) as e:
+                    problem = e.problem if isinstance(e, JsonFileError) else str(e)
+                    raise DatasetError([f"{candidate}: unreadable dataset.json ({problem})"]) from None
+                yield candidate, data
 
 
 def read_class_names(*folders: Path | str | None) -> dict[int, str] | None:

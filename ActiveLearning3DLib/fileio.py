@@ -138,13 +138,34 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+class JsonFileError(ValueError):
+    """A JSON file that is not what it should be. ``problem`` is the message without the file name, for callers
+    that word their own error around the file (``damaged status file (...)``)."""
+
+    def __init__(self, path: Path | str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
 def read_json(path: Path | str) -> Any:
+    """The JSON in ``path``; a file that is not JSON, or not UTF-8 text, is a :class:`JsonFileError` naming it."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise JsonFileError(path, f"not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise JsonFileError(path, f"not UTF-8 text (byte {e.start})") from e
+
+
+def read_json_object(path: Path | str) -> dict:
+    """The JSON object in ``path`` (settings, a record, a status): anything else is a :class:`JsonFileError`."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise JsonFileError(path, f"expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = True) -> None:

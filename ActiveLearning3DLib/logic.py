@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .embeddings import AutoencoderSettings, EmbeddingSet, EmbeddingStage
     from .jobs import JobRunner
     from .pipeline import LoopPipeline, LoopSettings
-from .fileio import atomic_write_json, read_json
+from .fileio import JsonFileError, atomic_write_json, read_json, read_json_object
 from .locking import holder_gone, owner_info, pid_namespace, this_host
 from .nnunet.paths import NnunetPaths
 from .partial_labels import MergeResult
@@ -537,12 +537,11 @@ class ActiveLearningLogic:
         if not path.is_file():
             return None
         try:
-            data = read_json(path)
-        except (OSError, ValueError) as e:
-            raise ProjectError(f"{path}: damaged {what} ({e})") from e
-        if not isinstance(data, dict):
-            raise ProjectError(f"{path}: damaged {what} (expected a JSON object)")
-        return data
+            return read_json_object(path)
+        except JsonFileError as e:
+            raise ProjectError(f"{path}: damaged {what} ({e.problem})") from e
+        except OSError as e:
+            raise ProjectError(f"{path}: unreadable {what} ({e.strerror or e})") from e
 
     def save_front_end_settings(self, name: str, data: dict) -> None:
         """Save a front end's choices in the project folder (atomically), so reopening continues as it was."""

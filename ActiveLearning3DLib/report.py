@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import atomic_write_text, read_json, replacing_file
+from .fileio import JsonFileError, atomic_write_text, read_json, replacing_file
 from .loop_records import LoopRecord, LoopRecordStore
 from .metrics import aubc, fg_efficiency, final_dice, pairwise_penalty_matrix, sum_penalty_matrices
 from .prefill import EffortModel
@@ -141,8 +141,8 @@ def check_run_dir(run_dir: Path | str) -> None:
         raise ReportError(f"{run_dir}: not a simulation folder (no simulation.json)")
     try:
         problem = _header_problem(read_json(header_path))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        problem = str(e).replace(f"{header_path}: ", "")
+    except (OSError, ValueError) as e:
+        problem = e.problem if isinstance(e, JsonFileError) else str(e)
     if problem:
         raise ReportError(f"{header_path}: damaged simulation file ({problem})")
     records = LoopRecordStore(run_dir).paths()
@@ -152,8 +152,8 @@ def check_run_dir(run_dir: Path | str) -> None:
         try:
             LoopRecord.from_json(read_json(path))
             problem = None
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            problem = str(e).replace(f"{path}: ", "")
+        except (OSError, ValueError) as e:
+            problem = e.problem if isinstance(e, JsonFileError) else str(e)
         if problem:
             raise ReportError(f"{path}: damaged loop record ({problem})")
 

@@ -518,6 +518,63 @@ def test_dataset_json_errors_name_the_file(tmp_path, capsys, content, message):
     assert "Traceback" not in err
 
 
+def _read_panel(folder: Path, name: str):
+    return ActiveLearningLogic.open(folder).read_front_end_settings(name, "panel settings")
+
+
+def _read_runner(folder: Path, name: str):
+    from ActiveLearning3DLib.jobs.slurm import load_project_runner
+
+    return load_project_runner(folder)
+
+
+def _read_credentials(folder: Path, name: str):
+    from ActiveLearning3DLib.dicom.dicomweb import Credentials
+
+    return Credentials.load(folder / name)
+
+
+def _read_dataset_json(folder: Path, name: str):
+    from ActiveLearning3DLib.dataset import read_class_names
+
+    return read_class_names(folder)
+
+
+def _read_export_plans(folder: Path, name: str):
+    from ActiveLearning3DLib.nnunet.export import _read_json_file  # export_model reads it only after a trained fold
+
+    return _read_json_file(folder, name)
+
+
+@pytest.mark.parametrize(
+    "reader,name,error",
+    [
+        (_read_panel, "panel.json", "ProjectError"),
+        (_read_runner, "runner.json", "SlurmError"),
+        (_read_credentials, "credentials.json", "DicomWebError"),
+        (_read_dataset_json, "dataset.json", "DatasetError"),
+        (_read_export_plans, "plans.json", "ExportError"),
+    ],
+)
+@pytest.mark.parametrize(
+    "content,problem",
+    [(b"{not json", "not valid JSON"), (b"[1, 2]", "expected a JSON object, found list"), (b'{"a": "\xff"}', "not UTF-8 text")],
+)
+def test_a_settings_file_that_is_no_json_object_is_refused_naming_it(project, reader, name, error, content, problem):
+    """Every reader of a JSON settings file says which file and what is wrong, in its own error type: a list, or
+    text that is not UTF-8, was a bare ValueError or AttributeError from some of them (a credentials file that
+    was not JSON, a dataset.json that was a list went unnoticed)."""
+    folder = project if name == "panel.json" else project.parent / "settings"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(content)
+    with pytest.raises(Exception) as raised:
+        reader(folder, name)
+    message = str(raised.value)
+    assert type(raised.value).__name__ == error, repr(raised.value)
+    assert f"{folder / name}: " in message and problem in message, message
+    assert message.count(str(folder / name)) == 1, message
+
+
 # ------------------------------------------------------------------ jobs
 @pytest.mark.parametrize(
     "damage", ["{not json", "[1, 2]", json.dumps({"state": "exploded"}), json.dumps({"state": "running", "progress": "half"}), ""]

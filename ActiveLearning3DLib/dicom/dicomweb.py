@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..fileio import atomic_write_json, read_json, replacing_file
+from ..fileio import JsonFileError, atomic_write_json, read_json_object, replacing_file
 from .series import NON_VOLUME_MODALITIES
 
 ENV_TOKEN = "AL3D_DICOMWEB_TOKEN"
@@ -67,10 +67,12 @@ class Credentials:
         """From ``file`` if given, else from the environment; None when neither has any."""
         if file is not None:
             try:
-                data = read_json(file)
+                data = read_json_object(file)
+            except JsonFileError as e:
+                raise DicomWebError(f"{file}: not a credentials file ({e.problem})") from e
             except OSError as e:
                 raise DicomWebError(f"{file}: cannot read the credentials file ({e.strerror})") from e
-            if not isinstance(data, dict) or not (data.get("token") or data.get("username")):
+            if not (data.get("token") or data.get("username")):
                 raise DicomWebError(f'{file}: expected {{"username": ..., "password": ...}} or {{"token": ...}}')
             return cls(data.get("username"), data.get("password"), data.get("token"))
         env = os.environ if environ is None else environ
@@ -368,7 +370,7 @@ def push(
     """Store SEG files (one STOW-RS request each); returns (sent, already stored). ``record`` remembers what was sent."""
     import pydicom
 
-    sent_before = read_json(record) if record.is_file() else {}
+    sent_before = read_json_object(record) if record.is_file() else {}
     done: dict[str, str] = dict(sent_before.get(client.url, {}))
     sent, kept = [], []
     for path in progress(list(files), "storing SEG objects"):

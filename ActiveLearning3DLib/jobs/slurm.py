@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..fileio import atomic_write_json, atomic_write_text, read_json
+from ..fileio import JsonFileError, atomic_write_json, atomic_write_text, read_json_object
 from ..fileio import now_iso
 from .store import Job, JobError, JobState, JobStatus
 
@@ -179,10 +179,12 @@ def load_project_runner(project_path: Path | str) -> tuple[str | None, SlurmSett
     if not path.is_file():
         return None, None
     try:
-        data = read_json(path)
-    except (OSError, ValueError) as e:
-        raise SlurmError(f"{path}: unreadable runner settings ({e})") from None
-    if not isinstance(data, dict) or data.get("kind") not in ("local", "slurm"):
+        data = read_json_object(path)
+    except JsonFileError as e:
+        raise SlurmError(f"{path}: unreadable runner settings ({e.problem})") from None
+    except OSError as e:
+        raise SlurmError(f"{path}: unreadable runner settings ({e.strerror or e})") from None
+    if data.get("kind") not in ("local", "slurm"):
         raise SlurmError(f'{path}: expected {{"kind": "local" or "slurm", "slurm": {{...}}}}')
     slurm = data.get("slurm")
     return data["kind"], None if slurm is None else SlurmSettings.from_json(slurm, where=f"{path}: slurm")
@@ -344,10 +346,10 @@ class SlurmRunner:
         if not path.is_file():
             return {}
         try:
-            data = read_json(path)
+            data = read_json_object(path)
         except (OSError, ValueError):
             return {}  # a damaged record: the job is submitted again when asked
-        return data if isinstance(data, dict) and data.get("job_id") else {}
+        return data if data.get("job_id") else {}
 
     def batch_script(self, job: Job) -> str:
         """The batch script: sbatch options, setup lines, the worker's environment, then the worker."""

@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..fileio import atomic_write_json, read_json
+from ..fileio import JsonFileError, atomic_write_json, read_json, read_json_object
 from ..locking import FileLock
 from ..fileio import now_iso
 
@@ -220,16 +220,13 @@ class Job:
         if not self.status_path.is_file():
             return JobStatus()
         try:
-            data = read_json(self.status_path)
-            if not isinstance(data, dict):
-                raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-            status = JobStatus.from_json(data)
+            status = JobStatus.from_json(read_json_object(self.status_path))
             problem = _status_problem(status)
             if problem:
                 raise ValueError(problem)
             return status
-        except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
-            detail = str(e).replace(f"{self.status_path}: ", "")[:200]
+        except (OSError, ValueError, TypeError) as e:
+            detail = (e.problem if isinstance(e, JsonFileError) else str(e))[:200]
             return JobStatus(
                 state=JobState.FAILED,
                 message=f"{self.status_path}: damaged status file ({detail}); the job counts as failed and runs again when asked",

@@ -33,7 +33,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fileio import read_json, replacing_file
+from ..fileio import JsonFileError, read_json_object, replacing_file
 from .checkpoints import UnsafeCheckpoint, load_checkpoint
 from .paths import DATASET_NAME
 
@@ -91,12 +91,11 @@ def _read_json_file(root: Path, name: str) -> dict:
     if path is None:
         raise ExportError(f"{root / name}: missing (or a symbolic link, which export never follows)")
     try:
-        data = read_json(path)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return data
+        return read_json_object(path)
+    except JsonFileError as e:
+        raise ExportError(f"{path}: {e.problem}") from e
+    except OSError as e:
+        raise ExportError(f"{path}: unreadable ({e.strerror or e})") from e
 
 
 def exported_folds(model_folder: Path | str, checkpoint: str = CHECKPOINT) -> list[str]:
