@@ -320,8 +320,13 @@ def test_credentials_come_from_a_file_or_the_environment_and_urls_are_checked(tm
     assert Credentials.load(None, {"AL3D_DICOMWEB_USER": "u", "AL3D_DICOMWEB_PASSWORD": "p"}).header() == "Basic dTpw"
     assert Credentials.load(None, {}) is None
     (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(DicomWebError, match="bad.json: expected"):
+    with pytest.raises(
+        DicomWebError, match=r"bad.json: not a credentials file \(expected a JSON object, found list\); expected \{\"username\""
+    ):
         Credentials.load(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(DicomWebError, match=r"empty.json: expected \{\"username\""):
+        Credentials.load(tmp_path / "empty.json")
     assert check_url("http://127.0.0.1:8042/dicom-web/") == "http://127.0.0.1:8042/dicom-web"
     with pytest.raises(DicomWebError, match="not an http"):
         check_url("ftp://host/dicom-web")

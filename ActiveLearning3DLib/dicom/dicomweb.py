@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ..fileio import JsonFileError, atomic_write_json, read_json_object, replacing_file
 from .series import NON_VOLUME_MODALITIES
 
+CREDENTIALS_SHAPE = 'expected {"username": ..., "password": ...} or {"token": ...}'
 ENV_TOKEN = "AL3D_DICOMWEB_TOKEN"
 ENV_USER = "AL3D_DICOMWEB_USER"
 ENV_PASSWORD = "AL3D_DICOMWEB_PASSWORD"
@@ -69,11 +70,11 @@ class Credentials:
             try:
                 data = read_json_object(file)
             except JsonFileError as e:
-                raise DicomWebError(f"{file}: not a credentials file ({e.problem})") from e
+                raise DicomWebError(f"{file}: not a credentials file ({e.problem}); {CREDENTIALS_SHAPE}") from e
             except OSError as e:
                 raise DicomWebError(f"{file}: cannot read the credentials file ({e.strerror})") from e
             if not (data.get("token") or data.get("username")):
-                raise DicomWebError(f'{file}: expected {{"username": ..., "password": ...}} or {{"token": ...}}')
+                raise DicomWebError(f"{file}: {CREDENTIALS_SHAPE}")
             return cls(data.get("username"), data.get("password"), data.get("token"))
         env = os.environ if environ is None else environ
         if env.get(ENV_TOKEN):
