@@ -785,6 +785,12 @@ def collect_results(out: Path | str) -> dict:
     return {"run_dir": str(out), "header": header, "records": records, "reference": read_reference(out, header)}
 
 
+def _restored_from(record: Path) -> Path | None:
+    """The folder a loop record was restored from (None: it was run here)."""
+    source = read_json(record).get("restored_from")
+    return Path(source).resolve() if source else None
+
+
 def export_records(out: Path | str, target: Path | str) -> int:
     """Copy what rebuilds and reports a simulation elsewhere: header, per-loop records (with their boxes) and the
     full-data result, wherever it ran (a shared ``--reference-cache`` too). Returns the number of records.
@@ -798,6 +804,8 @@ def export_records(out: Path | str, target: Path | str) -> int:
     records = LoopRecordStore(out).paths()
     for path in records:
         dest = target / "results" / path.relative_to(out / "results")
+        if dest.is_file() and _restored_from(path) == target.resolve():
+            continue  # the original this loop was rebuilt from: it stays as it was recorded
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_copy(path, dest)
     found = [p for p in _reference_summaries(out, header) if p != target / "reference.json"]

@@ -435,6 +435,11 @@ def test_records_carry_their_boxes_and_a_fresh_folder_is_rebuilt_from_them(simul
     assert again[1]["boxes"] == 2 * first["boxes"] and _boxes(again[1]["loop_file"]) == _boxes(first["next_loop_file"])
     for b in rebuilt.read_loop(1).boxes:  # the oracle copied the ground truth into the rebuilt boxes
         assert (rebuilt.read_partial_labels(b.case)[b.box.slices] == rebuilt.read_ground_truth(b.case)[b.box.slices]).all()
+    # exported back to the committed folder: loop 0's original stays byte for byte, the new loop 1 is added
+    original = (records / "results" / "clasp_pe" / "seed_0" / "loop_000.json").read_bytes()
+    assert export_records(fresh.out, records) == 2
+    assert (records / "results" / "clasp_pe" / "seed_0" / "loop_000.json").read_bytes() == original
+    assert read_json(records / "results" / "clasp_pe" / "seed_0" / "loop_001.json")["mean_dice"] == again[1]["mean_dice"]
 
 
 def test_restoring_refuses_records_of_another_protocol(simulated, tmp_path):
