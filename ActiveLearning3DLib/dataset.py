@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import JsonFileError, nifti_has_non_finite, nifti_truncation, read_image, read_json_object, split_image_suffix
+from .fileio import file_problem, nifti_has_non_finite, nifti_truncation, read_image, read_json_object, split_image_suffix
 
 # The ignore label (highest class + 1) must fit the uint16 partial label maps.
 MAX_CLASS = 65534
@@ -128,7 +128,7 @@ def _dataset_jsons(folders: Sequence[Path | str | None]) -> Iterator[dict]:
                 try:
                     data = read_json_object(candidate)
                 except (OSError, ValueError) as e:
-                    problem = e.problem if isinstance(e, JsonFileError) else str(e)
+                    problem = file_problem(e)
                     raise DatasetError([f"{candidate}: unreadable dataset.json ({problem})"]) from None
                 yield candidate, data
 

@@ -148,6 +148,11 @@ class JsonFileError(ValueError):
         self.problem = problem
 
 
+def file_problem(error: Exception) -> str:
+    """What a failed read says without the file name in front, for a caller that words its own error around it."""
+    return error.problem if isinstance(error, JsonFileError) else str(error)
+
+
 def read_json(path: Path | str) -> Any:
     """The JSON in ``path``; a file that is not JSON, or not UTF-8 text, is a :class:`JsonFileError` naming it."""
     path = Path(path)

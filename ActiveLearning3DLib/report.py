@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import JsonFileError, atomic_write_text, read_json, replacing_file
+from .fileio import file_problem, atomic_write_text, read_json, replacing_file
 from .loop_records import LoopRecord, LoopRecordStore
 from .metrics import aubc, fg_efficiency, final_dice, pairwise_penalty_matrix, sum_penalty_matrices
 from .prefill import EffortModel
@@ -142,7 +142,7 @@ def check_run_dir(run_dir: Path | str) -> None:
     try:
         problem = _header_problem(read_json(header_path))
     except (OSError, ValueError) as e:
-        problem = e.problem if isinstance(e, JsonFileError) else str(e)
+        problem = file_problem(e)
     if problem:
         raise ReportError(f"{header_path}: damaged simulation file ({problem})")
     records = LoopRecordStore(run_dir).paths()
@@ -153,7 +153,7 @@ def check_run_dir(run_dir: Path | str) -> None:
             LoopRecord.from_json(read_json(path))
             problem = None
         except (OSError, ValueError) as e:
-            problem = e.problem if isinstance(e, JsonFileError) else str(e)
+            problem = file_problem(e)
         if problem:
             raise ReportError(f"{path}: damaged loop record ({problem})")
 

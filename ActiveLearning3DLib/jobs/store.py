@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..fileio import JsonFileError, atomic_write_json, read_json, read_json_object
+from ..fileio import file_problem, atomic_write_json, read_json, read_json_object
 from ..locking import FileLock
 from ..fileio import now_iso
 
@@ -226,7 +226,7 @@ class Job:
                 raise ValueError(problem)
             return status
         except (OSError, ValueError, TypeError) as e:
-            detail = (e.problem if isinstance(e, JsonFileError) else str(e))[:200]
+            detail = file_problem(e)[:200]
             return JobStatus(
                 state=JobState.FAILED,
                 message=f"{self.status_path}: damaged status file ({detail}); the job counts as failed and runs again when asked",
