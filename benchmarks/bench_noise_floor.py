@@ -3,8 +3,9 @@
 One method and one query seed (``random_fg66`` seed 0 by default) on the study's setting (full Hippocampus,
 195 pool / 65 test, low budget, 5 loops, ``cpu-small``) is simulated again for each of several *training* seeds
 (``SimulationSettings.training_seed``). ``random_fg66`` and its ``nnactive_start`` starting budget do not look at a
-model, so every repeat annotates the same boxes (checked) and only the training differs. The spread of Final Dice
-and AUBC over these repeats is then set against
+model, so every repeat annotates the same boxes (checked) and only the training differs. The study's own run of that
+method and seed (trained unseeded, so with a training seed of its own) counts as one more repeat when its boxes are
+the same. The spread of Final Dice and AUBC over these repeats is then set against
 
 - the spread over query seeds of the study run (``benchmarks/results/hippocampus-low-cpu-small``, seeds 0-2,
   trained unseeded, so that spread holds both kinds of noise), and
@@ -86,21 +87,32 @@ def sd(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def analyse(targets: dict[int, Path], method: str, seed: int, other: str = "clasp_pe") -> dict:
-    repeats = {t: curves(folder, method).get(seed) for t, folder in targets.items()}
+def analyse(targets: dict[int, Path], method: str, seed: int, other: str = "clasp_pe", study: Path | None = STUDY) -> dict:
+    """Spread over training seeds, over the study's query seeds, the methods' paired difference, and seeds needed.
+
+    With ``study`` the study's own run of (method, seed) counts as one more repeat when it annotated the same boxes:
+    it was trained unseeded, i.e. with a training seed of its own (listed as "study")."""
+    runs: dict[int | str, Path] = dict(targets)
+    if study is not None and (study / "simulation.json").is_file() and seed in curves(study, method):
+        runs["study"] = study
+    repeats = {t: curves(folder, method).get(seed) for t, folder in runs.items()}
     repeats = {t: c for t, c in repeats.items() if c is not None}
-    summary: dict = {"method": method, "query_seed": seed, "training_seeds": sorted(repeats)}
-    if repeats:
+    if "study" in repeats and targets:
         reference_boxes = boxes(next(iter(targets.values())), method, seed)
-        summary["same_boxes"] = all(boxes(targets[t], method, seed) == reference_boxes for t in repeats)
+        if boxes(study, method, seed) != reference_boxes:  # not a repeat of the same annotations: leave it out
+            del repeats["study"]
+    summary: dict = {"method": method, "query_seed": seed, "training_seeds": [str(t) for t in repeats]}
+    if repeats:
+        reference_boxes = boxes(runs[next(iter(repeats))], method, seed)
+        summary["same_boxes"] = all(boxes(runs[t], method, seed) == reference_boxes for t in repeats)
         summary["training"] = {
             "final_dice": [final_dice(c) for c in repeats.values()],
             "aubc": [aubc(c) for c in repeats.values()],
         }
         summary["training"]["sd_final_dice"] = sd(summary["training"]["final_dice"])
         summary["training"]["sd_aubc"] = sd(summary["training"]["aubc"])
-    if (STUDY / "simulation.json").is_file():
-        mine, theirs = curves(STUDY, method), curves(STUDY, other)
+    if study is not None and (study / "simulation.json").is_file():
+        mine, theirs = curves(study, method), curves(study, other)
         summary["query_seeds"] = {
             "seeds": sorted(mine),
             "final_dice": [final_dice(mine[s]) for s in sorted(mine)],
@@ -143,7 +155,7 @@ def markdown(summary: dict) -> str:
 
     lines = [
         f"Training seeds only ({summary['method']}, query seed {summary['query_seed']}, training seeds "
-        f"{', '.join(map(str, summary['training_seeds']))}; same boxes in every repeat: "
+        f"{', '.join(summary['training_seeds'])}; same boxes in every repeat: "
         f"{summary.get('same_boxes')}):",
         "",
         "| spread | runs | Final Dice | sd | AUBC | sd |",
