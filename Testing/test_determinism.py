@@ -21,7 +21,7 @@ import torch
 from ActiveLearning3DLib.cli import main as al3d
 from ActiveLearning3DLib.fileio import read_json
 from ActiveLearning3DLib.nnunet.checkpoints import load_checkpoint
-from ActiveLearning3DLib.nnunet.determinism import RNG_KEY, fold_seed
+from ActiveLearning3DLib.nnunet.determinism import RNG_KEY, cpu_description, fold_seed
 from ActiveLearning3DLib.nnunet.paths import nnunet_environment
 from ActiveLearning3DLib.nnunet.profiles import resolve_profile
 from ActiveLearning3DLib.nnunet.trainer import train_fold
@@ -106,6 +106,7 @@ def test_the_same_seeded_training_twice_gives_identical_weights(tmp_path, prepar
     info = first["determinism"]
     assert info["deterministic"] is True and info["reason"].startswith("cpu, seeded")
     assert (info["base_seed"], info["loop"], info["seed"]) == (3, 0, fold_seed(3, 0, 0))
+    assert info["cpu"] == cpu_description() and "torch kernels" in info["cpu"]  # the same bits need the same CPU type
     # the seed is what fixes the run: another base seed, or another fold of the same seed, draws other numbers
     train_fold(prepared, 0, "test", tmp_path / "c", "cpu", seed=4)
     assert not _identical(_weights(tmp_path / "a"), _weights(tmp_path / "c"))
@@ -227,4 +228,5 @@ def test_two_simulations_with_the_same_settings_give_identical_records(two_simul
     assert first == second
     for record in first.values():
         assert record["determinism"]["deterministic"] is True, record["determinism"]
+        assert record["determinism"]["cpu"] == cpu_description()  # every fold on this machine: named once
         assert record["mean_dice"] is not None

@@ -17,6 +17,7 @@ simulation reads the determinism of a model without importing torch.
 
 from __future__ import annotations
 
+import platform
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,9 +38,32 @@ class Determinism:
     seed: int | None = None  # the fold's derived seed
     base_seed: int | None = None
     loop: int | None = None
+    cpu: str | None = None  # where it trained (cpu_description): the same bits need the same CPU type
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def cpu_description() -> str:
+    """The CPU type and the instruction set torch's kernels use: two seeded CPU trainings give the same bits only
+    where both agree (other vector widths split the sums differently)."""
+    import torch
+
+    fields: dict[str, str] = {}
+    try:  # Linux: the first processor's block (platform.processor() is empty there); a virtual machine's model
+        # name may be generic, its family / model / stepping numbers still tell the generation apart
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in fields:
+        name += f", family {fields['cpu family']} model {fields.get('model')} stepping {fields.get('stepping')}"
+    return f"{name} ({platform.machine()}, torch kernels {torch.backends.cpu.get_cpu_capability()})"
 
 
 def fold_seed(base_seed: int, loop: int, fold: int) -> int:
@@ -149,10 +173,12 @@ def model_determinism(model_folder: Path | str) -> dict:
         per_fold[path.parent.name] = info
     reasons = sorted({str(info.get("reason")) for info in per_fold.values()})
     deterministic = all(bool(info.get("deterministic")) for info in per_fold.values())
+    cpus = sorted({str(info["cpu"]) for info in per_fold.values() if info.get("cpu")})
     return {
         "deterministic": deterministic,
         "reason": "; ".join(reasons),
         "seeds": {name: info.get("seed") for name, info in per_fold.items()},
+        **({"cpu": "; ".join(cpus)} if cpus else {}),  # folds trained before the CPU was recorded name none
     }
 
 

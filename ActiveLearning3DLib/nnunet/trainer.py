@@ -81,6 +81,7 @@ from .determinism import (
     Determinism,
     assess,
     capture_rng_state,
+    cpu_description,
     deterministic_torch,
     fold_seed,
     restore_rng_state,
@@ -406,7 +407,8 @@ class nnUNetTrainerPartial(nnUNetTrainer):
                 isinstance(self.network, OptimizedModule),
                 torch.get_num_threads() if self.device.type == "cpu" else None,
             )
-        return Determinism(ok, reason, self.seed, self._al3d_seeding.get("base_seed"), self._al3d_seeding.get("loop"))
+        cpu = cpu_description() if self.device.type == "cpu" else None
+        return Determinism(ok, reason, self.seed, self._al3d_seeding.get("base_seed"), self._al3d_seeding.get("loop"), cpu)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
