@@ -446,8 +446,7 @@ class Simulation:
                     raise ProjectError(
                         f"{path}: this folder holds a simulation with {option} {was}; use another --out for {option} {now}"
                     )
-                header["settings"]["methods"] = list(dict.fromkeys([*old["settings"]["methods"], *header["settings"]["methods"]]))
-                header["settings"]["seeds"] = sorted(set(old["settings"]["seeds"]) | set(header["settings"]["seeds"]))
+                _cover(header, old)
         header.setdefault("created", now_iso())
         header["updated"] = now_iso()
         atomic_write_json(path, header)
@@ -755,6 +754,37 @@ class Simulation:
         return "\n".join(lines)
 
 
+def _cover(header: dict, old: dict) -> None:
+    """Let ``header`` list the methods and seeds that ``old`` (the folder's earlier header) lists as well: a folder's
+    header names every run whose records it holds."""
+    settings, before = header["settings"], old.get("settings") or {}
+    settings["methods"] = list(dict.fromkeys([*(before.get("methods") or []), *settings["methods"]]))
+    settings["seeds"] = sorted(set(before.get("seeds") or []) | set(settings["seeds"]))
+
+
+BOOKKEEPING = ("created", "updated")  # header keys (and settings.restore_from) that change with every session
+
+
+def _export_header(header: dict, path: Path) -> dict | None:
+    """The header to write to an export target ``path``: the run's, covering the methods and seeds the target lists
+    already and keeping its creation date; None where that differs from the target's only in bookkeeping, so that a
+    committed header is not rewritten by every session that restores from it."""
+    if not path.is_file():
+        return header
+    old = read_json(path)
+    merged = json.loads(json.dumps(header))
+    _cover(merged, old)
+    merged["created"] = old.get("created", merged.get("created"))
+
+    def essence(h: dict) -> dict:
+        return {
+            **{k: v for k, v in h.items() if k not in BOOKKEEPING},
+            "settings": {k: v for k, v in (h.get("settings") or {}).items() if k != "restore_from"},
+        }
+
+    return None if essence(merged) == essence(old) else merged
+
+
 def _read_header(out: Path) -> dict:
     path = out / "simulation.json"
     if not path.is_file():
@@ -800,7 +830,9 @@ def export_records(out: Path | str, target: Path | str) -> int:
     out, target = Path(out), Path(target)
     header = _read_header(out)
     target.mkdir(parents=True, exist_ok=True)
-    atomic_copy(out / "simulation.json", target / "simulation.json")
+    exported = _export_header(header, target / "simulation.json")
+    if exported is not None:
+        atomic_write_json(target / "simulation.json", exported)
     records = LoopRecordStore(out).paths()
     for path in records:
         dest = target / "results" / path.relative_to(out / "results")

@@ -37,6 +37,7 @@ from ActiveLearning3DLib.simulation import (
     Simulation,
     SimulationSettings,
     _copy_project,
+    _export_header,
     collect_results,
     export_records,
     resolve_budget,
@@ -437,9 +438,42 @@ def test_records_carry_their_boxes_and_a_fresh_folder_is_rebuilt_from_them(simul
         assert (rebuilt.read_partial_labels(b.case)[b.box.slices] == rebuilt.read_ground_truth(b.case)[b.box.slices]).all()
     # exported back to the committed folder: loop 0's original stays byte for byte, the new loop 1 is added
     original = (records / "results" / "clasp_pe" / "seed_0" / "loop_000.json").read_bytes()
+    committed = read_json(records / "simulation.json")
     assert export_records(fresh.out, records) == 2
     assert (records / "results" / "clasp_pe" / "seed_0" / "loop_000.json").read_bytes() == original
     assert read_json(records / "results" / "clasp_pe" / "seed_0" / "loop_001.json")["mean_dice"] == again[1]["mean_dice"]
+    # the header still names every run of the folder (the fresh run asked for clasp_pe seed 0 only)
+    exported = read_json(records / "simulation.json")
+    assert exported["settings"]["methods"] == committed["settings"]["methods"] != ["clasp_pe"]
+    assert exported["settings"]["seeds"] == committed["settings"]["seeds"] and exported["created"] == committed["created"]
+    header = (records / "simulation.json").read_bytes()
+    export_records(fresh.out, records)  # nothing new: the header is not rewritten
+    assert (records / "simulation.json").read_bytes() == header
+
+
+def test_an_export_rewrites_a_header_only_for_what_is_new(tmp_path):
+    target = tmp_path / "simulation.json"
+    committed = {
+        "budget": 100,
+        "created": "2026-12-01T00:00:00+00:00",
+        "updated": "2026-12-01T00:00:00+00:00",
+        "settings": {"methods": ["random_fg66"], "seeds": [0, 1], "restore_from": None, "loops": 5},
+    }
+    target.write_text(json.dumps(committed))
+    restored = {
+        **committed,
+        "created": "2026-12-06T00:00:00+00:00",
+        "updated": "2026-12-06T00:00:00+00:00",
+        "settings": {**committed["settings"], "seeds": [1], "restore_from": str(tmp_path)},
+    }
+    assert _export_header(restored, target) is None  # a session that rebuilt seed 1 from these records
+    grown = {**restored, "settings": {**restored["settings"], "methods": ["clasp_pe"], "seeds": [2]}}
+    merged = _export_header(grown, target)
+    assert merged["settings"]["methods"] == ["random_fg66", "clasp_pe"] and merged["settings"]["seeds"] == [0, 1, 2]
+    assert merged["created"] == committed["created"] and merged["updated"] == restored["updated"]
+    other = {**restored, "versions": {"torch": "9"}}
+    assert _export_header(other, target)["versions"] == {"torch": "9"}
+    assert _export_header(grown, tmp_path / "absent.json") is grown
 
 
 def test_restoring_refuses_records_of_another_protocol(simulated, tmp_path):
