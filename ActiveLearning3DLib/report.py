@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import file_problem, atomic_write_text, read_json, replacing_file
+from .fileio import atomic_write_text, file_problem, read_json, replacing_file
 from .loop_records import LoopRecord, LoopRecordStore
 from .metrics import aubc, fg_efficiency, final_dice, pairwise_penalty_matrix, sum_penalty_matrices
 from .prefill import EffortModel

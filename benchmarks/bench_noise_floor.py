@@ -92,27 +92,27 @@ def analyse(targets: dict[int, Path], method: str, seed: int, other: str = "clas
 
     With ``study`` the study's own run of (method, seed) counts as one more repeat when it annotated the same boxes:
     it was trained unseeded, i.e. with a training seed of its own (listed as "study")."""
-    runs: dict[int | str, Path] = dict(targets)
-    if study is not None and (study / "simulation.json").is_file() and seed in curves(study, method):
-        runs["study"] = study
-    repeats = {t: curves(folder, method).get(seed) for t, folder in runs.items()}
-    repeats = {t: c for t, c in repeats.items() if c is not None}
-    if "study" in repeats and targets:
-        reference_boxes = boxes(next(iter(targets.values())), method, seed)
-        if boxes(study, method, seed) != reference_boxes:  # not a repeat of the same annotations: leave it out
-            del repeats["study"]
+    found = {t: curves(folder, method).get(seed) for t, folder in targets.items()}
+    repeats: dict[int | str, list[float]] = {t: c for t, c in found.items() if c is not None}
+    runs: dict[int | str, Path] = {t: targets[t] for t in repeats}
+    reference_boxes = boxes(next(iter(runs.values())), method, seed) if runs else None
+    has_study = study is not None and (study / "simulation.json").is_file()
+    mine = curves(study, method) if has_study else {}
+    if seed in mine:
+        study_boxes = boxes(study, method, seed)
+        if reference_boxes is None or study_boxes == reference_boxes:  # on other boxes it is no repeat: left out
+            runs["study"], repeats["study"], reference_boxes = study, mine[seed], study_boxes
     summary: dict = {"method": method, "query_seed": seed, "training_seeds": [str(t) for t in repeats]}
     if repeats:
-        reference_boxes = boxes(runs[next(iter(repeats))], method, seed)
-        summary["same_boxes"] = all(boxes(runs[t], method, seed) == reference_boxes for t in repeats)
+        summary["same_boxes"] = all(boxes(folder, method, seed) == reference_boxes for folder in runs.values())
         summary["training"] = {
             "final_dice": [final_dice(c) for c in repeats.values()],
             "aubc": [aubc(c) for c in repeats.values()],
         }
         summary["training"]["sd_final_dice"] = sd(summary["training"]["final_dice"])
         summary["training"]["sd_aubc"] = sd(summary["training"]["aubc"])
-    if study is not None and (study / "simulation.json").is_file():
-        mine, theirs = curves(study, method), curves(study, other)
+    if has_study:
+        theirs = curves(study, other)
         summary["query_seeds"] = {
             "seeds": sorted(mine),
             "final_dice": [final_dice(mine[s]) for s in sorted(mine)],

@@ -16,9 +16,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..fileio import file_problem, atomic_write_json, read_json, read_json_object
+from ..fileio import atomic_write_json, file_problem, now_iso, read_json, read_json_object
 from ..locking import FileLock
-from ..fileio import now_iso
 
 
 class JobState(str, Enum):
