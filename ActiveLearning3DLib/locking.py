@@ -24,6 +24,7 @@ acquisition. No clocks are compared, so hosts with skewed clocks behave alike.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -256,9 +257,14 @@ class FileLock:
                 # Windows: the lock file is being deleted while another process still reads it
             else:
                 try:
-                    os.write(fd, data)
-                finally:
+                    _write_all(fd, data)
+                except OSError as e:
+                    # a full disk (or a quota): an empty lock file left here would hold every later writer off
+                    # until it counts as stale, so take it away and say which file could not be written
                     os.close(fd)
+                    _unlink(self.path)
+                    raise OSError(e.errno, f"{self.what}: cannot write its lock file ({e.strerror})", str(self.path)) from e
+                os.close(fd)
                 return info["token"]
             if time.monotonic() >= deadline:
                 holder = self.read_holder()
@@ -311,6 +317,16 @@ class FileLock:
 
     def __repr__(self) -> str:
         return f"<FileLock {self.path} {'held' if self.held else 'free'}>"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` may write less than asked (a file size limit reached midway); a short lock file is unreadable."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if not written:
+            raise OSError(errno.EIO, "nothing written")
+        view = view[written:]
 
 
 def _touch(path: Path) -> None:

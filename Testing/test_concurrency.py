@@ -419,6 +419,42 @@ def test_the_lock_is_reentrant_and_the_last_release_removes_only_its_own_file(tm
     assert (tmp_path / "x.lock").exists()  # not ours any more: left in place
 
 
+_UNWRITABLE_LOCK = """
+import json, resource, signal, sys, time
+from ActiveLearning3DLib.locking import FileLock, LockSettings
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))  # no byte may be written: as a full disk
+started = time.monotonic()
+try:
+    FileLock(sys.argv[1], LockSettings(timeout=5)).acquire("a writer on a full disk")
+    print(json.dumps({"error": None}))
+except OSError as e:
+    print(json.dumps({"error": str(e), "seconds": time.monotonic() - started}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a file size limit (RLIMIT_FSIZE) needs POSIX resource limits")
+def test_a_lock_file_that_cannot_be_written_is_not_left_behind(tmp_path):
+    """A full disk lets the lock file be created but not written: the writer gets an error naming the file at once,
+    and no empty lock file holds the next writer off until it counts as stale."""
+    path = tmp_path / "project.lock"
+    child = subprocess.run(
+        [sys.executable, "-c", _UNWRITABLE_LOCK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["error"] and str(path) in result["error"] and "cannot write its lock file" in result["error"]
+    assert result["seconds"] < 1  # the error at once, not after the lock's timeout
+    assert not path.exists()
+    started = time.monotonic()
+    FileLock(path, LockSettings(timeout=5)).acquire("the next writer")  # with room on the disk again
+    assert time.monotonic() - started < 1
+
+
 @pytest.mark.slow
 def test_a_second_loop_driver_takes_the_loop_file_the_first_one_queried(project):
     """Two `al3d loop` of one model: the one that queries second takes the first one's loop, not an error."""
