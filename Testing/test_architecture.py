@@ -297,3 +297,30 @@ def test_the_pool_embeddings_job_is_made_by_the_embeddings_stage_alone():
             if called == "embedding_job" or (called == "create" and "pool_embeddings" in kinds):
                 makers.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not makers, f"embedding jobs made outside EmbeddingStage: {makers}"
+
+
+def _fixture_names(path: Path) -> set[str]:
+    """The fixtures a test module defines (functions decorated with ``pytest.fixture``, by name or ``name=``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for decorator in node.decorator_list:
+            call = decorator if isinstance(decorator, ast.Call) else None
+            if ast.unparse(call.func if call else decorator).split(".")[-1] != "fixture":
+                continue
+            given = [
+                k.value.value for k in (call.keywords if call else []) if k.arg == "name" and isinstance(k.value, ast.Constant)
+            ]
+            names.update(given or [node.name])
+    return names
+
+
+def test_the_slow_tier_names_fixtures_that_exist():
+    """`make test-fast` leaves out the tests on the fixtures of SLOW_FIXTURES: a fixture renamed without updating
+    that list would put its training tests back into the fast tier, seen only as a long test in its summary."""
+    from conftest import SLOW_FIXTURES
+
+    defined = set().union(*(_fixture_names(p) for p in (REPO / "Testing").glob("*.py")))
+    assert {"project", "looped"} <= defined  # the walk finds fixtures of conftest and of the test modules
+    assert not SLOW_FIXTURES - defined, f"SLOW_FIXTURES names fixtures no test module defines: {sorted(SLOW_FIXTURES - defined)}"
