@@ -257,14 +257,15 @@ class FileLock:
                 # Windows: the lock file is being deleted while another process still reads it
             else:
                 try:
-                    _write_all(fd, data)
+                    try:
+                        _write_all(fd, data)
+                    finally:
+                        os.close(fd)
                 except OSError as e:
                     # a full disk (or a quota): an empty lock file left here would hold every later writer off
                     # until it counts as stale, so take it away and say which file could not be written
-                    os.close(fd)
                     _unlink(self.path)
                     raise OSError(e.errno, f"{self.what}: cannot write its lock file ({e.strerror})", str(self.path)) from e
-                os.close(fd)
                 return info["token"]
             if time.monotonic() >= deadline:
                 holder = self.read_holder()
