@@ -22,7 +22,7 @@ from .jobs import JobError, JobState, RunnerSettings, make_runner
 from .logic import ActiveLearningLogic
 from .nnunet.profiles import ProfileError, profile_names
 from .prefill import EffortModel
-from .pipeline import STAGES, LoopSettings, PipelineState
+from .pipeline import DEFAULT_INIT, INITS, STAGES, LoopSettings, PipelineState
 from .project import BudgetSettings, ProjectError
 from .query_methods import DEFAULT_METHOD, METHODS
 from .default_data import resolve_default_data
@@ -384,7 +384,7 @@ def _loop_settings(args: argparse.Namespace, stages: tuple[str, ...], **extra) -
         python=getattr(args, "python", None),
         stages=stages,
         runner=_runner_settings(args, args.project),
-        init=getattr(args, "init", "scratch"),
+        init=getattr(args, "init", DEFAULT_INIT),
         **extra,
     )
 
@@ -501,10 +501,11 @@ def _effort_model(args: argparse.Namespace) -> EffortModel | None:
 def _add_init_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--init",
-        default="scratch",
-        choices=["scratch", "warm"],
-        help="how each loop's members start: scratch (random weights, the full schedule) or warm (member k "
-        "of the previous loop, the profile's shorter warm schedule, folds kept); a separate model name",
+        default=DEFAULT_INIT,
+        choices=list(INITS),
+        help=f"how each loop's members start (default {DEFAULT_INIT}): warm (member k of the previous loop, the "
+        "profile's shorter warm schedule, folds kept; loop 0 from scratch) or scratch (random weights and the full "
+        "schedule every loop, nnActive's protocol); each gets its own model name",
     )
 
 

@@ -62,6 +62,9 @@ from .query_methods import DEFAULT_METHOD, get_method
 
 STAGES = ("prepare", "train", "predict", "query")
 INITS = ("scratch", "warm")  # how a loop's members start (trainer.INITS; not imported: that module needs torch)
+# warm: a third of the training compute per loop, within 0.3 points of scratch in AUBC on the warm-start study
+# (benchmarks/RESULTS.md); "scratch" is nnActive's protocol (every loop from random weights)
+DEFAULT_INIT = "warm"
 _WEIGHTS = {"prepare": 0.05, "train": 0.75, "predict": 0.2, "query": 0.0}
 
 
@@ -128,7 +131,7 @@ class LoopSettings:
     background: bool = False  # its jobs start only when no other queued job waits (a simulation's full-data run)
     fixed_threads: bool = False  # jobs keep their torch threads (no idle-core sharing): same numbers every run
     runner: RunnerSettings | None = None  # which backend runs the jobs; default: local, with python and parallel
-    init: str = "scratch"  # "warm": members start from the previous loop's (shorter schedule, stable folds)
+    init: str = DEFAULT_INIT  # "warm": members start from the previous loop's (shorter schedule, stable folds)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]

@@ -498,21 +498,21 @@ def check_the_init_choice_is_saved_with_the_project_and_names_the_next_model(des
     panel = desk.open_panel()
     fields = desk.parameter_widgets(panel)
     combo = panel.ui.initComboBox
-    assert combo is fields["init"] and combo.currentText == "scratch"
+    assert combo is fields["init"] and combo.currentText == "warm"  # the default: warm-started loops
     desk.create_project(panel)
     c = panel.controller
-    assert c.settings.init == "scratch" and c.settings.loop_settings().init == "scratch"
-    combo.currentIndex = [combo.itemText(i) for i in range(combo.count())].index("warm")
-    assert panel._parameterNode.init == "warm"
-    panel._saveSettings()  # what Start next loop does first
     assert c.settings.init == "warm" and c.settings.loop_settings().init == "warm"
-    assert AnnotationController.open_project(c.ctx, c.logic.project.path).settings.init == "warm"  # saved
+    combo.currentIndex = [combo.itemText(i) for i in range(combo.count())].index("scratch")
+    assert panel._parameterNode.init == "scratch"
+    panel._saveSettings()  # what Start next loop does first
+    assert c.settings.init == "scratch" and c.settings.loop_settings().init == "scratch"
+    assert AnnotationController.open_project(c.ctx, c.logic.project.path).settings.init == "scratch"  # saved
     desk.close_scene()  # the reset parameter node shows the open project's choice again
-    assert panel._parameterNode.init == "warm" and combo.currentText == "warm"
-    panel._parameterNode.init = "scratch"
+    assert panel._parameterNode.init == "scratch" and combo.currentText == "scratch"
+    panel._parameterNode.init = "warm"
     fields["projectPath"].currentPath = str(c.logic.project.path)
     panel.ui.openProjectButton.click()  # opened again: the field shows the project's setting
-    assert panel.controller.settings.init == "warm" and combo.currentText == "warm"
+    assert panel.controller.settings.init == "scratch" and combo.currentText == "scratch"
     assert not desk.dialogs, desk.dialogs
 
 

@@ -227,12 +227,12 @@ def test_warm_and_scratch_models_have_different_names_and_scratch_names_are_unch
     logic, _, second = two_loops
     key = logic.project.annotation_key()
     warm = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", folds=5, init="warm"))
-    scratch = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", folds=5))
+    scratch = logic.loop_pipeline(LoopSettings(profile="test", device="cpu", folds=5, init="scratch"))
     assert warm.model_name == second.name and warm.model_name.endswith(f"-warm_{key}")
     assert scratch.model_name == warm.model_name.replace("-warm_", "_") and scratch.model_folder != warm.model_folder
-    plain = (LoopSettings(profile="test", device="cpu", init="warm"), LoopSettings(profile="test", device="cpu"))
+    plain = (LoopSettings(profile="test", device="cpu"), LoopSettings(profile="test", device="cpu", init="scratch"))
     assert [logic.loop_pipeline(s).model_name for s in plain] == [
-        f"loop_001_test-warm_{key}",
+        f"loop_001_test-warm_{key}",  # warm is the default
         f"loop_001_test_{key}",
     ]  # scratch: as before
     # the warm schedule names warm models only: a scratch model's tag ignores it, a warm one's changes with it
@@ -258,6 +258,7 @@ def test_a_simulation_folder_holds_one_init_and_training_seed(tmp_path_factory, 
         device="cpu",
         max_cases=CASES,
         reference=False,
+        init="scratch",
     )
     scratch = Simulation(settings).prepare()
     assert scratch.header["settings"]["init"] == "scratch" and scratch.loop_settings.init == "scratch"
@@ -301,6 +302,10 @@ def test_simulate_passes_init_and_training_seed_to_the_simulation(tmp_path, monk
     assert cli.main(args) == 0
     assert (seen["s"].init, seen["s"].training_seed) == ("warm", 7)
     seen.clear()
+    assert cli.main([*args[:-4], "--init", "scratch"]) == 0 and (seen["s"].init, seen["s"].training_seed) == ("scratch", None)
+    seen.clear()
+    assert cli.main(args[:-4]) == 0 and seen["s"].init == "warm"  # the default: warm-started loops
+    seen.clear()
     with pytest.raises(SystemExit) as refused:
         cli.main([*args[:-1], "-1"])
     assert refused.value.code == 2 and not seen
@@ -322,7 +327,7 @@ def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_r
         max_cases=CASES,
         reference_cache=tmp_path / "references",
     )
-    scratch = Simulation(SimulationSettings(out=tmp_path / "scratch", **common)).prepare()
+    scratch = Simulation(SimulationSettings(out=tmp_path / "scratch", init="scratch", **common)).prepare()
     tuned = Simulation(
         SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.5, warm_initial_lr=0.003, **common)
     ).prepare()

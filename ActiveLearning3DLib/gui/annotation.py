@@ -35,7 +35,7 @@ from ..logic import (
     ProjectError,
     describe_effort,
 )
-from ..pipeline import LoopPipeline, LoopSettings, PipelineState
+from ..pipeline import DEFAULT_INIT, LoopPipeline, LoopSettings, PipelineState
 
 PANEL_SETTINGS = "panel.json"
 USER_ONLY = ("python",)  # panel settings that come from the user, never from the (untrusted) project folder
@@ -90,7 +90,7 @@ class PanelSettings:
     device: str = "auto"
     parallel: int | None = None
     prefill: bool = True  # a box opens with the newest model's prediction painted inside it, when there is one
-    init: str = "scratch"  # "warm": each loop's members start from the previous loop's (LoopSettings.init)
+    init: str = DEFAULT_INIT  # "warm": each loop's members start from the previous loop's (LoopSettings.init)
     # worker interpreter: the module sets PythonSlicer from the user's own settings. Never read from or written to
     # panel.json (USER_ONLY): a project folder is shared, and one that named an interpreter would run it.
     python: str | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..nnunet.profiles import DEVICES, profile_names
-from ..pipeline import INITS
+from ..pipeline import DEFAULT_INIT, INITS
 from ..query_methods import METHODS
 from .annotation import PanelSettings
 
@@ -30,7 +30,7 @@ class PanelChoices:
     device: str
     profile: str
     inits: tuple[str, ...] = ("scratch", "warm")  # how a loop's members start (pipeline.INITS)
-    init: str = "scratch"
+    init: str = DEFAULT_INIT
 
 
 def panel_choices() -> PanelChoices:
