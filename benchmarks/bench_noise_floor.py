@@ -250,6 +250,7 @@ def main() -> int:
                 prefill=False,
                 training_seed=t,
                 restore_from=restore,
+                init="scratch",  # the study's training, whose noise this measures
             )
             print(f"training seed {t}: {run_dir}" + (f" (finished loops from {restore})" if restore else ""), flush=True)
             exported = RecordExport(run_dir, target)

@@ -174,6 +174,8 @@ def grid(work: Path, scheduler_env: dict[str, str], seeds: str) -> None:
             "--max-cases",
             "16",
             "--no-reference",
+            "--init",
+            "scratch",  # as the figures in RESULTS.md were measured
             "--out",
             str(out),
             "--runner",
