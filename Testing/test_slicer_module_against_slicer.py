@@ -112,7 +112,7 @@ def check_every_parameter_widget_binds_through_slicers_connectors(desk):
         choices.start_method,
         choices.device,
         choices.profile,
-        "scratch",
+        "warm",  # warm-started loops are the default
     )
     assert list(choices.inits) == ["scratch", "warm"]
     for name, (low, high) in _ui_spin_box_ranges().items():  # Slicer widens an unbounded spin box

@@ -215,7 +215,7 @@ def test_init_is_validated_everywhere_with_one_line_errors(two_loops, tmp_path, 
         assert "--init" in error and "'bogus'" in error and "scratch" in error and "warm" in error
     with pytest.raises(ValueError, match=r"^init: expected one of scratch, warm, got 'bogus'$"):
         LoopSettings(init="bogus")
-    with pytest.raises(ValueError, match="init: expected scratch or warm"):
+    with pytest.raises(ValueError, match=r"^init: expected one of scratch, warm, got 'Warm'$"):
         SimulationSettings(images=tmp_path, labels=tmp_path, methods=("random",), out=tmp_path, init="Warm")
     with pytest.raises(TrainingError, match="init must be one of scratch, warm"):
         train_fold(logic.project.path, 0, "test", tmp_path / "m", "cpu", init="hot")
@@ -338,7 +338,8 @@ def test_a_warm_schedule_for_the_study_names_its_models_and_shares_the_scratch_r
     with pytest.raises(ProjectError, match=r"simulation with --warm-fraction 0.5; use another --out"):
         Simulation(SimulationSettings(out=tmp_path / "warm", init="warm", warm_fraction=0.25, **common)).prepare()
     with pytest.raises(ValueError, match="give them with init 'warm'"):
-        SimulationSettings(out=tmp_path / "x", warm_fraction=0.5, **common)
+        SimulationSettings(out=tmp_path / "x", init="scratch", warm_fraction=0.5, **common)
+    assert SimulationSettings(out=tmp_path / "x", warm_fraction=0.5, **common).init == "warm"  # the default takes them
     assert (
         al3d(
             [
