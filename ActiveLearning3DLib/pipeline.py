@@ -65,6 +65,14 @@ INITS = ("scratch", "warm")  # how a loop's members start (trainer.INITS; not im
 # warm: a third of the training compute per loop, within 0.3 points of scratch in AUBC on the warm-start study
 # (benchmarks/RESULTS.md); "scratch" is nnActive's protocol (every loop from random weights)
 DEFAULT_INIT = "warm"
+
+
+def check_init(init: str) -> None:
+    """Refuse an unknown ``init`` (loops and simulations alike) before any job starts."""
+    if init not in INITS:
+        raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
+
+
 _WEIGHTS = {"prepare": 0.05, "train": 0.75, "predict": 0.2, "query": 0.0}
 
 
@@ -147,8 +155,7 @@ class LoopSettings:
             if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 0):
                 raise ValueError(f"{name}: expected a non-negative whole number, got {value!r}")
         get_method(self.method)  # an unknown method fails here, with the known ones
-        if self.init not in INITS:
-            raise ValueError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        check_init(self.init)
         if self.stride is not None and (
             len(self.stride) != 3 or not all(isinstance(v, Integral) and v >= 1 for v in self.stride)
         ):

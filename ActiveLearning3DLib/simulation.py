@@ -63,7 +63,7 @@ from .jobs import Job, JobState, RunnerSettings, busy_seconds, make_runner
 from .logic import ActiveLearningLogic
 from .loop_records import EffortTotals, LoopRecord, LoopRecordStore
 from .nnunet.determinism import model_determinism
-from .pipeline import DEFAULT_INIT, INITS, LoopPipeline, LoopSettings, auto_profile, default_job_parallel, profile_tag
+from .pipeline import DEFAULT_INIT, LoopPipeline, LoopSettings, auto_profile, check_init, default_job_parallel, profile_tag
 from .prefill import effort_totals
 from .project import BoxRecord, BudgetSettings, LoopFile, Project, ProjectError, now_iso
 from .query_methods import get_method
@@ -160,8 +160,7 @@ class SimulationSettings:
         if not 0 <= self.test_fraction < 1:
             raise ValueError(f"test_fraction: must be in [0, 1), got {self.test_fraction}")
         resolve_budget(self.budget, (1, 1, 1), 1)  # low/medium/high or a number of boxes: refused now, not after the reference
-        if self.init not in INITS:
-            raise ValueError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        check_init(self.init)
         if self.init != "warm" and (self.warm_fraction, self.warm_initial_lr) != (None, None):
             raise ValueError("warm_fraction and warm_initial_lr change warm starts only: give them with init 'warm'")
         if self.warm_fraction is not None and not 0 < self.warm_fraction <= 1:

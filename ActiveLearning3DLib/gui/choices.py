@@ -29,7 +29,7 @@ class PanelChoices:
     start_method: str
     device: str
     profile: str
-    inits: tuple[str, ...] = ("scratch", "warm")  # how a loop's members start (pipeline.INITS)
+    inits: tuple[str, ...] = INITS  # how a loop's members start
     init: str = DEFAULT_INIT
 
 
