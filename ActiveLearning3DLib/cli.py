@@ -94,7 +94,7 @@ def budget_value(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected low, medium, high or a number of boxes of at least 5, got {text!r}")
 
 
-def torchscript_file(text: str) -> Path:
+def encoder_file(text: str) -> Path:
     """``--encoder``: checked before anything trains (the pool autoencoder takes minutes)."""
     from .embeddings.autoencoder import check_encoder
 
@@ -192,8 +192,9 @@ def _add_autoencoder_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--encoder",
-        type=torchscript_file,
-        help="cscs/cluster: a TorchScript encoder (N,1,16,16,16) -> (N,E) to use for the embeddings instead of the autoencoder's",
+        type=encoder_file,
+        help="cscs/cluster: an encoder (N,1,16,16,16) -> (N,E), a torch.export archive (.pt2) or TorchScript, to use for "
+        "the embeddings instead of the autoencoder's",
     )
 
 

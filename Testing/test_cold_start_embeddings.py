@@ -188,3 +188,49 @@ def test_a_loop_pipeline_runs_the_embeddings_stage_as_a_job_before_a_label_free_
     assert [b.loop for b in done.loop_file.boxes] == [1, 1, 1] and logic.project.loop_indices() == [0, 1]
     assert logic.embedding_stage().job(runner) is None  # cached: nothing more to run
     assert len(logic.pool_embeddings()) == len(stage.load()) > 0
+
+
+def _encoder_module(features: int):
+    """A user's encoder: the cube's mean times 1..features, so its embeddings can be told from the autoencoder's."""
+    import torch
+    from torch import nn
+
+    class MeanEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.arange(1, features + 1, dtype=torch.float32))
+
+        def forward(self, x):
+            return x.mean(dim=(1, 2, 3, 4)).unsqueeze(1) * self.scale
+
+    return MeanEncoder().eval()
+
+
+def test_a_users_encoder_replaces_the_embeddings_saved_with_torch_export_or_torchscript(planted, tmp_path):
+    """torch 2.14 deprecates TorchScript: a torch.export archive (.pt2) is taken as well, and older .pt files still."""
+    import torch
+
+    from ActiveLearning3DLib.embeddings.autoencoder import check_encoder
+
+    logic, _ = planted
+    exported = tmp_path / "encoder.pt2"
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_encoder_module(3), (torch.zeros(2, 1, 16, 16, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(exported))
+    scripted = tmp_path / "encoder.pt"
+    torch.jit.script(_encoder_module(5)).save(str(scripted))
+    for path, features in ((exported, 3), (scripted, 5)):
+        check_encoder(path)
+        made = pool_embeddings(logic.project, AutoencoderSettings(iterations=3, batch_size=2, seed=5, encoder=str(path)))
+        assert made.embeddings.shape == (len(made), features)
+        np.testing.assert_allclose(made.embeddings[:, -1], features * made.embeddings[:, 0], rtol=1e-5, atol=1e-6)
+        assert np.ptp(made.embeddings[:, 0]) > 0  # the cubes' means, not a constant
+
+    fixed = tmp_path / "fixed.pt2"  # exported without a dynamic batch: passes a batch of 2, fails the pool's batches
+    torch.export.save(torch.export.export(_encoder_module(3), (torch.zeros(2, 1, 16, 16, 16),)), str(fixed))
+    with pytest.raises(ValueError, match=r"fixed\.pt2: the encoder fails on a \(3, 1, 16, 16, 16\) batch \(export it"):
+        check_encoder(fixed)
+    not_archive = tmp_path / "broken.pt2"
+    not_archive.write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match=r"broken\.pt2: not a torch\.export archive"):
+        check_encoder(not_archive)

@@ -4,8 +4,9 @@ Every candidate box is cut from its z-scored image, resampled to a fixed
 16 x 16 x 16 cube and encoded; its embedding is the bottleneck averaged over
 space, its difficulty the mean squared reconstruction error (docs/METHODS.md
 section 5, project choice). Training samples random boxes of the patch size
-from the pool, seeded, for a few minutes of CPU at most. A user may give a
-TorchScript encoder instead (``(N, 1, 16, 16, 16) -> (N, E)``); the
+from the pool, seeded, for a few minutes of CPU at most. A user may give an
+encoder of their own instead (``(N, 1, 16, 16, 16) -> (N, E)``, torch.export
+archive or TorchScript); the
 difficulty then still comes from this autoencoder.
 
 torch is imported inside the functions: this module runs in the worker.
@@ -39,7 +40,7 @@ class AutoencoderSettings:
     seed: int = 0
     stride: tuple[int, int, int] | None = None  # candidate corner stride; default: half the box (a coarse grid)
     threads: int | None = None  # torch threads of the job; default: the runner's per-job share (not part of the key)
-    encoder: str | None = None  # a TorchScript encoder file to use for the embeddings
+    encoder: str | None = None  # an encoder file (.pt2 torch.export, or TorchScript) to use for the embeddings
 
     def key(self, project_key: str) -> str:
         settings = asdict(self)
@@ -193,32 +194,57 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - started
 
 
-def check_encoder(path: Path | str) -> None:
-    """Raise ValueError unless ``path`` is a TorchScript encoder mapping (2, 1, 16, 16, 16) to (2, E).
+def load_encoder(path: Path | str):
+    """The user's encoder, from a torch.export archive (``.pt2``, ``torch.export.save``) or a TorchScript file.
 
-    Checked before the pool autoencoder trains, so a wrong file fails at once, not after minutes of training.
-    """
+    torch deprecates TorchScript (2.14 warns on ``torch.jit.load``) in favour of torch.export; both load, so files
+    saved for earlier versions keep working. Raises ValueError naming the file when it is neither."""
+    import zipfile
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such encoder file")
+    if path.suffix == ".pt2":
+        # checked first: torch.export.load logs a whole traceback before it raises on a file that is no archive
+        try:
+            if not zipfile.is_zipfile(path):
+                raise zipfile.BadZipFile("not a zip archive")
+            return torch.export.load(str(path)).module()  # an exported module refuses .eval(); it has no dropout
+        except Exception as e:  # noqa: BLE001 - zip, pickle and export errors for other files
+            raise ValueError(
+                f"{path}: not a torch.export archive (save one with torch.export.save); {type(e).__name__}"
+            ) from None
     try:
-        encoder = torch.jit.load(str(path), map_location="cpu").eval()
+        return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, zip and pickle errors for other files
         raise ValueError(
-            f"{path}: not a TorchScript module (save one with torch.jit.script(...).save); {type(e).__name__}"
+            f"{path}: not a TorchScript module (save one with torch.jit.script(...).save, or give a torch.export "
+            f"archive named .pt2); {type(e).__name__}"
         ) from None
-    try:
-        with torch.no_grad():
-            code = encoder(torch.zeros(2, 1, CUBE, CUBE, CUBE))
-    except Exception as e:  # noqa: BLE001 - whatever the user's module raises
-        raise ValueError(
-            f"{path}: the encoder fails on a (2, 1, {CUBE}, {CUBE}, {CUBE}) batch "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-        ) from None
-    if not isinstance(code, torch.Tensor) or code.shape[0] != 2 or code.reshape(2, -1).shape[1] < 1:
-        raise ValueError(
-            f"{path}: the encoder must map (N, 1, {CUBE}, {CUBE}, {CUBE}) to (N, E), got "
-            f"{tuple(code.shape) if isinstance(code, torch.Tensor) else type(code).__name__}"
-        )
+
+
+def check_encoder(path: Path | str) -> None:
+    """Raise ValueError unless ``path`` is an encoder mapping (N, 1, 16, 16, 16) to (N, E) for batches of 2 and 3.
+
+    Checked before the pool autoencoder trains, so a wrong file fails at once, not after minutes of training. Two
+    batch sizes: an exported program with a fixed batch passes one and would fail on the pool's batches."""
+    import torch
+
+    encoder = load_encoder(path)
+    for n in (2, 3):
+        try:
+            with torch.no_grad():
+                code = encoder(torch.zeros(n, 1, CUBE, CUBE, CUBE))
+        except Exception as e:  # noqa: BLE001 - whatever the user's module raises
+            hint = " (export it with a dynamic batch dimension, torch.export.Dim)" if Path(path).suffix == ".pt2" else ""
+            raise ValueError(
+                f"{path}: the encoder fails on a ({n}, 1, {CUBE}, {CUBE}, {CUBE}) batch{hint} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            ) from None
+        if not isinstance(code, torch.Tensor) or code.shape[0] != n or code.reshape(n, -1).shape[1] < 1:
+            raise ValueError(
+                f"{path}: the encoder must map (N, 1, {CUBE}, {CUBE}, {CUBE}) to (N, E), got "
+                f"{tuple(code.shape) if isinstance(code, torch.Tensor) else type(code).__name__}"
+            )

@@ -136,7 +136,7 @@ def embed_task(inputs: dict, report) -> dict:
 
     from ..jobs.tasks import torch_threads
     from ..project import Project
-    from .autoencoder import embed_pool, timed, train_autoencoder, zscore
+    from .autoencoder import embed_pool, load_encoder, timed, train_autoencoder, zscore
 
     import SimpleITK as sitk
 
@@ -166,7 +166,7 @@ def embed_task(inputs: dict, report) -> dict:
         with replacing_file(weights) as tmp:
             torch.save(model.state_dict(), tmp)
         atomic_write_json(output / "training.json", {"losses": losses, "seconds": round(train_seconds, 1)})
-    encoder = torch.jit.load(settings.encoder, map_location="cpu").eval() if settings.encoder else None
+    encoder = load_encoder(settings.encoder) if settings.encoder else None
     arrays, embed_seconds = timed(embed_pool, model, data, project.patch_size, settings.stride, encoder, relay)
     with replacing_file(output / "embeddings.npz") as tmp:
         with open(tmp, "wb") as f:
